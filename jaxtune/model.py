@@ -1,0 +1,183 @@
+"""GPT-2 in flax.nnx, with Hugging Face's attribute names so checkpoints map one to one.
+
+Shapes use nanodo's suffixes: B batch, T query length, S key length, D model width, N heads, H head width,
+V vocabulary, L layers. Dropout takes an explicit key (`dropout_rng`); without one the model is deterministic,
+which keeps the jitted train step a pure function of (params, batch, key).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.config import GPT2Config
+
+_ACT = {
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def _dropout(x, rate: float, rng):
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _split(rng, n):
+    return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def _normal(std):
+    return nnx.initializers.normal(stddev=std)
+
+
+class GPT2Attention(nnx.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+        d, std = config.n_embd, 0.02
+        self.c_attn = nnx.Linear(d, 3 * d, kernel_init=_normal(std), rngs=rngs)
+        self.c_proj = nnx.Linear(d, d, kernel_init=_normal(std / math.sqrt(2 * config.n_layer)), rngs=rngs)
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= float(layer_idx + 1)
+        self.attn_pdrop, self.resid_pdrop = config.attn_pdrop, config.resid_pdrop
+
+    def __call__(self, x_BTD, mask_B1TS, kv_cache=None, cache_index=None, dropout_rng=None):
+        B, T, D = x_BTD.shape
+        q_BTNH, k_BTNH, v_BTNH = jnp.split(self.c_attn(x_BTD).reshape(B, T, 3, self.n_head, self.head_dim), 3, axis=2)
+        q_BTNH, k_BTNH, v_BTNH = q_BTNH[:, :, 0], k_BTNH[:, :, 0], v_BTNH[:, :, 0]
+        if kv_cache is not None:  # write this chunk at cache_index, attend over the whole cache
+            k_cache, v_cache = kv_cache
+            k_BTNH = jax.lax.dynamic_update_slice(k_cache, k_BTNH.astype(k_cache.dtype), (0, cache_index, 0, 0))
+            v_BTNH = jax.lax.dynamic_update_slice(v_cache, v_BTNH.astype(v_cache.dtype), (0, cache_index, 0, 0))
+            kv_cache = (k_BTNH, v_BTNH)
+        attn_rng, resid_rng = _split(dropout_rng, 2)
+        if attn_rng is not None and self.attn_pdrop > 0:  # attention-probability dropout needs the explicit form
+            w_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH).astype(jnp.float32) * self.scale
+            w_BNTS = jax.nn.softmax(jnp.where(mask_B1TS, w_BNTS, jnp.finfo(jnp.float32).min), axis=-1)
+            w_BNTS = _dropout(w_BNTS.astype(v_BTNH.dtype), self.attn_pdrop, attn_rng)
+            y_BTNH = jnp.einsum("bnts,bsnh->btnh", w_BNTS, v_BTNH)
+        elif mask_B1TS is None:
+            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, scale=self.scale, is_causal=True)
+        else:
+            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=mask_B1TS, scale=self.scale)
+        y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
+        return _dropout(y_BTD, self.resid_pdrop, resid_rng), kv_cache
+
+
+class GPT2MLP(nnx.Module):
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        d, inner, std = config.n_embd, config.inner_dim, 0.02
+        self.c_fc = nnx.Linear(d, inner, kernel_init=_normal(std), rngs=rngs)
+        self.c_proj = nnx.Linear(inner, d, kernel_init=_normal(std / math.sqrt(2 * config.n_layer)), rngs=rngs)
+        self.act = _ACT[config.activation_function]
+        self.resid_pdrop = config.resid_pdrop
+
+    def __call__(self, x_BTD, dropout_rng=None):
+        return _dropout(self.c_proj(self.act(self.c_fc(x_BTD))), self.resid_pdrop, dropout_rng)
+
+
+class GPT2Block(nnx.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int, *, rngs: nnx.Rngs):
+        eps = config.layer_norm_epsilon
+        self.ln_1 = nnx.LayerNorm(config.n_embd, epsilon=eps, rngs=rngs)
+        self.attn = GPT2Attention(config, layer_idx, rngs=rngs)
+        self.ln_2 = nnx.LayerNorm(config.n_embd, epsilon=eps, rngs=rngs)
+        self.mlp = GPT2MLP(config, rngs=rngs)
+
+    def __call__(self, x_BTD, mask_B1TS, kv_cache=None, cache_index=None, dropout_rng=None):
+        attn_rng, mlp_rng = _split(dropout_rng, 2)
+        y_BTD, kv_cache = self.attn(self.ln_1(x_BTD), mask_B1TS, kv_cache, cache_index, attn_rng)
+        x_BTD = x_BTD + y_BTD
+        x_BTD = x_BTD + self.mlp(self.ln_2(x_BTD), mlp_rng)
+        return x_BTD, kv_cache
+
+
+class GPT2LMHeadModel(nnx.Module):
+    """GPT-2 with its language-model head (tied to `wte` unless the config unties it)."""
+
+    def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.wte = nnx.Embed(config.vocab_size, config.n_embd, embedding_init=_normal(0.02), rngs=rngs)
+        self.wpe = nnx.Embed(config.n_positions, config.n_embd, embedding_init=_normal(0.01), rngs=rngs)
+        self.h = nnx.List([GPT2Block(config, i, rngs=rngs) for i in range(config.n_layer)])
+        self.ln_f = nnx.LayerNorm(config.n_embd, epsilon=config.layer_norm_epsilon, rngs=rngs)
+        if not config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(config.n_embd, config.vocab_size, use_bias=False, kernel_init=_normal(0.02), rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids_BT,
+        *,
+        attention_mask_BS=None,
+        positions_BT=None,
+        segment_ids_BT=None,
+        cache=None,
+        cache_index=None,
+        dropout_rng=None,
+    ):
+        """Logits [B, T, V]; with `cache` (see `init_cache`) also the updated cache.
+
+        attention_mask_BS: 1 for real tokens, 0 for padding keys (Hugging Face's `attention_mask`).
+        segment_ids_BT: packed sequences; attention stays within a segment (pass positions_BT too).
+        cache, cache_index: keys/values of earlier tokens; this call's tokens are written at cache_index.
+        """
+        B, T = input_ids_BT.shape
+        offset = 0 if cache is None else cache_index
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T) + offset, (B, T))
+        mask_B1TS = None
+        if cache is not None or attention_mask_BS is not None or segment_ids_BT is not None:
+            key_pos_BS = positions_BT if cache is None else jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (B, cache["k"].shape[2]))
+            mask_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
+            if attention_mask_BS is not None:
+                mask_BTS &= attention_mask_BS.astype(bool)[:, None, :]
+            if segment_ids_BT is not None:
+                mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+            mask_B1TS = mask_BTS[:, None]
+        embd_rng, *layer_rngs = _split(dropout_rng, 1 + len(self.h))
+        x_BTD = _dropout(self.wte(input_ids_BT) + self.wpe(positions_BT), self.config.embd_pdrop, embd_rng)
+        new_k, new_v = [], []
+        for i, block in enumerate(self.h):
+            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            x_BTD, kv = block(x_BTD, mask_B1TS, kv, cache_index, layer_rngs[i])
+            if kv is not None:
+                new_k.append(kv[0])
+                new_v.append(kv[1])
+        x_BTD = self.ln_f(x_BTD)
+        logits_BTV = self.lm_head(x_BTD) if hasattr(self, "lm_head") else self.wte.attend(x_BTD)
+        if cache is None:
+            return logits_BTV
+        return logits_BTV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+
+
+def init_cache(config: GPT2Config, batch: int, length: int, dtype=jnp.float32) -> dict:
+    """An empty key/value cache for `length` positions: arrays [L, B, S, N, H]."""
+    shape = (config.n_layer, batch, length, config.n_head, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def build(config: GPT2Config, *, seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised model (GPT-2's initialisation)."""
+    return GPT2LMHeadModel(config, rngs=nnx.Rngs(seed))
+
+
+def abstract(config: GPT2Config) -> GPT2LMHeadModel:
+    """The model's structure with shapes only, no memory: fill it from a checkpoint."""
+    return nnx.eval_shape(lambda: GPT2LMHeadModel(config, rngs=nnx.Rngs(0)))
+
+
+def num_params(model: GPT2LMHeadModel) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
