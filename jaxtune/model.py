@@ -66,6 +66,8 @@ class GPT2Attention(nnx.Module):
         attn_rng, resid_rng = _split(dropout_rng, 2)
         if attn_rng is not None and self.attn_pdrop > 0:  # attention-probability dropout needs the explicit form
             w_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH).astype(jnp.float32) * self.scale
+            if mask_B1TS is None:
+                mask_B1TS = jnp.tril(jnp.ones((T, T), bool))[None, None]
             w_BNTS = jax.nn.softmax(jnp.where(mask_B1TS, w_BNTS, jnp.finfo(jnp.float32).min), axis=-1)
             w_BNTS = _dropout(w_BNTS.astype(v_BTNH.dtype), self.attn_pdrop, attn_rng)
             y_BTNH = jnp.einsum("bnts,bsnh->btnh", w_BNTS, v_BTNH)

@@ -1,0 +1,241 @@
+"""Data: the reference's formatting, tokenising with loss masks, reading pair files, and length-bucketed batches.
+
+Masks are aligned to tokens: `loss_mask[t] = 1` means token t is a target (predicted from position t - 1).
+Padding uses EOS (the reference's pad token) and is excluded by position, never by token id, because the EOS
+appended to each example shares that id and is exactly the token that teaches the model to stop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PROMPT_TEMPLATE = "Instruction: {instruction}\nResponse:"
+
+# The reference's two examples.
+REFERENCE_INSTRUCTIONS = ["Answer politely", "Provide price"]
+REFERENCE_RESPONSES = ["Of course, how may I assist you?", "The price is $99."]
+
+# Column names tried, in order, when a file does not use instruction/response (alpaca uses output).
+INSTRUCTION_COLUMNS = ("instruction", "prompt", "question")
+RESPONSE_COLUMNS = ("response", "output", "answer", "completion")
+
+
+class DataError(ValueError):
+    """Bad training data; the message says what, where (file, line, field) and what to do."""
+
+
+def format_prompt(instruction: str) -> str:
+    """What the model sees before it answers: `Instruction: {i}\\nResponse:`."""
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def format_example(instruction: str, response: str) -> str:
+    """Exactly the reference's training string: `Instruction: {i}\\nResponse: {r}`."""
+    return f"{format_prompt(instruction)} {response}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    instruction: str
+    response: str
+    where: str = ""  # e.g. "data.jsonl line 7", for messages
+
+
+def check_pair(instruction, response, where: str) -> Pair:
+    for field, value in (("instruction", instruction), ("response", response)):
+        if value is None:
+            raise DataError(f"{where}: missing field {field!r}")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__} ({value!r})")
+        if not value.strip():
+            raise DataError(f"{where}: field {field!r} is empty; fill it in or remove the row")
+    return Pair(instruction, response, where)
+
+
+def pairs_from_lists(instructions, responses, source: str = "row") -> list[Pair]:
+    if len(instructions) != len(responses):
+        raise DataError(f"{len(instructions)} instructions but {len(responses)} responses: they must pair up")
+    if not instructions:
+        raise DataError("no instruction/response pairs given")
+    return [check_pair(i, r, f"{source} {n}") for n, (i, r) in enumerate(zip(instructions, responses), start=1)]
+
+
+# ---------------------------------------------------------------------------------------------- files
+def _pick(columns, wanted: str | None, candidates: tuple[str, ...], field: str, where: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(f"{where}: no column {wanted!r} (columns: {', '.join(map(str, columns))})")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise DataError(f"{where}: no {field} column; expected one of {', '.join(candidates)} "
+                    f"(columns: {', '.join(map(str, columns))}); name yours with the {field} column option")
+
+
+def record_to_pair(record: dict, where: str, instruction_column=None, response_column=None) -> Pair:
+    """One row. Alpaca's optional `input` joins the instruction as `{instruction}\\n\\n{input}` when non-empty."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with instruction and response fields, got {type(record).__name__}")
+    i_col = _pick(record, instruction_column, INSTRUCTION_COLUMNS, "instruction", where)
+    r_col = _pick(record, response_column, RESPONSE_COLUMNS, "response", where)
+    instruction = record.get(i_col)
+    extra = record.get("input") if instruction_column is None else None
+    if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
+        instruction = f"{instruction}\n\n{extra}"
+    return check_pair(instruction, record.get(r_col), where)
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 (byte {e.start}); save the file as UTF-8 and retry") from None
+
+
+def read_pairs(path, *, instruction_column: str | None = None, response_column: str | None = None) -> list[Pair]:
+    """Pairs from a .jsonl, .json (a list of objects) or .csv file, with errors that name file, line and field."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    text = _read_text(path)
+    suffix = path.suffix.lower()
+    cols = dict(instruction_column=instruction_column, response_column=response_column)
+    pairs: list[Pair] = []
+    if suffix in (".jsonl", ".ndjson"):
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+            pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols))
+    elif suffix == ".json":
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        if isinstance(records, dict):  # {"data": [...]} or a single list-valued key
+            lists = [v for v in records.values() if isinstance(v, list)]
+            records = lists[0] if len(lists) == 1 else records
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of objects with instruction and response fields")
+        pairs = [record_to_pair(r, f"{path.name} item {n}", **cols) for n, r in enumerate(records, start=1)]
+    elif suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        for n, record in enumerate(reader, start=2):  # line 1 is the header
+            pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols))
+    else:
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .csv")
+    if not pairs:
+        raise DataError(f"{path}: no instruction/response pairs found")
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------- tokens
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # int32 [n], 1 where the token is a target
+    truncated: bool
+
+
+def encode(tokenizer, instruction: str, response: str, *, loss_on: str = "response", max_length: int = 256) -> Encoded:
+    """Token ids and the loss mask of one pair.
+
+    response: response tokens and the appended EOS carry loss.  all: every token after the first, and the EOS.
+    reference: the reference's tokens (no EOS appended); every position carries loss, as in the reference.
+    """
+    text = format_example(instruction, response)
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = list(enc["input_ids"])
+    prompt_chars = len(format_prompt(instruction))
+    in_response = [start >= prompt_chars for start, _ in enc["offset_mapping"]]
+    if loss_on != "reference":
+        ids.append(tokenizer.eos_token_id)
+        in_response.append(True)
+    truncated = len(ids) > max_length
+    ids, in_response = ids[:max_length], in_response[:max_length]
+    if loss_on == "response":
+        mask = np.asarray(in_response, np.int32)
+    elif loss_on in ("all", "reference"):
+        mask = np.ones(len(ids), np.int32)
+    else:
+        raise ValueError(f"loss_on={loss_on!r}: choose response, all or reference")
+    mask[0] = 0  # the first token has no predecessor
+    return Encoded(np.asarray(ids, np.int32), mask, truncated)
+
+
+def bucket_length(n: int, buckets: tuple[int, ...], max_length: int) -> int:
+    """The smallest bucket that holds n tokens, capped at max_length: a handful of shapes, so few compilations."""
+    for b in buckets:
+        if n <= b and b <= max_length:
+            return b
+    return max_length
+
+
+def collate(examples: list[Encoded], batch_size: int, length: int, pad_id: int, *, reference: bool = False) -> dict:
+    """Right-pad with `pad_id` to [batch_size, length]; missing rows are all padding and carry no loss.
+
+    reference=True reproduces the reference's loss: it pads to the longest example and counts every padded
+    position as a target, so here positions up to the longest example carry loss, the rest do not.
+    """
+    input_ids = np.full((batch_size, length), pad_id, np.int32)
+    loss_mask = np.zeros((batch_size, length), np.int32)
+    attention_mask = np.zeros((batch_size, length), np.int32)
+    longest = max(len(e.input_ids) for e in examples)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = e.input_ids
+        attention_mask[row, :n] = 1
+        if reference:
+            loss_mask[row, 1:longest] = 1
+        else:
+            loss_mask[row, :n] = e.loss_mask
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
+
+
+def epoch_batches(examples: list[Encoded], *, batch_size: int, buckets, max_length: int, pad_id: int, seed: int,
+                  epoch: int, shuffle: bool = True, reference: bool = False):
+    """One epoch of fixed-shape batches, grouped by length so padding stays low.
+
+    The data is shuffled, cut into windows of 32 batches, sorted by length inside each window, batched, and the
+    batches shuffled again: near-random order, little padding, and every shape one of the few bucket lengths.
+    """
+    order = np.arange(len(examples))
+    rng = np.random.default_rng([seed, epoch])
+    if shuffle:
+        rng.shuffle(order)
+    window = batch_size * 32
+    groups = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: len(examples[i].input_ids))
+        groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if shuffle:
+        rng.shuffle(groups)
+    for group in groups:
+        chosen = [examples[i] for i in group]
+        length = bucket_length(max(len(e.input_ids) for e in chosen), buckets, max_length)
+        yield collate(chosen, batch_size, length, pad_id, reference=reference)
+
+
+def steps_per_epoch(n_examples: int, batch_size: int) -> int:
+    window = batch_size * 32
+    full, rest = divmod(n_examples, window)
+    return full * 32 + math.ceil(rest / batch_size)
+
+
+def reference_batch(tokenizer, instructions, responses) -> dict:
+    """The reference's `preprocess`: pad (with EOS, on the right) to the longest, truncate to the model's limit."""
+    texts = [format_example(i, r) for i, r in zip(instructions, responses)]
+    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="np")
+    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}

@@ -1,0 +1,280 @@
+"""The loss, the optimizer, one jitted train step with donated state, and the training loop."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxtune.config import TrainConfig
+from jaxtune.data import Pair, encode, epoch_batches, steps_per_epoch
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, no usable data)."""
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def masked_loss(logits_BTV, input_ids_BT, loss_mask_BT):
+    """Sum of next-token cross-entropies over targets, and their count. Logits are upcast to float32."""
+    logits = logits_BTV[:, :-1].astype(jnp.float32)
+    targets, mask = input_ids_BT[:, 1:], loss_mask_BT[:, 1:].astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def batch_loss(model, batch: dict, *, dropout_rng=None, use_attention_mask: bool = False):
+    """Mean loss over the batch's targets: what `jaxtune` reports and what the reference's `.loss` computes."""
+    logits = model(batch["input_ids"], attention_mask_BS=batch["attention_mask"] if use_attention_mask else None,
+                   dropout_rng=dropout_rng)
+    total, count = masked_loss(logits, batch["input_ids"], batch["loss_mask"])
+    return total / jnp.maximum(count, 1.0), count
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+def make_schedule(cfg: TrainConfig, total_steps: int):
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1),
+                                              end_value=cfg.learning_rate * 0.1)
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    # Decay matrices only, as GPT-2 trainers do: not biases, LayerNorm scales or position tables... only ndim >= 2.
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip),
+        optax.adamw(make_schedule(cfg, total_steps), b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- step
+def make_train_step(graphdef, optimizer, cfg: TrainConfig):
+    """jit(step)(params, opt_state, batch, key) -> (params, opt_state, metrics), params and opt_state donated.
+
+    `batch` arrays are [grad_accum, batch, length]; micro-batch gradients of summed token losses are added and
+    divided by the total target count, so accumulation weighs every token equally. A step whose loss or gradient
+    is not finite leaves the parameters unchanged (the loop then stops and says so).
+    """
+    compute_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    use_attention_mask = cfg.loss_on == "reference"  # only then do padded positions' logits count
+
+    def micro_loss(params, micro, key):
+        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
+        model = nnx.merge(graphdef, params)
+        logits = model(micro["input_ids"], attention_mask_BS=micro["attention_mask"] if use_attention_mask else None,
+                       dropout_rng=key if cfg.dropout else None)
+        return masked_loss(logits, micro["input_ids"], micro["loss_mask"])
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step(params, opt_state, batch, key):
+        def accumulate(carry, xs):
+            micro, k = xs
+            (total, count), grads = grad_fn(params, micro, k)
+            g_sum, t_sum, c_sum = carry
+            return (jax.tree.map(jnp.add, g_sum, grads), t_sum + total, c_sum + count), None
+
+        keys = jax.random.split(key, batch["input_ids"].shape[0])
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (batch, keys))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss, grad_norm = total / denom, optax.global_norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+        metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count,
+                   "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}
+        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(graphdef, cfg: TrainConfig):
+    compute_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+
+    def evaluate(params, batch):
+        model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
+        logits = model(batch["input_ids"], attention_mask_BS=batch["attention_mask"] if cfg.loss_on == "reference" else None)
+        return masked_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+    return jax.jit(evaluate)
+
+
+# ---------------------------------------------------------------------------------------------- loop
+@dataclass
+class StepMetrics:
+    """What each step reports to the callback (the app's plot, the terminal's progress bar, metrics.jsonl)."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    learning_rate: float
+    grad_norm: float
+    tokens: int  # real (non-padding) tokens in the step's batch
+    loss_tokens: int  # tokens that carried loss
+    tokens_per_sec: float
+    elapsed: float  # seconds since training started
+    eta: float  # seconds left, estimated from the recent pace
+    val_loss: float | None = None
+
+    def to_dict(self):
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    history: list[StepMetrics] = field(default_factory=list)
+    steps: int = 0
+    stopped: str | None = None  # None when all steps ran; otherwise why it stopped early
+    seconds: float = 0.0
+    compiled_programs: int = 0
+    truncated: int = 0  # examples cut at max_length
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1].loss if self.history else None
+
+
+def encode_pairs(tokenizer, pairs: list[Pair], cfg: TrainConfig):
+    encoded = [encode(tokenizer, p.instruction, p.response, loss_on=cfg.loss_on, max_length=cfg.max_length) for p in pairs]
+    return encoded, sum(e.truncated for e in encoded)
+
+
+def _stack_accum(batches: list[dict]) -> dict:
+    """[grad_accum, batch, length]: micro-batches padded to the longest one's length (extra columns carry no loss)."""
+    length = max(b["input_ids"].shape[1] for b in batches)
+    pad = lambda a: np.pad(a, ((0, 0), (0, length - a.shape[1])))  # noqa: E731
+    return {k: np.stack([pad(b[k]) for b in batches]) for k in batches[0]}
+
+
+class Trainer:
+    """Trains a model in place. Usable step by step (the app) or through `run` (the command line)."""
+
+    def __init__(self, model, tokenizer, pairs: list[Pair], cfg: TrainConfig, *, validation_pairs: list[Pair] | None = None):
+        if not pairs:
+            raise TrainingError("no training pairs")
+        if cfg.max_length > model.config.n_positions:
+            raise TrainingError(f"max_length={cfg.max_length} exceeds the model's n_positions={model.config.n_positions}")
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.examples, self.truncated = encode_pairs(tokenizer, pairs, cfg)
+        self.val_examples = encode_pairs(tokenizer, validation_pairs, cfg)[0] if validation_pairs else []
+        per_epoch = math.ceil(steps_per_epoch(len(self.examples), cfg.batch_size) / cfg.grad_accum)
+        self.total_steps = per_epoch * cfg.epochs
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
+        self.optimizer = make_optimizer(cfg, self.total_steps)
+        self.params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)  # float32 master weights
+        self.opt_state = self.optimizer.init(self.params)
+        self.schedule = make_schedule(cfg, self.total_steps)
+        self._step = make_train_step(self.graphdef, self.optimizer, cfg)
+        self._eval = make_eval_step(self.graphdef, cfg)
+        self.step = 0
+        self.key = jax.random.key(cfg.seed)
+
+    def _batches(self):
+        cfg = self.cfg
+        for epoch in range(cfg.epochs):
+            pending = []
+            for batch in epoch_batches(self.examples, batch_size=cfg.batch_size, buckets=cfg.buckets,
+                                       max_length=cfg.max_length, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed,
+                                       epoch=epoch, reference=cfg.loss_on == "reference"):
+                pending.append(batch)
+                if len(pending) == cfg.grad_accum:
+                    yield epoch, _stack_accum(pending)
+                    pending = []
+            if pending:
+                yield epoch, _stack_accum(pending + [_empty_like(pending[0])] * (cfg.grad_accum - len(pending)))
+
+    def validation_loss(self) -> float | None:
+        if not self.val_examples:
+            return None
+        cfg, total, count = self.cfg, 0.0, 0.0
+        for batch in epoch_batches(self.val_examples, batch_size=cfg.batch_size, buckets=cfg.buckets,
+                                   max_length=cfg.max_length, pad_id=self.tokenizer.pad_token_id, seed=0, epoch=0,
+                                   shuffle=False, reference=cfg.loss_on == "reference"):
+            t, c = self._eval(self.params, batch)
+            total, count = total + float(t), count + float(c)
+        return total / max(count, 1.0)
+
+    def compiled_programs(self) -> int:
+        return self._step._cache_size()
+
+    def sync_model(self):
+        """Write the trained parameters back into the model object."""
+        nnx.update(self.model, self.params)
+
+    def run(self, on_step: Callable[[StepMetrics], None] | None = None, should_stop: Callable[[], bool] | None = None,
+            eval_every: int | None = None) -> TrainResult:
+        """Train for the configured steps. Metrics of step N are read after step N+1 is dispatched, so the host
+        never waits on the device; `should_stop` is checked between steps and the model keeps what it learned."""
+        result = TrainResult(truncated=self.truncated)
+        start = time.perf_counter()
+        last_time, pending = start, None
+        recent: list[float] = []
+
+        def report(item, val_loss=None):
+            nonlocal last_time
+            step, epoch, metrics = item
+            m = jax.device_get(metrics)
+            now = time.perf_counter()
+            dt = now - last_time
+            last_time = now
+            recent.append(dt)
+            pace = sum(recent[-10:]) / len(recent[-10:])
+            if not m["finite"]:
+                result.stopped = (f"the loss became {float(m['loss'])} at step {step}; training stopped and the model "
+                                  "keeps the weights from before that step. Lower the learning rate or check the data.")
+                return
+            sm = StepMetrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=float(m["loss"]),
+                             learning_rate=float(self.schedule(step - 1)), grad_norm=float(m["grad_norm"]),
+                             tokens=int(m["tokens"]), loss_tokens=int(m["loss_tokens"]),
+                             tokens_per_sec=float(m["tokens"]) / max(dt, 1e-9), elapsed=now - start,
+                             eta=pace * (self.total_steps - step), val_loss=val_loss)
+            result.history.append(sm)
+            if on_step:
+                on_step(sm)
+
+        for epoch, batch in self._batches():
+            if self.step >= self.total_steps or result.stopped:
+                break
+            if should_stop and should_stop():
+                result.stopped = f"stopped by request after step {self.step}"
+                break
+            self.key, step_key = jax.random.split(self.key)
+            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key)
+            self.step += 1
+            if pending:
+                report(pending)
+            pending = (self.step, epoch, metrics)
+            if eval_every and self.val_examples and self.step % eval_every == 0 and self.step < self.total_steps:
+                report(pending, self.validation_loss())
+                pending = None
+        if pending and not result.stopped:
+            report(pending, self.validation_loss() if self.val_examples else None)
+        self.sync_model()
+        result.steps, result.seconds = self.step, time.perf_counter() - start
+        result.compiled_programs = self.compiled_programs()
+        return result
+
+
+def _empty_like(batch: dict) -> dict:
+    return {k: np.zeros_like(v) for k, v in batch.items()}
+
+
+def train(model, tokenizer, pairs: list[Pair], cfg: TrainConfig | None = None, *, validation_pairs=None,
+          on_step=None, should_stop=None, eval_every=None) -> TrainResult:
+    """Instruction-tune `model` in place on `pairs`; returns the step history."""
+    trainer = Trainer(model, tokenizer, pairs, cfg or TrainConfig(), validation_pairs=validation_pairs)
+    return trainer.run(on_step=on_step, should_stop=should_stop, eval_every=eval_every)
