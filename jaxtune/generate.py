@@ -62,14 +62,14 @@ def _generate_loop(graphdef, params, prompt_1P, prompt_len, cache, key, temperat
     first = _next_token(logits_1PV[0, prompt_len - 1], k0, temperature, top_k, top_p, greedy)
     out = jnp.full((max_new_tokens,), eos_id, jnp.int32)
 
-    def cond(state):
-        i, token, _, _, _ = state
-        return (i < max_new_tokens) & ((i == 0) | (token != eos_id))
+    def cond(state):  # stop once EOS has been written, or at max_new_tokens
+        i, _, _, out, _ = state
+        return (i < max_new_tokens) & ((i == 0) | (out[jnp.maximum(i - 1, 0)] != eos_id))
 
     def body(state):
         i, token, cache, out, key = state
         out = out.at[i].set(token)
-        key, k = jax.random.split(key)
+        key, k = jax.random.split(key)  # the last call's token is never used; it keeps the loop's shape simple
         logits_11V, cache = model(token.reshape(1, 1), cache=cache, cache_index=prompt_len + i)
         return i + 1, _next_token(logits_11V[0, 0], k, temperature, top_k, top_p, greedy), cache, out, key
 

@@ -87,7 +87,7 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig):
         (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (batch, keys))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        loss, grad_norm = total / denom, optax.global_norm(grads)
+        loss, grad_norm = total / denom, optax.tree.norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,5 @@
+import sys
+
+from jaxtune.cli import main
+
+sys.exit(main())

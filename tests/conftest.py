@@ -1,0 +1,52 @@
+"""Shared fixtures: the offline tokenizer and tiny random GPT-2 models saved by PyTorch transformers."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from jaxtune.checkpoint import offline_tokenizer
+
+TINY = dict(vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return offline_tokenizer()
+
+
+def make_hf_model(directory, seed=0, **overrides):
+    """A tiny random GPT2LMHeadModel saved by transformers, with the offline tokenizer beside it."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(**{**TINY, **overrides})
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # GPT-2's init leaves biases and LayerNorms trivial; perturb them so parity means something
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(directory)
+    offline_tokenizer().save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_gpt2")
+    make_hf_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def torch_model(hf_dir):
+    return transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+
+def torch_logits(model, ids, attention_mask=None):
+    with torch.no_grad():
+        kwargs = {} if attention_mask is None else {"attention_mask": torch.tensor(np.asarray(attention_mask))}
+        return model(torch.tensor(np.asarray(ids)), **kwargs).logits.numpy()

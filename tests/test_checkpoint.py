@@ -1,0 +1,97 @@
+"""Loading and saving Hugging Face directories; the hub path, the embedded model and their errors."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from jaxtune.checkpoint import EMBEDDED, ModelLoadError, load, save
+
+from conftest import torch_logits
+
+IDS = np.array([[15496, 995, 11, 314, 716, 257, 1332]], np.int32)
+
+
+def test_offline_tokenizer(tokenizer):
+    assert tokenizer("Hello world").input_ids == [15496, 995]
+    assert len(tokenizer) == 50257 and tokenizer.eos_token_id == 50256
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and tokenizer.padding_side == "right"
+
+
+def test_saved_model_loads_in_pytorch(hf_dir, tmp_path):
+    model, tok = load(str(hf_dir))
+    out = save(model, tok, tmp_path / "saved")
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert all(k.startswith("transformer.") for k in load_file(out / "model.safetensors"))
+    pt = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert np.abs(torch_logits(pt, IDS) - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-4
+    pt_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert pt_tok("Hello world").input_ids == [15496, 995]
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 50256
+
+
+def test_hub_layout_without_prefix_and_with_buffers(hf_dir, tmp_path, torch_model):
+    """The hub's gpt2 stores keys without 'transformer.' and ships attn.bias buffers: both are handled."""
+    tensors = {k.removeprefix("transformer."): v for k, v in load_file(hf_dir / "model.safetensors").items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    tensors["h.0.attn.masked_bias"] = np.array(-1e4, np.float32)
+    shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    model, _ = load(str(tmp_path))  # no tokenizer files: falls back to the offline GPT-2 tokenizer
+    assert np.abs(torch_logits(torch_model, IDS) - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-4
+
+
+def test_pickle_needs_explicit_permission(hf_dir, tmp_path, torch_model):
+    shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
+    torch.save(torch_model.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="allow_pickle=True"):
+        load(str(tmp_path))
+    model, _ = load(str(tmp_path), allow_pickle=True)
+    assert np.abs(torch_logits(torch_model, IDS) - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-4
+
+
+def test_hub_id_is_read_from_the_huggingface_cache(hf_dir, tmp_path, monkeypatch, torch_model):
+    """A hub id resolves through huggingface_hub's cache layout (models--org--name/snapshots/<rev>)."""
+    repo = tmp_path / "hub" / "models--acme--tiny-gpt2"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(hf_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, tok = load("acme/tiny-gpt2")
+    assert model.source == "acme/tiny-gpt2 (Hugging Face hub)"
+    assert np.abs(torch_logits(torch_model, IDS) - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-4
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and the hub cannot be reached"):
+        load("no-such-org/no-such-model")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load(str(tmp_path / "missing_dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load(str(tmp_path / "empty"))
+
+
+def test_auto_falls_back_to_the_embedded_model_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    model, tok = load("auto")
+    assert "embedded" in model.source and "untrained" in model.source
+    assert model.config.vocab_size == 50257 and len(tok) == 50257
+    assert load(EMBEDDED)[0].source == model.source.split("using ")[1]
+
+
+def test_shape_mismatch_names_the_tensor(hf_dir, tmp_path):
+    shutil.copytree(hf_dir, tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["n_inner"] = 100
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"tensor h\.0\.mlp\.c_fc\.(weight|bias) has shape .*the config needs"):
+        load(str(tmp_path / "m"))

@@ -1,0 +1,126 @@
+"""Formatting, tokenisation, exact loss masks, bucketing and the file readers' errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxtune.data import (DataError, bucket_length, collate, encode, epoch_batches, format_example, read_pairs,
+                          reference_batch)
+
+# "Instruction: Answer politely\nResponse: Of course, how may I assist you?" in GPT-2's vocabulary
+PROMPT_IDS = [6310, 2762, 25, 23998, 34313, 198, 31077, 25]  # Instruction : ␣Answer ␣politely \n Response :
+RESPONSE_IDS = [3226, 1781, 11, 703, 743, 314, 3342, 345, 30]  # ␣Of ␣course , ␣how ␣may ␣I ␣assist ␣you ?
+EOS = 50256
+
+
+def test_format_is_the_reference_string():
+    assert format_example("Answer politely", "Of course, how may I assist you?") == \
+        "Instruction: Answer politely\nResponse: Of course, how may I assist you?"
+
+
+def test_response_mask(tokenizer):
+    e = encode(tokenizer, "Answer politely", "Of course, how may I assist you?", loss_on="response")
+    assert e.input_ids.tolist() == PROMPT_IDS + RESPONSE_IDS + [EOS]
+    assert e.loss_mask.tolist() == [0] * 8 + [1] * 9 + [1]  # response tokens and the closing EOS
+    assert not e.truncated
+
+
+def test_all_mask(tokenizer):
+    e = encode(tokenizer, "Answer politely", "Of course, how may I assist you?", loss_on="all")
+    assert e.input_ids.tolist() == PROMPT_IDS + RESPONSE_IDS + [EOS]
+    assert e.loss_mask.tolist() == [0] + [1] * 17
+
+
+def test_reference_mode_has_no_eos(tokenizer):
+    e = encode(tokenizer, "Answer politely", "Of course, how may I assist you?", loss_on="reference")
+    assert e.input_ids.tolist() == PROMPT_IDS + RESPONSE_IDS
+    assert e.loss_mask.tolist() == [0] + [1] * 16
+
+
+def test_truncation_cuts_the_eos_and_says_so(tokenizer):
+    e = encode(tokenizer, "Answer politely", "Of course, how may I assist you?", loss_on="response", max_length=10)
+    assert e.input_ids.tolist() == PROMPT_IDS + RESPONSE_IDS[:2] and e.truncated
+    assert e.loss_mask.tolist() == [0] * 8 + [1, 1]
+
+
+def test_padding_is_masked_by_position_not_id(tokenizer):
+    """Pads share EOS's id; the appended EOS carries loss, the pads after it do not."""
+    short = encode(tokenizer, "Provide price", "The price is $99.")
+    long = encode(tokenizer, "Answer politely", "Of course, how may I assist you?")
+    b = collate([short, long], batch_size=3, length=32, pad_id=EOS)
+    n = len(short.input_ids)
+    assert b["input_ids"][0, n - 1] == EOS and b["loss_mask"][0, n - 1] == 1
+    assert (b["input_ids"][0, n:] == EOS).all() and (b["loss_mask"][0, n:] == 0).all()
+    assert b["attention_mask"][0].tolist() == [1] * n + [0] * (32 - n)
+    assert b["loss_mask"][2].sum() == 0 and b["attention_mask"][2].sum() == 0  # filler row
+
+
+def test_reference_batch_pads_right_with_eos(tokenizer):
+    b = reference_batch(tokenizer, ["Answer politely", "Provide price"],
+                        ["Of course, how may I assist you?", "The price is $99."])
+    assert b["input_ids"].shape == (2, 17)
+    n = int(b["attention_mask"][1].sum())
+    assert (b["input_ids"][1, n:] == EOS).all() and b["attention_mask"][1, n:].sum() == 0
+
+
+def test_buckets_keep_shapes_few(tokenizer):
+    assert [bucket_length(n, (32, 64, 128), 100) for n in (1, 32, 33, 64, 65, 100)] == [32, 32, 64, 64, 100, 100]
+    examples = [encode(tokenizer, "q" * (i % 40 + 1), "a " * (i % 70 + 1), max_length=128) for i in range(300)]
+    lengths = {b["input_ids"].shape[1] for b in epoch_batches(examples, batch_size=8, buckets=(32, 64, 128),
+                                                              max_length=128, pad_id=EOS, seed=0, epoch=0)}
+    assert lengths <= {32, 64, 128}
+
+
+def test_epochs_cover_every_example_once(tokenizer):
+    examples = [encode(tokenizer, f"question {i}", f"answer {i}") for i in range(21)]
+    batches = list(epoch_batches(examples, batch_size=4, buckets=(32,), max_length=32, pad_id=EOS, seed=3, epoch=1))
+    assert len(batches) == 6 and sum(int(b["attention_mask"][:, 0].sum()) for b in batches) == 21
+
+
+# ---------------------------------------------------------------------------------------------- files
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    return path
+
+
+def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
+    rows = [{"instruction": "Hi", "response": "Hello!"}, {"instruction": "Bye", "response": "Goodbye."}]
+    jl = write(tmp_path / "a.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    js = write(tmp_path / "a.json", json.dumps(rows))
+    cs = write(tmp_path / "a.csv", 'instruction,response\nHi,Hello!\nBye,"Goodbye."\n')
+    for path in (jl, js, cs):
+        assert [(p.instruction, p.response) for p in read_pairs(path)] == [("Hi", "Hello!"), ("Bye", "Goodbye.")]
+    alpaca = write(tmp_path / "alpaca.json", json.dumps([{"instruction": "Translate", "input": "chat", "output": "cat"},
+                                                          {"instruction": "Say hi", "input": "", "output": "hi"}]))
+    assert [(p.instruction, p.response) for p in read_pairs(alpaca)] == [("Translate\n\nchat", "cat"), ("Say hi", "hi")]
+    custom = write(tmp_path / "c.csv", "q,a\nWhy?,Because.\n")
+    assert read_pairs(custom, instruction_column="q", response_column="a")[0].response == "Because."
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "a", \n', r"line 2 is not valid JSON"),
+    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n', r"line 2: no response column"),
+    ("bad.jsonl", '{"instruction": "", "response": "b"}\n', r"line 1: field 'instruction' is empty"),
+    ("bad.jsonl", '{"instruction": "a", "response": "  "}\n', r"line 1: field 'response' is empty"),
+    ("bad.jsonl", '{"instruction": 3, "response": "b"}\n', r"line 1: field 'instruction' must be text"),
+    ("bad.csv", 'instruction,response\nok,fine\n,empty\n', r"bad.csv line 3: field 'instruction' is empty"),
+    ("bad.json", '[{"instruction": "a", "response": "b"}', r"not valid JSON"),
+    ("bad.txt", 'hello', r"unknown file type '.txt'"),
+    ("empty.jsonl", '\n\n', r"no instruction/response pairs"),
+])
+def test_file_errors_name_file_line_and_field(tmp_path, name, content, message):
+    with pytest.raises(DataError, match=message):
+        read_pairs(write(tmp_path / name, content))
+
+
+def test_non_utf8_names_the_line(tmp_path):
+    path = write(tmp_path / "latin.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "caf\u00e9", "response": "b"}\n', "latin-1")
+    with pytest.raises(DataError, match=r"line 2 is not UTF-8"):
+        read_pairs(path)
+
+
+def test_column_option_names_missing_column(tmp_path):
+    path = write(tmp_path / "a.jsonl", '{"instruction": "a", "response": "b"}\n')
+    with pytest.raises(DataError, match=r"no column 'question' \(columns: instruction, response\)"):
+        read_pairs(path, instruction_column="question")

@@ -1,0 +1,72 @@
+"""The Flax GPT-2 against PyTorch transformers with the same weights, across the config options GPT-2s use."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.checkpoint import load
+from jaxtune.config import ConfigError, GPT2Config
+from jaxtune.model import build
+
+from conftest import make_hf_model, torch_logits
+
+IDS = np.array([[6310, 2762, 25, 23998, 34313, 198, 31077, 25, 3226, 1781, 11],
+                [464, 2756, 318, 720, 2079, 13, 50256, 50256, 50256, 50256, 50256]], np.int32)
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"activation_function": "relu", "layer_norm_epsilon": 1e-6},
+    {"activation_function": "gelu", "n_inner": 96},
+    {"scale_attn_by_inverse_layer_idx": True, "n_layer": 3},
+    {"tie_word_embeddings": False},
+], ids=["gpt2", "relu-eps", "gelu-n_inner", "inverse-layer-scale", "untied-head"])
+def test_logits_match_pytorch(tmp_path, overrides):
+    pt = make_hf_model(tmp_path, seed=1, **overrides)
+    model, _ = load(str(tmp_path))
+    ours = np.asarray(model(jnp.asarray(IDS)))
+    assert ours.shape == (2, IDS.shape[1], 50257)
+    assert np.abs(ours - torch_logits(pt, IDS)).max() < 1e-4
+
+
+def test_padding_mask_matches_pytorch(hf_dir, torch_model):
+    """With Hugging Face's attention_mask, padded positions' logits match too (the reference's loss uses them)."""
+    model, _ = load(str(hf_dir))
+    mask = (np.arange(IDS.shape[1]) < np.array([[11], [6]])).astype(np.int32)
+    ours = np.asarray(model(jnp.asarray(IDS), attention_mask_BS=jnp.asarray(mask)))
+    assert np.abs(ours - torch_logits(torch_model, IDS, mask)).max() < 1e-4
+
+
+def test_causal():
+    """Changing a later token never changes an earlier position's logits."""
+    model = build(GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2), seed=0)
+    ids = np.random.default_rng(0).integers(0, 100, (1, 12)).astype(np.int32)
+    base = np.asarray(model(jnp.asarray(ids)))
+    for t in range(12):
+        changed = ids.copy()
+        changed[0, t] = (changed[0, t] + 1) % 100
+        out = np.asarray(model(jnp.asarray(changed)))
+        np.testing.assert_array_equal(out[0, :t], base[0, :t])
+        assert np.abs(out[0, t:] - base[0, t:]).max() > 0
+
+
+def test_segments_isolate_packed_examples():
+    """Two examples packed into one row, positions restarting, give each example's own logits."""
+    model = build(GPT2Config(vocab_size=100, n_positions=16, n_embd=32, n_layer=2, n_head=2), seed=0)
+    a, b = np.array([[5, 6, 7, 8]]), np.array([[9, 10, 11]])
+    packed = np.concatenate([a, b], axis=1)
+    out = np.asarray(model(jnp.asarray(packed), segment_ids_BT=jnp.asarray([[1, 1, 1, 1, 2, 2, 2]]),
+                           positions_BT=jnp.asarray([[0, 1, 2, 3, 0, 1, 2]])))
+    np.testing.assert_allclose(out[:, :4], np.asarray(model(jnp.asarray(a))), atol=1e-5)
+    np.testing.assert_allclose(out[:, 4:], np.asarray(model(jnp.asarray(b))), atol=1e-5)
+
+
+@pytest.mark.parametrize("hf, words", [
+    ({"activation_function": "mish"}, "activation_function='mish'"),
+    ({"add_cross_attention": True}, "add_cross_attention"),
+    ({"model_type": "llama"}, "model_type='llama'"),
+    ({"n_embd": 10, "n_head": 3}, "not divisible"),
+])
+def test_unsupported_config_is_named(hf, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        GPT2Config.from_hf({"model_type": "gpt2", **hf})

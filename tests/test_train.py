@@ -1,0 +1,172 @@
+"""The loss and the train step against PyTorch; training a tiny model until it answers and stops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxtune import CustomerServiceTuner, Pair, TrainConfig, Trainer, generate, load
+from jaxtune.checkpoint import hf_name
+from jaxtune.config import GPT2Config
+from jaxtune.data import REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, format_prompt, reference_batch
+from jaxtune.generate import generate_ids
+from jaxtune.model import build
+from jaxtune.train import batch_loss
+
+
+def reference_loss_and_grads(torch_model, tokenizer):
+    """The reference's step, verbatim: model(**enc, labels=enc.input_ids)."""
+    texts = [f"Instruction: {i}\nResponse: {r}" for i, r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+    torch_model.zero_grad()
+    loss = torch_model(**enc, labels=enc.input_ids).loss
+    loss.backward()
+    grads = {n.removeprefix("transformer."): p.grad.numpy().copy() for n, p in torch_model.named_parameters()}
+    return loss.item(), grads
+
+
+def test_reference_loss_and_gradients_match_pytorch(hf_dir, torch_model, tokenizer):
+    ref_loss, ref_grads = reference_loss_and_grads(torch_model, tokenizer)
+    model, tok = load(str(hf_dir))
+    batch = {k: jnp.asarray(v) for k, v in reference_batch(tok, REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES).items()}
+    batch["loss_mask"] = jnp.ones_like(batch["input_ids"])
+    graphdef, params = nnx.split(model)
+
+    def loss_fn(p):
+        return batch_loss(nnx.merge(graphdef, p), batch, use_attention_mask=True)[0]
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    assert abs(float(loss) - ref_loss) < 1e-5
+    ours = {hf_name(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grads)}
+    assert set(ours) == set(ref_grads)
+    for name, g in ref_grads.items():
+        assert np.abs(ours[name] - g).max() < 1e-5 * max(1.0, np.abs(g).max()), name
+
+
+def test_customer_service_tuner_prints_the_reference_loss(hf_dir, torch_model, tokenizer, capsys):
+    ref_loss, _ = reference_loss_and_grads(torch_model, tokenizer)
+    tuner = CustomerServiceTuner(str(hf_dir))
+    tuner.simulate_tune(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith("Loss: ") and abs(float(printed.split()[1]) - ref_loss) < 1e-5
+    assert tuner.preprocess(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)["input_ids"].shape == (2, 17)
+
+
+def test_trainer_reference_mode_reports_the_reference_loss(hf_dir, torch_model, tokenizer):
+    """Bucketed padding (to 32, not 17) still reproduces the reference's loss on the first step."""
+    ref_loss, _ = reference_loss_and_grads(torch_model, tokenizer)
+    model, tok = load(str(hf_dir))
+    pairs = [Pair(i, r) for i, r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)]
+    cfg = TrainConfig(epochs=1, batch_size=2, loss_on="reference", dropout=False, max_length=64, buckets=(32, 64))
+    result = Trainer(model, tok, pairs, cfg).run()
+    assert abs(result.history[0].loss - ref_loss) < 1e-5
+
+
+def test_one_step_matches_pytorch_adamw(hf_dir, tokenizer):
+    """The optimizer update equals torch.optim.AdamW's (no warmup, no clipping, no decay)."""
+    import transformers
+
+    pt = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    opt = torch.optim.AdamW(pt.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    reference_loss_and_grads(pt, tokenizer)
+    opt.step()
+    model, tok = load(str(hf_dir))
+    pairs = [Pair(i, r) for i, r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)]
+    cfg = TrainConfig(epochs=1, batch_size=2, loss_on="reference", dropout=False, max_length=64, warmup_steps=0,
+                      learning_rate=1e-3, weight_decay=0.0, grad_clip=1e9)
+    Trainer(model, tok, pairs, cfg).run()
+    w_pt = pt.transformer.h[0].attn.c_attn.weight.detach().numpy()
+    w_ours = np.asarray(model.h[0].attn.c_attn.kernel.get_value())
+    w_before = np.asarray(load(str(hf_dir))[0].h[0].attn.c_attn.kernel.get_value())
+    assert np.abs(w_ours - w_before).mean() > 5e-4  # the step moved the weights by about lr
+    assert np.abs(w_ours - w_pt).max() < 5e-6  # and exactly as torch did (Adam's first step is ~lr * sign(g))
+
+
+QA = [Pair(f"What is the status of order {n}?", f"Order {n} shipped on Monday and arrives in {n % 5 + 2} days.")
+      for n in range(100, 124)] + [
+    Pair("How do I reset my password?", "Click Forgot password on the sign-in page and follow the email link."),
+    Pair("Can I return shoes?", "Yes, within 30 days, unworn, with the receipt."),
+]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = build(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4), seed=0)
+    tok = load("tiny")[1]
+    cfg = TrainConfig(epochs=40, batch_size=8, learning_rate=3e-3, warmup_steps=10, max_length=64, dropout=False,
+                      buckets=(16, 32, 64))
+    trainer = Trainer(model, tok, QA, cfg)
+    steps = []
+    result = trainer.run(on_step=steps.append)
+    return model, tok, trainer, result, steps
+
+
+def test_training_drives_the_response_loss_down(trained):
+    _, _, _, result, steps = trained
+    assert result.stopped is None and result.steps == len(steps) == 160
+    assert steps[0].loss > 9.0 and np.mean([s.loss for s in steps[-8:]]) < 0.6
+    assert all(s.tokens > 0 and s.tokens_per_sec > 0 and np.isfinite(s.grad_norm) for s in steps)
+    assert steps[0].learning_rate < steps[9].learning_rate  # warmup
+
+
+def test_bucketing_compiles_a_handful_of_programs(trained):
+    _, _, trainer, result, _ = trained
+    assert 1 <= result.compiled_programs <= 3  # lengths 16/32/64 over 40 epochs of mixed lengths
+
+
+def test_tuned_model_answers_and_stops(trained):
+    model, tok, _, _, _ = trained
+    for pair in (QA[-1], QA[-2]):
+        assert generate(model, tok, pair.instruction, max_new_tokens=40) == pair.response
+    for pair in QA[:4]:  # order numbers are hard for a 2-layer model; the shape and the stop are not
+        ids = generate_ids(model, tok, format_prompt(pair.instruction), max_new_tokens=40)
+        assert ids[-1] == tok.eos_token_id and len(ids) < 40
+        assert tok.decode(ids[:-1]).strip().startswith("Order 1") and tok.decode(ids).endswith("days.<|endoftext|>")
+
+
+def test_stop_between_steps_keeps_progress():
+    model, tok = load("tiny")
+    before = np.asarray(model.wte.embedding.get_value()).copy()
+    calls = []
+    result = Trainer(model, tok, QA, TrainConfig(epochs=5, batch_size=4, max_length=64)).run(
+        on_step=calls.append, should_stop=lambda: len(calls) >= 2)
+    assert result.steps == 3 and "stopped by request" in result.stopped  # step 3 was in flight when asked
+    assert np.abs(np.asarray(model.wte.embedding.get_value()) - before).max() > 0
+
+
+def test_gradient_accumulation_weights_tokens_equally():
+    """Two micro-batches of 2 give the same update as one batch of 4 (token-weighted, not batch-averaged)."""
+    tok = load("tiny")[1]
+    pairs = [QA[0], QA[-1], QA[-2], Pair("Hi", "Hello, how can I help you today with your order?")]
+    results = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        model = build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0)
+        cfg = TrainConfig(epochs=1, batch_size=batch_size, grad_accum=accum, dropout=False, max_length=64,
+                          warmup_steps=0, learning_rate=1e-2, buckets=(64,))
+        trainer = Trainer(model, tok, pairs, cfg)
+        results.append((trainer.run(), np.asarray(model.h[0].mlp.c_fc.kernel.get_value())))
+    (r1, w1), (r2, w2) = results
+    assert r1.steps == r2.steps == 1
+    assert abs(r1.history[0].loss - r2.history[0].loss) < 1e-5
+    np.testing.assert_allclose(w1, w2, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_weights():
+    model, tok = load("tiny")
+    before = np.asarray(model.wte.embedding.get_value()).copy()
+    result = Trainer(model, tok, QA, TrainConfig(epochs=1, batch_size=4, max_length=64, learning_rate=1e30,
+                                                 warmup_steps=0, grad_clip=1e38)).run()
+    assert result.stopped and "loss became" in result.stopped and result.steps < 7
+    assert np.isfinite(np.asarray(model.wte.embedding.get_value())).all()
+    assert not np.array_equal(np.asarray(model.wte.embedding.get_value()), before) or result.steps <= 2
+
+
+def test_bfloat16_training_still_learns():
+    model = build(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4), seed=0)
+    tok = load("tiny")[1]
+    cfg = TrainConfig(epochs=10, batch_size=8, learning_rate=3e-3, max_length=64, dtype="bfloat16", dropout=False)
+    result = Trainer(model, tok, QA, cfg).run()
+    assert result.history[0].loss - result.history[-1].loss > 3.0
+    assert model.wte.embedding.get_value().dtype == jnp.float32  # float32 master weights
