@@ -239,3 +239,47 @@ def reference_batch(tokenizer, instructions, responses) -> dict:
     texts = [format_example(i, r) for i, r in zip(instructions, responses)]
     enc = tokenizer(texts, padding=True, truncation=True, return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+
+# ---------------------------------------------------------------------------------------------- checks
+@dataclass
+class DataReport:
+    """What a set of rows will look like to the trainer, and what is wrong with it, by row number."""
+
+    pairs: list[Pair]
+    problems: list[str]  # errors: rows that cannot be used (empty cells)
+    warnings: list[str]  # usable but suspicious: duplicates, rows that will be truncated
+    tokens: int
+    truncated: int
+
+    def summary(self) -> str:
+        return (f"{len(self.pairs)} pairs, {self.tokens:,} tokens, {self.truncated} will be truncated"
+                + (f", {len(self.problems)} problem(s)" if self.problems else ""))
+
+
+def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "response", first_row: int = 1) -> DataReport:
+    """Check (instruction, response) rows before training: empty cells are problems (the row is left out),
+    duplicates and over-long rows are warnings. Row numbers start at `first_row`."""
+    pairs, problems, warnings, seen = [], [], [], {}
+    tokens = truncated = 0
+    for n, row in enumerate(rows, start=first_row):
+        instruction, response = (list(row) + [None, None])[:2]
+        instruction = "" if instruction is None else str(instruction)
+        response = "" if response is None else str(response)
+        if not instruction.strip() and not response.strip():
+            continue  # a blank row is not a problem, just nothing
+        empty = [f for f, v in (("instruction", instruction), ("response", response)) if not v.strip()]
+        if empty:
+            problems.append(f"row {n}: empty {' and '.join(empty)}; fill it in or delete the row")
+            continue
+        key = (instruction.strip(), response.strip())
+        if key in seen:
+            warnings.append(f"row {n}: duplicate of row {seen[key]}")
+        seen.setdefault(key, n)
+        e = encode(tokenizer, instruction, response, loss_on=loss_on, max_length=max_length)
+        if e.truncated:
+            truncated += 1
+            warnings.append(f"row {n}: longer than {max_length} tokens; it will be truncated (raise max length or shorten it)")
+        tokens += len(e.input_ids)
+        pairs.append(Pair(instruction, response, f"row {n}"))
+    return DataReport(pairs, problems, warnings, tokens, truncated)

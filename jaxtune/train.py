@@ -175,7 +175,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
         self.optimizer = make_optimizer(cfg, self.total_steps)
-        self.params = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)  # float32 master weights
+        # float32 master weights, copied: the step donates them, and the caller's arrays must survive
+        self.params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
         self.opt_state = self.optimizer.init(self.params)
         self.schedule = make_schedule(cfg, self.total_steps)
         self._step = make_train_step(self.graphdef, self.optimizer, cfg)

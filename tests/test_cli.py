@@ -1,0 +1,74 @@
+"""The command line end to end, in a subprocess, and its errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+ROOT = Path(__file__).resolve().parents[1]
+PAIRS = [{"instruction": f"Where is order {n}?", "response": f"Order {n} is on its way."} for n in range(12)]
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "jaxtune", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_train_then_generate(tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    val = write_jsonl(tmp_path / "val.jsonl", PAIRS[:3])
+    out = tmp_path / "run"
+    p = run("train", "--model", "tiny", "--data", str(data), "--validation-data", str(val), "--output", str(out),
+            "--epochs", "4", "--batch-size", "4", "--learning-rate", "3e-3", "--max-length", "48", "--seed", "1")
+    assert p.returncode == 0, p.stderr
+    assert "12 steps" in p.stdout and "validation loss" in p.stdout and str(out) in p.stdout
+    assert "embedded offline model" in p.stderr
+    files = {f.name for f in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "metrics.jsonl",
+            "train_config.json"} <= files
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13)) and metrics[-1]["loss"] < metrics[0]["loss"]
+    assert metrics[-1]["val_loss"] is not None
+    pt = transformers.GPT2LMHeadModel.from_pretrained(out)  # the output is a Hugging Face directory
+    assert pt.config.n_layer == 2
+    g = run("generate", "--model", str(out), "--instruction", "Where is order 3?", "--max-new-tokens", "12")
+    assert g.returncode == 0, g.stderr and g.stdout.strip()
+    assert g.stdout.strip()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"instruction": "a", "response": "b"}\nnot json\n', "line 2 is not valid JSON"),
+    (b'{"instruction": "a"}\n', "line 1: no response column"),
+    (b'{"instruction": "caf\xe9", "response": "b"}\n', "line 1 is not UTF-8"),
+    (b'{"instruction": "", "response": "b"}\n', "field 'instruction' is empty"),
+])
+def test_bad_data_is_reported_and_nothing_is_written(tmp_path, content, message):
+    (tmp_path / "d.jsonl").write_bytes(content)
+    p = run("train", "--model", "tiny", "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"))
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_unknown_model_and_existing_output(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS[:2])
+    p = run("train", "--model", "nobody/nothing", "--data", str(data), "--output", str(tmp_path / "out"))
+    assert p.returncode == 2 and "'nobody/nothing' is not in the local Hugging Face cache" in p.stderr
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "full"))
+    assert p.returncode == 2 and "--overwrite" in p.stderr and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    p = run("generate", "--model", str(tmp_path / "absent"), "--instruction", "hi")
+    assert p.returncode == 2 and "does not exist" in p.stderr
