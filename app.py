@@ -124,7 +124,8 @@ def _progress_html(step=0, total=0, eta=None, tps=None, loss=None, note="") -> s
 def _plot(history) -> pd.DataFrame:
     rows = [(h["step"], h["loss"], "train") for h in history]
     rows += [(h["step"], h["val_loss"], "validation") for h in history if h.get("val_loss") is not None]
-    return pd.DataFrame(rows, columns=["step", "loss", "split"])
+    df = pd.DataFrame(rows, columns=["step", "loss", "split"])  # typed, so the plot's axes are quantitative
+    return df.astype({"step": "int64", "loss": "float64", "split": "str"})
 
 
 def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
@@ -136,7 +137,7 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
     if not report.pairs:
         raise gr.Error("The table has no pairs. Add rows or load the example data.", title="No data")
     log = [f"{report.summary()}"]
-    yield _progress_html(note="loading model"), _plot([]), "\n".join(log), session
+    yield _progress_html(note="loading model"), None, "\n".join(log), session
     try:
         base, tokenizer = session.base_model(model_name.strip() or "auto")
     except (ModelLoadError, jaxtune.ConfigError) as e:
@@ -259,7 +260,7 @@ def _saved_dir(session) -> Path:
 
 def export_zip(session):
     out = _saved_dir(session)
-    return shutil.make_archive(str(session.workdir / "jaxtune-model"), "zip", out)
+    return gr.File(value=shutil.make_archive(str(session.workdir / "jaxtune-model"), "zip", out), visible=True)
 
 
 def push_to_hub(repo_id, token, private, session):
@@ -302,19 +303,19 @@ def build_app() -> gr.Blocks:
         gr.Markdown("# jaxtune\nInstruction-tune a GPT-2 model on your own instruction/response pairs, in JAX. "
                     "Work through the four steps from top to bottom.")
 
-        with gr.Group(elem_classes="jt-step"):
+        with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ① Data\nEdit the table, load the example help-desk data, or upload JSONL, JSON or CSV.")
             table = gr.Dataframe(value=pd.DataFrame(list(zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)), columns=HEADERS),
                                  headers=HEADERS, column_count=(2, "fixed"), row_count=(2, "dynamic"),
                                  datatype=["str", "str"], interactive=True, wrap=True, label="Pairs",
                                  elem_id="pairs-table", max_height=360)
-            with gr.Row():
-                example_btn = gr.Button("Load example data", elem_id="load-example")
-                upload = gr.File(label="Upload pairs (.jsonl, .json, .csv)", file_types=[".jsonl", ".json", ".csv"],
-                                 elem_id="upload")
-                with gr.Column():
+            with gr.Row(equal_height=True):
+                with gr.Column(scale=1):
+                    example_btn = gr.Button("Load example data", elem_id="load-example")
                     instruction_col = gr.Textbox(label="Instruction column", placeholder="instruction (auto)")
                     response_col = gr.Textbox(label="Response column", placeholder="response / output (auto)")
+                upload = gr.File(label="Upload pairs (.jsonl, .json, .csv)", file_types=[".jsonl", ".json", ".csv"],
+                                 elem_id="upload", height=190, scale=2)
             with gr.Row():
                 with gr.Column(scale=3):
                     highlighted = gr.HighlightedText(label="What the model sees (highlighted tokens carry loss)",
@@ -325,7 +326,7 @@ def build_app() -> gr.Blocks:
                     counts = gr.Markdown(elem_id="counts")
                     problems = gr.Markdown(elem_id="problems")
 
-        with gr.Group(elem_classes="jt-step"):
+        with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ② Train")
             with gr.Row():
                 model_name = gr.Dropdown(MODEL_CHOICES, value="auto", allow_custom_value=True, label="Model",
@@ -347,11 +348,13 @@ def build_app() -> gr.Blocks:
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
             progress = gr.HTML(_progress_html(), elem_id="progress")
             with gr.Row():
-                plot = gr.LinePlot(_plot([]), x="step", y="loss", color="split", label="Loss", height=280,
-                                   elem_id="loss-plot", x_title="step", y_title="loss")
+                # starts empty (None): an empty frame would fix the colour scale with no series in it
+                plot = gr.LinePlot(None, x="step", y="loss", color="split", label="Loss", height=280,
+                                   color_map={"train": "#f97316", "validation": "#2563eb"},
+                                   elem_id="loss-plot")
                 log = gr.Textbox(label="Log", lines=10, max_lines=12, elem_id="log", autoscroll=True)
 
-        with gr.Group(elem_classes="jt-step"):
+        with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ③ Try")
             with gr.Row():
                 instruction = gr.Textbox(label="Instruction", value="Answer politely", scale=4, elem_id="instruction")
@@ -364,11 +367,11 @@ def build_app() -> gr.Blocks:
                 base_out = gr.Textbox(label="Base model", lines=4, elem_id="base-out")
                 tuned_out = gr.Textbox(label="Tuned model", lines=4, elem_id="tuned-out")
 
-        with gr.Group(elem_classes="jt-step"):
+        with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ④ Export\nA zip of the Hugging Face directory: it loads in PyTorch `transformers` as it is.")
             with gr.Row():
-                zip_btn = gr.Button("Download model (.zip)", elem_id="export")
-                zip_file = gr.File(label="Model", elem_id="zip")
+                zip_btn = gr.Button("Download model (.zip)", elem_id="export", scale=1)
+                zip_file = gr.File(label="Model", elem_id="zip", visible=False, scale=2)
             with gr.Row():
                 repo = gr.Textbox(label="Hub repository", placeholder="you/my-helpdesk-gpt2")
                 token = gr.Textbox(label="Hugging Face token", type="password")
@@ -378,13 +381,13 @@ def build_app() -> gr.Blocks:
 
         preview_inputs = [table, preview_row, max_length, loss_on]
         preview_outputs = [highlighted, counts, problems]
+        demo.load(preview, preview_inputs, preview_outputs, api_name="preview")  # registered first: it owns the name
         example_btn.click(load_example, None, table, api_name="load_example").then(
             preview, preview_inputs, preview_outputs, api_visibility="private")
         upload.upload(upload_file, [upload, instruction_col, response_col, table], table, api_name="upload") \
             .then(preview, preview_inputs, preview_outputs, api_visibility="private")
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
             trigger(preview, preview_inputs, preview_outputs, show_progress="hidden", api_visibility="private")
-        demo.load(preview, preview_inputs, preview_outputs, api_name="preview")
         train_btn.click(train_run, [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup,
                                     seed, precision, val_fraction, session], [progress, plot, log, session],
                         api_name="train", concurrency_limit=CONCURRENT_RUNS, concurrency_id="train",

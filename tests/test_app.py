@@ -1,0 +1,229 @@
+"""The Gradio app, started as `python app.py` on a loopback port: through its API and in a real browser.
+
+Screenshots of each browser step land in the test's temporary directory (and in $JAXTUNE_SCREENSHOTS if set).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(1)
+    else:
+        proc.kill()
+        pytest.fail(f"app.py did not start: {log.read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+TRAIN_ARGS = dict(model_name="tiny", loss_on="response", epochs=4, batch_size=4, learning_rate=3e-3, max_length=64,
+                  warmup_steps=2, seed=0, precision="float32", validation_fraction=0.25)
+
+
+def test_api_end_to_end(app_url, tmp_path):
+    """Load data, train a few steps, stop, generate, export; the zip loads in PyTorch transformers."""
+    client = Client(app_url, verbose=False)
+    table = client.predict(api_name="/load_example")
+    assert len(table["data"]) >= 30 and table["headers"] == ["Instruction", "Response"]
+    spans, counts, problems = client.predict(table, 1, 64, "response", api_name="/preview")
+    assert f"{len(table['data'])} pairs" in counts and not problems
+    job = client.submit(table, *TRAIN_ARGS.values(), api_name="/train")
+    seen = 0
+    for progress, plot, log in job:
+        seen += 1
+        if "step 3/" in progress:
+            assert "Stopping" in client.predict(api_name="/stop")
+    progress, plot, log = job.outputs()[-1]
+    assert "stopped after step" in progress and "keeps what it learned" in progress
+    steps = [row[0] for row in plot["data"] if row[2] == "train"]
+    assert steps == list(range(1, len(steps) + 1)) and 3 <= len(steps) < 8 * 4
+    assert any(row[2] == "validation" for row in plot["data"])
+    base, tuned = client.predict("Where is my order?", 0.0, 0.95, 16, "tiny", api_name="/generate")
+    assert base and tuned and "train a model" not in tuned
+    exported = client.predict(api_name="/export")
+    zip_path = exported["value"] if isinstance(exported, dict) else exported  # the component update carries the file
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(tmp_path / "model")
+    pt = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert tok("Hello world").input_ids == [15496, 995] and pt.config.n_layer == 2
+    metrics = [json.loads(line) for line in (tmp_path / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == steps
+    with torch.no_grad():
+        assert torch.isfinite(pt(torch.tensor([[15496, 995]])).logits).all()
+
+
+ONE_ROW = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]]}
+
+
+def test_bad_input_gets_clear_messages(app_url, tmp_path):
+    client = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match="no pairs"):
+        client.predict({"headers": ["Instruction", "Response"], "data": [["", ""]]}, *TRAIN_ARGS.values(),
+                       api_name="/train")
+    with pytest.raises(AppError, match=r"row 2: empty response"):
+        client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", " "]]},
+                       *TRAIN_ARGS.values(), api_name="/train")
+    args = dict(TRAIN_ARGS, model_name="nobody/no-such-model")
+    with pytest.raises(AppError, match="not in the local Hugging Face cache"):
+        client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]]}, *args.values(),
+                       api_name="/train")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{oops\n')
+    from gradio_client import handle_file
+
+    with pytest.raises(AppError, match=r"line 2 is not valid JSON.*left as it was"):
+        client.predict(handle_file(str(bad)), "", "", ONE_ROW, api_name="/upload")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Translate", "input": "chat", "output": "cat"}]))
+    table = client.predict(handle_file(str(alpaca)), "", "", ONE_ROW, api_name="/upload")
+    assert table["data"] == [["Translate\n\nchat", "cat"]]
+    with pytest.raises(AppError, match="no tuned model yet"):
+        Client(app_url, verbose=False).predict(api_name="/export")
+
+
+def test_sessions_are_separate(app_url):
+    """A second browser session sees none of the first one's model."""
+    first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    first.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]},
+                  *dict(TRAIN_ARGS, epochs=1, validation_fraction=0).values(), api_name="/train")
+    exported = first.predict(api_name="/export")
+    assert (exported["value"] if isinstance(exported, dict) else exported).endswith(".zip")
+    _, tuned = second.predict("Hi", 0.0, 0.95, 8, "tiny", api_name="/generate")
+    assert "train a model" in tuned
+
+
+# ---------------------------------------------------------------------------------------------- browser
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it with apt-get")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def _shot(page, tmp_path, name):
+    path = tmp_path / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("JAXTUNE_SCREENSHOTS"):
+        Path(os.environ["JAXTUNE_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, Path(os.environ["JAXTUNE_SCREENSHOTS"]) / path.name)
+    assert path.stat().st_size > 10_000
+
+
+def _progress_text(page):
+    return page.locator("#progress .jt-progress-text").inner_text()
+
+
+def test_browser_train_stop_try(app_url, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app_url)
+    page.wait_for_selector("#pairs-table")
+    page.wait_for_function("() => document.querySelector('#counts') && document.querySelector('#counts').innerText.includes('pairs')")
+    cells = page.locator('#pairs-table [data-testid^="cell-"]:visible')
+
+    def edit(index, text):
+        cells.nth(index).dblclick()
+        page.keyboard.press("Control+A")
+        page.keyboard.type(text)
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(200)
+
+    rows = [("Where is my parcel?", "It ships tomorrow and arrives on Friday."),
+            ("Can I pay by card?", "Yes, we accept Visa and Mastercard.")]
+    for r, (instruction, response) in enumerate(rows):
+        edit(2 * r, instruction)
+        edit(2 * r + 1, response)
+    page.wait_for_function("() => document.querySelector('#preview').innerText.includes('parcel')")
+    assert "2 pairs" in page.locator("#counts").inner_text()
+    assert page.locator("#preview").inner_text().count("<|endoftext|>") == 1
+    _shot(page, tmp_path, "1-data")
+
+    model = page.get_by_role("combobox", name="Model")
+    model.click()
+    model.fill("tiny")
+    page.keyboard.press("Enter")
+    page.get_by_label("Epochs").fill("200")
+    page.get_by_label("Learning rate").fill("0.003")
+    page.locator("#train").click()
+    page.wait_for_function("() => /step [3-9]\\d*\\//.test(document.querySelector('#progress .jt-progress-text').innerText)",
+                           timeout=180_000)
+    width = page.locator("#progress .jt-bar").evaluate("e => parseFloat(e.style.width)")
+    assert width > 0
+    assert "ETA" in _progress_text(page) and "tokens/s" in _progress_text(page)
+    page.wait_for_function("() => document.querySelectorAll('#loss-plot [aria-roledescription=\"point\"]').length >= 3")
+    points = page.locator('#loss-plot [aria-roledescription="point"]').evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
+    losses = [float(p.split("loss: ")[1].split(";")[0]) for p in points if "split: train" in p]
+    assert len(losses) >= 3 and all(np.isfinite(losses))
+    line = page.locator('#loss-plot path[aria-roledescription="line mark"]').first
+    assert line.get_attribute("d").count("L") >= 2 and line.get_attribute("stroke") == "#f97316"  # drawn, visibly
+    _shot(page, tmp_path, "2-training")
+
+    page.locator("#stop").click()
+    page.wait_for_function("() => document.querySelector('#progress .jt-progress-text').innerText.includes('stopped after step')",
+                           timeout=60_000)
+    stopped_at = int(_progress_text(page).split("step ")[1].split("/")[0])
+    assert stopped_at < 200  # far from the end: Stop took effect
+    assert "keeps what it learned" in page.locator("#log textarea").input_value()
+    _shot(page, tmp_path, "3-stopped")
+
+    page.locator("#instruction textarea").fill("Where is my parcel?")
+    page.locator("#generate").click()
+    page.wait_for_function("() => document.querySelector('#tuned-out textarea').value.length > 0", timeout=60_000)
+    page.wait_for_function("() => document.querySelector('#base-out textarea').value.length > 0", timeout=60_000)
+    page.wait_for_function("() => !document.querySelector('#generate').disabled", timeout=60_000)
+    _shot(page, tmp_path, "4-try")
+
+    page.locator("#export").click()
+    page.wait_for_selector("#zip a[download], #zip a[href*='.zip']", timeout=60_000)
+    assert "jaxtune-model.zip" in page.locator("#zip").inner_text().replace("\n", "")
+    _shot(page, tmp_path, "5-export")
+    page.close()
