@@ -74,7 +74,7 @@ def bench_torch(config, ids: np.ndarray, steps: int) -> dict:
     for _ in range(steps):
         loss = one()
     step_s = (time.perf_counter() - t0) / steps
-    return {"step_s": step_s, "tokens_per_s": ids.size / step_s, "loss": float(loss), "threads": torch.get_num_threads()}
+    return {"step_s": step_s, "tokens_per_s": ids.size / step_s, "loss": loss.item(), "threads": torch.get_num_threads()}
 
 
 def main(argv=None):

@@ -67,7 +67,7 @@ def _progress(total: int):
         post = {"loss": f"{s.loss:.4f}", "tok/s": f"{s.tokens_per_sec:.0f}", "lr": f"{s.learning_rate:.2e}"}
         if s.val_loss is not None:
             post["val"] = f"{s.val_loss:.4f}"
-        bar.set_postfix(post)
+        bar.set_postfix(post, refresh=False)
         bar.update(s.step - bar.n)
 
     return bar, on_step
@@ -113,7 +113,7 @@ def cmd_train(args) -> int:
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
     summary = (f"{result.steps} steps in {result.seconds:.1f}s"
                + (f", final loss {last.loss:.4f}" if last else "")
-               + (f", validation loss {val:.4f}" if val is not None else "")
+               + (f", validation loss {result.initial_val_loss:.4f} -> {val:.4f}" if val is not None else "")
                + f"; model written to {out}")
     if result.stopped:
         print(f"stopped early: {result.stopped}", file=sys.stderr)

@@ -140,6 +140,7 @@ class TrainResult:
     seconds: float = 0.0
     compiled_programs: int = 0
     truncated: int = 0  # examples cut at max_length
+    initial_val_loss: float | None = None  # validation loss before the first step
 
     @property
     def final_loss(self) -> float | None:
@@ -221,6 +222,8 @@ class Trainer:
         """Train for the configured steps. Metrics of step N are read after step N+1 is dispatched, so the host
         never waits on the device; `should_stop` is checked between steps and the model keeps what it learned."""
         result = TrainResult(truncated=self.truncated)
+        if self.step == 0:
+            result.initial_val_loss = self.validation_loss()
         start = time.perf_counter()
         last_time, pending = start, None
         recent: list[float] = []
