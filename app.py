@@ -36,6 +36,20 @@ HEADERS = ["Instruction", "Response"]
 TOKENIZER = offline_tokenizer()  # GPT-2's vocabulary, for previews before any model is loaded
 
 
+_BASES: dict[str, tuple] = {}
+_BASES_LOCK = threading.Lock()
+
+
+def _shared_base(name: str):
+    """Base models are read-only (training copies the weights), so all sessions share one copy of each."""
+    with _BASES_LOCK:
+        if name not in _BASES:
+            if len(_BASES) >= 2:  # keep memory bounded on a small Space: drop the oldest
+                _BASES.pop(next(iter(_BASES)))
+            _BASES[name] = jaxtune.load(name)
+        return _BASES[name]
+
+
 class Session:
     """One browser session's models and results. Deleted (and its run stopped) when the tab closes."""
 
@@ -47,9 +61,9 @@ class Session:
         self.workdir = Path(tempfile.mkdtemp(prefix="jaxtune-app-"))
         self.lock = threading.Lock()
 
-    def base_model(self, name: str, dtype: str = "float32"):
+    def base_model(self, name: str):
         if self.base is None or self.model_name != name:
-            self.base, self.tokenizer = jaxtune.load(name)
+            self.base, self.tokenizer = _shared_base(name)
             self.model_name, self.tuned, self.history = name, None, []
         return self.base, self.tokenizer
 
