@@ -236,3 +236,74 @@ def test_browser_train_stop_try(app_url, browser, tmp_path):
     assert "jaxtune-model.zip" in page.locator("#zip").inner_text().replace("\n", "")
     _shot(page, tmp_path, "5-export")
     page.close()
+
+
+def _long_run(client, epochs=100_000):
+    return client.submit({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]},
+                         *dict(TRAIN_ARGS, epochs=epochs, validation_fraction=0).values(), api_name="/train")
+
+
+def _wait_iterating(job, seconds=120):
+    deadline = time.time() + seconds
+    while job.status().code.name != "ITERATING" or len(job.outputs()) < 3:
+        assert time.time() < deadline, "the run did not start"
+        time.sleep(0.5)
+
+
+def test_runs_queue_one_at_a_time_and_show_their_place(app_url):
+    first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    running = _long_run(first)
+    _wait_iterating(running)
+    waiting = _long_run(second, epochs=1)
+    deadline = time.time() + 30
+    while waiting.status().rank is None and time.time() < deadline:
+        time.sleep(0.3)
+    status = waiting.status()
+    assert status.code.name == "IN_QUEUE" and status.rank == 0  # first in line, behind the running job
+    first.predict(api_name="/stop")
+    assert "stopped after step" in running.result()[0]
+    assert "done" in waiting.result(timeout=120)[0]
+
+
+def test_closed_tab_releases_the_machine(app_url, browser):
+    page = browser.new_page()
+    page.goto(app_url)
+    page.wait_for_selector("#pairs-table")
+    model = page.get_by_role("combobox", name="Model")
+    model.click()
+    model.fill("tiny")
+    page.keyboard.press("Enter")
+    page.get_by_label("Epochs").fill("100000")
+    page.locator("#train").click()
+    page.wait_for_function("() => document.querySelector('#progress .jt-progress-text').innerText.includes('step 2/')",
+                           timeout=120_000)
+    page.close()  # the run must not hold the (one) training slot after its tab is gone
+    job = _long_run(Client(app_url, verbose=False), epochs=1)
+    assert "done" in job.result(timeout=60)[0]
+
+
+def test_preview_lists_problems_with_row_numbers(app_url):
+    client = Client(app_url, verbose=False)
+    rows = [["Hi", "Hello"], ["", "orphan"], ["Hi", "Hello"], ["Long", "word " * 80]]
+    spans, counts, problems = client.predict({"headers": ["Instruction", "Response"], "data": rows}, 1, 32, "response",
+                                             api_name="/preview")
+    assert "row 2: empty instruction" in problems and "row 3: duplicate of row 1" in problems
+    assert "row 4: longer than 32 tokens" in problems and "1 will be truncated" in counts
+
+
+def test_nan_loss_stops_with_a_message(app_url):
+    client = Client(app_url, verbose=False)
+    args = dict(TRAIN_ARGS, learning_rate=1e30, warmup_steps=0, epochs=3, validation_fraction=0)
+    progress, plot, log = client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]] * 3},
+                                         *args.values(), api_name="/train")
+    assert "not a number" in progress and "the loss became" in log and "Lower the learning rate" in log
+
+
+def test_push_without_network_is_a_clear_error(app_url):
+    client = Client(app_url, verbose=False)
+    client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]]},
+                   *dict(TRAIN_ARGS, epochs=1, validation_fraction=0).values(), api_name="/train")
+    with pytest.raises(AppError, match="hub cannot be reached"):
+        client.predict("someone/model", "hf_token", True, api_name="/push")
+    with pytest.raises(AppError, match="user/name"):
+        client.predict("no-slash", "hf_token", True, api_name="/push")

@@ -72,3 +72,15 @@ def test_unknown_model_and_existing_output(tmp_path):
     assert p.returncode == 2 and "--overwrite" in p.stderr and (tmp_path / "full" / "keep.txt").read_text() == "mine"
     p = run("generate", "--model", str(tmp_path / "absent"), "--instruction", "hi")
     assert p.returncode == 2 and "does not exist" in p.stderr
+
+
+def test_quickstart_prints_the_reference_loss_then_falling_losses():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    p = subprocess.run([sys.executable, "examples/quickstart.py", "--steps", "15"], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("Loss: ") and 10.0 < float(lines[0].split()[1]) < 11.5  # random init: about ln(50257)
+    losses = [float(line.split("Loss: ")[1]) for line in lines if line.startswith("step")]
+    assert len(losses) == 15 and losses[-1] < losses[0] - 3.0
+    assert "'Answer politely' -> 'Of course, how may I assist you?'" in p.stdout
