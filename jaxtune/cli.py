@@ -9,40 +9,88 @@ import sys
 from pathlib import Path
 
 from jaxtune.checkpoint import ModelLoadError, load, save
-from jaxtune.config import LOSS_MODES, ConfigError, TrainConfig
-from jaxtune.data import DataError, read_pairs
+import numpy as np
+
+from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
+from jaxtune.data import DataError, inspect_rows, read_pairs
 from jaxtune.generate import generate
 from jaxtune.train import Trainer, TrainingError
 
-_DEFAULTS = TrainConfig()
+# flag -> (RunConfig field, or "train.<TrainConfig field>"); every flag's default is "not given", so a YAML file's
+# values hold unless a flag names them
+_FLAGS = {
+    "model": "model", "data": "data", "output": "output", "validation_data": "validation_data",
+    "validation_fraction": "validation_fraction", "instruction_column": "instruction_column",
+    "response_column": "response_column", "eval_every": "eval_every", "samples": "samples", "strict": "strict",
+    "allow_pickle": "allow_pickle", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate", "max_length": "train.max_length", "loss_on": "train.loss_on",
+    "seed": "train.seed", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
+    "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype",
+    "no_dropout": "train.dropout",
+}
 
 
 def _train_parser(sub):
-    p = sub.add_parser("train", help="instruction-tune a model on a file of pairs",
-                       description="Instruction-tune a GPT-2 model and write a Hugging Face directory.")
-    p.add_argument("--model", default="auto", help="hub id (gpt2, distilgpt2, ...), local directory, 'tiny' "
-                   "(embedded offline model) or 'auto' (gpt2 if it can be had, else tiny)")
-    p.add_argument("--data", required=True, help=".jsonl, .json or .csv with instruction and response columns")
+    p = sub.add_parser("train", help="instruction-tune a model on a file of pairs", argument_default=argparse.SUPPRESS,
+                       description="Instruction-tune a GPT-2 model and write a Hugging Face directory. Options come "
+                                   "from --config (YAML) and are overridden by flags.")
+    p.add_argument("--config", help="YAML run configuration (a run directory's config.yaml repeats that run)")
+    p.add_argument("--model", help="hub id (gpt2, distilgpt2, ...), local directory, 'tiny' (embedded offline "
+                   "model) or 'auto' (gpt2 if it can be had, else tiny); default auto")
+    p.add_argument("--data", help=".jsonl, .json or .csv with instruction and response columns (required)")
     p.add_argument("--validation-data", help="held-out pairs; their loss is reported at the end (and every --eval-every)")
-    p.add_argument("--output", required=True, help="directory for the tuned model (Hugging Face layout) and metrics.jsonl")
+    p.add_argument("--validation-fraction", type=float, help="hold out this share of --data instead (seeded)")
+    p.add_argument("--output", help="run directory: the tuned model (Hugging Face layout), metrics.jsonl, "
+                   "samples.jsonl, config.yaml (required)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
     p.add_argument("--instruction-column", help="column holding the instruction (default: instruction, prompt, question)")
     p.add_argument("--response-column", help="column holding the response (default: response, output, answer, completion)")
-    p.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
-    p.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
-    p.add_argument("--learning-rate", type=float, default=_DEFAULTS.learning_rate)
-    p.add_argument("--max-length", type=int, default=_DEFAULTS.max_length, help="tokens per example, EOS included")
-    p.add_argument("--loss-on", choices=LOSS_MODES, default=_DEFAULTS.loss_on,
+    p.add_argument("--strict", action="store_true", help="duplicates and rows longer than --max-length are errors")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--max-length", type=int, help="tokens per example, EOS included")
+    p.add_argument("--loss-on", choices=LOSS_MODES,
                    help="response: response + EOS (default); all: every token + EOS; reference: the reference's loss")
-    p.add_argument("--seed", type=int, default=_DEFAULTS.seed)
-    p.add_argument("--warmup-steps", type=int, default=_DEFAULTS.warmup_steps)
-    p.add_argument("--weight-decay", type=float, default=_DEFAULTS.weight_decay)
-    p.add_argument("--grad-accum", type=int, default=_DEFAULTS.grad_accum, help="micro-batches per optimizer step")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=_DEFAULTS.dtype)
-    p.add_argument("--no-dropout", action="store_true", help="train without dropout")
+    p.add_argument("--samples", type=int, help="held-out instructions to answer into samples.jsonl (default 4)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--no-dropout", action="store_false", help="train without dropout")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (a pickle: trusted files only)")
+
+
+def run_config(args) -> RunConfig:
+    """Defaults, then the YAML file, then the flags that were given."""
+    values: dict = {}
+    if getattr(args, "config", None):
+        import yaml
+
+        path = Path(args.config)
+        if not path.exists():
+            raise DataError(f"--config {path}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise DataError(f"--config {path}: not valid YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise DataError(f"--config {path}: expected a mapping of options")
+    values = {**values, "train": dict(values.get("train") or {})}
+    for flag, target in _FLAGS.items():
+        if hasattr(args, flag):
+            if target.startswith("train."):
+                values["train"][target[6:]] = getattr(args, flag)
+            else:
+                values[target] = getattr(args, flag)
+    cfg = RunConfig.from_dict(values, source=getattr(args, "config", None) or "options")
+    for name in ("data", "output"):
+        if not getattr(cfg, name):
+            raise DataError(f"--{name} is required (or set '{name}' in the --config file)")
+    return cfg
 
 
 def _generate_parser(sub):
@@ -73,23 +121,46 @@ def _progress(total: int):
     return bar, on_step
 
 
+def _split(pairs, fraction: float, seed: int):
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = max(1, int(round(len(pairs) * fraction)))
+    if n_val >= len(pairs):
+        raise DataError(f"validation_fraction={fraction} leaves no training pairs out of {len(pairs)}")
+    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+
+
+def _check(pairs, tokenizer, cfg: RunConfig, what: str):
+    report = inspect_rows(pairs, tokenizer, max_length=cfg.train.max_length, loss_on=cfg.train.loss_on)
+    for line in report.warnings[:10]:
+        print(f"warning: {line}", file=sys.stderr)
+    if len(report.warnings) > 10:
+        print(f"warning: ... and {len(report.warnings) - 10} more", file=sys.stderr)
+    if cfg.strict and report.warnings:
+        raise DataError(f"{what}: {len(report.warnings)} warning(s) and --strict is set; first: {report.warnings[0]}")
+    return report
+
+
 def cmd_train(args) -> int:
-    out = Path(args.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+    cfg = run_config(args)
+    out = Path(cfg.output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not getattr(args, "overwrite", False):
         raise DataError(f"--output {out} already exists and is not empty; choose another directory or pass --overwrite")
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-                      max_length=args.max_length, loss_on=args.loss_on, seed=args.seed, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, grad_accum=args.grad_accum, max_steps=args.max_steps,
-                      dtype=args.dtype, dropout=not args.no_dropout)
-    cols = dict(instruction_column=args.instruction_column, response_column=args.response_column)
-    pairs = read_pairs(args.data, **cols)  # data errors surface before the model is loaded or compiled
-    val_pairs = read_pairs(args.validation_data, **cols) if args.validation_data else None
-    model, tokenizer = load(args.model, allow_pickle=args.allow_pickle, seed=args.seed)
-    print(f"model: {getattr(model, 'source', args.model)}", file=sys.stderr)
-    cfg.max_length = min(cfg.max_length, model.config.n_positions)
-    trainer = Trainer(model, tokenizer, pairs, cfg, validation_pairs=val_pairs)
-    print(f"data: {len(pairs)} pairs ({trainer.truncated} truncated at {cfg.max_length} tokens)"
-          f"{f', {len(val_pairs)} validation pairs' if val_pairs else ''}; {trainer.total_steps} steps", file=sys.stderr)
+    tcfg = cfg.train
+    cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
+    pairs = read_pairs(cfg.data, **cols)  # data errors surface before the model is loaded or compiled
+    val_pairs = read_pairs(cfg.validation_data, **cols) if cfg.validation_data else None
+    if val_pairs is None and cfg.validation_fraction:
+        pairs, val_pairs = _split(pairs, cfg.validation_fraction, tcfg.seed)
+    model, tokenizer = load(cfg.model, allow_pickle=cfg.allow_pickle, seed=tcfg.seed)
+    print(f"model: {getattr(model, 'source', cfg.model)}", file=sys.stderr)
+    tcfg.max_length = min(tcfg.max_length, model.config.n_positions)
+    report = _check(pairs, tokenizer, cfg, "training data")
+    if val_pairs:
+        _check(val_pairs, tokenizer, cfg, "validation data")
+    trainer = Trainer(model, tokenizer, pairs, tcfg, validation_pairs=val_pairs)
+    print(f"data: {len(pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
+          f"tokens, {len(report.warnings)} warning(s)){f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
+          f"{trainer.total_steps} steps", file=sys.stderr)
 
     stop = {"requested": False}
 
@@ -102,13 +173,19 @@ def cmd_train(args) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     bar, on_step = _progress(trainer.total_steps)
     try:
-        result = trainer.run(on_step=on_step, should_stop=lambda: stop["requested"], eval_every=args.eval_every)
+        result = trainer.run(on_step=on_step, should_stop=lambda: stop["requested"], eval_every=cfg.eval_every)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
-    metrics = "".join(json.dumps(s.to_dict()) + "\n" for s in result.history)
-    save(model, tokenizer, out, extra_files={"metrics.jsonl": metrics,
-                                             "train_config.json": json.dumps(vars(cfg), indent=2, default=list) + "\n"})
+    samples = [{"instruction": p.instruction, "reference": p.response,
+                "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
+               for p in (val_pairs or pairs)[: cfg.samples]]
+    import yaml
+
+    save(model, tokenizer, out, extra_files={
+        "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
+        "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
+        "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
     last = result.history[-1] if result.history else None
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
     summary = (f"{result.steps} steps in {result.seconds:.1f}s"

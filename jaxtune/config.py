@@ -135,3 +135,49 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must not be negative")
         self.buckets = tuple(sorted(int(b) for b in self.buckets))
+
+
+@dataclass
+class RunConfig:
+    """A whole command-line run: what to train, on what, where to write it, and how (`train`).
+
+    Loadable from YAML (`--config run.yaml`); command-line flags override it; the effective config is written
+    into the run directory as `config.yaml`, so `--config runs/x/config.yaml` repeats the run exactly.
+    """
+
+    model: str = "auto"
+    data: str | None = None
+    output: str | None = None
+    validation_data: str | None = None
+    validation_fraction: float = 0.0  # held out from `data` (seeded) when no validation_data is given
+    instruction_column: str | None = None
+    response_column: str | None = None
+    eval_every: int | None = None  # validation loss every N steps (and always at the end)
+    samples: int = 4  # held-out instructions answered at the end into samples.jsonl
+    strict: bool = False  # duplicates and truncated rows become errors
+    allow_pickle: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if isinstance(self.train, dict):
+            self.train = TrainConfig(**self.train)
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["train"]["buckets"] = list(self.train.buckets)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, *, source: str = "config") -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        train_known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = [k for k in values if k not in known]
+        unknown += [f"train.{k}" for k in (values.get("train") or {}) if k not in train_known]
+        if unknown:
+            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))} and train.{{{', '.join(sorted(train_known))}}}")
+        values = dict(values)
+        values["train"] = TrainConfig(**(values.get("train") or {}))
+        return cls(**values)

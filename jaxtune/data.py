@@ -263,23 +263,27 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
     pairs, problems, warnings, seen = [], [], [], {}
     tokens = truncated = 0
     for n, row in enumerate(rows, start=first_row):
-        instruction, response = (list(row) + [None, None])[:2]
+        if isinstance(row, Pair):  # pairs read from a file name their own place ("data.jsonl line 7")
+            instruction, response, where = row.instruction, row.response, row.where or f"row {n}"
+        else:
+            instruction, response = (list(row) + [None, None])[:2]
+            where = f"row {n}"
         instruction = "" if instruction is None else str(instruction)
         response = "" if response is None else str(response)
         if not instruction.strip() and not response.strip():
             continue  # a blank row is not a problem, just nothing
         empty = [f for f, v in (("instruction", instruction), ("response", response)) if not v.strip()]
         if empty:
-            problems.append(f"row {n}: empty {' and '.join(empty)}; fill it in or delete the row")
+            problems.append(f"{where}: empty {' and '.join(empty)}; fill it in or delete the row")
             continue
         key = (instruction.strip(), response.strip())
         if key in seen:
-            warnings.append(f"row {n}: duplicate of row {seen[key]}")
-        seen.setdefault(key, n)
+            warnings.append(f"{where}: duplicate of {seen[key]}")
+        seen.setdefault(key, where)
         e = encode(tokenizer, instruction, response, loss_on=loss_on, max_length=max_length)
         if e.truncated:
             truncated += 1
-            warnings.append(f"row {n}: longer than {max_length} tokens; it will be truncated (raise max length or shorten it)")
+            warnings.append(f"{where}: longer than {max_length} tokens; it will be truncated (raise max length or shorten it)")
         tokens += len(e.input_ids)
-        pairs.append(Pair(instruction, response, f"row {n}"))
+        pairs.append(Pair(instruction, response, where))
     return DataReport(pairs, problems, warnings, tokens, truncated)

@@ -37,7 +37,10 @@ def test_train_then_generate(tmp_path):
     assert "embedded offline model" in p.stderr
     files = {f.name for f in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "metrics.jsonl",
-            "train_config.json"} <= files
+            "samples.jsonl", "config.yaml"} <= files
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["instruction"] for s in samples] == [r["instruction"] for r in PAIRS[:3]]
+    assert all(set(s) == {"instruction", "reference", "generated"} for s in samples)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13)) and metrics[-1]["loss"] < metrics[0]["loss"]
     assert metrics[-1]["val_loss"] is not None
@@ -84,3 +87,53 @@ def test_quickstart_prints_the_reference_loss_then_falling_losses():
     losses = [float(line.split("Loss: ")[1]) for line in lines if line.startswith("step")]
     assert len(losses) == 15 and losses[-1] < losses[0] - 3.0
     assert "'Answer politely' -> 'Of course, how may I assist you?'" in p.stdout
+
+
+def test_yaml_config_round_trip_repeats_the_run(tmp_path):
+    """The effective config.yaml, passed back with --config, gives the same run; flags override the file."""
+    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny\ndata: {data}\nvalidation_fraction: 0.25\nsamples: 2\n"
+                      "train:\n  epochs: 2\n  batch_size: 4\n  learning_rate: 0.003\n  max_length: 48\n  seed: 7\n")
+    first = run("train", "--config", str(config), "--output", str(tmp_path / "a"), "--epochs", "3")
+    assert first.returncode == 0, first.stderr
+    assert "9 pairs" in first.stderr and "3 validation pairs" in first.stderr  # 12 pairs, a quarter held out
+    import yaml
+
+    effective = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert effective["train"]["epochs"] == 3 and effective["train"]["seed"] == 7  # the flag won, the file held
+    assert effective["output"] == str(tmp_path / "a")
+    again = run("train", "--config", str(tmp_path / "a" / "config.yaml"), "--output", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("a") == losses("b") and len(losses("a")) == 9
+    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+
+
+def test_config_and_strict_errors(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS[:3] + PAIRS[:1] + [{"instruction": "x", "response": "word " * 80}])
+    p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), "--max-length", "32",
+            "--epochs", "1")
+    assert p.returncode == 0, p.stderr
+    assert "warning: d.jsonl line 4: duplicate of d.jsonl line 1" in p.stderr
+    assert "warning: d.jsonl line 5: longer than 32 tokens" in p.stderr
+    p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "s"), "--strict")
+    assert p.returncode == 2 and "--strict" in p.stderr and not (tmp_path / "s").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\ntrain:\n  epoch: 3\n")
+    p = run("train", "--config", str(bad), "--data", str(data), "--output", str(tmp_path / "x"))
+    assert p.returncode == 2 and "unknown option(s) train.epoch" in p.stderr
+    p = run("train", "--model", "tiny", "--output", str(tmp_path / "x"))
+    assert p.returncode == 2 and "--data is required" in p.stderr
+
+
+def test_shipped_configs_parse():
+    import yaml
+
+    from jaxtune.config import RunConfig
+
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert files
+    for f in files:
+        cfg = RunConfig.from_dict(yaml.safe_load(f.read_text()), source=str(f))
+        assert (ROOT / cfg.data).exists()
