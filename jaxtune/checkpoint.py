@@ -242,7 +242,8 @@ def _cast(model, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None) -> Path:
+def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
+         keep: tuple[str, ...] = ("checkpoints",)) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json) that
     transformers.GPT2LMHeadModel and AutoTokenizer load as they are. Written beside the target and renamed into
     place, so an interrupted save never leaves a half-written directory."""
@@ -260,6 +261,9 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
         tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
+        for name in keep:  # e.g. a run's training checkpoints survive the export beside them
+            if (directory / name).exists():
+                os.replace(directory / name, tmp / name)
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, old / "x")

@@ -22,7 +22,8 @@ _FLAGS = {
     "model": "model", "data": "data", "output": "output", "validation_data": "validation_data",
     "validation_fraction": "validation_fraction", "instruction_column": "instruction_column",
     "response_column": "response_column", "eval_every": "eval_every", "samples": "samples", "strict": "strict",
-    "allow_pickle": "allow_pickle", "epochs": "train.epochs", "batch_size": "train.batch_size",
+    "allow_pickle": "allow_pickle", "save_every": "save_every", "keep_checkpoints": "keep_checkpoints",
+    "epochs": "train.epochs", "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate", "max_length": "train.max_length", "loss_on": "train.loss_on",
     "seed": "train.seed", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
     "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype",
@@ -43,6 +44,9 @@ def _train_parser(sub):
     p.add_argument("--output", help="run directory: the tuned model (Hugging Face layout), metrics.jsonl, "
                    "samples.jsonl, config.yaml (required)")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
+    p.add_argument("--resume", help="continue the stopped run in this directory (its checkpoints and config)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (a checkpoint is also saved on Ctrl-C)")
+    p.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 3)")
     p.add_argument("--instruction-column", help="column holding the instruction (default: instruction, prompt, question)")
     p.add_argument("--response-column", help="column holding the response (default: response, output, answer, completion)")
     p.add_argument("--strict", action="store_true", help="duplicates and rows longer than --max-length are errors")
@@ -67,6 +71,10 @@ def _train_parser(sub):
 def run_config(args) -> RunConfig:
     """Defaults, then the YAML file, then the flags that were given."""
     values: dict = {}
+    if getattr(args, "resume", None):
+        args.config = getattr(args, "config", None) or str(Path(args.resume) / "checkpoints" / "config.yaml")
+        if not hasattr(args, "output"):
+            args.output = args.resume
     if getattr(args, "config", None):
         import yaml
 
@@ -143,7 +151,8 @@ def _check(pairs, tokenizer, cfg: RunConfig, what: str):
 def cmd_train(args) -> int:
     cfg = run_config(args)
     out = Path(cfg.output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not getattr(args, "overwrite", False):
+    resume = getattr(args, "resume", None)
+    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())) and not getattr(args, "overwrite", False):
         raise DataError(f"--output {out} already exists and is not empty; choose another directory or pass --overwrite")
     tcfg = cfg.train
     cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
@@ -162,6 +171,18 @@ def cmd_train(args) -> int:
           f"tokens, {len(report.warnings)} warning(s)){f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
           f"{trainer.total_steps} steps", file=sys.stderr)
 
+    import yaml
+
+    checkpoints = out / "checkpoints"
+    history = trainer.restore_checkpoint(Path(resume) / "checkpoints") if resume else []
+    if resume:
+        print(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
+
+    def checkpoint(steps):
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        trainer.save_checkpoint(checkpoints, keep=cfg.keep_checkpoints, history=history + steps)
+
     stop = {"requested": False}
 
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: abort
@@ -173,15 +194,18 @@ def cmd_train(args) -> int:
     previous = signal.signal(signal.SIGINT, on_sigint)
     bar, on_step = _progress(trainer.total_steps)
     try:
-        result = trainer.run(on_step=on_step, should_stop=lambda: stop["requested"], eval_every=cfg.eval_every)
+        result = trainer.run(on_step=on_step, should_stop=lambda: stop["requested"], eval_every=cfg.eval_every,
+                             save_every=cfg.save_every, checkpoint=checkpoint)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
+    if result.stopped and "by request" in result.stopped:
+        checkpoint(result.history)
+        print(f"checkpoint saved: continue with  python -m jaxtune train --resume {out}", file=sys.stderr)
+    result.history = history + result.history
     samples = [{"instruction": p.instruction, "reference": p.response,
                 "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
                for p in (val_pairs or pairs)[: cfg.samples]]
-    import yaml
-
     save(model, tokenizer, out, extra_files={
         "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
         "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
@@ -190,7 +214,8 @@ def cmd_train(args) -> int:
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
     summary = (f"{result.steps} steps in {result.seconds:.1f}s"
                + (f", final loss {last.loss:.4f}" if last else "")
-               + (f", validation loss {result.initial_val_loss:.4f} -> {val:.4f}" if val is not None else "")
+               + (", validation loss " + (f"{result.initial_val_loss:.4f} -> " if result.initial_val_loss is not None
+                                          else "") + f"{val:.4f}" if val is not None else "")
                + f"; model written to {out}")
     if result.stopped:
         print(f"stopped early: {result.stopped}", file=sys.stderr)

@@ -155,6 +155,8 @@ class RunConfig:
     eval_every: int | None = None  # validation loss every N steps (and always at the end)
     samples: int = 4  # held-out instructions answered at the end into samples.jsonl
     strict: bool = False  # duplicates and truncated rows become errors
+    save_every: int | None = None  # checkpoint (orbax) every N steps into <output>/checkpoints; also on stop
+    keep_checkpoints: int = 3
     allow_pickle: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -210,6 +211,42 @@ class Trainer:
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory, *, keep: int = 3, history: list[StepMetrics] | None = None,
+                        extra: dict | None = None):
+        """Parameters, optimizer state, step, RNG key and the step history, with orbax (written atomically;
+        the newest `keep` are kept). The data order needs no saving: it is a function of (seed, epoch, step)."""
+        import orbax.checkpoint as ocp
+
+        leaves = jax.tree.leaves((self.params, self.opt_state))
+        state = {"leaves": {str(i): leaf for i, leaf in enumerate(leaves)}, "key": jax.random.key_data(self.key)}
+        meta = {"step": self.step, "history": [h.to_dict() for h in (history or [])], "extra": extra or {},
+                "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()}}
+        with ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep)) as m:
+            m.save(self.step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                   force=True)
+            m.wait_until_finished()
+
+    def restore_checkpoint(self, directory) -> list[StepMetrics]:
+        """Continue from the newest checkpoint in `directory`; returns the step history saved with it."""
+        import orbax.checkpoint as ocp
+
+        with ocp.CheckpointManager(Path(directory).absolute()) as m:
+            step = m.latest_step()
+            if step is None:
+                raise TrainingError(f"{directory}: no checkpoint to resume from")
+            restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                meta=ocp.args.JsonRestore()))
+        state, meta = restored["state"], restored["meta"]
+        template, treedef = jax.tree.flatten((self.params, self.opt_state))
+        leaves = [state["leaves"][str(i)] for i in range(len(state["leaves"]))]
+        if len(leaves) != len(template) or any(a.shape != b.shape for a, b in zip(leaves, template)):
+            raise TrainingError(f"{directory}: the checkpoint does not fit this model and optimizer")
+        self.params, self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(x, t.dtype) for x, t in zip(leaves, template)])
+        self.key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
+        self.step = int(meta["step"])
+        return [StepMetrics(**h) for h in meta["history"]]
+
     def compiled_programs(self) -> int:
         return self._step._cache_size()
 
@@ -218,7 +255,8 @@ class Trainer:
         nnx.update(self.model, self.params)
 
     def run(self, on_step: Callable[[StepMetrics], None] | None = None, should_stop: Callable[[], bool] | None = None,
-            eval_every: int | None = None) -> TrainResult:
+            eval_every: int | None = None, save_every: int | None = None,
+            checkpoint: Callable[[list[StepMetrics]], None] | None = None) -> TrainResult:
         """Train for the configured steps. Metrics of step N are read after step N+1 is dispatched, so the host
         never waits on the device; `should_stop` is checked between steps and the model keeps what it learned."""
         result = TrainResult(truncated=self.truncated)
@@ -250,7 +288,10 @@ class Trainer:
             if on_step:
                 on_step(sm)
 
-        for epoch, batch in self._batches():
+        batches = self._batches()
+        for _ in range(self.step):  # resumed: the batches before this step were already trained on
+            next(batches, None)
+        for epoch, batch in batches:
             if self.step >= self.total_steps or result.stopped:
                 break
             if should_stop and should_stop():
@@ -262,10 +303,15 @@ class Trainer:
             if pending:
                 report(pending)
             pending = (self.step, epoch, metrics)
-            if eval_every and self.val_examples and self.step % eval_every == 0 and self.step < self.total_steps:
-                report(pending, self.validation_loss())
+            evaluate = bool(eval_every and self.val_examples and self.step % eval_every == 0)
+            save = bool(save_every and checkpoint and self.step % save_every == 0)
+            if (evaluate or save) and self.step < self.total_steps:  # sync here: metrics, then state, line up
+                report(pending, self.validation_loss() if evaluate else None)
                 pending = None
-        if pending and not result.stopped:
+                if save:
+                    checkpoint(result.history)
+        nonfinite = result.stopped is not None and "loss became" in result.stopped
+        if pending and not nonfinite:  # the step in flight when the loop ended (a requested stop included)
             report(pending, self.validation_loss() if self.val_examples else None)
         self.sync_model()
         result.steps, result.seconds = self.step, time.perf_counter() - start

@@ -137,3 +137,33 @@ def test_shipped_configs_parse():
     for f in files:
         cfg = RunConfig.from_dict(yaml.safe_load(f.read_text()), source=str(f))
         assert (ROOT / cfg.data).exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    common = ["--model", "tiny", "--data", str(data), "--epochs", "15", "--batch-size", "4", "--learning-rate", "3e-3",
+              "--max-length", "48", "--seed", "2"]
+    full = run("train", *common, "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxtune", "train", *common, "--output", str(tmp_path / "cut"),
+                             "--save-every", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / "checkpoints" / "3").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, checkpoint, export, exit cleanly
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    cut = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert 3 <= len(cut) < 45
+    resumed = run("train", "--resume", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {tmp_path / 'cut'} at step {len(cut)}/45" in resumed.stderr
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("cut") == losses("full") and len(losses("full")) == 45
+    assert (tmp_path / "cut" / "model.safetensors").exists() and (tmp_path / "cut" / "checkpoints").is_dir()

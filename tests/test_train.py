@@ -170,3 +170,36 @@ def test_bfloat16_training_still_learns():
     result = Trainer(model, tok, QA, cfg).run()
     assert result.history[0].loss - result.history[-1].loss > 3.0
     assert model.wte.embedding.get_value().dtype == jnp.float32  # float32 master weights
+
+
+def test_stopped_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
+    """Stop at step 6, checkpoint, restore into a fresh trainer: every later loss equals the uninterrupted run's
+    (dropout on, so the RNG key and the data order are restored too)."""
+    tok = load("tiny")[1]
+    pairs = [Pair(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(5) for b in range(4)]
+    cfg = TrainConfig(epochs=3, batch_size=4, learning_rate=3e-3, max_length=32, seed=3)
+
+    def fresh():
+        return Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs, cfg)
+
+    full = [s.loss for s in fresh().run().history]
+    first = fresh()
+    before = first.run(should_stop=lambda: first.step >= 6).history
+    assert [s.step for s in before] == list(range(1, 7))
+    first.save_checkpoint(tmp_path / "ck", history=before)
+    second = fresh()
+    restored = second.restore_checkpoint(tmp_path / "ck")
+    assert second.step == 6 and [s.loss for s in restored] == [s.loss for s in before]
+    after = second.run().history
+    assert [s.step for s in after] == list(range(7, 16))
+    assert [s.loss for s in before + after] == full
+
+
+def test_checkpoints_keep_the_last_k(tmp_path):
+    tok = load("tiny")[1]
+    trainer = Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, QA,
+                      TrainConfig(epochs=2, batch_size=4, max_length=64))
+    trainer.run(save_every=2, checkpoint=lambda h: trainer.save_checkpoint(tmp_path, keep=2, history=h))
+    assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [10, 12]
+    with pytest.raises(Exception, match="no checkpoint"):
+        trainer.restore_checkpoint(tmp_path / "empty")
