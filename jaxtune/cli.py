@@ -19,7 +19,7 @@ from jaxtune.train import Trainer, TrainingError
 # flag -> (RunConfig field, or "train.<TrainConfig field>"); every flag's default is "not given", so a YAML file's
 # values hold unless a flag names them
 _FLAGS = {
-    "model": "model", "data": "data", "output": "output", "validation_data": "validation_data",
+    "model": "model", "data": "data", "split": "split", "output": "output", "validation_data": "validation_data",
     "validation_fraction": "validation_fraction", "instruction_column": "instruction_column",
     "response_column": "response_column", "eval_every": "eval_every", "samples": "samples", "strict": "strict",
     "allow_pickle": "allow_pickle", "save_every": "save_every", "keep_checkpoints": "keep_checkpoints",
@@ -38,7 +38,9 @@ def _train_parser(sub):
     p.add_argument("--config", help="YAML run configuration (a run directory's config.yaml repeats that run)")
     p.add_argument("--model", help="hub id (gpt2, distilgpt2, ...), local directory, 'tiny' (embedded offline "
                    "model) or 'auto' (gpt2 if it can be had, else tiny); default auto")
-    p.add_argument("--data", help=".jsonl, .json or .csv with instruction and response columns (required)")
+    p.add_argument("--data", help=".jsonl, .json, .csv or .parquet with instruction and response columns, or a "
+                   "Hugging Face data set (org/name or a local data-set folder) (required)")
+    p.add_argument("--split", help="the data set's split (default train)")
     p.add_argument("--validation-data", help="held-out pairs; their loss is reported at the end (and every --eval-every)")
     p.add_argument("--validation-fraction", type=float, help="hold out this share of --data instead (seeded)")
     p.add_argument("--output", help="run directory: the tuned model (Hugging Face layout), metrics.jsonl, "
@@ -156,7 +158,7 @@ def cmd_train(args) -> int:
         raise DataError(f"--output {out} already exists and is not empty; choose another directory or pass --overwrite")
     tcfg = cfg.train
     cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
-    pairs = read_pairs(cfg.data, **cols)  # data errors surface before the model is loaded or compiled
+    pairs = read_pairs(cfg.data, split=cfg.split, **cols)  # data errors surface before the model is loaded or compiled
     val_pairs = read_pairs(cfg.validation_data, **cols) if cfg.validation_data else None
     if val_pairs is None and cfg.validation_fraction:
         pairs, val_pairs = _split(pairs, cfg.validation_fraction, tcfg.seed)

@@ -147,6 +147,7 @@ class RunConfig:
 
     model: str = "auto"
     data: str | None = None
+    split: str = "train"  # for Hugging Face data sets
     output: str | None = None
     validation_data: str | None = None
     validation_fraction: float = 0.0  # held out from `data` (seeded) when no validation_data is given

@@ -101,14 +101,42 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: line {line} is not UTF-8 (byte {e.start}); save the file as UTF-8 and retry") from None
 
 
-def read_pairs(path, *, instruction_column: str | None = None, response_column: str | None = None) -> list[Pair]:
-    """Pairs from a .jsonl, .json (a list of objects) or .csv file, with errors that name file, line and field."""
+def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool) -> list[Pair]:
+    """Parquet files and Hugging Face data sets (hub names or local data-set folders) through `datasets`."""
+    import datasets
+
+    label = Path(source).name if parquet else f"{source}[{split}]"
+    try:
+        if parquet:
+            table = datasets.Dataset.from_parquet(source)
+        else:
+            table = datasets.load_dataset(source, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; its message says what went wrong
+        what = "cannot read the Parquet file" if parquet else f"could not load the data set (split {split!r})"
+        raise DataError(f"{source}: {what}: {e}. Check the name and --split, or pass a local file") from None
+    return [record_to_pair(dict(r), f"{label} row {n}", **cols) for n, r in enumerate(table, start=1)]
+
+
+def read_pairs(path, *, instruction_column: str | None = None, response_column: str | None = None,
+               split: str = "train") -> list[Pair]:
+    """Pairs from a .jsonl, .json (a list of objects), .csv or .parquet file, or a Hugging Face data set (a hub
+    name such as `org/name`, or a local data-set folder) and its `split`; errors name file, line and field."""
     path = Path(path)
+    cols = dict(instruction_column=instruction_column, response_column=response_column)
+    if path.is_dir() or (not path.exists() and not path.suffix and not str(path).startswith((".", "/", "~"))):
+        pairs = _records_from_datasets(str(path), split, cols, parquet=False)
+        if not pairs:
+            raise DataError(f"{path}[{split}]: no instruction/response pairs found")
+        return pairs
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.suffix.lower() == ".parquet":
+        pairs = _records_from_datasets(str(path), split, cols, parquet=True)
+        if not pairs:
+            raise DataError(f"{path}: no instruction/response pairs found")
+        return pairs
     text = _read_text(path)
     suffix = path.suffix.lower()
-    cols = dict(instruction_column=instruction_column, response_column=response_column)
     pairs: list[Pair] = []
     if suffix in (".jsonl", ".ndjson"):
         for n, line in enumerate(text.splitlines(), start=1):
@@ -135,7 +163,7 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
         for n, record in enumerate(reader, start=2):  # line 1 is the header
             pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols))
     else:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json or .csv")
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet, or a data set name")
     if not pairs:
         raise DataError(f"{path}: no instruction/response pairs found")
     return pairs

@@ -124,3 +124,32 @@ def test_column_option_names_missing_column(tmp_path):
     path = write(tmp_path / "a.jsonl", '{"instruction": "a", "response": "b"}\n')
     with pytest.raises(DataError, match=r"no column 'question' \(columns: instruction, response\)"):
         read_pairs(path, instruction_column="question")
+
+
+def test_parquet_and_datasets_folders(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame({"instruction": ["Hi", "Translate"], "input": ["", "chat"], "output": ["Hello!", "cat"]})
+    frame.to_parquet(tmp_path / "a.parquet")
+    assert [(p.instruction, p.response) for p in read_pairs(tmp_path / "a.parquet")] == \
+        [("Hi", "Hello!"), ("Translate\n\nchat", "cat")]
+    # a data set folder in the hub's layout goes through datasets.load_dataset, as a hub name does
+    folder = tmp_path / "helpdesk"
+    (folder / "data").mkdir(parents=True)
+    frame.iloc[:1].to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    frame.iloc[1:].to_parquet(folder / "data" / "test-00000-of-00001.parquet")
+    assert [p.response for p in read_pairs(folder)] == ["Hello!"]
+    assert [p.response for p in read_pairs(folder, split="test")] == ["cat"]
+    with pytest.raises(DataError, match=r"could not load the data set \(split 'validation'\)"):
+        read_pairs(folder, split="validation")
+    bad = pd.DataFrame({"instruction": ["a", ""], "response": ["b", "c"]})
+    bad.to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(DataError, match=r"bad.parquet row 2: field 'instruction' is empty"):
+        read_pairs(tmp_path / "bad.parquet")
+
+
+def test_unknown_hub_data_set_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(DataError, match=r"nobody/no-such-data: could not load the data set \(split 'train'\): Couldn't reach"):
+        read_pairs("nobody/no-such-data")
