@@ -153,3 +153,20 @@ def test_unknown_hub_data_set_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(DataError, match=r"nobody/no-such-data: could not load the data set \(split 'train'\): Couldn't reach"):
         read_pairs("nobody/no-such-data")
+
+
+def test_bundled_example_data_is_clean(tokenizer):
+    """The help-desk examples: 300+ training and 50+ held-out pairs, no empty, duplicate or truncated rows, and
+    no held-out instruction among the training ones."""
+    from pathlib import Path
+
+    from jaxtune.data import inspect_rows
+
+    root = Path(__file__).resolve().parents[1] / "examples"
+    train = read_pairs(root / "customer_service.jsonl")
+    val = read_pairs(root / "customer_service_val.jsonl")
+    assert len(train) >= 300 and len(val) >= 50
+    for pairs in (train, val):
+        report = inspect_rows(pairs, tokenizer, max_length=96)
+        assert not report.problems and not report.warnings, report.warnings[:3]
+    assert not {p.instruction.lower() for p in val} & {p.instruction.lower() for p in train}
