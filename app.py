@@ -211,7 +211,7 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
     result = outcome["result"]
     session.tuned = model
     note = "done"
-    if result.stopped and "loss became" in result.stopped:
+    if result.diverged:
         note = "stopped: the loss is not a number"
         log.append(f"⛔ {result.stopped}")
         gr.Warning(result.stopped, title="Training stopped")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import signal
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from jaxtune.checkpoint import ModelLoadError, load, save
 import numpy as np
+import yaml
 
 from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
 from jaxtune.data import DataError, inspect_rows, read_pairs
@@ -78,8 +80,6 @@ def run_config(args) -> RunConfig:
         if not hasattr(args, "output"):
             args.output = args.resume
     if getattr(args, "config", None):
-        import yaml
-
         path = Path(args.config)
         if not path.exists():
             raise DataError(f"--config {path}: no such file")
@@ -125,6 +125,7 @@ def _progress(total: int):
         post = {"loss": f"{s.loss:.4f}", "tok/s": f"{s.tokens_per_sec:.0f}", "lr": f"{s.learning_rate:.2e}"}
         if s.val_loss is not None:
             post["val"] = f"{s.val_loss:.4f}"
+            post["val_ppl"] = f"{s.val_perplexity:.1f}"
         bar.set_postfix(post, refresh=False)
         bar.update(s.step - bar.n)
 
@@ -173,8 +174,6 @@ def cmd_train(args) -> int:
           f"tokens, {len(report.warnings)} warning(s)){f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
           f"{trainer.total_steps} steps", file=sys.stderr)
 
-    import yaml
-
     checkpoints = out / "checkpoints"
     history = trainer.restore_checkpoint(Path(resume) / "checkpoints") if resume else []
     if resume:
@@ -201,7 +200,7 @@ def cmd_train(args) -> int:
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
-    if result.stopped and "by request" in result.stopped:
+    if result.stop_requested:
         checkpoint(result.history)
         print(f"checkpoint saved: continue with  python -m jaxtune train --resume {out}", file=sys.stderr)
     result.history = history + result.history
@@ -212,17 +211,18 @@ def cmd_train(args) -> int:
         "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
         "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
         "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
-    last = result.history[-1] if result.history else None
-    val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
-    summary = (f"{result.steps} steps in {result.seconds:.1f}s"
-               + (f", final loss {last.loss:.4f}" if last else "")
-               + (", validation loss " + (f"{result.initial_val_loss:.4f} -> " if result.initial_val_loss is not None
-                                          else "") + f"{val:.4f}" if val is not None else "")
-               + f"; model written to {out}")
     if result.stopped:
         print(f"stopped early: {result.stopped}", file=sys.stderr)
+    summary = f"{result.steps} steps in {result.seconds:.1f}s"
+    if result.history:
+        summary += f", final loss {result.history[-1].loss:.4f}"
+    val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
+    if val is not None:
+        before = f"{result.initial_val_loss:.4f} -> " if result.initial_val_loss is not None else ""
+        summary += f", validation loss {before}{val:.4f} (perplexity {math.exp(min(val, 700.0)):.1f})"
+    summary += f"; model written to {out}"
     print(summary)
-    return 1 if result.stopped and "loss became" in result.stopped else 0
+    return 1 if result.diverged else 0
 
 
 def cmd_generate(args) -> int:

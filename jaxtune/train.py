@@ -129,8 +129,12 @@ class StepMetrics:
     eta: float  # seconds left, estimated from the recent pace
     val_loss: float | None = None
 
+    @property
+    def val_perplexity(self) -> float | None:
+        return None if self.val_loss is None else math.exp(min(self.val_loss, 700.0))
+
     def to_dict(self):
-        return asdict(self)
+        return {**asdict(self), "val_perplexity": self.val_perplexity}
 
 
 @dataclass
@@ -142,6 +146,8 @@ class TrainResult:
     compiled_programs: int = 0
     truncated: int = 0  # examples cut at max_length
     initial_val_loss: float | None = None  # validation loss before the first step
+    diverged: bool = False  # stopped because the loss or gradient was not finite
+    stop_requested: bool = False  # stopped because should_stop() said so
 
     @property
     def final_loss(self) -> float | None:
@@ -245,7 +251,7 @@ class Trainer:
         self.params, self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(x, t.dtype) for x, t in zip(leaves, template)])
         self.key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
         self.step = int(meta["step"])
-        return [StepMetrics(**h) for h in meta["history"]]
+        return [StepMetrics(**{k: v for k, v in h.items() if k != "val_perplexity"}) for h in meta["history"]]
 
     def compiled_programs(self) -> int:
         return self._step._cache_size()
@@ -276,6 +282,7 @@ class Trainer:
             recent.append(dt)
             pace = sum(recent[-10:]) / len(recent[-10:])
             if not m["finite"]:
+                result.diverged = True
                 result.stopped = (f"the loss became {float(m['loss'])} at step {step}; training stopped and the model "
                                   "keeps the weights from before that step. Lower the learning rate or check the data.")
                 return
@@ -295,7 +302,7 @@ class Trainer:
             if self.step >= self.total_steps or result.stopped:
                 break
             if should_stop and should_stop():
-                result.stopped = f"stopped by request after step {self.step}"
+                result.stopped, result.stop_requested = f"stopped by request after step {self.step}", True
                 break
             self.key, step_key = jax.random.split(self.key)
             self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key)
@@ -310,8 +317,7 @@ class Trainer:
                 pending = None
                 if save:
                     checkpoint(result.history)
-        nonfinite = result.stopped is not None and "loss became" in result.stopped
-        if pending and not nonfinite:  # the step in flight when the loop ended (a requested stop included)
+        if pending and not result.diverged:  # the step in flight when the loop ended (a requested stop included)
             report(pending, self.validation_loss() if self.val_examples else None)
         self.sync_model()
         result.steps, result.seconds = self.step, time.perf_counter() - start

@@ -27,8 +27,10 @@ def write_jsonl(path, rows):
 
 
 def test_train_then_generate(tmp_path):
-    data = write_jsonl(tmp_path / "train.jsonl", PAIRS)
-    val = write_jsonl(tmp_path / "val.jsonl", PAIRS[:3])
+    """A short run on a slice of the bundled help-desk data, then `generate` with the result."""
+    examples = [json.loads(x) for x in (ROOT / "examples" / "customer_service.jsonl").read_text().splitlines()]
+    data = write_jsonl(tmp_path / "train.jsonl", examples[:12])
+    val = write_jsonl(tmp_path / "val.jsonl", examples[12:15])
     out = tmp_path / "run"
     p = run("train", "--model", "tiny", "--data", str(data), "--validation-data", str(val), "--output", str(out),
             "--epochs", "4", "--batch-size", "4", "--learning-rate", "3e-3", "--max-length", "48", "--seed", "1")
@@ -39,14 +41,15 @@ def test_train_then_generate(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "metrics.jsonl",
             "samples.jsonl", "config.yaml"} <= files
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert [s["instruction"] for s in samples] == [r["instruction"] for r in PAIRS[:3]]
+    assert [s["instruction"] for s in samples] == [r["instruction"] for r in examples[12:15]]
     assert all(set(s) == {"instruction", "reference", "generated"} for s in samples)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 13)) and metrics[-1]["loss"] < metrics[0]["loss"]
-    assert metrics[-1]["val_loss"] is not None
+    assert metrics[-1]["val_loss"] is not None and "perplexity" in p.stdout
+    assert abs(metrics[-1]["val_perplexity"] - np.exp(metrics[-1]["val_loss"])) < 1e-6 * metrics[-1]["val_perplexity"]
     pt = transformers.GPT2LMHeadModel.from_pretrained(out)  # the output is a Hugging Face directory
     assert pt.config.n_layer == 2
-    g = run("generate", "--model", str(out), "--instruction", "Where is order 3?", "--max-new-tokens", "12")
+    g = run("generate", "--model", str(out), "--instruction", examples[0]["instruction"], "--max-new-tokens", "12")
     assert g.returncode == 0, g.stderr and g.stdout.strip()
     assert g.stdout.strip()
 
