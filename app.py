@@ -8,6 +8,7 @@ same ones the command line calls. Each browser session has its own data, models 
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -268,7 +269,7 @@ def _saved_dir(session) -> Path:
         raise gr.Error("There is no tuned model yet: train one in step 2.", title="Nothing to export")
     out = session.workdir / "jaxtune-model"
     jaxtune.save(session.tuned, session.tokenizer, out,
-                 extra_files={"metrics.jsonl": "".join(__import__("json").dumps(h) + "\n" for h in session.history)})
+                 extra_files={"metrics.jsonl": "".join(json.dumps(h) + "\n" for h in session.history)})
     return out
 
 

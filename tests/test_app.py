@@ -67,8 +67,10 @@ def test_api_end_to_end(app_url, tmp_path):
     client = Client(app_url, verbose=False)
     table = client.predict(api_name="/load_example")
     assert len(table["data"]) >= 30 and table["headers"] == ["Instruction", "Response"]
-    spans, counts, problems = client.predict(table, 1, 64, "response", api_name="/preview")
-    assert f"{len(table['data'])} pairs" in counts and not problems
+    spans, counts, problems = client.predict(table, 1, 128, "response", api_name="/preview")
+    assert f"{len(table['data'])} pairs" in counts and "0 will be truncated" in counts and not problems
+    _, counts, problems = client.predict(table, 1, 64, "response", api_name="/preview")
+    assert "1 will be truncated" in counts and "longer than 64 tokens" in problems
     job = client.submit(table, *TRAIN_ARGS.values(), api_name="/train")
     seen = 0
     for progress, plot, log in job:
