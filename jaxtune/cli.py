@@ -28,7 +28,7 @@ _FLAGS = {
     "epochs": "train.epochs", "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate", "max_length": "train.max_length", "loss_on": "train.loss_on",
     "seed": "train.seed", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
-    "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype",
+    "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype", "fsdp": "train.fsdp",
     "no_dropout": "train.dropout",
 }
 
@@ -68,6 +68,8 @@ def _train_parser(sub):
     p.add_argument("--eval-every", type=int, help="validation loss every N steps")
     p.add_argument("--samples", type=int, help="held-out instructions to answer into samples.jsonl (default 4)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the devices "
+                   "(with several devices the batch is always split over them)")
     p.add_argument("--no-dropout", action="store_false", help="train without dropout")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (a pickle: trusted files only)")
 

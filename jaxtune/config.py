@@ -120,6 +120,7 @@ class TrainConfig:
     dropout: bool = True
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (master weights stay float32)
     max_steps: int | None = None  # stop after this many optimizer steps (None: run all epochs)
+    fsdp: bool = False  # shard parameters and optimizer state over the devices (else replicate them)
     buckets: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024))
 
     def __post_init__(self):

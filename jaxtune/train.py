@@ -15,7 +15,11 @@ import optax
 from flax import nnx
 
 from jaxtune.config import TrainConfig
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 from jaxtune.data import Pair, encode, epoch_batches, steps_per_epoch
+from jaxtune.sharding import batch_sharding, make_mesh, place, tree_shardings
 
 
 class TrainingError(RuntimeError):
@@ -57,7 +61,7 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 
 # ---------------------------------------------------------------------------------------------- step
-def make_train_step(graphdef, optimizer, cfg: TrainConfig):
+def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None):
     """jit(step)(params, opt_state, batch, key) -> (params, opt_state, metrics), params and opt_state donated.
 
     `batch` arrays are [grad_accum, batch, length]; micro-batch gradients of summed token losses are added and
@@ -97,7 +101,9 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig):
                    "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None))  # keep params where they live
 
 
 def make_eval_step(graphdef, cfg: TrainConfig):
@@ -169,7 +175,8 @@ def _stack_accum(batches: list[dict]) -> dict:
 class Trainer:
     """Trains a model in place. Usable step by step (the app) or through `run` (the command line)."""
 
-    def __init__(self, model, tokenizer, pairs: list[Pair], cfg: TrainConfig, *, validation_pairs: list[Pair] | None = None):
+    def __init__(self, model, tokenizer, pairs: list[Pair], cfg: TrainConfig, *, validation_pairs: list[Pair] | None = None,
+                 devices=None):
         if not pairs:
             raise TrainingError("no training pairs")
         if cfg.max_length > model.config.n_positions:
@@ -186,8 +193,17 @@ class Trainer:
         # float32 master weights, copied: the step donates them, and the caller's arrays must survive
         self.params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
         self.opt_state = self.optimizer.init(self.params)
+        devices = list(devices if devices is not None else jax.devices())
+        self.mesh, self.shardings = None, None
+        if len(devices) > 1 or cfg.fsdp:  # one mesh over all devices: batch rows split, params replicated or sharded
+            if cfg.batch_size % len(devices):
+                raise TrainingError(f"batch_size={cfg.batch_size} must be a multiple of the {len(devices)} devices "
+                                    "(each device takes an equal share of the rows)")
+            self.mesh = make_mesh(fsdp=cfg.fsdp, devices=devices)
+            self.shardings = (tree_shardings(self.mesh, self.params), tree_shardings(self.mesh, self.opt_state))
+            self.params, self.opt_state = place(self.params, self.shardings[0]), place(self.opt_state, self.shardings[1])
         self.schedule = make_schedule(cfg, self.total_steps)
-        self._step = make_train_step(self.graphdef, self.optimizer, cfg)
+        self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
         self._eval = make_eval_step(self.graphdef, cfg)
         self.step = 0
         self.key = jax.random.key(cfg.seed)
@@ -213,6 +229,8 @@ class Trainer:
         for batch in epoch_batches(self.val_examples, batch_size=cfg.batch_size, buckets=cfg.buckets,
                                    max_length=cfg.max_length, pad_id=self.tokenizer.pad_token_id, seed=0, epoch=0,
                                    shuffle=False, reference=cfg.loss_on == "reference"):
+            if self.mesh is not None:
+                batch = jax.device_put(batch, NamedSharding(self.mesh, P(("data", "fsdp"))))
             t, c = self._eval(self.params, batch)
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
@@ -249,6 +267,8 @@ class Trainer:
         if len(leaves) != len(template) or any(a.shape != b.shape for a, b in zip(leaves, template)):
             raise TrainingError(f"{directory}: the checkpoint does not fit this model and optimizer")
         self.params, self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(x, t.dtype) for x, t in zip(leaves, template)])
+        if self.shardings is not None:
+            self.params, self.opt_state = place(self.params, self.shardings[0]), place(self.opt_state, self.shardings[1])
         self.key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
         self.step = int(meta["step"])
         return [StepMetrics(**{k: v for k, v in h.items() if k != "val_perplexity"}) for h in meta["history"]]
@@ -305,6 +325,8 @@ class Trainer:
                 result.stopped, result.stop_requested = f"stopped by request after step {self.step}", True
                 break
             self.key, step_key = jax.random.split(self.key)
+            if self.mesh is not None:
+                batch = jax.device_put(batch, batch_sharding(self.mesh))
             self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key)
             self.step += 1
             if pending:

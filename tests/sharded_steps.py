@@ -1,0 +1,38 @@
+"""Run by tests/test_sharding.py in a process with 8 simulated CPU devices: the same training steps on 1 device,
+data-parallel over 8, and FSDP over 8. Prints one JSON line with the losses and the largest parameter differences."""
+
+import json
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxtune import Pair, TrainConfig, Trainer, load
+from jaxtune.config import GPT2Config
+from jaxtune.model import build
+
+assert jax.device_count() == 8, jax.devices()
+tok = load("tiny")[1]
+pairs = [Pair(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(4) for b in range(4)]
+config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4)
+
+
+def run(devices, fsdp):
+    cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=3e-3, max_length=32, seed=1, fsdp=fsdp, grad_accum=2)
+    model = build(config, seed=0)
+    trainer = Trainer(model, tok, pairs, cfg, devices=devices)
+    result = trainer.run()
+    params = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
+    kernel = trainer.params["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
+    return [s.loss for s in result.history], params, str(getattr(kernel.sharding, "spec", "")), len(kernel.sharding.device_set)
+
+
+one, p1, _, _ = run(jax.devices()[:1], False)
+data, p8, data_spec, data_devices = run(jax.devices(), False)
+fsdp, pf, fsdp_spec, fsdp_devices = run(jax.devices(), True)
+print(json.dumps({
+    "one": one, "data": data, "fsdp": fsdp,
+    "data_max_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
+    "fsdp_max_diff": max(float(np.abs(p1[k] - pf[k]).max()) for k in p1),
+    "data_spec": data_spec, "fsdp_spec": fsdp_spec, "data_devices": data_devices, "fsdp_devices": fsdp_devices,
+}))

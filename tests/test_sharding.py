@@ -1,0 +1,43 @@
+"""The sharded train step on 8 simulated CPU devices gives the 1-device step's losses and parameters."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxtune.sharding import array_sharding, make_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(ROOT),
+               HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_steps.py")], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_matches_one_device(sharded):
+    assert len(sharded["one"]) == 2  # 16 pairs, batch 8, two micro-batches per step, two epochs
+    assert max(abs(a - b) for a, b in zip(sharded["one"], sharded["data"])) < 1e-5
+    assert sharded["data_max_diff"] < 1e-5
+    assert sharded["data_devices"] == 8 and "fsdp" not in sharded["data_spec"]  # replicated on all 8
+
+
+def test_fsdp_matches_one_device_and_shards_parameters(sharded):
+    assert max(abs(a - b) for a, b in zip(sharded["one"], sharded["fsdp"])) < 1e-5
+    assert sharded["fsdp_max_diff"] < 1e-5
+    assert "fsdp" in sharded["fsdp_spec"] and sharded["fsdp_devices"] == 8  # each device holds 1/8 of the kernel
+
+
+def test_fsdp_shards_the_largest_divisible_dimension():
+    import jax
+
+    mesh = make_mesh(fsdp=True, devices=jax.devices()[:1])
+    assert array_sharding(mesh, (768, 3072)).spec == jax.sharding.PartitionSpec()  # one device: nothing to split
