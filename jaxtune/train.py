@@ -61,6 +61,16 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 
 # ---------------------------------------------------------------------------------------------- step
+def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=None):
+    """(sum of target losses, target count) of a [batch, length] batch, computed in cfg.dtype from float32 params."""
+    compute_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+    model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
+    # only the reference mode counts padded positions, so only it needs their attention masked as HF does
+    mask = batch["attention_mask"] if cfg.loss_on == "reference" else None
+    logits = model(batch["input_ids"], attention_mask_BS=mask, dropout_rng=dropout_rng)
+    return masked_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+
 def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None):
     """jit(step)(params, opt_state, batch, key) -> (params, opt_state, metrics), params and opt_state donated.
 
@@ -68,15 +78,8 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
     divided by the total target count, so accumulation weighs every token equally. A step whose loss or gradient
     is not finite leaves the parameters unchanged (the loop then stops and says so).
     """
-    compute_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    use_attention_mask = cfg.loss_on == "reference"  # only then do padded positions' logits count
-
     def micro_loss(params, micro, key):
-        params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-        model = nnx.merge(graphdef, params)
-        logits = model(micro["input_ids"], attention_mask_BS=micro["attention_mask"] if use_attention_mask else None,
-                       dropout_rng=key if cfg.dropout else None)
-        return masked_loss(logits, micro["input_ids"], micro["loss_mask"])
+        return summed_loss(graphdef, params, micro, cfg, dropout_rng=key if cfg.dropout else None)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -107,14 +110,7 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
 
 
 def make_eval_step(graphdef, cfg: TrainConfig):
-    compute_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-
-    def evaluate(params, batch):
-        model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
-        logits = model(batch["input_ids"], attention_mask_BS=batch["attention_mask"] if cfg.loss_on == "reference" else None)
-        return masked_loss(logits, batch["input_ids"], batch["loss_mask"])
-
-    return jax.jit(evaluate)
+    return jax.jit(lambda params, batch: summed_loss(graphdef, params, batch, cfg))
 
 
 # ---------------------------------------------------------------------------------------------- loop
