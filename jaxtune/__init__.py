@@ -1,7 +1,7 @@
 """jaxtune: instruction-tune GPT-2 models in JAX."""
 
 from jaxtune.checkpoint import EMBEDDED, ModelLoadError, load, offline_tokenizer, save
-from jaxtune.config import HUB_MODELS, LOSS_MODES, PRESETS, ConfigError, GPT2Config, TrainConfig
+from jaxtune.config import HUB_MODELS, LOSS_MODES, PRESETS, ConfigError, GPT2Config, RunConfig, TrainConfig
 from jaxtune.data import DataError, Pair, encode, format_example, format_prompt, pairs_from_lists, read_pairs
 from jaxtune.generate import generate, stream
 from jaxtune.model import GPT2LMHeadModel
@@ -11,7 +11,7 @@ from jaxtune.train import StepMetrics, Trainer, TrainingError, TrainResult, trai
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "save", "offline_tokenizer", "EMBEDDED", "ModelLoadError", "GPT2Config", "TrainConfig", "ConfigError",
+    "load", "save", "offline_tokenizer", "EMBEDDED", "ModelLoadError", "GPT2Config", "TrainConfig", "RunConfig", "ConfigError",
     "PRESETS", "HUB_MODELS", "LOSS_MODES", "DataError", "Pair", "encode", "format_example", "format_prompt",
     "pairs_from_lists", "read_pairs", "generate", "stream", "GPT2LMHeadModel", "CustomerServiceTuner",
     "tune_customer_service", "StepMetrics", "Trainer", "TrainingError", "TrainResult", "train",
