@@ -172,12 +172,14 @@ def test_browser_train_stop_try(app_url, browser, tmp_path):
     page.wait_for_function("() => document.querySelector('#counts') && document.querySelector('#counts').innerText.includes('pairs')")
     cells = page.locator('#pairs-table [data-testid^="cell-"]:visible')
 
-    def edit(index, text):
+    def edit(index, text):  # wait for the cell's editor to have focus before replacing its text
         cells.nth(index).dblclick()
-        page.keyboard.press("Control+A")
-        page.keyboard.type(text)
+        page.wait_for_function("() => { const e = document.activeElement; return e && e.closest('#pairs-table') "
+                               "&& ['TEXTAREA', 'INPUT'].includes(e.tagName); }", timeout=10_000)
+        page.locator("#pairs-table textarea:focus, #pairs-table input:focus").fill(text)
         page.keyboard.press("Enter")
-        page.wait_for_timeout(200)
+        page.wait_for_function("([i, t]) => document.querySelectorAll('#pairs-table [data-testid^=\"cell-\"]')[i]"
+                               ".innerText.trim().startsWith(t)", arg=[index, text], timeout=10_000)
 
     rows = [("Where is my parcel?", "It ships tomorrow and arrives on Friday."),
             ("Can I pay by card?", "Yes, we accept Visa and Mastercard.")]
@@ -185,6 +187,7 @@ def test_browser_train_stop_try(app_url, browser, tmp_path):
         edit(2 * r, instruction)
         edit(2 * r + 1, response)
     page.wait_for_function("() => document.querySelector('#preview').innerText.includes('parcel')")
+    assert [cells.nth(i).inner_text().replace("\u22ee", "").strip() for i in range(4)] == [t for row in rows for t in row]
     assert "2 pairs" in page.locator("#counts").inner_text()
     assert page.locator("#preview").inner_text().count("<|endoftext|>") == 1
     _shot(page, tmp_path, "1-data")
