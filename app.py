@@ -60,7 +60,6 @@ class Session:
         self.stop = threading.Event()
         self.history: list[dict] = []
         self.workdir = Path(tempfile.mkdtemp(prefix="jaxtune-app-"))
-        self.lock = threading.Lock()
 
     def base_model(self, name: str):
         if self.base is None or self.model_name != name:
