@@ -29,7 +29,7 @@ _FLAGS = {
     "learning_rate": "train.learning_rate", "max_length": "train.max_length", "loss_on": "train.loss_on",
     "seed": "train.seed", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
     "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype", "fsdp": "train.fsdp",
-    "no_dropout": "train.dropout",
+    "no_dropout": "train.dropout", "pack": "train.pack",
 }
 
 
@@ -71,6 +71,8 @@ def _train_parser(sub):
     p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the devices "
                    "(with several devices the batch is always split over them)")
     p.add_argument("--no-dropout", action="store_false", help="train without dropout")
+    p.add_argument("--pack", action="store_true", help="pack several examples into each row of --max-length tokens "
+                   "(attention stays inside each example): almost no padding; --batch-size then counts rows")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (a pickle: trusted files only)")
 
 
@@ -174,7 +176,8 @@ def cmd_train(args) -> int:
     trainer = Trainer(model, tokenizer, pairs, tcfg, validation_pairs=val_pairs)
     print(f"data: {len(pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
           f"tokens, {len(report.warnings)} warning(s)){f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
-          f"{trainer.total_steps} steps", file=sys.stderr)
+          f"{trainer.total_steps} steps; real tokens fill {trainer.planned_real_token_share:.0%} of the computed "
+          f"positions{' (packed)' if tcfg.pack else ''}", file=sys.stderr)
 
     checkpoints = out / "checkpoints"
     history = trainer.restore_checkpoint(Path(resume) / "checkpoints") if resume else []
@@ -216,6 +219,8 @@ def cmd_train(args) -> int:
     if result.stopped:
         print(f"stopped early: {result.stopped}", file=sys.stderr)
     summary = f"{result.steps} steps in {result.seconds:.1f}s"
+    if result.real_token_share is not None:
+        summary += f" ({result.real_token_share:.0%} real tokens, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)"
     if result.history:
         summary += f", final loss {result.history[-1].loss:.4f}"
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)

@@ -121,6 +121,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (master weights stay float32)
     max_steps: int | None = None  # stop after this many optimizer steps (None: run all epochs)
     fsdp: bool = False  # shard parameters and optimizer state over the devices (else replicate them)
+    pack: bool = False  # several examples per row of max_length tokens (batch_size then counts rows)
     buckets: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024))
 
     def __post_init__(self):
@@ -136,6 +137,9 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must not be negative")
         self.buckets = tuple(sorted(int(b) for b in self.buckets))
+        if self.pack and self.loss_on == "reference":
+            raise ValueError("pack=True cannot be combined with loss_on='reference', which trains on padding; "
+                             "use loss_on 'response' or 'all'")
 
 
 @dataclass

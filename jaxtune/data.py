@@ -232,34 +232,90 @@ def collate(examples: list[Encoded], batch_size: int, length: int, pad_id: int, 
     return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
 
 
-def epoch_batches(examples: list[Encoded], *, batch_size: int, buckets, max_length: int, pad_id: int, seed: int,
-                  epoch: int, shuffle: bool = True, reference: bool = False):
-    """One epoch of fixed-shape batches, grouped by length so padding stays low.
+def pack_rows(lengths, length: int) -> list[list[int]]:
+    """Example indices per row of `length` tokens, first-fit decreasing: long examples first, each into the first
+    row with room. Rows come out nearly full (about 98% on the example data)."""
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(length - n)
+    return rows
 
-    The data is shuffled, cut into windows of 32 batches, sorted by length inside each window, batched, and the
-    batches shuffled again: near-random order, little padding, and every shape one of the few bucket lengths.
+
+def plan_epoch(lengths, *, batch_size: int, seed: int, epoch: int, shuffle: bool = True,
+               pack_length: int | None = None) -> list[list[list[int]]]:
+    """One epoch's batches, each a list of rows, each row a list of example indices (one, unless packed).
+
+    Unpacked: the data is shuffled, cut into windows of 32 batches, sorted by length inside each window, batched,
+    and the batches shuffled again: near-random order, little padding, few distinct lengths.
+    Packed: windows of shuffled examples are packed into rows of `pack_length` tokens, and the rows shuffled.
     """
-    order = np.arange(len(examples))
+    order = np.arange(len(lengths))
     rng = np.random.default_rng([seed, epoch])
     if shuffle:
         rng.shuffle(order)
     window = batch_size * 32
-    groups = []
+    if pack_length is not None:
+        window *= 8  # a packed row holds several examples; a larger window packs tighter
+        rows = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            rows += [[int(chunk[i]) for i in row] for row in pack_rows([lengths[i] for i in chunk], pack_length)]
+        if shuffle:
+            rng.shuffle(rows)
+        return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: len(examples[i].input_ids))
-        groups += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [[[int(i)] for i in chunk[j:j + batch_size]] for j in range(0, len(chunk), batch_size)]
     if shuffle:
-        rng.shuffle(groups)
-    for group in groups:
-        chosen = [examples[i] for i in group]
-        length = bucket_length(max(len(e.input_ids) for e in chosen), buckets, max_length)
-        yield collate(chosen, batch_size, length, pad_id, reference=reference)
+        rng.shuffle(batches)
+    return batches
 
 
-def steps_per_epoch(n_examples: int, batch_size: int) -> int:
-    window = batch_size * 32
-    full, rest = divmod(n_examples, window)
-    return full * 32 + math.ceil(rest / batch_size)
+def collate_packed(rows: list[list[Encoded]], batch_size: int, length: int, pad_id: int) -> dict:
+    """Rows of several examples each, with `segment_ids` (1, 2, ... per example, 0 for padding) and `positions`
+    that restart at 0 for every example: attention stays inside an example, which sees exactly what it would
+    see alone. Each example's loss mask is kept; its first token is never a target, so no example is trained to
+    follow the one before it."""
+    batch = {k: np.zeros((batch_size, length), np.int32)
+             for k in ("input_ids", "loss_mask", "attention_mask", "segment_ids", "positions")}
+    batch["input_ids"][:] = pad_id
+    for r, row in enumerate(rows):
+        at = 0
+        for s, e in enumerate(row, start=1):
+            n = len(e.input_ids)
+            if at + n > length:
+                raise ValueError(f"row {r} holds {at + n} tokens, more than the packed length {length}")
+            span = slice(at, at + n)
+            batch["input_ids"][r, span], batch["loss_mask"][r, span] = e.input_ids, e.loss_mask
+            batch["attention_mask"][r, span], batch["segment_ids"][r, span] = 1, s
+            batch["positions"][r, span] = np.arange(n)
+            at += n
+    return batch
+
+
+def epoch_batches(examples: list[Encoded], *, batch_size: int, buckets, max_length: int, pad_id: int, seed: int,
+                  epoch: int, shuffle: bool = True, reference: bool = False, pack: bool = False, plan=None):
+    """One epoch of fixed-shape batches (see `plan_epoch`): bucketed lengths, or packed rows of max_length."""
+    if plan is None:
+        plan = plan_epoch([len(e.input_ids) for e in examples], batch_size=batch_size, seed=seed, epoch=epoch,
+                          shuffle=shuffle, pack_length=max_length if pack else None)
+    for batch in plan:
+        rows = [[examples[i] for i in row] for row in batch]
+        if pack:
+            yield collate_packed(rows, batch_size, max_length, pad_id)
+        else:
+            chosen = [row[0] for row in rows]
+            length = bucket_length(max(len(e.input_ids) for e in chosen), buckets, max_length)
+            yield collate(chosen, batch_size, length, pad_id, reference=reference)
 
 
 def reference_batch(tokenizer, instructions, responses) -> dict:

@@ -18,7 +18,7 @@ from jaxtune.config import TrainConfig
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.data import Pair, encode, epoch_batches, steps_per_epoch
+from jaxtune.data import Pair, bucket_length, encode, epoch_batches, plan_epoch
 from jaxtune.sharding import batch_sharding, make_mesh, place, tree_shardings
 
 
@@ -67,7 +67,8 @@ def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=
     model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
     # only the reference mode counts padded positions, so only it needs their attention masked as HF does
     mask = batch["attention_mask"] if cfg.loss_on == "reference" else None
-    logits = model(batch["input_ids"], attention_mask_BS=mask, dropout_rng=dropout_rng)
+    logits = model(batch["input_ids"], attention_mask_BS=mask, positions_BT=batch.get("positions"),
+                   segment_ids_BT=batch.get("segment_ids"), dropout_rng=dropout_rng)
     return masked_loss(logits, batch["input_ids"], batch["loss_mask"])
 
 
@@ -101,7 +102,7 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count,
-                   "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}
+                   "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}  # tokens: real ones, not padding
         return keep(new_params, params), keep(new_opt_state, opt_state), metrics
 
     if state_shardings is None:
@@ -130,6 +131,7 @@ class StepMetrics:
     elapsed: float  # seconds since training started
     eta: float  # seconds left, estimated from the recent pace
     val_loss: float | None = None
+    positions: int = 0  # token positions computed (rows x length x micro-batches): tokens / positions is the real share
 
     @property
     def val_perplexity(self) -> float | None:
@@ -149,7 +151,14 @@ class TrainResult:
     truncated: int = 0  # examples cut at max_length
     initial_val_loss: float | None = None  # validation loss before the first step
     diverged: bool = False  # stopped because the loss or gradient was not finite
+    tokens: int = 0  # real tokens trained on in this run
+    positions: int = 0  # positions computed for them, padding included
     stop_requested: bool = False  # stopped because should_stop() said so
+
+    @property
+    def real_token_share(self) -> float | None:
+        """The share of computed positions that held real tokens (the rest was padding)."""
+        return self.tokens / self.positions if self.positions else None
 
     @property
     def final_loss(self) -> float | None:
@@ -180,8 +189,16 @@ class Trainer:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.examples, self.truncated = encode_pairs(tokenizer, pairs, cfg)
         self.val_examples = encode_pairs(tokenizer, validation_pairs, cfg)[0] if validation_pairs else []
-        per_epoch = math.ceil(steps_per_epoch(len(self.examples), cfg.batch_size) / cfg.grad_accum)
-        self.total_steps = per_epoch * cfg.epochs
+        # every epoch's batches, as example indices, fixed up front: the step count is known, and a resumed run
+        # (the plan is a function of the seed) continues with exactly the batches the stopped run would have seen
+        self.plans = [self._plan(self.examples, epoch) for epoch in range(cfg.epochs)]
+        self.total_steps = sum(math.ceil(len(plan) / cfg.grad_accum) for plan in self.plans)
+        lengths = [len(e.input_ids) for e in self.examples]
+        real = sum(lengths) * cfg.epochs
+        computed = sum(cfg.batch_size * (cfg.max_length if cfg.pack else
+                                         bucket_length(max(lengths[row[0]] for row in batch), cfg.buckets, cfg.max_length))
+                       for plan in self.plans for batch in plan)
+        self.planned_real_token_share = real / computed
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
@@ -204,13 +221,22 @@ class Trainer:
         self.step = 0
         self.key = jax.random.key(cfg.seed)
 
+    def _plan(self, examples, epoch: int, shuffle: bool = True):
+        cfg = self.cfg
+        return plan_epoch([len(e.input_ids) for e in examples], batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
+                          shuffle=shuffle, pack_length=cfg.max_length if cfg.pack else None)
+
+    def _epoch(self, examples, plan):
+        cfg = self.cfg
+        return epoch_batches(examples, batch_size=cfg.batch_size, buckets=cfg.buckets, max_length=cfg.max_length,
+                             pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, epoch=0, pack=cfg.pack, plan=plan,
+                             reference=cfg.loss_on == "reference")
+
     def _batches(self):
         cfg = self.cfg
-        for epoch in range(cfg.epochs):
+        for epoch, plan in enumerate(self.plans):
             pending = []
-            for batch in epoch_batches(self.examples, batch_size=cfg.batch_size, buckets=cfg.buckets,
-                                       max_length=cfg.max_length, pad_id=self.tokenizer.pad_token_id, seed=cfg.seed,
-                                       epoch=epoch, reference=cfg.loss_on == "reference"):
+            for batch in self._epoch(self.examples, plan):
                 pending.append(batch)
                 if len(pending) == cfg.grad_accum:
                     yield epoch, _stack_accum(pending)
@@ -221,10 +247,8 @@ class Trainer:
     def validation_loss(self) -> float | None:
         if not self.val_examples:
             return None
-        cfg, total, count = self.cfg, 0.0, 0.0
-        for batch in epoch_batches(self.val_examples, batch_size=cfg.batch_size, buckets=cfg.buckets,
-                                   max_length=cfg.max_length, pad_id=self.tokenizer.pad_token_id, seed=0, epoch=0,
-                                   shuffle=False, reference=cfg.loss_on == "reference"):
+        total, count = 0.0, 0.0
+        for batch in self._epoch(self.val_examples, self._plan(self.val_examples, 0, shuffle=False)):
             if self.mesh is not None:
                 batch = jax.device_put(batch, NamedSharding(self.mesh, P(("data", "fsdp"))))
             t, c = self._eval(self.params, batch)
@@ -290,7 +314,7 @@ class Trainer:
 
         def report(item, val_loss=None):
             nonlocal last_time
-            step, epoch, metrics = item
+            step, epoch, metrics, positions = item
             m = jax.device_get(metrics)
             now = time.perf_counter()
             dt = now - last_time
@@ -304,10 +328,11 @@ class Trainer:
                 return
             sm = StepMetrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=float(m["loss"]),
                              learning_rate=float(self.schedule(step - 1)), grad_norm=float(m["grad_norm"]),
-                             tokens=int(m["tokens"]), loss_tokens=int(m["loss_tokens"]),
+                             tokens=int(m["tokens"]), positions=positions, loss_tokens=int(m["loss_tokens"]),
                              tokens_per_sec=float(m["tokens"]) / max(dt, 1e-9), elapsed=now - start,
                              eta=pace * (self.total_steps - step), val_loss=val_loss)
             result.history.append(sm)
+            result.tokens, result.positions = result.tokens + sm.tokens, result.positions + positions
             if on_step:
                 on_step(sm)
 
@@ -327,7 +352,7 @@ class Trainer:
             self.step += 1
             if pending:
                 report(pending)
-            pending = (self.step, epoch, metrics)
+            pending = (self.step, epoch, metrics, batch["input_ids"].size)
             evaluate = bool(eval_every and self.val_examples and self.step % eval_every == 0)
             save = bool(save_every and checkpoint and self.step % save_every == 0)
             if (evaluate or save) and self.step < self.total_steps:  # sync here: metrics, then state, line up

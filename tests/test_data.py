@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxtune.data import (DataError, bucket_length, collate, encode, epoch_batches, format_example, read_pairs,
-                          reference_batch)
+from jaxtune.data import (DataError, bucket_length, collate, collate_packed, encode, epoch_batches, format_example,
+                          pack_rows, plan_epoch, read_pairs, reference_batch)
 
 # "Instruction: Answer politely\nResponse: Of course, how may I assist you?" in GPT-2's vocabulary
 PROMPT_IDS = [6310, 2762, 25, 23998, 34313, 198, 31077, 25]  # Instruction : ␣Answer ␣politely \n Response :
@@ -76,6 +76,35 @@ def test_epochs_cover_every_example_once(tokenizer):
     examples = [encode(tokenizer, f"question {i}", f"answer {i}") for i in range(21)]
     batches = list(epoch_batches(examples, batch_size=4, buckets=(32,), max_length=32, pad_id=EOS, seed=3, epoch=1))
     assert len(batches) == 6 and sum(int(b["attention_mask"][:, 0].sum()) for b in batches) == 21
+
+
+def test_packed_rows_keep_each_example_whole_with_its_own_segment_and_positions(tokenizer):
+    short = encode(tokenizer, "Provide price", "The price is $99.")
+    long = encode(tokenizer, "Answer politely", "Of course, how may I assist you?")
+    a, b = len(short.input_ids), len(long.input_ids)
+    batch = collate_packed([[short, long], [long]], batch_size=3, length=40, pad_id=EOS)
+    assert batch["input_ids"][0].tolist() == short.input_ids.tolist() + long.input_ids.tolist() + [EOS] * (40 - a - b)
+    assert batch["segment_ids"][0].tolist() == [1] * a + [2] * b + [0] * (40 - a - b)
+    assert batch["positions"][0].tolist() == list(range(a)) + list(range(b)) + [0] * (40 - a - b)
+    assert batch["loss_mask"][0].tolist() == short.loss_mask.tolist() + long.loss_mask.tolist() + [0] * (40 - a - b)
+    assert batch["loss_mask"][0, a] == 0  # the second example's first token is not predicted from the first's EOS
+    assert batch["attention_mask"][0].sum() == a + b and batch["attention_mask"][2].sum() == 0
+    with pytest.raises(ValueError, match="more than the packed length"):
+        collate_packed([[long, long]], batch_size=1, length=b + 1, pad_id=EOS)
+
+
+def test_packing_fills_rows_and_every_epoch_covers_every_example_once(tokenizer):
+    lengths = [int(n) for n in np.random.default_rng(0).integers(10, 70, 500)]
+    rows = pack_rows(lengths, 128)
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 128 for row in rows)
+    assert sum(lengths) / (128 * len(rows)) > 0.95
+    for epoch in (0, 1):
+        plan = plan_epoch(lengths, batch_size=4, seed=0, epoch=epoch, pack_length=128)
+        assert sorted(i for batch in plan for row in batch for i in row) == list(range(500))
+        assert all(len(batch) <= 4 for batch in plan)
+    shuffled = [plan_epoch(lengths, batch_size=4, seed=0, epoch=e, pack_length=128)[0] for e in (0, 1)]
+    assert shuffled[0] != shuffled[1]
 
 
 # ---------------------------------------------------------------------------------------------- files

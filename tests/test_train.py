@@ -10,10 +10,11 @@ from flax import nnx
 from jaxtune import CustomerServiceTuner, Pair, TrainConfig, Trainer, generate, load
 from jaxtune.checkpoint import hf_name
 from jaxtune.config import GPT2Config
-from jaxtune.data import REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, format_prompt, reference_batch
+from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, collate, collate_packed, encode, format_prompt,
+                          pack_rows, reference_batch)
 from jaxtune.generate import generate_ids
 from jaxtune.model import build
-from jaxtune.train import batch_loss
+from jaxtune.train import batch_loss, summed_loss
 
 
 def reference_loss_and_grads(torch_model, tokenizer):
@@ -124,6 +125,43 @@ def test_tuned_model_answers_and_stops(trained):
         ids = generate_ids(model, tok, format_prompt(pair.instruction), max_new_tokens=40)
         assert ids[-1] == tok.eos_token_id and len(ids) < 40
         assert tok.decode(ids[:-1]).strip().startswith("Order 1") and tok.decode(ids).endswith("days.<|endoftext|>")
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(hf_dir):
+    """Examples packed into rows of 64 (segment ids, restarted positions) against each example alone: the summed
+    loss, the target count and every gradient agree, so packing changes the cost, not the training."""
+    model, tok = load(str(hf_dir))
+    graphdef, params = nnx.split(model)
+    cfg = TrainConfig(max_length=64, dropout=False)
+    pairs = [QA[0], QA[-1], QA[-2], Pair("Hi", "Hello!"), Pair("Provide price", "The price is $99.")]
+    examples = [encode(tok, p.instruction, p.response, max_length=64) for p in pairs]
+    rows = [[examples[i] for i in row] for row in pack_rows([len(e.input_ids) for e in examples], 64)]
+    assert len(rows) == 2 and max(len(row) for row in rows) >= 3
+    grad = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b, cfg), has_aux=True)
+
+    (packed_total, packed_count), packed_grads = grad(params, collate_packed(rows, 2, 64, tok.eos_token_id))
+    alone = [grad(params, collate([e], 1, len(e.input_ids), tok.eos_token_id)) for e in examples]
+    assert float(packed_count) == sum(float(c) for (_, c), _ in alone) == sum(int(e.loss_mask.sum()) for e in examples)
+    np.testing.assert_allclose(float(packed_total), sum(float(t) for (t, _), _ in alone), rtol=1e-5)
+    summed_grads = jax.tree.map(lambda *g: sum(g), *[g for _, g in alone])
+    for (path, a), (_, b) in zip(nnx.to_flat_state(packed_grads), nnx.to_flat_state(summed_grads)):
+        a, b = np.asarray(a.get_value()), np.asarray(b.get_value())
+        assert np.abs(a - b).max() <= 1e-4 * max(1.0, np.abs(b).max()), path
+
+
+def test_packed_training_learns_with_one_program_and_little_padding():
+    model, tok = build(GPT2Config(n_positions=128, n_embd=64, n_layer=2, n_head=4), seed=0), load("tiny")[1]
+    cfg = TrainConfig(epochs=40, batch_size=2, learning_rate=3e-3, warmup_steps=5, max_length=128, dropout=False,
+                      pack=True)
+    trainer = Trainer(model, tok, QA, cfg)
+    assert trainer.total_steps < 40 * len(QA) / 2 / 3  # three or more examples a row: a third of the steps
+    programs = {}
+    result = trainer.run(on_step=lambda s: programs.setdefault(s.epoch, trainer.compiled_programs()))
+    assert result.compiled_programs == programs[1] == 1  # one shape, never recompiled after the first epoch
+    real = sum(len(e.input_ids) for e in trainer.examples)
+    assert (result.tokens, result.positions) == (40 * real, result.steps * 2 * 128)  # the real-token share's parts
+    assert result.history[0].loss > 9.0 and np.mean([s.loss for s in result.history[-5:]]) < 1.0
+    assert generate(model, tok, QA[-1].instruction, max_new_tokens=40) == QA[-1].response  # and it stops
 
 
 def test_stop_between_steps_keeps_progress():
