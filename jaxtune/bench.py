@@ -1,105 +1,292 @@
-"""Train-step throughput: jaxtune's jitted step beside a PyTorch transformers step, same model shape, same batch.
+"""Training throughput: jaxtune's training loop beside a PyTorch transformers baseline, on the same data.
 
-    python -m jaxtune.bench                         # GPT-2 124M shape, batch 8 x 64, on this machine's devices
-    python -m jaxtune.bench --batch 8 --seq 1024 --dtype bfloat16 --json out.json   # e.g. on a GPU
+    python -m jaxtune.bench                                   # GPT-2 124M shape, the customer-service data, CPU
+    python -m jaxtune.bench --seq 1024 --batch 8 --dtype bfloat16 --json gpu.json    # e.g. on a GPU
 
-Both sides do forward, backward and an AdamW update with dropout on; the figures are measured in the same run.
+Each side runs in its own fresh process, one after the other, for about --seconds of training after its first
+step, on the same examples (the same random GPT-2-shaped weights; the data's order is seeded):
+  jaxtune  Trainer.run with --pack: rows of --max-length tokens, several examples a row, one compiled program.
+  pytorch  transformers GPT2LMHeadModel trained the way the reference batches: --torch-batch examples padded to the
+           longest in the batch, labels = input_ids, AdamW, gradient clipping.
+With --seq N both sides instead train on random rows of exactly N tokens (no padding anywhere).
+
+Figures: useful tokens/s counts real (non-padding) tokens only; step time; compile time (XLA's, summed from JAX's
+own compile events); compiled programs; peak memory; and model-FLOPs utilisation against a matrix-multiply peak
+measured in the same run. Model FLOPs per real token = 6 x (parameters in matrix multiplies, the tied
+embedding/head included) + 12 x layers x width x attended length (the PaLM paper's formula).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.config import PRESETS, TrainConfig
-from jaxtune.model import build, num_params
-from jaxtune.train import make_optimizer, make_train_step
-from flax import nnx
+from jaxtune.config import PRESETS, GPT2Config
 
 
-def bench_jax(config, ids: np.ndarray, steps: int, dtype: str) -> dict:
+# ---------------------------------------------------------------------------------------------- shared
+def model_flops_per_token(config: GPT2Config, attended: float) -> float:
+    d, L = config.n_embd, config.n_layer
+    matmul_params = L * (12 * d * d) + config.vocab_size * d  # c_attn 3d^2 + c_proj d^2 + mlp 8d^2, and the head
+    return 6 * matmul_params + 12 * L * d * attended
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def bench_pairs(args):
+    """The benchmark's pairs and the length their examples are cut at: the data file's pairs, or (--seq N) pairs of
+    random vocabulary whose examples are cut to exactly N tokens."""
+    from jaxtune.data import Pair, read_pairs
+
+    if not args.seq:
+        return read_pairs(args.data), args.max_length
+    from jaxtune.checkpoint import offline_tokenizer
+
+    tok, rng = offline_tokenizer(), np.random.default_rng(0)
+    return [Pair(f"Repeat {i}", tok.decode(rng.integers(0, 50256, 2 * args.seq))) for i in range(args.batch * 16)], args.seq
+
+
+def encoded_examples(args) -> list[np.ndarray]:
+    """Token ids of every example, EOS appended, exactly as jaxtune's trainer encodes them."""
+    from jaxtune.checkpoint import offline_tokenizer
+    from jaxtune.data import encode
+
+    tok = offline_tokenizer()
+    pairs, length = bench_pairs(args)
+    return [encode(tok, p.instruction, p.response, max_length=length).input_ids for p in pairs]
+
+
+# ---------------------------------------------------------------------------------------------- jax
+def measure_matmul_peak(dtype: str) -> float:
+    """FLOP/s of a large square matrix multiply on the first device: the practical peak MFU is quoted against."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 4096 if jax.default_backend() != "cpu" else 2048
+    a = jnp.ones((n, n), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    reps = 20 if jax.default_backend() != "cpu" else 4
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def run_jax(args) -> dict:
+    import jax
+
+    from jaxtune.checkpoint import offline_tokenizer
+    from jaxtune.config import TrainConfig
+    from jaxtune.model import build
+    from jaxtune.train import Trainer
+
+    compile_events: list[float] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, secs, **kw: compile_events.append(secs) if event == "/jax/core/compile/backend_compile_duration"
+        else None)
+    peak = measure_matmul_peak(args.dtype)
+    compile_events.clear()
+    config = PRESETS[args.model]
+    pairs, length = bench_pairs(args)
+    cfg = TrainConfig(batch_size=args.batch, max_length=length, pack=not args.seq, dtype=args.dtype, epochs=100,
+                      warmup_steps=0, buckets=(length,))
     model = build(config, seed=0)
-    graphdef, params = nnx.split(model)
-    cfg = TrainConfig(dtype=dtype, warmup_steps=0)
-    optimizer = make_optimizer(cfg, 1000)
-    opt_state = optimizer.init(params)
-    step = make_train_step(graphdef, optimizer, cfg)
-    batch = {"input_ids": ids[None], "loss_mask": np.ones_like(ids)[None], "attention_mask": np.ones_like(ids)[None]}
-    batch = jax.tree.map(jnp.asarray, batch)
-    key = jax.random.key(0)
-    t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, batch, key).compile()
-    compile_s = time.perf_counter() - t0
-    params, opt_state, m = compiled(params, opt_state, batch, key)  # warm-up
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        params, opt_state, m = compiled(params, opt_state, batch, jax.random.fold_in(key, i))
-    jax.block_until_ready(m)
-    step_s = (time.perf_counter() - t0) / steps
-    out = {"step_s": step_s, "tokens_per_s": ids.size / step_s, "compile_s": compile_s, "loss": float(m["loss"]),
-           "params": num_params(model)}
+    trainer = Trainer(model, offline_tokenizer(), pairs, cfg)
+    steps, start, deadline = [], [None], [None]
+
+    def on_step(s):
+        steps.append(s)
+        if len(steps) == 1:
+            deadline[0] = time.perf_counter() + args.seconds
+
+    result = trainer.run(on_step=on_step, should_stop=lambda: deadline[0] is not None and time.perf_counter() > deadline[0]
+                         and len(steps) >= 3)
+    timed = steps[1:]  # the first step includes compiling
+    seconds = timed[-1].elapsed - steps[0].elapsed
+    tokens, positions = sum(s.tokens for s in timed), sum(s.positions for s in timed)
+    mean_len = float(np.mean([len(e.input_ids) for e in trainer.examples]))
+    out = {
+        "useful_tokens_per_s": tokens / seconds, "step_s": seconds / len(timed), "steps_timed": len(timed),
+        "tokens_per_step": tokens / len(timed), "real_token_share": tokens / positions,
+        "compile_s": sum(compile_events), "first_step_s": steps[0].elapsed,
+        "compiled_programs": result.compiled_programs,
+        "shapes_after_first_epoch_not_in_first": _new_shapes_after_first_epoch(trainer),
+        "loss_first_last": [steps[0].loss, steps[-1].loss], "matmul_peak_flops": peak,
+        "batch": f"{args.batch} rows x {length} tokens" + (", packed" if cfg.pack else ""),
+    }
+    out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
+    out["planned_memory_gib"] = _planned_memory(trainer) / 2**30
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
-        out["peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+        out["device_peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+    out["process_peak_rss_gib"] = peak_rss_gib()
+    out["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     return out
 
 
-def bench_torch(config, ids: np.ndarray, steps: int) -> dict:
+def _new_shapes_after_first_epoch(trainer) -> int:
+    """Batch shapes used after epoch 1 that epoch 1 did not use: each would be a new compilation."""
+    from jaxtune.data import bucket_length
+
+    cfg = trainer.cfg
+    lengths = [len(e.input_ids) for e in trainer.examples]
+
+    def shapes(plan):
+        return {cfg.max_length if cfg.pack else bucket_length(max(lengths[r[0]] for r in b), cfg.buckets, cfg.max_length)
+                for b in plan}
+
+    first = shapes(trainer.plans[0])
+    return len(set().union(*(shapes(p) for p in trainer.plans[1:4])) - first) if len(trainer.plans) > 1 else 0
+
+
+def _planned_memory(trainer) -> int:
+    """Bytes XLA planned for one step (arguments + outputs + temporaries, less donated buffers), on any platform."""
+    batch = next(iter(trainer._batches()))[1]
+    import jax
+
+    compiled = trainer._step.lower(trainer.params, trainer.opt_state, batch, jax.random.key(0)).compile()
+    m = compiled.memory_analysis()
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+# ---------------------------------------------------------------------------------------------- pytorch
+def run_torch(args) -> dict:
     import torch
     import transformers
 
+    config = PRESETS[args.model]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items() if k not in ("architectures",)})
-    model = transformers.GPT2LMHeadModel(hf).train()
+    hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    model = transformers.GPT2LMHeadModel(hf).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
-    x = torch.tensor(ids, dtype=torch.long)
+    ids = encoded_examples(args)
+    order = np.random.default_rng(0).permutation(len(ids))
+    eos = 50256
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
-    def one():
-        loss = model(input_ids=x, labels=x).loss
+    def batches():
+        while True:
+            for start in range(0, len(order) - args.torch_batch + 1, args.torch_batch):
+                rows = [ids[i] for i in order[start:start + args.torch_batch]]
+                longest = max(len(r) for r in rows)  # the reference's padding=True: pad to the longest, with EOS
+                x = np.full((len(rows), longest), eos, np.int64)
+                mask = np.zeros_like(x)
+                for i, r in enumerate(rows):
+                    x[i, :len(r)], mask[i, :len(r)] = r, 1
+                yield torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+
+    def step(x, mask):
+        with autocast:
+            loss = model(input_ids=x, attention_mask=mask, labels=x).loss  # the reference's loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    one()  # warm-up
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    it = batches()
+    x, mask = next(it)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        loss = one()
-    step_s = (time.perf_counter() - t0) / steps
-    return {"step_s": step_s, "tokens_per_s": ids.size / step_s, "loss": loss.item(), "threads": torch.get_num_threads()}
+    first_loss = step(x, mask).item()  # warm-up (allocator, kernels)
+    first_step_s = time.perf_counter() - t0
+    tokens = positions = n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < args.seconds or n < 2:
+        x, mask = next(it)
+        loss = step(x, mask)
+        tokens, positions, n = tokens + int(mask.sum()), positions + x.numel(), n + 1
+    last_loss = loss.item()
+    sync()
+    seconds = time.perf_counter() - t0
+    config_mean = float(np.mean([len(r) for r in ids]))
+    out = {"useful_tokens_per_s": tokens / seconds, "step_s": seconds / n, "steps_timed": n,
+           "tokens_per_step": tokens / n, "real_token_share": tokens / positions, "first_step_s": first_step_s,
+           "loss_first_last": [first_loss, last_loss], "threads": torch.get_num_threads(),
+           "batch": f"{args.torch_batch} examples, padded to the longest" if not args.seq else
+           f"{args.torch_batch} x {args.seq} tokens", "process_peak_rss_gib": peak_rss_gib(),
+           "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
+    if device == "cuda":
+        out["device_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    out["model_flops_per_token"] = model_flops_per_token(config, config_mean)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def _side(side: str, argv: list[str]) -> dict:
+    """Run one side in a fresh process, so that neither side's threads, caches or memory touch the other's."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", "jaxtune.bench", *argv, "--side", side, "--side-output", f.name]
+        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        with open(f.name) as r:
+            return json.load(r)
+
+
+def _line(name: str, r: dict) -> str:
+    mem = r.get("device_peak_memory_gib")
+    mem = f"peak {mem:.2f} GiB" if mem is not None else f"peak RSS {r['process_peak_rss_gib']:.2f} GiB"
+    compile_ = f"compile {r['compile_s']:5.1f}s, {r['compiled_programs']} program(s)" if "compile_s" in r else "compile   n/a"
+    mfu = f"MFU {r['mfu']:5.1%}" if "mfu" in r else ""
+    return (f"{name:8s} {r['useful_tokens_per_s']:9.1f} useful tok/s  {r['step_s'] * 1000:8.0f} ms/step  "
+            f"{r['real_token_share']:5.1%} real  {compile_}  {mem}  {mfu}   [{r['batch']}]")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="architecture preset (random weights)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--data", default="examples/customer_service.jsonl", help="pairs to train on")
+    p.add_argument("--batch", type=int, default=2, help="jaxtune: rows per step (packed rows of --max-length)")
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--torch-batch", type=int, default=8, help="pytorch: examples per step (default 8)")
+    p.add_argument("--seq", type=int, default=0, help="instead of the data: random rows of exactly this many tokens")
+    p.add_argument("--seconds", type=float, default=60.0, help="timed training per side, after its first step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
-    p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--json", help="also write all figures to this file")
+    p.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--side-output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    config = PRESETS[args.model]
-    ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32)
-    print(f"{args.model} shape, batch {args.batch} x {args.seq} tokens, {args.steps} timed steps, "
-          f"JAX {jax.__version__} on {jax.devices()[0].platform} ({jax.device_count()} device(s)), {platform.processor() or platform.machine()}")
-    results = {"config": vars(args), "jax": bench_jax(config, ids, args.steps, args.dtype)}
-    j = results["jax"]
-    print(f"jaxtune  : {j['tokens_per_s']:9.1f} tokens/s  {j['step_s'] * 1000:8.1f} ms/step  compile {j['compile_s']:.1f}s"
-          + (f"  peak {j['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in j else ""))
+    if args.seq:
+        args.torch_batch = args.batch
+    if args.side:
+        result = run_jax(args) if args.side == "jax" else run_torch(args)
+        with open(args.side_output, "w") as f:
+            json.dump(result, f)
+        return result
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    what = f"random rows of {args.seq} tokens" if args.seq else args.data
+    print(f"{args.model} shape, {what}, {args.dtype}, ~{args.seconds:.0f}s timed per side; "
+          f"{platform.machine()}, {os.cpu_count()} CPU cores", flush=True)
+    results = {"config": vars(args), "jax": _side("jax", argv)}
+    print(_line("jaxtune", results["jax"]), flush=True)
     if not args.no_torch:
-        results["torch"] = t = bench_torch(config, ids, args.steps)
-        print(f"pytorch  : {t['tokens_per_s']:9.1f} tokens/s  {t['step_s'] * 1000:8.1f} ms/step  ({t['threads']} threads)")
-        results["speedup"] = j["tokens_per_s"] / t["tokens_per_s"]
-        print(f"jaxtune / pytorch tokens/s: {results['speedup']:.2f}x")
+        results["torch"] = _side("torch", argv)
+        t = results["torch"]
+        t["mfu"] = t["useful_tokens_per_s"] * t.pop("model_flops_per_token") / results["jax"]["matmul_peak_flops"]
+        print(_line("pytorch", t))
+        results["speedup_useful_tokens"] = results["jax"]["useful_tokens_per_s"] / t["useful_tokens_per_s"]
+        print(f"jaxtune / pytorch useful tokens/s: {results['speedup_useful_tokens']:.2f}x")
+    j = results["jax"]
+    print(f"devices: jax {j['device']}; matmul peak {j['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; "
+          f"new batch shapes after the first epoch: {j['shapes_after_first_epoch_not_in_first']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
