@@ -230,6 +230,14 @@ def run_torch(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main
+def matched_torch_batch(args) -> int:
+    """Examples in an average packed jaxtune step: the baseline takes that many per step."""
+    from jaxtune.data import pack_rows
+
+    lengths = [len(ids) for ids in encoded_examples(args)]
+    return max(1, round(args.batch * len(lengths) / len(pack_rows(lengths, args.max_length))))
+
+
 def _side(side: str, argv: list[str]) -> dict:
     """Run one side in a fresh process, so that neither side's threads, caches or memory touch the other's."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -252,9 +260,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2", choices=sorted(PRESETS), help="architecture preset (random weights)")
     p.add_argument("--data", default="examples/customer_service.jsonl", help="pairs to train on")
-    p.add_argument("--batch", type=int, default=2, help="jaxtune: rows per step (packed rows of --max-length)")
+    p.add_argument("--batch", type=int, default=4, help="jaxtune: rows per step (packed rows of --max-length)")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--torch-batch", type=int, default=8, help="pytorch: examples per step (default 8)")
+    p.add_argument("--torch-batch", type=int, help="pytorch: examples per step (default: as many as a jaxtune step "
+                   "holds on average, so both take the same number of examples per optimizer step)")
     p.add_argument("--seq", type=int, default=0, help="instead of the data: random rows of exactly this many tokens")
     p.add_argument("--seconds", type=float, default=60.0, help="timed training per side, after its first step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -272,6 +281,9 @@ def main(argv=None):
         return result
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if args.torch_batch is None:
+        args.torch_batch = matched_torch_batch(args)
+        argv += ["--torch-batch", str(args.torch_batch)]
     what = f"random rows of {args.seq} tokens" if args.seq else args.data
     print(f"{args.model} shape, {what}, {args.dtype}, ~{args.seconds:.0f}s timed per side; "
           f"{platform.machine()}, {os.cpu_count()} CPU cores", flush=True)

@@ -280,11 +280,22 @@ def plan_epoch(lengths, *, batch_size: int, seed: int, epoch: int, shuffle: bool
     return batches
 
 
-def collate_packed(rows: list[list[Encoded]], batch_size: int, length: int, pad_id: int) -> dict:
+def targets_size(row_target_counts) -> int:
+    """The `targets` size for `collate_packed`: the most targets any row holds, rounded up to a multiple of 16
+    (one fixed size for the whole run, so one compiled program)."""
+    most = max(row_target_counts, default=1)
+    return -(-max(most, 1) // 16) * 16
+
+
+def collate_packed(rows: list[list[Encoded]], batch_size: int, length: int, pad_id: int, targets: int | None = None) -> dict:
     """Rows of several examples each, with `segment_ids` (1, 2, ... per example, 0 for padding) and `positions`
     that restart at 0 for every example: attention stays inside an example, which sees exactly what it would
     see alone. Each example's loss mask is kept; its first token is never a target, so no example is trained to
-    follow the one before it."""
+    follow the one before it.
+
+    targets: also list, per row, the positions whose next token is a target (`logit_positions`, with
+    `logit_targets` and a 0/1 `logit_mask`, padded to this many), so the model computes logits only there.
+    """
     batch = {k: np.zeros((batch_size, length), np.int32)
              for k in ("input_ids", "loss_mask", "attention_mask", "segment_ids", "positions")}
     batch["input_ids"][:] = pad_id
@@ -299,19 +310,32 @@ def collate_packed(rows: list[list[Encoded]], batch_size: int, length: int, pad_
             batch["attention_mask"][r, span], batch["segment_ids"][r, span] = 1, s
             batch["positions"][r, span] = np.arange(n)
             at += n
+    if targets is not None:
+        for k in ("logit_positions", "logit_targets", "logit_mask"):
+            batch[k] = np.zeros((batch_size, targets), np.int32)
+        for r in range(batch_size):
+            where = np.flatnonzero(batch["loss_mask"][r])
+            if len(where) > targets:
+                raise ValueError(f"row {r} has {len(where)} targets, more than targets={targets}")
+            n = len(where)
+            batch["logit_positions"][r, :n] = where - 1  # position t - 1 predicts token t
+            batch["logit_targets"][r, :n] = batch["input_ids"][r, where]
+            batch["logit_mask"][r, :n] = 1
     return batch
 
 
 def epoch_batches(examples: list[Encoded], *, batch_size: int, buckets, max_length: int, pad_id: int, seed: int,
-                  epoch: int, shuffle: bool = True, reference: bool = False, pack: bool = False, plan=None):
-    """One epoch of fixed-shape batches (see `plan_epoch`): bucketed lengths, or packed rows of max_length."""
+                  epoch: int, shuffle: bool = True, reference: bool = False, pack: bool = False, plan=None,
+                  targets: int | None = None):
+    """One epoch of fixed-shape batches (see `plan_epoch`): bucketed lengths, or packed rows of max_length
+    (with `targets`, see `collate_packed`)."""
     if plan is None:
         plan = plan_epoch([len(e.input_ids) for e in examples], batch_size=batch_size, seed=seed, epoch=epoch,
                           shuffle=shuffle, pack_length=max_length if pack else None)
     for batch in plan:
         rows = [[examples[i] for i in row] for row in batch]
         if pack:
-            yield collate_packed(rows, batch_size, max_length, pad_id)
+            yield collate_packed(rows, batch_size, max_length, pad_id, targets)
         else:
             chosen = [row[0] for row in rows]
             length = bucket_length(max(len(e.input_ids) for e in chosen), buckets, max_length)

@@ -129,12 +129,15 @@ class GPT2LMHeadModel(nnx.Module):
         cache=None,
         cache_index=None,
         dropout_rng=None,
+        logit_positions_BK=None,
     ):
         """Logits [B, T, V]; with `cache` (see `init_cache`) also the updated cache.
 
         attention_mask_BS: 1 for real tokens, 0 for padding keys (Hugging Face's `attention_mask`).
         segment_ids_BT: packed sequences; attention stays within a segment (pass positions_BT too).
         cache, cache_index: keys/values of earlier tokens; this call's tokens are written at cache_index.
+        logit_positions_BK: only these positions' logits [B, K, V]: the head is a third of GPT-2 small's compute,
+            and training needs it only where the next token is a target.
         """
         B, T = input_ids_BT.shape
         offset = 0 if cache is None else cache_index
@@ -159,6 +162,8 @@ class GPT2LMHeadModel(nnx.Module):
                 new_k.append(kv[0])
                 new_v.append(kv[1])
         x_BTD = self.ln_f(x_BTD)
+        if logit_positions_BK is not None:
+            x_BTD = jnp.take_along_axis(x_BTD, logit_positions_BK[:, :, None], axis=1)
         logits_BTV = self.lm_head(x_BTD) if hasattr(self, "lm_head") else self.wte.attend(x_BTD)
         if cache is None:
             return logits_BTV

@@ -18,7 +18,7 @@ from jaxtune.config import TrainConfig
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.data import Pair, bucket_length, encode, epoch_batches, plan_epoch
+from jaxtune.data import Pair, bucket_length, encode, epoch_batches, plan_epoch, targets_size
 from jaxtune.sharding import batch_sharding, make_mesh, place, tree_shardings
 
 
@@ -68,7 +68,12 @@ def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=
     # only the reference mode counts padded positions, so only it needs their attention masked as HF does
     mask = batch["attention_mask"] if cfg.loss_on == "reference" else None
     logits = model(batch["input_ids"], attention_mask_BS=mask, positions_BT=batch.get("positions"),
-                   segment_ids_BT=batch.get("segment_ids"), dropout_rng=dropout_rng)
+                   segment_ids_BT=batch.get("segment_ids"), dropout_rng=dropout_rng,
+                   logit_positions_BK=batch.get("logit_positions"))
+    if "logit_positions" in batch:  # packed: logits only where the next token is a target
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["logit_targets"])
+        mask = batch["logit_mask"].astype(jnp.float32)
+        return jnp.sum(ce * mask), jnp.sum(mask)
     return masked_loss(logits, batch["input_ids"], batch["loss_mask"])
 
 
@@ -79,31 +84,39 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
     divided by the total target count, so accumulation weighs every token equally. A step whose loss or gradient
     is not finite leaves the parameters unchanged (the loop then stops and says so).
     """
-    def micro_loss(params, micro, key):
-        return summed_loss(graphdef, params, micro, cfg, dropout_rng=key if cfg.dropout else None)
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-
     def step(params, opt_state, batch, key):
-        def accumulate(carry, xs):
-            micro, k = xs
-            (total, count), grads = grad_fn(params, micro, k)
-            g_sum, t_sum, c_sum = carry
-            return (jax.tree.map(jnp.add, g_sum, grads), t_sum + total, c_sum + count), None
-
-        keys = jax.random.split(key, batch["input_ids"].shape[0])
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (batch, keys))
+        # the step's target count is known from the masks before any forward pass: dividing each micro-batch's
+        # summed loss by it gives token-weighted gradients directly, with no pass over them afterwards
+        count = jnp.sum(batch["loss_mask"][..., 1:]).astype(jnp.float32)
         denom = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / denom, grads)
-        loss, grad_norm = total / denom, optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+
+        def micro_loss(params, micro, k):
+            total, _ = summed_loss(graphdef, params, micro, cfg, dropout_rng=k if cfg.dropout else None)
+            return total / denom
+
+        grad_fn = jax.value_and_grad(micro_loss)
+        keys = jax.random.split(key, batch["input_ids"].shape[0])
+        if batch["input_ids"].shape[0] == 1:
+            loss, grads = grad_fn(params, jax.tree.map(lambda a: a[0], batch), keys[0])
+        else:
+            def accumulate(carry, xs):
+                loss, grads = grad_fn(params, *xs)
+                return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+
+        def update():
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), new_opt_state
+
+        # a non-finite step leaves everything as it was; cond runs only the taken branch (no select over the state)
+        params, opt_state = jax.lax.cond(ok, update, lambda: (params, opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count,
                    "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}  # tokens: real ones, not padding
-        return keep(new_params, params), keep(new_opt_state, opt_state), metrics
+        return params, opt_state, metrics
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
@@ -193,6 +206,7 @@ class Trainer:
         # (the plan is a function of the seed) continues with exactly the batches the stopped run would have seen
         self.plans = [self._plan(self.examples, epoch) for epoch in range(cfg.epochs)]
         self.total_steps = sum(math.ceil(len(plan) / cfg.grad_accum) for plan in self.plans)
+        self.targets = self._targets(self.examples, self.plans) if cfg.pack else None
         lengths = [len(e.input_ids) for e in self.examples]
         real = sum(lengths) * cfg.epochs
         computed = sum(cfg.batch_size * (cfg.max_length if cfg.pack else
@@ -226,11 +240,16 @@ class Trainer:
         return plan_epoch([len(e.input_ids) for e in examples], batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
                           shuffle=shuffle, pack_length=cfg.max_length if cfg.pack else None)
 
-    def _epoch(self, examples, plan):
+    @staticmethod
+    def _targets(examples, plans) -> int:
+        counts = [int(e.loss_mask.sum()) for e in examples]
+        return targets_size(sum(counts[i] for i in row) for plan in plans for batch in plan for row in batch)
+
+    def _epoch(self, examples, plan, targets=None):
         cfg = self.cfg
         return epoch_batches(examples, batch_size=cfg.batch_size, buckets=cfg.buckets, max_length=cfg.max_length,
                              pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, epoch=0, pack=cfg.pack, plan=plan,
-                             reference=cfg.loss_on == "reference")
+                             reference=cfg.loss_on == "reference", targets=targets or self.targets)
 
     def _batches(self):
         cfg = self.cfg
@@ -248,7 +267,8 @@ class Trainer:
         if not self.val_examples:
             return None
         total, count = 0.0, 0.0
-        for batch in self._epoch(self.val_examples, self._plan(self.val_examples, 0, shuffle=False)):
+        plan = self._plan(self.val_examples, 0, shuffle=False)
+        for batch in self._epoch(self.val_examples, plan, self._targets(self.val_examples, [plan]) if self.cfg.pack else None):
             if self.mesh is not None:
                 batch = jax.device_put(batch, NamedSharding(self.mesh, P(("data", "fsdp"))))
             t, c = self._eval(self.params, batch)

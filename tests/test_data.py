@@ -89,6 +89,13 @@ def test_packed_rows_keep_each_example_whole_with_its_own_segment_and_positions(
     assert batch["loss_mask"][0].tolist() == short.loss_mask.tolist() + long.loss_mask.tolist() + [0] * (40 - a - b)
     assert batch["loss_mask"][0, a] == 0  # the second example's first token is not predicted from the first's EOS
     assert batch["attention_mask"][0].sum() == a + b and batch["attention_mask"][2].sum() == 0
+    with_targets = collate_packed([[short, long], [long]], batch_size=3, length=40, pad_id=EOS, targets=32)
+    targets = np.flatnonzero(batch["loss_mask"][0])  # each target is predicted from the position before it
+    assert with_targets["logit_positions"][0].tolist() == (targets - 1).tolist() + [0] * (32 - len(targets))
+    assert with_targets["logit_targets"][0].tolist() == batch["input_ids"][0, targets].tolist() + [0] * (32 - len(targets))
+    assert with_targets["logit_mask"].sum(axis=1).tolist() == batch["loss_mask"].sum(axis=1).tolist()
+    with pytest.raises(ValueError, match="more than targets"):
+        collate_packed([[short, long]], batch_size=1, length=40, pad_id=EOS, targets=8)
     with pytest.raises(ValueError, match="more than the packed length"):
         collate_packed([[long, long]], batch_size=1, length=b + 1, pad_id=EOS)
 

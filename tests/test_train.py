@@ -128,8 +128,9 @@ def test_tuned_model_answers_and_stops(trained):
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(hf_dir):
-    """Examples packed into rows of 64 (segment ids, restarted positions) against each example alone: the summed
-    loss, the target count and every gradient agree, so packing changes the cost, not the training."""
+    """Examples packed into rows of 64 (segment ids, restarted positions, logits only at the targets) against each
+    example alone: the summed loss, the target count and every gradient agree, so packing changes the cost, not the
+    training."""
     model, tok = load(str(hf_dir))
     graphdef, params = nnx.split(model)
     cfg = TrainConfig(max_length=64, dropout=False)
@@ -139,7 +140,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(hf_dir):
     assert len(rows) == 2 and max(len(row) for row in rows) >= 3
     grad = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b, cfg), has_aux=True)
 
-    (packed_total, packed_count), packed_grads = grad(params, collate_packed(rows, 2, 64, tok.eos_token_id))
+    (packed_total, packed_count), packed_grads = grad(params, collate_packed(rows, 2, 64, tok.eos_token_id, targets=48))
     alone = [grad(params, collate([e], 1, len(e.input_ids), tok.eos_token_id)) for e in examples]
     assert float(packed_count) == sum(float(c) for (_, c), _ in alone) == sum(int(e.loss_mask.sum()) for e in examples)
     np.testing.assert_allclose(float(packed_total), sum(float(t) for (t, _), _ in alone), rtol=1e-5)
