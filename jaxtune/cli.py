@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 
 from jaxtune.checkpoint import ModelLoadError, load, save
+import jax
 import numpy as np
 import yaml
 
 from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
 from jaxtune.data import DataError, inspect_rows, read_pairs
 from jaxtune.generate import generate
+from jaxtune.sharding import initialize_distributed
 from jaxtune.train import Trainer, TrainingError
 
 # flag -> (RunConfig field, or "train.<TrainConfig field>"); every flag's default is "not given", so a YAML file's
@@ -25,6 +27,7 @@ _FLAGS = {
     "validation_fraction": "validation_fraction", "instruction_column": "instruction_column",
     "response_column": "response_column", "eval_every": "eval_every", "samples": "samples", "strict": "strict",
     "allow_pickle": "allow_pickle", "save_every": "save_every", "keep_checkpoints": "keep_checkpoints",
+    "distributed": "distributed",
     "epochs": "train.epochs", "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate", "max_length": "train.max_length", "loss_on": "train.loss_on",
     "seed": "train.seed", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
@@ -74,6 +77,10 @@ def _train_parser(sub):
     p.add_argument("--pack", action="store_true", help="pack several examples into each row of --max-length tokens "
                    "(attention stays inside each example): almost no padding; --batch-size then counts rows")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (a pickle: trusted files only)")
+    p.add_argument("--distributed", choices=("auto", "on", "off"),
+                   help="several hosts (a TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
+                   "JAX_PROCESS_ID): auto joins when the environment says so (default); run the same command on "
+                   "every host, and process 0 writes the model")
 
 
 def run_config(args) -> RunConfig:
@@ -120,10 +127,10 @@ def _generate_parser(sub):
     p.add_argument("--allow-pickle", action="store_true")
 
 
-def _progress(total: int):
+def _progress(total: int, show: bool = True):
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr, disable=not show)
 
     def on_step(s):
         post = {"loss": f"{s.loss:.4f}", "tok/s": f"{s.tokens_per_sec:.0f}", "lr": f"{s.learning_rate:.2e}"}
@@ -157,6 +164,11 @@ def _check(pairs, tokenizer, cfg: RunConfig, what: str):
 
 def cmd_train(args) -> int:
     cfg = run_config(args)
+    hosts = initialize_distributed(cfg.distributed)  # before anything touches a device
+    lead = jax.process_index() == 0  # on several hosts, process 0 alone prints progress and writes files
+    if hosts:
+        print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
+              f"{jax.device_count()} devices", file=sys.stderr)
     out = Path(cfg.output)
     resume = getattr(args, "resume", None)
     if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())) and not getattr(args, "overwrite", False):
@@ -184,9 +196,10 @@ def cmd_train(args) -> int:
     if resume:
         print(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
 
-    def checkpoint(steps):
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    def checkpoint(steps):  # every host takes part: orbax writes each host's shards
+        if lead:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            (checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         trainer.save_checkpoint(checkpoints, keep=cfg.keep_checkpoints, history=history + steps)
 
     stop = {"requested": False}
@@ -198,7 +211,7 @@ def cmd_train(args) -> int:
         print("\nstopping after this step and saving what was learned (Ctrl-C again to abort)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    bar, on_step = _progress(trainer.total_steps)
+    bar, on_step = _progress(trainer.total_steps, show=lead)
     try:
         result = trainer.run(on_step=on_step, should_stop=lambda: stop["requested"], eval_every=cfg.eval_every,
                              save_every=cfg.save_every, checkpoint=checkpoint)
@@ -209,6 +222,8 @@ def cmd_train(args) -> int:
         checkpoint(result.history)
         print(f"checkpoint saved: continue with  python -m jaxtune train --resume {out}", file=sys.stderr)
     result.history = history + result.history
+    if not lead:
+        return 1 if result.diverged else 0
     samples = [{"instruction": p.instruction, "reference": p.response,
                 "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
                for p in (val_pairs or pairs)[: cfg.samples]]

@@ -164,11 +164,14 @@ class RunConfig:
     save_every: int | None = None  # checkpoint (orbax) every N steps into <output>/checkpoints; also on stop
     keep_checkpoints: int = 3
     allow_pickle: bool = False
+    distributed: str = "auto"  # several hosts: auto (when the environment says so), on, off; see jaxtune.sharding
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
         if isinstance(self.train, dict):
             self.train = TrainConfig(**self.train)
+        if self.distributed not in ("auto", "on", "off"):
+            raise ValueError(f"distributed={self.distributed!r}: choose auto, on or off")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
 

@@ -1,12 +1,19 @@
-"""One device mesh for every scale: ("data", "fsdp") axes over `jax.devices()`.
+"""One device mesh for every scale: ("data", "fsdp") axes over `jax.devices()`, on one host or many.
 
 Batches are split over both axes (every device gets its own rows). Parameters and optimizer state are replicated
 (data parallel), or, with fsdp, each array is split along its largest evenly divisible dimension over the "fsdp"
 axis, and XLA gathers it where a computation needs it. The same jitted step runs on 1 CPU, on 8 simulated CPU
 devices (`XLA_FLAGS=--xla_force_host_platform_device_count=8`), on a GPU or on a TPU slice.
+
+Several hosts (a TPU pod slice, a SLURM job, or processes given JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID) join JAX's own multi-host runtime through `initialize_distributed`; `jax.devices()` then lists every
+host's devices, and each host runs the same program. Every host builds the same seeded batches and transfers only
+the rows its own devices hold (`place_global`); results come back to every host with `to_host`.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import numpy as np
@@ -43,4 +50,51 @@ def tree_shardings(mesh: Mesh, tree):
 
 
 def place(tree, shardings):
-    return jax.tree.map(jax.device_put, tree, shardings)
+    return jax.tree.map(place_global, tree, shardings)
+
+
+def distributed_requested(env=os.environ) -> bool:
+    """Whether this process is one of several: JAX's coordinator variables, a multi-task SLURM job, several TPU
+    workers, or an Open MPI launch with more than one rank."""
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in env:
+        return True
+    if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+        return True
+    return int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+
+
+def initialize_distributed(mode: str = "auto") -> bool:
+    """Join the multi-host runtime (`jax.distributed.initialize`) before anything touches a device.
+
+    mode: auto (when `distributed_requested`), on (always: JAX detects TPU pods, SLURM and Open MPI itself), off.
+    Returns whether this run spans several processes.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"distributed={mode!r}: choose auto, on or off")
+    if mode == "off" or (mode == "auto" and not distributed_requested()):
+        return False
+    if not jax.distributed.is_initialized():
+        kwargs = {}
+        if os.environ.get("JAX_NUM_PROCESSES"):  # JAX reads JAX_COORDINATOR_ADDRESS itself, not these two
+            kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        if os.environ.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+        jax.distributed.initialize(**kwargs)
+    return jax.process_count() > 1
+
+
+def place_global(value, sharding: NamedSharding) -> jax.Array:
+    """A global array from a host value that every process holds alike; each process transfers only its shards."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(tree):
+    """NumPy copies of (possibly sharded, possibly multi-host) arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.data import Pair, bucket_length, encode, epoch_batches, plan_epoch, targets_size
-from jaxtune.sharding import batch_sharding, make_mesh, place, tree_shardings
+from jaxtune.sharding import batch_sharding, make_mesh, place, place_global, to_host, tree_shardings
 
 
 class TrainingError(RuntimeError):
@@ -270,7 +270,7 @@ class Trainer:
         plan = self._plan(self.val_examples, 0, shuffle=False)
         for batch in self._epoch(self.val_examples, plan, self._targets(self.val_examples, [plan]) if self.cfg.pack else None):
             if self.mesh is not None:
-                batch = jax.device_put(batch, NamedSharding(self.mesh, P(("data", "fsdp"))))
+                batch = jax.tree.map(lambda a: place_global(a, NamedSharding(self.mesh, P(("data", "fsdp")))), batch)
             t, c = self._eval(self.params, batch)
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
@@ -283,7 +283,8 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         leaves = jax.tree.leaves((self.params, self.opt_state))
-        state = {"leaves": {str(i): leaf for i, leaf in enumerate(leaves)}, "key": jax.random.key_data(self.key)}
+        state = {"leaves": {str(i): leaf for i, leaf in enumerate(leaves)},
+                 "key": np.asarray(jax.random.key_data(self.key))}  # the same on every host
         meta = {"step": self.step, "history": [h.to_dict() for h in (history or [])], "extra": extra or {},
                 "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()}}
         with ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep)) as m:
@@ -295,30 +296,41 @@ class Trainer:
         """Continue from the newest checkpoint in `directory`; returns the step history saved with it."""
         import orbax.checkpoint as ocp
 
+        template, treedef = jax.tree.flatten((self.params, self.opt_state))
+        # restore straight into this run's layout: each host reads the shards its devices hold
+        target = {"leaves": {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                             for i, x in enumerate(template)}, "key": np.asarray(jax.random.key_data(self.key))}
         with ocp.CheckpointManager(Path(directory).absolute()) as m:
             step = m.latest_step()
             if step is None:
                 raise TrainingError(f"{directory}: no checkpoint to resume from")
-            restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                                meta=ocp.args.JsonRestore()))
+            try:
+                restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                    meta=ocp.args.JsonRestore()))
+            except (ValueError, KeyError, TypeError) as e:
+                raise TrainingError(f"{directory}: the checkpoint does not fit this model and optimizer ({e})") from None
         state, meta = restored["state"], restored["meta"]
-        template, treedef = jax.tree.flatten((self.params, self.opt_state))
-        leaves = [state["leaves"][str(i)] for i in range(len(state["leaves"]))]
-        if len(leaves) != len(template) or any(a.shape != b.shape for a, b in zip(leaves, template)):
-            raise TrainingError(f"{directory}: the checkpoint does not fit this model and optimizer")
-        self.params, self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(x, t.dtype) for x, t in zip(leaves, template)])
-        if self.shardings is not None:
-            self.params, self.opt_state = place(self.params, self.shardings[0]), place(self.opt_state, self.shardings[1])
+        self.params, self.opt_state = jax.tree.unflatten(treedef, [state["leaves"][str(i)] for i in range(len(template))])
         self.key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
         self.step = int(meta["step"])
         return [StepMetrics(**{k: v for k, v in h.items() if k != "val_perplexity"}) for h in meta["history"]]
+
+    def _agreed(self, should_stop) -> bool:
+        """should_stop(), and on several hosts process 0's answer, every 10 steps, so that all stop together."""
+        if jax.process_count() == 1:
+            return should_stop()
+        if self.step % 10:
+            return False
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.asarray(should_stop())))
 
     def compiled_programs(self) -> int:
         return self._step._cache_size()
 
     def sync_model(self):
-        """Write the trained parameters back into the model object."""
-        nnx.update(self.model, self.params)
+        """Write the trained parameters back into the model object (on several hosts: a full local copy on each)."""
+        nnx.update(self.model, jax.tree.map(jnp.asarray, to_host(self.params)) if jax.process_count() > 1 else self.params)
 
     def run(self, on_step: Callable[[StepMetrics], None] | None = None, should_stop: Callable[[], bool] | None = None,
             eval_every: int | None = None, save_every: int | None = None,
@@ -362,12 +374,12 @@ class Trainer:
         for epoch, batch in batches:
             if self.step >= self.total_steps or result.stopped:
                 break
-            if should_stop and should_stop():
+            if should_stop and self._agreed(should_stop):
                 result.stopped, result.stop_requested = f"stopped by request after step {self.step}", True
                 break
             self.key, step_key = jax.random.split(self.key)
             if self.mesh is not None:
-                batch = jax.device_put(batch, batch_sharding(self.mesh))
+                batch = jax.tree.map(lambda a: place_global(a, batch_sharding(self.mesh)), batch)
             self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key)
             self.step += 1
             if pending:
