@@ -143,7 +143,7 @@ def _plot(history) -> pd.DataFrame:
 
 
 def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-              precision, validation_fraction, session):
+              precision, validation_fraction, pack, session):
     session = session if isinstance(session, Session) else Session()
     report = inspect_rows(_rows(table), TOKENIZER, max_length=int(max_length), loss_on=loss_on)
     if report.problems:
@@ -168,12 +168,13 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
     try:
         cfg = TrainConfig(epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
                           max_length=min(int(max_length), base.config.n_positions), loss_on=loss_on, seed=int(seed),
-                          warmup_steps=int(warmup_steps), dtype=precision)
+                          warmup_steps=int(warmup_steps), dtype=precision, pack=bool(pack))
         model = nnx.clone(base)
         trainer = jaxtune.Trainer(model, tokenizer, pairs, cfg, validation_pairs=val_pairs)
     except (ValueError, jaxtune.TrainingError) as e:
         raise gr.Error(str(e), title="Cannot train with these settings")
-    log.append(f"training {trainer.total_steps} steps on {jax.default_backend()} (first step compiles)")
+    log.append(f"training {trainer.total_steps} steps on {jax.default_backend()} (first step compiles); real tokens "
+               f"fill {trainer.planned_real_token_share:.0%} of the computed positions{' (packed)' if pack else ''}")
     session.stop.clear()
     session.history = []
     steps: queue.Queue = queue.Queue()
@@ -356,6 +357,8 @@ def build_app() -> gr.Blocks:
                 warmup = gr.Number(value=10, precision=0, minimum=0, label="Warmup steps")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 val_fraction = gr.Slider(0, 0.5, value=0.0, step=0.05, label="Validation fraction")
+                pack = gr.Checkbox(value=False, label="Pack examples", elem_id="pack",
+                                   info="several examples per row: little padding, fewer and larger steps")
             gr.Markdown(backend_info(), elem_id="backend")
             with gr.Row():
                 train_btn = gr.Button("Start training", variant="primary", elem_id="train")
@@ -403,7 +406,7 @@ def build_app() -> gr.Blocks:
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
             trigger(preview, preview_inputs, preview_outputs, show_progress="hidden", api_visibility="private")
         train_btn.click(train_run, [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup,
-                                    seed, precision, val_fraction, session], [progress, plot, log, session],
+                                    seed, precision, val_fraction, pack, session], [progress, plot, log, session],
                         api_name="train", concurrency_limit=CONCURRENT_RUNS, concurrency_id="train",
                         show_progress="minimal")
         stop_btn.click(stop_run, session, log, api_name="stop", concurrency_limit=None, queue=False)

@@ -59,7 +59,7 @@ def app_url(tmp_path_factory):
 
 
 TRAIN_ARGS = dict(model_name="tiny", loss_on="response", epochs=4, batch_size=4, learning_rate=3e-3, max_length=64,
-                  warmup_steps=2, seed=0, precision="float32", validation_fraction=0.25)
+                  warmup_steps=2, seed=0, precision="float32", validation_fraction=0.25, pack=False)
 
 
 def test_api_end_to_end(app_url, tmp_path):
@@ -129,8 +129,9 @@ def test_bad_input_gets_clear_messages(app_url, tmp_path):
 def test_sessions_are_separate(app_url):
     """A second browser session sees none of the first one's model."""
     first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
-    first.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]},
-                  *dict(TRAIN_ARGS, epochs=1, validation_fraction=0).values(), api_name="/train")
+    _, _, log = first.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]},
+                              *dict(TRAIN_ARGS, epochs=1, validation_fraction=0, pack=True).values(), api_name="/train")
+    assert "training 1 steps" in log and "(packed)" in log  # both pairs in one packed row
     exported = first.predict(api_name="/export")
     assert (exported["value"] if isinstance(exported, dict) else exported).endswith(".zip")
     _, tuned = second.predict("Hi", 0.0, 0.95, 8, "tiny", api_name="/generate")
