@@ -26,7 +26,7 @@ from flax import nnx
 import jaxtune
 from jaxtune.checkpoint import EMBEDDED, ModelLoadError, hub_reachable, offline_tokenizer
 from jaxtune.config import LOSS_MODES, TrainConfig
-from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode, format_example,
+from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,
                           inspect_rows, read_pairs)
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "customer_service.jsonl"

@@ -105,7 +105,7 @@ def run_jax(args) -> dict:
                       warmup_steps=0, buckets=(length,))
     model = build(config, seed=0)
     trainer = Trainer(model, offline_tokenizer(), pairs, cfg)
-    steps, start, deadline = [], [None], [None]
+    steps, deadline = [], [None]
 
     def on_step(s):
         steps.append(s)
@@ -139,14 +139,10 @@ def run_jax(args) -> dict:
 
 def _new_shapes_after_first_epoch(trainer) -> int:
     """Batch shapes used after epoch 1 that epoch 1 did not use: each would be a new compilation."""
-    from jaxtune.data import bucket_length
-
-    cfg = trainer.cfg
     lengths = [len(e.input_ids) for e in trainer.examples]
 
     def shapes(plan):
-        return {cfg.max_length if cfg.pack else bucket_length(max(lengths[r[0]] for r in b), cfg.buckets, cfg.max_length)
-                for b in plan}
+        return {trainer.batch_length(batch, lengths) for batch in plan}
 
     first = shapes(trainer.plans[0])
     return len(set().union(*(shapes(p) for p in trainer.plans[1:4])) - first) if len(trainer.plans) > 1 else 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -324,6 +323,12 @@ def collate_packed(rows: list[list[Encoded]], batch_size: int, length: int, pad_
     return batch
 
 
+def batch_length(batch, lengths, *, buckets, max_length: int, pack: bool) -> int:
+    """The length a planned batch (rows of example indices) is collated to: max_length when packed, else the
+    bucket that holds its longest example."""
+    return max_length if pack else bucket_length(max(lengths[row[0]] for row in batch), buckets, max_length)
+
+
 def epoch_batches(examples: list[Encoded], *, batch_size: int, buckets, max_length: int, pad_id: int, seed: int,
                   epoch: int, shuffle: bool = True, reference: bool = False, pack: bool = False, plan=None,
                   targets: int | None = None):
@@ -332,14 +337,14 @@ def epoch_batches(examples: list[Encoded], *, batch_size: int, buckets, max_leng
     if plan is None:
         plan = plan_epoch([len(e.input_ids) for e in examples], batch_size=batch_size, seed=seed, epoch=epoch,
                           shuffle=shuffle, pack_length=max_length if pack else None)
+    lengths = [len(e.input_ids) for e in examples]
     for batch in plan:
         rows = [[examples[i] for i in row] for row in batch]
+        length = batch_length(batch, lengths, buckets=buckets, max_length=max_length, pack=pack)
         if pack:
-            yield collate_packed(rows, batch_size, max_length, pad_id, targets)
+            yield collate_packed(rows, batch_size, length, pad_id, targets)
         else:
-            chosen = [row[0] for row in rows]
-            length = bucket_length(max(len(e.input_ids) for e in chosen), buckets, max_length)
-            yield collate(chosen, batch_size, length, pad_id, reference=reference)
+            yield collate([row[0] for row in rows], batch_size, length, pad_id, reference=reference)
 
 
 def reference_batch(tokenizer, instructions, responses) -> dict:

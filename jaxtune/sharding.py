@@ -87,6 +87,8 @@ def initialize_distributed(mode: str = "auto") -> bool:
 
 def place_global(value, sharding: NamedSharding) -> jax.Array:
     """A global array from a host value that every process holds alike; each process transfers only its shards."""
+    if sharding.is_fully_addressable:  # one process: a plain transfer, device to device where the value already is
+        return jax.device_put(value, sharding)
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 

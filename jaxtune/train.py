@@ -18,7 +18,7 @@ from jaxtune.config import TrainConfig
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.data import Pair, bucket_length, encode, epoch_batches, plan_epoch, targets_size
+from jaxtune.data import Pair, batch_length, encode, epoch_batches, plan_epoch, targets_size
 from jaxtune.sharding import batch_sharding, make_mesh, place, place_global, to_host, tree_shardings
 
 
@@ -207,12 +207,11 @@ class Trainer:
         self.plans = [self._plan(self.examples, epoch) for epoch in range(cfg.epochs)]
         self.total_steps = sum(math.ceil(len(plan) / cfg.grad_accum) for plan in self.plans)
         self.targets = self._targets(self.examples, self.plans) if cfg.pack else None
+        self.val_plan = self._plan(self.val_examples, 0, shuffle=False)  # fixed: evaluated the same way every time
+        self.val_targets = self._targets(self.val_examples, [self.val_plan]) if cfg.pack and self.val_examples else None
         lengths = [len(e.input_ids) for e in self.examples]
-        real = sum(lengths) * cfg.epochs
-        computed = sum(cfg.batch_size * (cfg.max_length if cfg.pack else
-                                         bucket_length(max(lengths[row[0]] for row in batch), cfg.buckets, cfg.max_length))
-                       for plan in self.plans for batch in plan)
-        self.planned_real_token_share = real / computed
+        computed = sum(cfg.batch_size * self.batch_length(batch, lengths) for plan in self.plans for batch in plan)
+        self.planned_real_token_share = sum(lengths) * cfg.epochs / computed
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
@@ -239,6 +238,11 @@ class Trainer:
         cfg = self.cfg
         return plan_epoch([len(e.input_ids) for e in examples], batch_size=cfg.batch_size, seed=cfg.seed, epoch=epoch,
                           shuffle=shuffle, pack_length=cfg.max_length if cfg.pack else None)
+
+    def batch_length(self, batch, lengths) -> int:
+        """The length a planned batch of these examples is collated to (see `data.batch_length`)."""
+        cfg = self.cfg
+        return batch_length(batch, lengths, buckets=cfg.buckets, max_length=cfg.max_length, pack=cfg.pack)
 
     @staticmethod
     def _targets(examples, plans) -> int:
@@ -267,8 +271,7 @@ class Trainer:
         if not self.val_examples:
             return None
         total, count = 0.0, 0.0
-        plan = self._plan(self.val_examples, 0, shuffle=False)
-        for batch in self._epoch(self.val_examples, plan, self._targets(self.val_examples, [plan]) if self.cfg.pack else None):
+        for batch in self._epoch(self.val_examples, self.val_plan, self.val_targets):
             if self.mesh is not None:
                 batch = jax.tree.map(lambda a: place_global(a, NamedSharding(self.mesh, P(("data", "fsdp")))), batch)
             t, c = self._eval(self.params, batch)
