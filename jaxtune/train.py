@@ -184,10 +184,13 @@ def encode_pairs(tokenizer, pairs: list[Pair], cfg: TrainConfig):
 
 
 def _stack_accum(batches: list[dict]) -> dict:
-    """[grad_accum, batch, length]: micro-batches padded to the longest one's length (extra columns carry no loss)."""
-    length = max(b["input_ids"].shape[1] for b in batches)
-    pad = lambda a: np.pad(a, ((0, 0), (0, length - a.shape[1])))  # noqa: E731
-    return {k: np.stack([pad(b[k]) for b in batches]) for k in batches[0]}
+    """[grad_accum, batch, length]: each array padded to its longest micro-batch (extra columns carry no loss).
+    Packed batches' logit_* arrays keep their own, shorter, size: the head runs only at that many positions."""
+    def stack(arrays):
+        length = max(a.shape[1] for a in arrays)
+        return np.stack([np.pad(a, ((0, 0), (0, length - a.shape[1]))) for a in arrays])
+
+    return {k: stack([b[k] for b in batches]) for k in batches[0]}
 
 
 class Trainer:

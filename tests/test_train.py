@@ -156,6 +156,9 @@ def test_packed_training_learns_with_one_program_and_little_padding():
                       pack=True)
     trainer = Trainer(model, tok, QA, cfg)
     assert trainer.total_steps < 40 * len(QA) / 2 / 3  # three or more examples a row: a third of the steps
+    shapes = {k: v.shape for k, v in next(trainer._batches())[1].items()}
+    assert shapes["input_ids"] == (1, 2, 128) and shapes["logit_positions"] == (1, 2, trainer.targets)
+    assert trainer.targets < 128  # the head runs at the target positions only, not at every position
     programs = {}
     result = trainer.run(on_step=lambda s: programs.setdefault(s.epoch, trainer.compiled_programs()))
     assert result.compiled_programs == programs[1] == 1  # one shape, never recompiled after the first epoch
