@@ -225,6 +225,35 @@ def run_torch(args) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- memory plan
+def plan_memory(args) -> dict:
+    """XLA's per-device memory plan for one training step (`train.plan_step_memory`), on this machine's backend."""
+    import jax
+
+    from jaxtune.config import TrainConfig
+    from jaxtune.train import plan_step_memory
+
+    length = args.seq or args.max_length
+    cfg = TrainConfig(batch_size=args.batch, max_length=length, dtype=args.dtype, fsdp=args.fsdp,
+                      dropout=not args.no_dropout, buckets=(length,))
+    plan = plan_step_memory(PRESETS[args.model], cfg)
+    gib = {k: v / 2**30 for k, v in plan.items() if k != "compile_s"}
+    layout = f"fsdp over {jax.device_count()} devices" if args.fsdp else f"replicated on {jax.device_count()} device(s)"
+    print(f"{args.model}, {args.batch} x {length} tokens a step, {args.dtype}, dropout {'off' if args.no_dropout else 'on'}, "
+          f"{layout}: XLA plans {gib['peak']:.2f} GiB per device (arguments {gib['arguments']:.2f}: parameters, "
+          f"optimizer state, batch; temporaries {gib['temporaries']:.2f}); {jax.devices()[0].device_kind} "
+          f"({jax.default_backend()}), compiled in {plan['compile_s']:.1f} s")
+    if jax.default_backend() == "cpu":
+        print("(on a CPU, XLA's attention keeps every layer's score matrices; a GPU's fused attention, used when "
+              "dropout is off, keeps none)")
+    result = {"config": vars(args), "plan_gib": gib, "compile_s": plan["compile_s"], "devices": jax.device_count(),
+              "backend": jax.default_backend()}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- main
 def matched_torch_batch(args) -> int:
     """Examples in an average packed jaxtune step: the baseline takes that many per step."""
@@ -264,6 +293,11 @@ def main(argv=None):
     p.add_argument("--seconds", type=float, default=60.0, help="timed training per side, after its first step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
+    p.add_argument("--plan-memory", action="store_true", help="train nothing: print XLA's memory plan per device for "
+                   "one step of --model on --batch rows of --seq (else --max-length) tokens, with no weights allocated")
+    p.add_argument("--fsdp", action="store_true", help="with --plan-memory: parameters and optimizer state sharded "
+                   "over all devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU)")
+    p.add_argument("--no-dropout", action="store_true", help="with --plan-memory: plan without dropout")
     p.add_argument("--json", help="also write all figures to this file")
     p.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--side-output", help=argparse.SUPPRESS)
@@ -276,6 +310,8 @@ def main(argv=None):
             json.dump(result, f)
         return result
 
+    if args.plan_memory:
+        return plan_memory(args)
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.torch_batch is None:
         args.torch_batch = matched_torch_batch(args)

@@ -222,14 +222,8 @@ class Trainer:
         # float32 master weights, copied: the step donates them, and the caller's arrays must survive
         self.params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
         self.opt_state = self.optimizer.init(self.params)
-        devices = list(devices if devices is not None else jax.devices())
-        self.mesh, self.shardings = None, None
-        if len(devices) > 1 or cfg.fsdp:  # one mesh over all devices: batch rows split, params replicated or sharded
-            if cfg.batch_size % len(devices):
-                raise TrainingError(f"batch_size={cfg.batch_size} must be a multiple of the {len(devices)} devices "
-                                    "(each device takes an equal share of the rows)")
-            self.mesh = make_mesh(fsdp=cfg.fsdp, devices=devices)
-            self.shardings = (tree_shardings(self.mesh, self.params), tree_shardings(self.mesh, self.opt_state))
+        self.mesh, self.shardings = _layout(cfg, devices, self.params, self.opt_state)
+        if self.mesh is not None:
             self.params, self.opt_state = place(self.params, self.shardings[0]), place(self.opt_state, self.shardings[1])
         self.schedule = make_schedule(cfg, self.total_steps)
         self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
@@ -404,6 +398,58 @@ class Trainer:
         result.steps, result.seconds = self.step, time.perf_counter() - start
         result.compiled_programs = self.compiled_programs()
         return result
+
+
+def _layout(cfg: TrainConfig, devices, params, opt_state):
+    """(mesh, (param shardings, optimizer-state shardings)) over several devices or with fsdp, else (None, None):
+    one mesh over all devices, batch rows split, parameters and optimizer state replicated or sharded."""
+    devices = list(devices if devices is not None else jax.devices())
+    if len(devices) == 1 and not cfg.fsdp:
+        return None, None
+    if cfg.batch_size % len(devices):
+        raise TrainingError(f"batch_size={cfg.batch_size} must be a multiple of the {len(devices)} devices "
+                            "(each device takes an equal share of the rows)")
+    mesh = make_mesh(fsdp=cfg.fsdp, devices=devices)
+    return mesh, (tree_shardings(mesh, params), tree_shardings(mesh, opt_state))
+
+
+def plan_step_memory(config, cfg: TrainConfig, *, targets: int | None = None, devices=None) -> dict:
+    """XLA's memory plan for one train step of this architecture, per device, compiled on abstract shapes, so
+    nothing is allocated: whether a run fits, before loading any weights.
+
+    The batch is cfg.grad_accum x cfg.batch_size rows of cfg.max_length tokens (packed: with `targets` logit
+    positions a row, default max_length). Returns bytes per device: arguments (parameters, optimizer state,
+    batch), outputs, temporaries (activations, gradients, workspace), aliased (outputs written over donated
+    arguments) and peak = arguments + outputs + temporaries - aliased; plus the compile time.
+    """
+    from jaxtune.model import abstract
+
+    graphdef, params = nnx.split(abstract(config))
+    params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+    optimizer = make_optimizer(cfg, total_steps=1000)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    mesh, shardings = _layout(cfg, devices, params, opt_state)
+    shape = (cfg.grad_accum, cfg.batch_size, cfg.max_length)
+    keys = ("input_ids", "loss_mask", "attention_mask") + (("segment_ids", "positions") if cfg.pack else ())
+    batch = {k: shape for k in keys}
+    if cfg.pack:
+        batch.update({k: shape[:2] + (targets or cfg.max_length,) for k in ("logit_positions", "logit_targets", "logit_mask")})
+    key = jax.random.key(0)
+    if mesh is not None:
+        with_sharding = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+        params, opt_state = jax.tree.map(with_sharding, params, shardings[0]), jax.tree.map(with_sharding, opt_state, shardings[1])
+        batch = {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=batch_sharding(mesh)) for k, v in batch.items()}
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+    else:
+        batch = {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in batch.items()}
+    start = time.perf_counter()
+    compiled = make_train_step(graphdef, optimizer, cfg, shardings).lower(params, opt_state, batch, key).compile()
+    m = compiled.memory_analysis()
+    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+           "aliased": m.alias_size_in_bytes}
+    out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+    out["compile_s"] = time.perf_counter() - start
+    return out
 
 
 def _empty_like(batch: dict) -> dict:

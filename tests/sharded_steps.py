@@ -10,6 +10,7 @@ from flax import nnx
 from jaxtune import Pair, TrainConfig, Trainer, load
 from jaxtune.config import GPT2Config
 from jaxtune.model import build
+from jaxtune.train import plan_step_memory
 
 assert jax.device_count() == 8, jax.devices()
 tok = load("tiny")[1]
@@ -27,6 +28,10 @@ def run(devices, fsdp):
     return [s.loss for s in result.history], params, str(getattr(kernel.sharding, "spec", "")), len(kernel.sharding.device_set)
 
 
+def plan(fsdp):
+    return plan_step_memory(config, TrainConfig(batch_size=8, max_length=32, fsdp=fsdp), devices=jax.devices())
+
+
 one, p1, _, _ = run(jax.devices()[:1], False)
 data, p8, data_spec, data_devices = run(jax.devices(), False)
 fsdp, pf, fsdp_spec, fsdp_devices = run(jax.devices(), True)
@@ -34,5 +39,6 @@ print(json.dumps({
     "one": one, "data": data, "fsdp": fsdp,
     "data_max_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
     "fsdp_max_diff": max(float(np.abs(p1[k] - pf[k]).max()) for k in p1),
+    "plan_replicated": plan(False), "plan_fsdp": plan(True),
     "data_spec": data_spec, "fsdp_spec": fsdp_spec, "data_devices": data_devices, "fsdp_devices": fsdp_devices,
 }))

@@ -1,6 +1,5 @@
 """Generation against transformers' generate; streaming, sampling and prompt limits."""
 
-import numpy as np
 import pytest
 import torch
 

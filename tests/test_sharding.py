@@ -36,6 +36,13 @@ def test_fsdp_matches_one_device_and_shards_parameters(sharded):
     assert "fsdp" in sharded["fsdp_spec"] and sharded["fsdp_devices"] == 8  # each device holds 1/8 of the kernel
 
 
+def test_fsdp_spreads_the_training_state_over_the_devices(sharded):
+    """XLA's memory plan per device: with fsdp, each of the 8 devices holds an eighth of the parameters, the
+    AdamW moments and the batch; replicated, each holds all of them."""
+    rep, fsdp = sharded["plan_replicated"], sharded["plan_fsdp"]
+    assert rep["arguments"] / 8 <= fsdp["arguments"] < rep["arguments"] / 8 + 1024
+
+
 def test_fsdp_shards_the_largest_divisible_dimension():
     import jax
 

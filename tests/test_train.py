@@ -13,8 +13,8 @@ from jaxtune.config import GPT2Config
 from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, collate, collate_packed, encode, format_prompt,
                           pack_rows, reference_batch)
 from jaxtune.generate import generate_ids
-from jaxtune.model import build
-from jaxtune.train import batch_loss, summed_loss
+from jaxtune.model import build, num_params
+from jaxtune.train import batch_loss, plan_step_memory, summed_loss
 
 
 def reference_loss_and_grads(torch_model, tokenizer):
@@ -245,3 +245,17 @@ def test_checkpoints_keep_the_last_k(tmp_path):
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [10, 12]
     with pytest.raises(Exception, match="no checkpoint"):
         trainer.restore_checkpoint(tmp_path / "empty")
+
+
+def test_memory_plan_counts_the_state_and_grows_with_the_batch():
+    """plan_step_memory compiles the step on abstract shapes: its arguments are exactly the float32 parameters, the
+    two AdamW moments, the optimizer's step counters and the batch; its temporaries grow with the batch."""
+    config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    n = num_params(build(config))
+    plans = [plan_step_memory(config, TrainConfig(batch_size=b, max_length=64, pack=True)) for b in (2, 8)]
+    for b, plan in zip((2, 8), plans):
+        batch_bytes = 4 * b * 64 * 5 + 4 * b * 64 * 3  # five [b, 64] int32 arrays and three of logit positions
+        assert 3 * 4 * n + batch_bytes <= plan["arguments"] <= 3 * 4 * n + batch_bytes + 64  # + step counters, key
+        assert 3 * 4 * n <= plan["aliased"] <= plan["outputs"] < plan["aliased"] + 1024  # donated state in place, metrics
+        assert plan["peak"] == plan["arguments"] + plan["outputs"] + plan["temporaries"] - plan["aliased"]
+    assert plans[1]["temporaries"] > 2 * plans[0]["temporaries"]
