@@ -102,7 +102,7 @@ def run_jax(args) -> dict:
     config = PRESETS[args.model]
     pairs, length = bench_pairs(args)
     cfg = TrainConfig(batch_size=args.batch, max_length=length, pack=not args.seq, dtype=args.dtype, epochs=100,
-                      warmup_steps=0, buckets=(length,))
+                      warmup_steps=0, buckets=(length,), dropout=not args.no_dropout)
     model = build(config, seed=0)
     trainer = Trainer(model, offline_tokenizer(), pairs, cfg)
     steps, deadline = [], [None]
@@ -128,7 +128,10 @@ def run_jax(args) -> dict:
         "batch": f"{args.batch} rows x {length} tokens" + (", packed" if cfg.pack else ""),
     }
     out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
-    out["planned_memory_gib"] = _planned_memory(trainer) / 2**30
+    compiled = trainer._step.lower(trainer.params, trainer.opt_state, next(iter(trainer._batches()))[1],
+                                   jax.random.key(0)).compile()
+    out["planned_memory_gib"] = _planned_bytes(compiled) / 2**30
+    out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         out["device_peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -148,25 +151,43 @@ def _new_shapes_after_first_epoch(trainer) -> int:
     return len(set().union(*(shapes(p) for p in trainer.plans[1:4])) - first) if len(trainer.plans) > 1 else 0
 
 
-def _planned_memory(trainer) -> int:
+def _planned_bytes(compiled) -> int:
     """Bytes XLA planned for one step (arguments + outputs + temporaries, less donated buffers), on any platform."""
-    batch = next(iter(trainer._batches()))[1]
-    import jax
-
-    compiled = trainer._step.lower(trainer.params, trainer.opt_state, batch, jax.random.key(0)).compile()
     m = compiled.memory_analysis()
     return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 # ---------------------------------------------------------------------------------------------- pytorch
+def measure_torch_matmul_peak(dtype: str, device: str) -> float:
+    """FLOP/s of PyTorch's own square matrix multiply, measured as `measure_matmul_peak` measures XLA's."""
+    import torch
+
+    n, reps = (4096, 20) if device == "cuda" else (2048, 4)
+    a = torch.ones(n, n, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, device=device)
+    out = a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = a @ a
+    if device == "cuda":
+        torch.cuda.synchronize()
+    del out
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
 def run_torch(args) -> dict:
     import torch
     import transformers
 
+    transformers.logging.set_verbosity_error()  # not its note that GPT2Config's loss_type=None means the default
     config = PRESETS[args.model]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    if args.no_dropout:
+        hf.resid_pdrop = hf.embd_pdrop = hf.attn_pdrop = 0.0
+    peak = measure_torch_matmul_peak(args.dtype, device)
     model = transformers.GPT2LMHeadModel(hf).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     ids = encoded_examples(args)
@@ -218,7 +239,8 @@ def run_torch(args) -> dict:
            "loss_first_last": [first_loss, last_loss], "threads": torch.get_num_threads(),
            "batch": f"{args.torch_batch} examples, padded to the longest" if not args.seq else
            f"{args.torch_batch} x {args.seq} tokens", "process_peak_rss_gib": peak_rss_gib(),
-           "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
+           "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+           "matmul_peak_flops": peak}
     if device == "cuda":
         out["device_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out["model_flops_per_token"] = model_flops_per_token(config, config_mean)
@@ -297,7 +319,8 @@ def main(argv=None):
                    "one step of --model on --batch rows of --seq (else --max-length) tokens, with no weights allocated")
     p.add_argument("--fsdp", action="store_true", help="with --plan-memory: parameters and optimizer state sharded "
                    "over all devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU)")
-    p.add_argument("--no-dropout", action="store_true", help="with --plan-memory: plan without dropout")
+    p.add_argument("--no-dropout", action="store_true", help="train (or plan) both sides without dropout, as "
+                   "pre-training benchmarks do; on a GPU this lets attention use the fused cuDNN kernel")
     p.add_argument("--json", help="also write all figures to this file")
     p.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--side-output", help=argparse.SUPPRESS)
@@ -320,17 +343,24 @@ def main(argv=None):
     print(f"{args.model} shape, {what}, {args.dtype}, ~{args.seconds:.0f}s timed per side; "
           f"{platform.machine()}, {os.cpu_count()} CPU cores", flush=True)
     results = {"config": vars(args), "jax": _side("jax", argv)}
-    print(_line("jaxtune", results["jax"]), flush=True)
-    if not args.no_torch:
-        results["torch"] = _side("torch", argv)
-        t = results["torch"]
-        t["mfu"] = t["useful_tokens_per_s"] * t.pop("model_flops_per_token") / results["jax"]["matmul_peak_flops"]
-        print(_line("pytorch", t))
-        results["speedup_useful_tokens"] = results["jax"]["useful_tokens_per_s"] / t["useful_tokens_per_s"]
-        print(f"jaxtune / pytorch useful tokens/s: {results['speedup_useful_tokens']:.2f}x")
     j = results["jax"]
-    print(f"devices: jax {j['device']}; matmul peak {j['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; "
-          f"new batch shapes after the first epoch: {j['shapes_after_first_epoch_not_in_first']}")
+    results["matmul_peak_flops"] = j["matmul_peak_flops"]
+    if not args.no_torch:  # MFU of both sides against the faster of the two frameworks' measured matmul peaks
+        results["torch"] = t = _side("torch", argv)
+        results["matmul_peak_flops"] = max(j["matmul_peak_flops"], t["matmul_peak_flops"])
+        t["mfu"] = t["useful_tokens_per_s"] * t.pop("model_flops_per_token") / results["matmul_peak_flops"]
+        j["mfu"] *= j["matmul_peak_flops"] / results["matmul_peak_flops"]
+    print(_line("jaxtune", j))
+    if not args.no_torch:
+        print(_line("pytorch", t))
+        results["speedup_useful_tokens"] = j["useful_tokens_per_s"] / t["useful_tokens_per_s"]
+        print(f"jaxtune / pytorch useful tokens/s: {results['speedup_useful_tokens']:.2f}x")
+    peaks = f"XLA {j['matmul_peak_flops'] / 1e9:.0f}"
+    if "torch" in results:
+        peaks += f", PyTorch {results['torch']['matmul_peak_flops'] / 1e9:.0f}"
+    print(f"devices: jax {j['device']}, attention {j['attention']}; matrix-multiply peak ({args.dtype}) {peaks} "
+          f"GFLOP/s (MFU is against the higher); new batch shapes after the first epoch: "
+          f"{j['shapes_after_first_epoch_not_in_first']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -71,12 +71,30 @@ class GPT2Attention(nnx.Module):
             w_BNTS = jax.nn.softmax(jnp.where(mask_B1TS, w_BNTS, jnp.finfo(jnp.float32).min), axis=-1)
             w_BNTS = _dropout(w_BNTS.astype(v_BTNH.dtype), self.attn_pdrop, attn_rng)
             y_BTNH = jnp.einsum("bnts,bsnh->btnh", w_BNTS, v_BTNH)
-        elif mask_B1TS is None:
-            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, scale=self.scale, is_causal=True)
         else:
-            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=mask_B1TS, scale=self.scale)
+            y_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, mask_B1TS, self.scale, fused=kv_cache is None)
         y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
         return _dropout(y_BTD, self.resid_pdrop, resid_rng), kv_cache
+
+
+def attention_implementation(dtype) -> str | None:
+    """cuDNN's fused (flash) attention on an NVIDIA GPU in bfloat16/float16; XLA's everywhere else (CPU, TPU,
+    float32). jax.nn.dot_product_attention picks XLA's unless asked, so the GPU path asks."""
+    return "cudnn" if jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16) else None
+
+
+def attention(q_BTNH, k_BTNH, v_BTNH, mask_B1TS, scale: float, *, fused: bool = True, implementation="auto"):
+    """Softmax attention, causal when there is no mask. fused: may use the platform's fused kernel (training and
+    scoring; decoding over a cache always uses XLA's). A fused kernel that this GPU or cuDNN version cannot run
+    for these shapes (jax says so while tracing) falls back to XLA's."""
+    impl = attention_implementation(q_BTNH.dtype) if implementation == "auto" else implementation
+    kwargs = {"is_causal": True} if mask_B1TS is None else {"mask": mask_B1TS}
+    if fused and impl is not None:
+        try:
+            return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, scale=scale, implementation=impl, **kwargs)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+    return jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, scale=scale, **kwargs)
 
 
 class GPT2MLP(nnx.Module):

@@ -6,7 +6,7 @@ import pytest
 
 from jaxtune.checkpoint import load
 from jaxtune.config import ConfigError, GPT2Config
-from jaxtune.model import build
+from jaxtune.model import attention, attention_implementation, build
 
 from conftest import make_hf_model, torch_logits
 
@@ -70,3 +70,20 @@ def test_segments_isolate_packed_examples():
 def test_unsupported_config_is_named(hf, words):
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         GPT2Config.from_hf({"model_type": "gpt2", **hf})
+
+
+def test_fused_attention_is_asked_for_on_gpus_and_falls_back_where_it_cannot_run():
+    """jax.nn.dot_product_attention uses XLA's kernel unless told otherwise, so the model asks for cuDNN's on a GPU
+    in bfloat16. Where that kernel cannot run (here: no cuDNN on a CPU), the XLA result comes back instead."""
+    import jax
+
+    assert attention_implementation(jnp.float32) is None
+    assert attention_implementation(jnp.bfloat16) == ("cudnn" if jax.default_backend() == "gpu" else None)
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 4, 64)), jnp.bfloat16) for _ in range(3))
+    segments = jnp.asarray(np.repeat([[1, 2]], 8, axis=1).repeat(2, axis=0))
+    mask = (jnp.tril(jnp.ones((16, 16), bool))[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
+    for m in (None, mask):
+        xla = attention(q, k, v, m, 0.125, implementation=None)
+        asked = jax.jit(lambda q, k, v: attention(q, k, v, m, 0.125, implementation="cudnn"))(q, k, v)
+        np.testing.assert_allclose(np.asarray(asked, np.float32), np.asarray(xla, np.float32), atol=1e-2)
