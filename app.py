@@ -173,7 +173,8 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
         trainer = jaxtune.Trainer(model, tokenizer, pairs, cfg, validation_pairs=val_pairs)
     except (ValueError, jaxtune.TrainingError) as e:
         raise gr.Error(str(e), title="Cannot train with these settings")
-    log.append(f"training {trainer.total_steps} steps on {jax.default_backend()} (first step compiles); real tokens "
+    n = trainer.total_steps
+    log.append(f"training {n} step{'s' * (n != 1)} on {jax.default_backend()} (the first compiles); real tokens "
                f"fill {trainer.planned_real_token_share:.0%} of the computed positions{' (packed)' if pack else ''}")
     session.stop.clear()
     session.history = []
@@ -220,7 +221,8 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
         note = f"stopped after step {result.steps}; the model keeps what it learned"
         log.append(note)
     else:
-        log.append(f"finished {result.steps} steps in {result.seconds:.1f}s")
+        memory = "" if result.peak_memory is None else f", peak device memory {result.peak_memory / 2**30:.2f} GiB"
+        log.append(f"finished {result.steps} step{'s' * (result.steps != 1)} in {result.seconds:.1f}s{memory}")
     total = trainer.total_steps
     yield (_progress_html(result.steps, total, 0 if not result.stopped else None,
                           last.tokens_per_sec if last else None, last.loss if last else None, note),

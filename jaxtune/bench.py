@@ -132,9 +132,8 @@ def run_jax(args) -> dict:
                                    jax.random.key(0)).compile()
     out["planned_memory_gib"] = _planned_bytes(compiled) / 2**30
     out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
-    stats = jax.devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        out["device_peak_memory_gib"] = stats["peak_bytes_in_use"] / 2**30
+    if result.peak_memory is not None:
+        out["device_peak_memory_gib"] = result.peak_memory / 2**30
     out["process_peak_rss_gib"] = peak_rss_gib()
     out["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     return out

@@ -236,6 +236,8 @@ def cmd_train(args) -> int:
     summary = f"{result.steps} steps in {result.seconds:.1f}s"
     if result.real_token_share is not None:
         summary += f" ({result.real_token_share:.0%} real tokens, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)"
+    if result.peak_memory is not None:
+        summary += f", peak device memory {result.peak_memory / 2**30:.2f} GiB"
     if result.history:
         summary += f", final loss {result.history[-1].loss:.4f}"
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)

@@ -56,7 +56,7 @@ class GPT2Attention(nnx.Module):
 
     def __call__(self, x_BTD, mask_B1TS, kv_cache=None, cache_index=None, dropout_rng=None):
         B, T, D = x_BTD.shape
-        q_BTNH, k_BTNH, v_BTNH = jnp.split(self.c_attn(x_BTD).reshape(B, T, 3, self.n_head, self.head_dim), 3, axis=2)
+        q_BTNH, k_BTNH, v_BTNH = jnp.split(linear(self.c_attn, x_BTD).reshape(B, T, 3, self.n_head, self.head_dim), 3, axis=2)
         q_BTNH, k_BTNH, v_BTNH = q_BTNH[:, :, 0], k_BTNH[:, :, 0], v_BTNH[:, :, 0]
         if kv_cache is not None:  # write this chunk at cache_index, attend over the whole cache
             k_cache, v_cache = kv_cache
@@ -73,8 +73,45 @@ class GPT2Attention(nnx.Module):
             y_BTNH = jnp.einsum("bnts,bsnh->btnh", w_BNTS, v_BTNH)
         else:
             y_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, mask_B1TS, self.scale, fused=kv_cache is None)
-        y_BTD = self.c_proj(y_BTNH.reshape(B, T, D))
+        y_BTD = linear(self.c_proj, y_BTNH.reshape(B, T, D))
         return _dropout(y_BTD, self.resid_pdrop, resid_rng), kv_cache
+
+
+def matmul(x_BTK, w_KN, bias_N=None):
+    """x @ w (+ bias). In bfloat16 on a CPU, every product of the forward and backward pass (x @ w, g @ w.T,
+    x.T @ g) is accumulated and returned in float32, the bias added, and the result rounded: XLA's CPU kernels for
+    AVX-512-BF16 run that form at about twice the float32 rate, a bfloat16-output product at about the float32
+    rate, and the bias gradient is then a float32 sum. Elsewhere: the plain product."""
+    if x_BTK.dtype == w_KN.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+        y = _matmul_f32_accumulate(x_BTK, w_KN)
+        return (y if bias_N is None else y + bias_N).astype(jnp.bfloat16)
+    y = x_BTK @ w_KN
+    return y if bias_N is None else y + bias_N
+
+
+@jax.custom_vjp
+def _matmul_f32_accumulate(x_BTK, w_KN):
+    return jnp.einsum("...k,kn->...n", x_BTK, w_KN, preferred_element_type=jnp.float32)
+
+
+def _matmul_f32_accumulate_fwd(x_BTK, w_KN):
+    return _matmul_f32_accumulate(x_BTK, w_KN), (x_BTK, w_KN)
+
+
+def _matmul_f32_accumulate_bwd(residuals, g_BTN):
+    x_BTK, w_KN = residuals
+    g_BTN = g_BTN.astype(x_BTK.dtype)
+    dx_BTK = jnp.einsum("...n,kn->...k", g_BTN, w_KN, preferred_element_type=jnp.float32)
+    dw_KN = jnp.einsum("...k,...n->kn", x_BTK, g_BTN, preferred_element_type=jnp.float32)
+    return dx_BTK.astype(x_BTK.dtype), dw_KN.astype(w_KN.dtype)
+
+
+_matmul_f32_accumulate.defvjp(_matmul_f32_accumulate_fwd, _matmul_f32_accumulate_bwd)
+
+
+def linear(layer: nnx.Linear, x_BTK):
+    """layer(x) through `matmul`: the same parameters and result as nnx.Linear's own call."""
+    return matmul(x_BTK, layer.kernel[...], None if layer.bias is None else layer.bias[...])
 
 
 def attention_implementation(dtype) -> str | None:
@@ -106,7 +143,7 @@ class GPT2MLP(nnx.Module):
         self.resid_pdrop = config.resid_pdrop
 
     def __call__(self, x_BTD, dropout_rng=None):
-        return _dropout(self.c_proj(self.act(self.c_fc(x_BTD))), self.resid_pdrop, dropout_rng)
+        return _dropout(linear(self.c_proj, self.act(linear(self.c_fc, x_BTD))), self.resid_pdrop, dropout_rng)
 
 
 class GPT2Block(nnx.Module):
@@ -171,7 +208,9 @@ class GPT2LMHeadModel(nnx.Module):
                 mask_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
             mask_B1TS = mask_BTS[:, None]
         embd_rng, *layer_rngs = _split(dropout_rng, 1 + len(self.h))
-        x_BTD = _dropout(self.wte(input_ids_BT) + self.wpe(positions_BT), self.config.embd_pdrop, embd_rng)
+        # the tables are read as they are: nnx.Embed's call would cast bfloat16 tables back to its float32 dtype
+        x_BTD = jnp.take(self.wte.embedding[...], input_ids_BT, axis=0) + jnp.take(self.wpe.embedding[...], positions_BT, axis=0)
+        x_BTD = _dropout(x_BTD, self.config.embd_pdrop, embd_rng)
         new_k, new_v = [], []
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
@@ -182,7 +221,10 @@ class GPT2LMHeadModel(nnx.Module):
         x_BTD = self.ln_f(x_BTD)
         if logit_positions_BK is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logit_positions_BK[:, :, None], axis=1)
-        logits_BTV = self.lm_head(x_BTD) if hasattr(self, "lm_head") else self.wte.attend(x_BTD)
+        if hasattr(self, "lm_head"):
+            logits_BTV = linear(self.lm_head, x_BTD)
+        else:  # tied: the embedding table, transposed, is the head
+            logits_BTV = matmul(x_BTD, self.wte.embedding[...].T)
         if cache is None:
             return logits_BTV
         return logits_BTV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}

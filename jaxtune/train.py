@@ -167,6 +167,7 @@ class TrainResult:
     tokens: int = 0  # real tokens trained on in this run
     positions: int = 0  # positions computed for them, padding included
     stop_requested: bool = False  # stopped because should_stop() said so
+    peak_memory: int | None = None  # the most bytes in use on any of this host's devices (None where not reported: CPU)
 
     @property
     def real_token_share(self) -> float | None:
@@ -397,7 +398,14 @@ class Trainer:
         self.sync_model()
         result.steps, result.seconds = self.step, time.perf_counter() - start
         result.compiled_programs = self.compiled_programs()
+        result.peak_memory = peak_device_memory()
         return result
+
+
+def peak_device_memory() -> int | None:
+    """Peak bytes in use on this host's busiest device since the process started (GPU and TPU report it)."""
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    return max((p for p in peaks if p is not None), default=None)
 
 
 def _layout(cfg: TrainConfig, devices, params, opt_state):

@@ -131,7 +131,7 @@ def test_sessions_are_separate(app_url):
     first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
     _, _, log = first.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]},
                               *dict(TRAIN_ARGS, epochs=1, validation_fraction=0, pack=True).values(), api_name="/train")
-    assert "training 1 steps" in log and "(packed)" in log  # both pairs in one packed row
+    assert "training 1 step on" in log and "(packed)" in log  # both pairs in one packed row
     exported = first.predict(api_name="/export")
     assert (exported["value"] if isinstance(exported, dict) else exported).endswith(".zip")
     _, tuned = second.predict("Hi", 0.0, 0.95, 8, "tiny", api_name="/generate")

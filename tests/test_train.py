@@ -205,6 +205,37 @@ def test_non_finite_loss_stops_and_keeps_weights():
     assert not np.array_equal(np.asarray(model.wte.embedding.get_value()), before) or result.steps <= 2
 
 
+def _dot_dtypes(closed_jaxpr) -> list[tuple[str, ...]]:
+    """The input dtypes of every matrix multiply in a jaxpr, nested calls included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                found.append(tuple(str(v.aval.dtype) for v in eqn.invars))
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else [value]:
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(closed_jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_matrix_multiply_runs_in_the_compute_dtype(dtype):
+    """Forward and backward, with dropout and packing: no product is silently upcast (nnx.Embed's call, for one,
+    casts a bfloat16 table back to float32, which made every later product float32)."""
+    model = build(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4), seed=0)
+    trainer = Trainer(model, load("tiny")[1], QA, TrainConfig(batch_size=2, max_length=64, pack=True, dtype=dtype))
+    batch = next(trainer._batches())[1]
+    jaxpr = jax.make_jaxpr(trainer._step)(trainer.params, trainer.opt_state, batch, jax.random.key(0))
+    dots = _dot_dtypes(jaxpr)
+    assert len(dots) > 2 * 6 * 3 and set(dots) == {(dtype, dtype)}  # 6 products a layer, forward and backward
+
+
 def test_bfloat16_training_still_learns():
     model = build(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4), seed=0)
     tok = load("tiny")[1]
