@@ -75,7 +75,7 @@ def measure_matmul_peak(dtype: str) -> float:
 
     n = 4096 if jax.default_backend() != "cpu" else 2048
     a = jnp.ones((n, n), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))  # bf16 accumulated in f32, as trained
     f(a).block_until_ready()
     reps = 20 if jax.default_backend() != "cpu" else 4
     t0 = time.perf_counter()
@@ -186,13 +186,13 @@ def run_torch(args) -> dict:
     hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
     if args.no_dropout:
         hf.resid_pdrop = hf.embd_pdrop = hf.attn_pdrop = 0.0
-    peak = measure_torch_matmul_peak(args.dtype, device)
+    peak = measure_torch_matmul_peak(args.torch_dtype, device)
     model = transformers.GPT2LMHeadModel(hf).to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
     ids = encoded_examples(args)
     order = np.random.default_rng(0).permutation(len(ids))
     eos = 50256
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.torch_dtype == "bfloat16")
 
     def batches():
         while True:
@@ -313,6 +313,8 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=0, help="instead of the data: random rows of exactly this many tokens")
     p.add_argument("--seconds", type=float, default=60.0, help="timed training per side, after its first step")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--torch-dtype", choices=("float32", "bfloat16"), help="the baseline's compute dtype (bfloat16: "
+                   "autocast), default --dtype; float32 is how the reference trains")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     p.add_argument("--plan-memory", action="store_true", help="train nothing: print XLA's memory plan per device for "
                    "one step of --model on --batch rows of --seq (else --max-length) tokens, with no weights allocated")
@@ -324,6 +326,7 @@ def main(argv=None):
     p.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--side-output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.torch_dtype = args.torch_dtype or args.dtype
     if args.seq:
         args.torch_batch = args.batch
     if args.side:
@@ -339,26 +342,30 @@ def main(argv=None):
         args.torch_batch = matched_torch_batch(args)
         argv += ["--torch-batch", str(args.torch_batch)]
     what = f"random rows of {args.seq} tokens" if args.seq else args.data
-    print(f"{args.model} shape, {what}, {args.dtype}, ~{args.seconds:.0f}s timed per side; "
+    dtypes = args.dtype if args.torch_dtype == args.dtype or args.no_torch else f"jaxtune {args.dtype}, pytorch {args.torch_dtype}"
+    print(f"{args.model} shape, {what}, {dtypes}, ~{args.seconds:.0f}s timed per side; "
           f"{platform.machine()}, {os.cpu_count()} CPU cores", flush=True)
     results = {"config": vars(args), "jax": _side("jax", argv)}
     j = results["jax"]
-    results["matmul_peak_flops"] = j["matmul_peak_flops"]
-    if not args.no_torch:  # MFU of both sides against the faster of the two frameworks' measured matmul peaks
+    same_dtype = args.torch_dtype == args.dtype
+    if not args.no_torch:
         results["torch"] = t = _side("torch", argv)
-        results["matmul_peak_flops"] = max(j["matmul_peak_flops"], t["matmul_peak_flops"])
-        t["mfu"] = t["useful_tokens_per_s"] * t.pop("model_flops_per_token") / results["matmul_peak_flops"]
-        j["mfu"] *= j["matmul_peak_flops"] / results["matmul_peak_flops"]
+        # MFU: in one dtype, both sides against the faster of the two frameworks' measured peaks; else each its own
+        peak = max(j["matmul_peak_flops"], t["matmul_peak_flops"]) if same_dtype else t["matmul_peak_flops"]
+        results["model_flops_per_token"] = t.pop("model_flops_per_token")
+        t["mfu"] = t["useful_tokens_per_s"] * results["model_flops_per_token"] / peak
+        if same_dtype:
+            j["mfu"] *= j["matmul_peak_flops"] / peak
     print(_line("jaxtune", j))
     if not args.no_torch:
         print(_line("pytorch", t))
         results["speedup_useful_tokens"] = j["useful_tokens_per_s"] / t["useful_tokens_per_s"]
         print(f"jaxtune / pytorch useful tokens/s: {results['speedup_useful_tokens']:.2f}x")
-    peaks = f"XLA {j['matmul_peak_flops'] / 1e9:.0f}"
+    peaks = f"XLA {j['matmul_peak_flops'] / 1e9:.0f} ({args.dtype})"
     if "torch" in results:
-        peaks += f", PyTorch {results['torch']['matmul_peak_flops'] / 1e9:.0f}"
-    print(f"devices: jax {j['device']}, attention {j['attention']}; matrix-multiply peak ({args.dtype}) {peaks} "
-          f"GFLOP/s (MFU is against the higher); new batch shapes after the first epoch: "
+        peaks += f", PyTorch {results['torch']['matmul_peak_flops'] / 1e9:.0f} ({args.torch_dtype})"
+    print(f"devices: jax {j['device']}, attention {j['attention']}; matrix-multiply peak {peaks} "
+          f"GFLOP/s (MFU is against {'the higher' if same_dtype else 'each its own'}); new batch shapes after the first epoch: "
           f"{j['shapes_after_first_epoch_not_in_first']}")
     if args.json:
         with open(args.json, "w") as f:
