@@ -35,6 +35,16 @@ def _dropout(x, rate: float, rng):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def _rows_split(x):
+    """Under a device mesh with a "fsdp" axis (the train step sets it while tracing), keep activations split by
+    rows over every device. Without this XLA may split them by width next to fsdp-split weights, and then
+    computes dropout masks for the whole batch on every device (8x the memory on 8 devices)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+
 def _split(rng, n):
     return [None] * n if rng is None else list(jax.random.split(rng, n))
 
@@ -210,11 +220,12 @@ class GPT2LMHeadModel(nnx.Module):
         embd_rng, *layer_rngs = _split(dropout_rng, 1 + len(self.h))
         # the tables are read as they are: nnx.Embed's call would cast bfloat16 tables back to its float32 dtype
         x_BTD = jnp.take(self.wte.embedding[...], input_ids_BT, axis=0) + jnp.take(self.wpe.embedding[...], positions_BT, axis=0)
-        x_BTD = _dropout(x_BTD, self.config.embd_pdrop, embd_rng)
+        x_BTD = _rows_split(_dropout(x_BTD, self.config.embd_pdrop, embd_rng))
         new_k, new_v = [], []
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
             x_BTD, kv = block(x_BTD, mask_B1TS, kv, cache_index, layer_rngs[i])
+            x_BTD = _rows_split(x_BTD)
             if kv is not None:
                 new_k.append(kv[0])
                 new_v.append(kv[1])

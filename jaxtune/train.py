@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -84,7 +85,13 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
     divided by the total target count, so accumulation weighs every token equally. A step whose loss or gradient
     is not finite leaves the parameters unchanged (the loop then stops and says so).
     """
+    mesh = jax.tree.leaves(state_shardings)[0].mesh if state_shardings is not None else None
+
     def step(params, opt_state, batch, key):
+        with _tracing_mesh(mesh):
+            return _step(params, opt_state, batch, key)
+
+    def _step(params, opt_state, batch, key):
         # the step's target count is known from the masks before any forward pass: dividing each micro-batch's
         # summed loss by it gives token-weighted gradients directly, with no pass over them afterwards
         count = jnp.sum(batch["loss_mask"][..., 1:]).astype(jnp.float32)
@@ -123,8 +130,17 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None))  # keep params where they live
 
 
-def make_eval_step(graphdef, cfg: TrainConfig):
-    return jax.jit(lambda params, batch: summed_loss(graphdef, params, batch, cfg))
+def make_eval_step(graphdef, cfg: TrainConfig, mesh=None):
+    def evaluate(params, batch):
+        with _tracing_mesh(mesh):
+            return summed_loss(graphdef, params, batch, cfg)
+
+    return jax.jit(evaluate)
+
+
+def _tracing_mesh(mesh):
+    """The mesh the model sees while a step is traced (it keeps activations split by rows: `model._rows_split`)."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
 # ---------------------------------------------------------------------------------------------- loop
@@ -228,7 +244,7 @@ class Trainer:
             self.params, self.opt_state = place(self.params, self.shardings[0]), place(self.opt_state, self.shardings[1])
         self.schedule = make_schedule(cfg, self.total_steps)
         self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
-        self._eval = make_eval_step(self.graphdef, cfg)
+        self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
         self.step = 0
         self.key = jax.random.key(cfg.seed)
 

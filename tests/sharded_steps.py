@@ -28,8 +28,11 @@ def run(devices, fsdp):
     return [s.loss for s in result.history], params, str(getattr(kernel.sharding, "spec", "")), len(kernel.sharding.device_set)
 
 
-def plan(fsdp):
-    return plan_step_memory(config, TrainConfig(batch_size=8, max_length=32, fsdp=fsdp), devices=jax.devices())
+def plan(fsdp, config=config, length=32):
+    return plan_step_memory(config, TrainConfig(batch_size=8, max_length=length, fsdp=fsdp), devices=jax.devices())
+
+
+wider = GPT2Config(n_positions=256, n_embd=128, n_layer=2, n_head=4)  # activations outweigh the state
 
 
 one, p1, _, _ = run(jax.devices()[:1], False)
@@ -40,5 +43,6 @@ print(json.dumps({
     "data_max_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
     "fsdp_max_diff": max(float(np.abs(p1[k] - pf[k]).max()) for k in p1),
     "plan_replicated": plan(False), "plan_fsdp": plan(True),
+    "plan_wider_replicated": plan(False, wider, 256), "plan_wider_fsdp": plan(True, wider, 256),
     "data_spec": data_spec, "fsdp_spec": fsdp_spec, "data_devices": data_devices, "fsdp_devices": fsdp_devices,
 }))
