@@ -104,7 +104,7 @@ def run_jax(args) -> dict:
     from jaxtune.checkpoint import offline_tokenizer
     from jaxtune.config import TrainConfig
     from jaxtune.model import build
-    from jaxtune.train import Trainer
+    from jaxtune.train import Trainer, memory_plan
 
     compile_events: list[float] = []
     jax.monitoring.register_event_duration_secs_listener(
@@ -143,7 +143,7 @@ def run_jax(args) -> dict:
     out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
     compiled = trainer._step.lower(trainer.params, trainer.opt_state, next(iter(trainer._batches()))[1],
                                    jax.random.key(0)).compile()
-    out["planned_memory_gib"] = _planned_bytes(compiled) / 2**30
+    out["planned_memory_gib"] = memory_plan(compiled)["peak"] / 2**30
     out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
     if result.peak_memory is not None:
         out["device_peak_memory_gib"] = result.peak_memory / 2**30
@@ -161,12 +161,6 @@ def _new_shapes_after_first_epoch(trainer) -> int:
 
     first = shapes(trainer.plans[0])
     return len(set().union(*(shapes(p) for p in trainer.plans[1:4])) - first) if len(trainer.plans) > 1 else 0
-
-
-def _planned_bytes(compiled) -> int:
-    """Bytes XLA planned for one step (arguments + outputs + temporaries, less donated buffers), on any platform."""
-    m = compiled.memory_analysis()
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
 
 # ---------------------------------------------------------------------------------------------- pytorch

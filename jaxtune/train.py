@@ -468,11 +468,16 @@ def plan_step_memory(config, cfg: TrainConfig, *, targets: int | None = None, de
         batch = {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in batch.items()}
     start = time.perf_counter()
     compiled = make_train_step(graphdef, optimizer, cfg, shardings).lower(params, opt_state, batch, key).compile()
+    return {**memory_plan(compiled), "compile_s": time.perf_counter() - start}
+
+
+def memory_plan(compiled) -> dict:
+    """Bytes per device that XLA planned for a compiled program: arguments, outputs, temporaries, aliased (outputs
+    written over donated arguments) and peak = arguments + outputs + temporaries - aliased."""
     m = compiled.memory_analysis()
     out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes, "temporaries": m.temp_size_in_bytes,
            "aliased": m.alias_size_in_bytes}
     out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
-    out["compile_s"] = time.perf_counter() - start
     return out
 
 
