@@ -142,7 +142,7 @@ def run_jax(args) -> dict:
     }
     out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
     compiled = trainer._step.lower(trainer.params, trainer.opt_state, next(iter(trainer._batches()))[1],
-                                   jax.random.key(0)).compile()
+                                   jax.random.key(0), jax.numpy.asarray(True)).compile()
     out["planned_memory_gib"] = memory_plan(compiled)["peak"] / 2**30
     out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
     if result.peak_memory is not None:
@@ -159,8 +159,8 @@ def _new_shapes_after_first_epoch(trainer) -> int:
     def shapes(plan):
         return {trainer.batch_length(batch, lengths) for batch in plan}
 
-    first = shapes(trainer.plans[0])
-    return len(set().union(*(shapes(p) for p in trainer.plans[1:4])) - first) if len(trainer.plans) > 1 else 0
+    later = [shapes(trainer.plan(epoch)) for epoch in range(1, min(len(trainer.epoch_steps), 4))]
+    return len(set().union(*later) - shapes(trainer.plan(0))) if later else 0
 
 
 # ---------------------------------------------------------------------------------------------- pytorch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,33 @@ PRESETS: dict[str, GPT2Config] = {
 LOSS_MODES = ("response", "all", "reference")
 
 
+# Integer training options: (least, most). The upper bounds keep a typo from planning or allocating without
+# bound (an epoch count is planned lazily, but 10**9 epochs of anything is a mistake); seeds are numpy's range.
+_TRAIN_INTS = {"epochs": (1, 100_000), "batch_size": (1, 65_536), "max_length": (1, 2**20), "grad_accum": (1, 4096),
+               "warmup_steps": (0, 2**31 - 1), "seed": (0, 2**32 - 1)}
+
+
+def checked_int(name: str, value, low: int, high: int | None = None) -> int:
+    """`value` as an int in [low, high], or a ValueError that says which option, what it got and what it takes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"{name}={value!r} must be a whole number")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bound = f"between {low:,} and {high:,}" if high is not None else f"at least {low:,}"
+        raise ValueError(f"{name}={value:,} is out of range: it must be {bound}")
+    return value
+
+
+def checked_float(name: str, value, *, positive: bool = False) -> float:
+    """`value` as a finite float (> 0 if `positive`, else >= 0), or a ValueError that says so."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} must be a number")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name}={value} must be a finite number {'above' if positive else 'of at least'} 0")
+    return value
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the data and the model."""
@@ -129,14 +157,20 @@ class TrainConfig:
             raise ValueError(f"loss_on={self.loss_on!r}: choose one of {', '.join(LOSS_MODES)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype={self.dtype!r}: choose float32 or bfloat16")
-        for name in ("epochs", "batch_size", "max_length", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be positive")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must not be negative")
-        self.buckets = tuple(sorted(int(b) for b in self.buckets))
+        for name, (low, high) in _TRAIN_INTS.items():
+            setattr(self, name, checked_int(name, getattr(self, name), low, high))
+        if self.max_steps is not None:
+            self.max_steps = checked_int("max_steps", self.max_steps, 1, 2**31 - 1)
+        # a NaN or infinite rate would train into NaN weights; `not x > 0` is also true for NaN
+        self.learning_rate = checked_float("learning_rate", self.learning_rate, positive=True)
+        self.weight_decay = checked_float("weight_decay", self.weight_decay)
+        self.grad_clip = checked_float("grad_clip", self.grad_clip, positive=True)
+        for name in ("dropout", "fsdp", "pack"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if isinstance(self.buckets, (str, bytes)) or not self.buckets:
+            raise ValueError(f"buckets={self.buckets!r} must be a list of lengths, e.g. [32, 64, 128, 256]")
+        self.buckets = tuple(sorted(checked_int("buckets", b, 1, 2**20) for b in self.buckets))
         if self.pack and self.loss_on == "reference":
             raise ValueError("pack=True cannot be combined with loss_on='reference', which trains on padding; "
                              "use loss_on 'response' or 'all'")
@@ -172,8 +206,14 @@ class RunConfig:
             self.train = TrainConfig(**self.train)
         if self.distributed not in ("auto", "on", "off"):
             raise ValueError(f"distributed={self.distributed!r}: choose auto, on or off")
-        if not 0.0 <= self.validation_fraction < 1.0:
+        self.validation_fraction = checked_float("validation_fraction", self.validation_fraction)
+        if not self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) is not None:
+                setattr(self, name, checked_int(name, getattr(self, name), 1))
+        self.keep_checkpoints = checked_int("keep_checkpoints", self.keep_checkpoints, 1, 1000)
+        self.samples = checked_int("samples", self.samples, 0, 10_000)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

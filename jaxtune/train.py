@@ -79,19 +79,20 @@ def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=
 
 
 def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None):
-    """jit(step)(params, opt_state, batch, key) -> (params, opt_state, metrics), params and opt_state donated.
+    """jit(step)(params, opt_state, batch, key, go) -> (params, opt_state, metrics), params and opt_state donated.
 
     `batch` arrays are [grad_accum, batch, length]; micro-batch gradients of summed token losses are added and
-    divided by the total target count, so accumulation weighs every token equally. A step whose loss or gradient
-    is not finite leaves the parameters unchanged (the loop then stops and says so).
+    divided by the total target count, so accumulation weighs every token equally. A step whose loss, gradient or
+    update is not finite, or that follows such a step (`go` is the previous step's `finite`), leaves the state
+    unchanged (the loop then stops and says so).
     """
     mesh = jax.tree.leaves(state_shardings)[0].mesh if state_shardings is not None else None
 
-    def step(params, opt_state, batch, key):
+    def step(params, opt_state, batch, key, go):
         with _tracing_mesh(mesh):
-            return _step(params, opt_state, batch, key)
+            return _step(params, opt_state, batch, key, go)
 
-    def _step(params, opt_state, batch, key):
+    def _step(params, opt_state, batch, key, go):
         # the step's target count is known from the masks before any forward pass: dividing each micro-batch's
         # summed loss by it gives token-weighted gradients directly, with no pass over them afterwards
         count = jnp.sum(batch["loss_mask"][..., 1:]).astype(jnp.float32)
@@ -113,14 +114,15 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-        def update():
-            updates, new_opt_state = optimizer.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), new_opt_state
-
-        # a non-finite step leaves everything as it was; cond runs only the taken branch (no select over the state)
-        params, opt_state = jax.lax.cond(ok, update, lambda: (params, opt_state))
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        # the update is checked too (a non-finite learning rate gives finite gradients and NaN weights), and so is
+        # the previous step (`go`, still on the device): once one step failed, the steps dispatched after it
+        # before the host saw that change nothing, so the state stays that of the last finite step
+        finite_update = jnp.all(jnp.stack([jnp.all(jnp.isfinite(u)) for u in jax.tree.leaves(updates)]))
+        ok = go & jnp.isfinite(loss) & jnp.isfinite(grad_norm) & finite_update
+        # cond runs only the taken branch (no select over the state)
+        params, opt_state = jax.lax.cond(ok, lambda: (optax.apply_updates(params, updates), new_opt_state),
+                                         lambda: (params, opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count,
                    "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}  # tokens: real ones, not padding
         return params, opt_state, metrics
@@ -222,18 +224,23 @@ class Trainer:
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.examples, self.truncated = encode_pairs(tokenizer, pairs, cfg)
         self.val_examples = encode_pairs(tokenizer, validation_pairs, cfg)[0] if validation_pairs else []
-        # every epoch's batches, as example indices, fixed up front: the step count is known, and a resumed run
-        # (the plan is a function of the seed) continues with exactly the batches the stopped run would have seen
-        self.plans = [self._plan(self.examples, epoch) for epoch in range(cfg.epochs)]
-        self.total_steps = sum(math.ceil(len(plan) / cfg.grad_accum) for plan in self.plans)
-        self.targets = self._targets(self.examples, self.plans) if cfg.pack else None
+        # every epoch's batches are a function of (seed, epoch), planned when the epoch starts, so a resumed run
+        # continues with exactly the batches the stopped run would have seen and no run holds more than one
+        # epoch's plan (an epoch count of 10**9 costs nothing up front). Unpacked epochs all have the same number
+        # of batches; packed ones are counted (and their largest target count taken) epoch by epoch, up to max_steps.
+        self._plans: dict[int, list] = {}
+        self.epoch_steps, self.targets, rows = self._count_epochs()
+        self.total_steps = sum(self.epoch_steps)
         self.val_plan = self._plan(self.val_examples, 0, shuffle=False)  # fixed: evaluated the same way every time
         self.val_targets = self._targets(self.val_examples, [self.val_plan]) if cfg.pack and self.val_examples else None
         lengths = [len(e.input_ids) for e in self.examples]
-        computed = sum(cfg.batch_size * self.batch_length(batch, lengths) for plan in self.plans for batch in plan)
-        self.planned_real_token_share = sum(lengths) * cfg.epochs / computed
-        if cfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
+        if cfg.pack:
+            computed = rows * cfg.max_length
+            real = sum(lengths) * len(self.epoch_steps)
+        else:  # the first epoch's share: later epochs differ only in which examples share a batch
+            computed = sum(cfg.batch_size * self.batch_length(batch, lengths) for batch in self.plan(0))
+            real = sum(lengths)
+        self.planned_real_token_share = real / computed
         self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
         self.optimizer = make_optimizer(cfg, self.total_steps)
         # float32 master weights, copied: the step donates them, and the caller's arrays must survive
@@ -247,6 +254,36 @@ class Trainer:
         self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
         self.step = 0
         self.key = jax.random.key(cfg.seed)
+
+    def plan(self, epoch: int) -> list:
+        """Epoch `epoch`'s batches (rows of example indices); the last two planned are kept."""
+        if epoch not in self._plans:
+            while len(self._plans) >= 2:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[epoch] = self._plan(self.examples, epoch)
+        return self._plans[epoch]
+
+    def _count_epochs(self) -> tuple[list[int], int | None, int]:
+        """(optimizer steps of each epoch that runs, packed target size, packed rows planned), stopping at max_steps."""
+        cfg = self.cfg
+        steps, total, counts, most, rows = [], 0, None, 0, 0
+        per_epoch = math.ceil(math.ceil(len(self.examples) / cfg.batch_size) / cfg.grad_accum)
+        if cfg.pack:
+            counts = [int(e.loss_mask.sum()) for e in self.examples]
+        for epoch in range(cfg.epochs):
+            if cfg.max_steps is not None and total >= cfg.max_steps:
+                break
+            if cfg.pack:
+                plan = self.plan(epoch)
+                per_epoch = math.ceil(len(plan) / cfg.grad_accum)
+                rows += sum(len(batch) for batch in plan)
+                most = max([most] + [sum(counts[i] for i in row) for batch in plan for row in batch])
+            elif cfg.max_steps is None:  # every epoch alike: no need to count them one by one
+                steps = [per_epoch] * cfg.epochs
+                break
+            steps.append(min(per_epoch, cfg.max_steps - total) if cfg.max_steps is not None else per_epoch)
+            total += steps[-1]
+        return steps, (targets_size([most]) if cfg.pack else None), rows
 
     def _plan(self, examples, epoch: int, shuffle: bool = True):
         cfg = self.cfg
@@ -269,9 +306,15 @@ class Trainer:
                              pad_id=self.tokenizer.pad_token_id, seed=cfg.seed, epoch=0, pack=cfg.pack, plan=plan,
                              reference=cfg.loss_on == "reference", targets=targets or self.targets)
 
-    def _batches(self):
+    def _batches(self, start: int = 0):
+        """(epoch, [grad_accum, batch, length] arrays) from optimizer step `start` on; the steps before it are
+        skipped in the plans, without collating them."""
         cfg = self.cfg
-        for epoch, plan in enumerate(self.plans):
+        for epoch, n in enumerate(self.epoch_steps):
+            if start >= n:
+                start -= n
+                continue
+            plan, start = self.plan(epoch)[start * cfg.grad_accum:n * cfg.grad_accum], 0
             pending = []
             for batch in self._epoch(self.examples, plan):
                 pending.append(batch)
@@ -371,9 +414,15 @@ class Trainer:
             recent.append(dt)
             pace = sum(recent[-10:]) / len(recent[-10:])
             if not m["finite"]:
+                # this step and any dispatched after it changed nothing (see make_train_step): the state is step - 1's
+                self.step = step - 1
                 result.diverged = True
-                result.stopped = (f"the loss became {float(m['loss'])} at step {step}; training stopped and the model "
-                                  "keeps the weights from before that step. Lower the learning rate or check the data.")
+                what = next((f"{name} became {float(m[name])}" for name in ("loss", "grad_norm")
+                             if not np.isfinite(float(m[name]))), "the update was not finite")
+                what = what.replace("grad_norm", "the gradient norm").replace("loss", "the loss", 1)
+                result.stopped = (f"training diverged at step {step}: {what}. The model keeps the weights of step "
+                                  f"{step - 1}, the last step whose loss and update were finite"
+                                  f"{' (the starting weights)' if step == 1 else ''}. Lower the learning rate or check the data.")
                 return
             sm = StepMetrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=float(m["loss"]),
                              learning_rate=float(self.schedule(step - 1)), grad_norm=float(m["grad_norm"]),
@@ -385,10 +434,8 @@ class Trainer:
             if on_step:
                 on_step(sm)
 
-        batches = self._batches()
-        for _ in range(self.step):  # resumed: the batches before this step were already trained on
-            next(batches, None)
-        for epoch, batch in batches:
+        go = jnp.asarray(True)  # the previous step's `finite`, passed on without waiting for it
+        for epoch, batch in self._batches(self.step):  # resumed: the steps before self.step were trained on
             if self.step >= self.total_steps or result.stopped:
                 break
             if should_stop and self._agreed(should_stop):
@@ -397,7 +444,8 @@ class Trainer:
             self.key, step_key = jax.random.split(self.key)
             if self.mesh is not None:
                 batch = jax.tree.map(lambda a: place_global(a, batch_sharding(self.mesh)), batch)
-            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key)
+            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key, go)
+            go = metrics["finite"]
             self.step += 1
             if pending:
                 report(pending)
@@ -407,7 +455,7 @@ class Trainer:
             if (evaluate or save) and self.step < self.total_steps:  # sync here: metrics, then state, line up
                 report(pending, self.validation_loss() if evaluate else None)
                 pending = None
-                if save:
+                if save and not result.diverged:
                     checkpoint(result.history)
         if pending and not result.diverged:  # the step in flight when the loop ended (a requested stop included)
             report(pending, self.validation_loss() if self.val_examples else None)
@@ -467,7 +515,8 @@ def plan_step_memory(config, cfg: TrainConfig, *, targets: int | None = None, de
     else:
         batch = {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in batch.items()}
     start = time.perf_counter()
-    compiled = make_train_step(graphdef, optimizer, cfg, shardings).lower(params, opt_state, batch, key).compile()
+    go = jax.ShapeDtypeStruct((), jnp.bool_)
+    compiled = make_train_step(graphdef, optimizer, cfg, shardings).lower(params, opt_state, batch, key, go).compile()
     return {**memory_plan(compiled), "compile_s": time.perf_counter() - start}
 
 
