@@ -8,8 +8,10 @@ appended to each example shares that id and is exactly the token that teaches th
 from __future__ import annotations
 
 import csv
+import io
 import json
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +118,35 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
     return [record_to_pair(dict(r), f"{label} row {n}", **cols) for n, r in enumerate(table, start=1)]
 
 
+def _csv_pairs(path: Path, text: str, delimiter: str, cols: dict) -> list[Pair]:
+    """RFC 4180 rows: a quoted field keeps its line breaks, and a record is named by the line it starts on. Strict, so
+    a quote left open is an error rather than a field that swallows the rest of the file."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
+    header, pairs = None, []
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            raise DataError(f"{path.name} line {line}: not valid CSV ({e}); a quoted field must end with a quote, "
+                            f"and a quote inside it is written twice (\"\")") from None
+        if not row:
+            continue  # a blank line
+        if header is None:
+            header = row
+            continue
+        where = f"{path.name} line {line}"
+        if len(row) > len(header):
+            raise DataError(f"{where}: {len(row) - len(header)} more value(s) than the header's {len(header)} columns; "
+                            f"quote fields that contain {delimiter!r}, like \"a{delimiter} b\"")
+        pairs.append(record_to_pair(dict(zip(header, row + [None] * (len(header) - len(row)))), where, **cols))
+    if header is not None and not pairs:
+        raise DataError(f"{path}: a header line but no rows, so no instruction/response pairs found; add rows below it")
+    return pairs
+
+
 def read_pairs(path, *, instruction_column: str | None = None, response_column: str | None = None,
                split: str = "train") -> list[Pair]:
     """Pairs from a .jsonl, .json (a list of objects), .csv or .parquet file, or a Hugging Face data set (a hub
@@ -138,7 +169,9 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
     suffix = path.suffix.lower()
     pairs: list[Pair] = []
     if suffix in (".jsonl", ".ndjson"):
-        for n, line in enumerate(text.splitlines(), start=1):
+        # "\n" alone ends a line: U+2028, U+2029 and \x85 may stand raw inside a JSON string (str.splitlines splits
+        # on them); a "\r" before the "\n" is JSON whitespace
+        for n, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -158,9 +191,7 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
             raise DataError(f"{path}: expected a JSON list of objects with instruction and response fields")
         pairs = [record_to_pair(r, f"{path.name} item {n}", **cols) for n, r in enumerate(records, start=1)]
     elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        for n, record in enumerate(reader, start=2):  # line 1 is the header
-            pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols))
+        pairs = _csv_pairs(path, text, "\t" if suffix == ".tsv" else ",", cols)
     else:
         raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet, or a data set name")
     if not pairs:
@@ -176,30 +207,110 @@ class Encoded:
     truncated: bool
 
 
+_TEXT_TOKENIZERS = weakref.WeakKeyDictionary()
+
+
+def _text_tokenizer(tokenizer):
+    """A private copy of the tokenizer's backend that reads `<|endoftext|>` in user text as ordinary characters.
+    `split_special_tokens=True` on each call would flip a flag on the shared backend, which races with any other
+    thread tokenizing at the time (the app trains in one thread while previewing or generating in another)."""
+    import tokenizers
+
+    text = _TEXT_TOKENIZERS.get(tokenizer)
+    if text is None:
+        text = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        text.encode_special_tokens = True
+        text.no_truncation()
+        text.no_padding()
+        _TEXT_TOKENIZERS[tokenizer] = text
+    return text
+
+
+def tokenize_text(tokenizer, texts: list[str]) -> list:
+    """Each text's tokens (`.ids`, and character `.offsets`), in one batched call, special tokens' strings read as
+    ordinary text: only the EOS jaxtune appends (and padding) carries the EOS id."""
+    return _text_tokenizer(tokenizer).encode_batch(list(texts), add_special_tokens=False)
+
+
+def _encode_batch(tokenizer, pairs, loss_on: str, max_length: int) -> list[Encoded]:
+    if loss_on not in ("response", "all", "reference"):
+        raise ValueError(f"loss_on={loss_on!r}: choose response, all or reference")
+    texts = [format_example(p.instruction, p.response) for p in pairs]
+    out = []
+    for p, tokens in zip(pairs, tokenize_text(tokenizer, texts)):
+        ids = list(tokens.ids)
+        prompt_chars = len(format_prompt(p.instruction))
+        in_response = [start >= prompt_chars for start, _ in tokens.offsets]
+        if loss_on != "reference":
+            ids.append(tokenizer.eos_token_id)
+            in_response.append(True)
+        truncated = len(ids) > max_length
+        ids, in_response = ids[:max_length], in_response[:max_length]
+        mask = np.asarray(in_response, np.int32) if loss_on == "response" else np.ones(len(ids), np.int32)
+        mask[0] = 0  # the first token has no predecessor
+        out.append(Encoded(np.asarray(ids, np.int32), mask, truncated))
+    return out
+
+
 def encode(tokenizer, instruction: str, response: str, *, loss_on: str = "response", max_length: int = 256) -> Encoded:
-    """Token ids and the loss mask of one pair.
+    """Token ids and the loss mask of one pair (`encode_pairs` encodes many at once).
 
     response: response tokens and the appended EOS carry loss.  all: every token after the first, and the EOS.
     reference: the reference's tokens (no EOS appended); every position carries loss, as in the reference.
+    `<|endoftext|>` typed in the instruction or response is text, never the EOS token.
     """
-    text = format_example(instruction, response)
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=False)
-    ids = list(enc["input_ids"])
-    prompt_chars = len(format_prompt(instruction))
-    in_response = [start >= prompt_chars for start, _ in enc["offset_mapping"]]
-    if loss_on != "reference":
-        ids.append(tokenizer.eos_token_id)
-        in_response.append(True)
-    truncated = len(ids) > max_length
-    ids, in_response = ids[:max_length], in_response[:max_length]
-    if loss_on == "response":
-        mask = np.asarray(in_response, np.int32)
-    elif loss_on in ("all", "reference"):
-        mask = np.ones(len(ids), np.int32)
-    else:
-        raise ValueError(f"loss_on={loss_on!r}: choose response, all or reference")
-    mask[0] = 0  # the first token has no predecessor
-    return Encoded(np.asarray(ids, np.int32), mask, truncated)
+    return _encode_batch(tokenizer, [Pair(instruction, response)], loss_on, max_length)[0]
+
+
+@dataclass
+class EncodedSet:
+    """Pairs as the trainer sees them: `examples[k]` encodes `pairs[k]`; rows that would carry no target are left
+    out and named in `dropped`. `truncated` counts kept examples cut at max_length."""
+
+    examples: list[Encoded]
+    pairs: list[Pair]
+    truncated: int
+    dropped: list[str]  # `where` of each row left out
+    max_length: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def warning(self) -> str | None:
+        """One line counting the rows left out, or None."""
+        if not self.dropped:
+            return None
+        return (f"{len(self.dropped)} row(s) left out: nothing of the response fits in max_length {self.max_length} "
+                f"tokens ({', '.join(self.dropped[:3])}{', ...' if len(self.dropped) > 3 else ''}); raise max length "
+                f"or shorten the instructions")
+
+
+_ENCODE_CHUNK = 1024  # texts per batched tokenizer call: fast, and memory stays small on large files
+
+
+def _encode_all(tokenizer, pairs: list[Pair], loss_on: str, max_length: int):
+    """(pair, Encoded) for every pair, each tokenized once, in batched calls."""
+    for start in range(0, len(pairs), _ENCODE_CHUNK):
+        chunk = pairs[start:start + _ENCODE_CHUNK]
+        yield from zip(chunk, _encode_batch(tokenizer, chunk, loss_on, max_length))
+
+
+def encode_pairs(tokenizer, pairs: list[Pair], *, loss_on: str = "response", max_length: int = 256) -> EncodedSet:
+    """Encode every pair once, in batched tokenizer calls; rows whose loss mask would be empty (the instruction
+    fills max_length) are left out and counted. Raises DataError when no row is left."""
+    examples, kept, dropped = [], [], []
+    for n, (p, e) in enumerate(_encode_all(tokenizer, pairs, loss_on, max_length), start=1):
+        if e.loss_mask.any():
+            examples.append(e)
+            kept.append(p)
+        else:
+            dropped.append(p.where or f"row {n}")
+    if pairs and not kept:
+        raise DataError(f"no row keeps any of its response within max_length {max_length} tokens "
+                        f"(first: {dropped[0]}); raise max length or shorten the instructions")
+    return EncodedSet(examples, kept, sum(e.truncated for e in examples), dropped, max_length)
 
 
 def bucket_length(n: int, buckets: tuple[int, ...], max_length: int) -> int:
@@ -348,7 +459,8 @@ def epoch_batches(examples: list[Encoded], *, batch_size: int, buckets, max_leng
 
 
 def reference_batch(tokenizer, instructions, responses) -> dict:
-    """The reference's `preprocess`: pad (with EOS, on the right) to the longest, truncate to the model's limit."""
+    """The reference's `preprocess`: pad (with EOS, on the right) to the longest, truncate to the model's limit.
+    Like the reference, it reads `<|endoftext|>` typed in a text as the EOS token (jaxtune's `encode` does not)."""
     texts = [format_example(i, r) for i, r in zip(instructions, responses)]
     enc = tokenizer(texts, padding=True, truncation=True, return_tensors="np")
     return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
@@ -359,22 +471,25 @@ def reference_batch(tokenizer, instructions, responses) -> dict:
 class DataReport:
     """What a set of rows will look like to the trainer, and what is wrong with it, by row number."""
 
-    pairs: list[Pair]
+    pairs: list[Pair]  # the usable rows
     problems: list[str]  # errors: rows that cannot be used (empty cells)
-    warnings: list[str]  # usable but suspicious: duplicates, rows that will be truncated
+    warnings: list[str]  # usable but suspicious: duplicates, rows that will be truncated; rows left out (no target)
     tokens: int
     truncated: int
+    encoded: list[Encoded] = field(default_factory=list)  # encoded[k] is pairs[k], ready for the trainer
+    dropped: list[str] = field(default_factory=list)  # rows left out: nothing of the response fits in max_length
 
     def summary(self) -> str:
         return (f"{len(self.pairs)} pairs, {self.tokens:,} tokens, {self.truncated} will be truncated"
+                + (f", {len(self.dropped)} left out (no room for the response)" if self.dropped else "")
                 + (f", {len(self.problems)} problem(s)" if self.problems else ""))
 
 
 def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "response", first_row: int = 1) -> DataReport:
     """Check (instruction, response) rows before training: empty cells are problems (the row is left out),
-    duplicates and over-long rows are warnings. Row numbers start at `first_row`."""
-    pairs, problems, warnings, seen = [], [], [], {}
-    tokens = truncated = 0
+    duplicates and over-long rows are warnings, and so are rows left out because the instruction fills max_length.
+    Row numbers start at `first_row`. The usable rows come back encoded, each once, in batched tokenizer calls."""
+    candidates, problems, duplicate, seen = [], [], {}, {}
     for n, row in enumerate(rows, start=first_row):
         if isinstance(row, Pair):  # pairs read from a file name their own place ("data.jsonl line 7")
             instruction, response, where = row.instruction, row.response, row.where or f"row {n}"
@@ -391,12 +506,23 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
             continue
         key = (instruction.strip(), response.strip())
         if key in seen:
-            warnings.append(f"{where}: duplicate of {seen[key]}")
+            duplicate[len(candidates)] = f"{where}: duplicate of {seen[key]}"
         seen.setdefault(key, where)
-        e = encode(tokenizer, instruction, response, loss_on=loss_on, max_length=max_length)
+        candidates.append(Pair(instruction, response, where))
+    report = DataReport([], problems, [], 0, 0)
+    for k, (p, e) in enumerate(_encode_all(tokenizer, candidates, loss_on, max_length)):
+        if k in duplicate:
+            report.warnings.append(duplicate[k])
+        if not e.loss_mask.any():
+            report.dropped.append(p.where)
+            report.warnings.append(f"{p.where}: nothing of the response fits in max_length {max_length} tokens; "
+                                   f"the row is left out (raise max length or shorten the instruction)")
+            continue
         if e.truncated:
-            truncated += 1
-            warnings.append(f"{where}: longer than {max_length} tokens; it will be truncated (raise max length or shorten it)")
-        tokens += len(e.input_ids)
-        pairs.append(Pair(instruction, response, where))
-    return DataReport(pairs, problems, warnings, tokens, truncated)
+            report.truncated += 1
+            report.warnings.append(f"{p.where}: longer than {max_length} tokens; it will be truncated "
+                                   f"(raise max length or shorten it)")
+        report.tokens += len(e.input_ids)
+        report.pairs.append(p)
+        report.encoded.append(e)
+    return report

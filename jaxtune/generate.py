@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.data import bucket_length, format_prompt
+from jaxtune.data import bucket_length, format_prompt, tokenize_text
 from jaxtune.model import init_cache
 
 _PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
@@ -78,7 +78,7 @@ def _generate_loop(graphdef, params, prompt_1P, prompt_len, cache, key, temperat
 
 
 def _prepare(model, tokenizer, prompt: str, max_new_tokens: int):
-    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenize_text(tokenizer, [prompt])[0].ids  # `<|endoftext|>` typed in a prompt is text, not EOS
     limit = model.config.n_positions
     if not ids:
         raise ValueError("the prompt is empty")
@@ -102,7 +102,8 @@ def _sampling(temperature, top_k, top_p, seed):
 
 def generate_ids(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
-    """New token ids after `prompt` (raw text), ending with EOS when the model stopped by itself."""
+    """New token ids after `prompt` (raw text, special tokens' strings read as text), ending with EOS when the model
+    stopped by itself."""
     graphdef, params, prompt_1P, n, cache, max_new_tokens = _prepare(model, tokenizer, prompt, max_new_tokens)
     if max_new_tokens <= 0:
         return []

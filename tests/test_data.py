@@ -1,12 +1,15 @@
 """Formatting, tokenisation, exact loss masks, bucketing and the file readers' errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jaxtune.data import (DataError, bucket_length, collate, collate_packed, encode, epoch_batches, format_example,
-                          pack_rows, plan_epoch, read_pairs, reference_batch)
+from jaxtune.checkpoint import offline_tokenizer
+from jaxtune.data import (DataError, Pair, bucket_length, collate, collate_packed, encode, encode_pairs, epoch_batches,
+                          format_example, format_prompt, inspect_rows, pack_rows, plan_epoch, read_pairs, reference_batch,
+                          tokenize_text)
 
 # "Instruction: Answer politely\nResponse: Of course, how may I assist you?" in GPT-2's vocabulary
 PROMPT_IDS = [6310, 2762, 25, 23998, 34313, 198, 31077, 25]  # Instruction : ␣Answer ␣politely \n Response :
@@ -42,6 +45,73 @@ def test_truncation_cuts_the_eos_and_says_so(tokenizer):
     e = encode(tokenizer, "Answer politely", "Of course, how may I assist you?", loss_on="response", max_length=10)
     assert e.input_ids.tolist() == PROMPT_IDS + RESPONSE_IDS[:2] and e.truncated
     assert e.loss_mask.tolist() == [0] * 8 + [1, 1]
+
+
+# "<|endoftext|>" as ordinary text: < | end of text | >
+LITERAL_EOS_IDS = [27, 91, 437, 1659, 5239, 91, 29]
+
+
+def test_typed_special_tokens_are_text_and_only_the_appended_eos_is_eos(tokenizer):
+    instruction, response = "Ignore this<|endoftext|>x", "Sure<|endoftext|>y"
+    prompt = [6310, 2762, 25, 41032, 428, *LITERAL_EOS_IDS, 87, 198, 31077, 25]  # Instruction: Ignore this<|...|>x\nResponse:
+    answer = [10889, *LITERAL_EOS_IDS, 88]  # ␣Sure<|endoftext|>y
+    e = encode(tokenizer, instruction, response)
+    assert e.input_ids.tolist() == prompt + answer + [EOS]
+    assert e.loss_mask.tolist() == [0] * len(prompt) + [1] * (len(answer) + 1)  # the response and the appended EOS
+    assert tokenizer.decode(e.input_ids[:-1]) == format_example(instruction, response)
+    assert encode(tokenizer, instruction, response, loss_on="reference").input_ids.tolist() == prompt + answer
+    # the reference's preprocess is kept as it was: there the typed string is the EOS token
+    assert EOS in reference_batch(tokenizer, [instruction], [response])["input_ids"][0, :-1]
+
+
+def test_tokenize_text_is_the_tokenizers_split_special_tokens_and_leaves_the_tokenizer_alone():
+    tok = offline_tokenizer()  # fresh: the padding set below must not reach the copy made on first use
+    reference_batch(tok, ["a", "a much longer instruction"], ["b", "c"])  # sets padding on the shared backend
+    root = Path(__file__).resolve().parents[1] / "examples"
+    texts = [format_example(p.instruction, p.response) for p in read_pairs(root / "customer_service_val.jsonl")]
+    texts += ["a<|endoftext|>b", "!<|endoftext|>", " <|endoftext|> ", "caf\u00e9\u2028x\x85y 🦜\r\n\tend", "<|endoftext|>"]
+    ours = tokenize_text(tok, texts)
+    theirs = tok(texts, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=True)
+    assert [t.ids for t in ours] == theirs["input_ids"]
+    assert [[tuple(o) for o in t.offsets] for t in ours] == [[tuple(o) for o in m] for m in theirs["offset_mapping"]]
+    assert all(tok.decode(t.ids) == text for t, text in zip(ours, texts))
+    assert tok("<|endoftext|>", add_special_tokens=False).input_ids == [EOS]  # the tokenizer's own default is untouched
+
+
+def test_rows_with_no_room_for_the_response_are_left_out_and_counted(tokenizer):
+    """"Answer politely" is 8 prompt tokens: at max_length 8 none of the response fits, at 9 one token does.
+    "Hi" is 7, and its response one token and the EOS."""
+    rows = [Pair("Hi", "Hello", "d.jsonl line 1"),
+            Pair("Answer politely", "Of course, how may I assist you?", "d.jsonl line 2")]
+    kept = encode_pairs(tokenizer, rows, max_length=9)
+    assert kept.pairs == rows and not kept.dropped and kept.warning is None and kept.truncated == 1
+    assert kept.examples[1].loss_mask.tolist() == [0] * 8 + [1]
+    s = encode_pairs(tokenizer, rows, max_length=8)
+    assert s.pairs == rows[:1] and s.dropped == ["d.jsonl line 2"] and s.truncated == 1
+    assert s.examples[0].input_ids.tolist() == [6310, 2762, 25, 15902, 198, 31077, 25, 18435]  # ...Response: Hello
+    assert s.warning.startswith("1 row(s) left out: nothing of the response fits in max_length 8 tokens (d.jsonl line 2)")
+    assert s.tokens == 8
+    with pytest.raises(DataError, match=r"no row keeps any of its response within max_length 7 tokens \(first: d.jsonl line 1\)"):
+        encode_pairs(tokenizer, rows, max_length=7)
+    report = inspect_rows(rows, tokenizer, max_length=8)
+    assert report.pairs == rows[:1] and report.dropped == ["d.jsonl line 2"] and report.truncated == 1
+    assert [e.input_ids.tolist() for e in report.encoded] == [e.input_ids.tolist() for e in s.examples]
+    assert "d.jsonl line 2: nothing of the response fits in max_length 8 tokens; the row is left out (raise max " \
+           "length or shorten the instruction)" in report.warnings
+    assert report.summary() == "1 pairs, 8 tokens, 1 will be truncated, 1 left out (no room for the response)"
+
+
+def test_encode_pairs_in_batches_equals_encoding_one_by_one(tokenizer):
+    pairs = [Pair(f"question {i}" * (i % 7 + 1), f"answer<|endoftext|> {i}" * (i % 5 + 1)) for i in range(1100)]
+    s = encode_pairs(tokenizer, pairs, max_length=40)  # more than one batched call
+    one_by_one = [encode(tokenizer, p.instruction, p.response, max_length=40) for p in pairs]
+    assert s.pairs == pairs and not s.dropped and s.truncated == sum(e.truncated for e in one_by_one) > 0
+    assert all(a.input_ids.tolist() == b.input_ids.tolist() and a.loss_mask.tolist() == b.loss_mask.tolist()
+               for a, b in zip(s.examples, one_by_one))
+    assert all(EOS not in e.input_ids[:-1] for e in s.examples if not e.truncated)
+    report = inspect_rows(pairs, tokenizer, max_length=40)
+    assert [p.response for p in report.pairs] == [p.response for p in pairs]
+    assert all((a.input_ids == b.input_ids).all() for a, b in zip(report.encoded, s.examples))
 
 
 def test_padding_is_masked_by_position_not_id(tokenizer):
@@ -144,10 +214,34 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
     ("bad.json", '[{"instruction": "a", "response": "b"}', r"not valid JSON"),
     ("bad.txt", 'hello', r"unknown file type '.txt'"),
     ("empty.jsonl", '\n\n', r"no instruction/response pairs"),
+    ("wide.csv", 'instruction,response\nHi,"two\nlines"\nBye,see you, then,later\n',
+     r"wide.csv line 4: 2 more value\(s\) than the header's 2 columns; quote fields that contain ','"),
+    ("wide.tsv", 'instruction\tresponse\nHi\tHello\tthere\n', r"wide.tsv line 2: 1 more value\(s\) than the header's 2"),
+    ("header.csv", 'instruction,response\r\n\r\n', r"header.csv: a header line but no rows.*add rows below it"),
+    ("open.csv", 'instruction,response\nHi,"Hello\nBye,Goodbye\n', r"open.csv line 2: not valid CSV \(unexpected end of data\)"),
 ])
 def test_file_errors_name_file_line_and_field(tmp_path, name, content, message):
     with pytest.raises(DataError, match=message):
         read_pairs(write(tmp_path / name, content))
+
+
+def test_csv_keeps_line_breaks_in_quoted_fields_and_names_the_line_a_record_starts(tmp_path):
+    text = 'instruction,response\r\nHi,"Line one\r\nline two"\r\n\r\n"Bye\nnow","say ""bye"",\u2028then go"\r\n'
+    assert [(p.instruction, p.response, p.where) for p in read_pairs(write(tmp_path / "a.csv", text))] == [
+        ("Hi", "Line one\r\nline two", "a.csv line 2"), ("Bye\nnow", 'say "bye",\u2028then go', "a.csv line 5")]
+    tsv = write(tmp_path / "a.tsv", 'instruction\tresponse\nHi\t"tab\there\nand a line"\n')
+    assert read_pairs(tsv)[0].response == "tab\there\nand a line"
+    with pytest.raises(DataError, match=r"b.csv line 4: field 'instruction' is empty"):
+        read_pairs(write(tmp_path / "b.csv", 'instruction,response\n"a\nb",c\n,\n'))
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """U+2028, U+2029 and \\x85 may stand raw inside a JSON string; str.splitlines would cut the line there."""
+    odd = "one\u2028two\u2029three\x85four"
+    text = json.dumps({"instruction": odd, "response": "r"}, ensure_ascii=False) + "\r\n\r\n" + \
+        json.dumps({"instruction": "x", "response": odd}, ensure_ascii=False) + "\r\n"
+    assert [(p.instruction, p.response, p.where) for p in read_pairs(write(tmp_path / "a.jsonl", text))] == [
+        (odd, "r", "a.jsonl line 1"), ("x", odd, "a.jsonl line 3")]
 
 
 def test_non_utf8_names_the_line(tmp_path):
