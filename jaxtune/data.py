@@ -236,13 +236,13 @@ def _encode_batch(tokenizer, pairs, loss_on: str, max_length: int) -> list[Encod
     if loss_on not in ("response", "all", "reference"):
         raise ValueError(f"loss_on={loss_on!r}: choose response, all or reference")
     texts = [format_example(p.instruction, p.response) for p in pairs]
-    out = []
+    out, eos = [], tokenizer.eos_token_id
     for p, tokens in zip(pairs, tokenize_text(tokenizer, texts)):
         ids = list(tokens.ids)
         prompt_chars = len(format_prompt(p.instruction))
         in_response = [start >= prompt_chars for start, _ in tokens.offsets]
         if loss_on != "reference":
-            ids.append(tokenizer.eos_token_id)
+            ids.append(eos)
             in_response.append(True)
         truncated = len(ids) > max_length
         ids, in_response = ids[:max_length], in_response[:max_length]
