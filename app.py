@@ -4,17 +4,32 @@
 
 Only the front end lives here: loading, training, generating and saving are jaxtune's public functions, the
 same ones the command line calls. Each browser session has its own data, models and results.
+
+Anyone can call a Space's API with gradio_client, bypassing the widgets, so every value is checked here, on the
+server, against `BOUNDS` and the limits below before anything is loaded or allocated. With `SPACE_ID` set (a
+Hugging Face Space) or `JAXTUNE_PUBLIC=1` the app is public: the model field takes hub ids and the embedded
+presets only, never a path on the server, and uploads are limited in size and rows.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
+import inspect
 import json
+import logging
+import math
 import os
 import queue
+import re
 import shutil
+import signal
 import tempfile
 import threading
 import time
+import uuid
+import weakref
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gradio as gr
@@ -24,21 +39,315 @@ import pandas as pd
 from flax import nnx
 
 import jaxtune
-from jaxtune.checkpoint import EMBEDDED, ModelLoadError, hub_reachable, offline_tokenizer
-from jaxtune.config import LOSS_MODES, TrainConfig
-from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,
-                          inspect_rows, read_pairs)
+from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,
+                                offline_tokenizer)
+from jaxtune.config import LOSS_MODES, GPT2Config, TrainConfig
+from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode, inspect_rows, read_pairs,
+                          record_to_pair)
+from jaxtune.model import abstract, num_params
+
+log = logging.getLogger("jaxtune.app")
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "customer_service.jsonl"
-CONCURRENT_RUNS = int(os.environ.get("JAXTUNE_CONCURRENT_RUNS", "1"))  # training runs at once; others queue
-MAX_TRAIN_SECONDS = int(os.environ.get("JAXTUNE_MAX_TRAIN_SECONDS", "3600"))  # a run is stopped after this long
 MODEL_CHOICES = ["auto", EMBEDDED, "gpt2", "distilgpt2", "gpt2-medium"]
+PRECISIONS = ("float32", "bfloat16")
 HEADERS = ["Instruction", "Response"]
+UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 TOKENIZER = offline_tokenizer()  # GPT-2's vocabulary, for previews before any model is loaded
 
 
+# ---------------------------------------------------------------------------------------------- limits
+def _env_number(name: str, default, lo, hi, kind=int):
+    """A limit from the environment; a value that is not a number in [lo, hi] stops the app with a clear message."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or not lo <= value <= hi:
+        raise SystemExit(f"{name}={raw!r}: expected {'a whole number' if kind is int else 'a number'} from {lo} to {hi}")
+    return value
+
+
+def _machine_memory() -> int:
+    """Bytes a run can use: the accelerator's own memory, or the host's RAM (or the container's limit, if lower)."""
+    try:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+        if limit:
+            return int(limit)
+    except Exception:  # noqa: BLE001 - CPUs report no memory stats
+        pass
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for cgroup in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = Path(cgroup).read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            total = min(total, int(value))
+    return total
+
+
+PUBLIC = bool(os.environ.get("SPACE_ID")) or os.environ.get("JAXTUNE_PUBLIC", "").strip().lower() in ("1", "true", "yes")
+BACKEND = jax.default_backend()
+CONCURRENT_RUNS = _env_number("JAXTUNE_CONCURRENT_RUNS", 1, 1, 64)  # training runs at once; others queue
+# The whole run, from the request to the last step (loading, tokenizing and compiling included), is stopped after this.
+MAX_TRAIN_SECONDS = _env_number("JAXTUNE_MAX_TRAIN_SECONDS", 3600, 1, 7 * 86400)
+# Generous ceilings on what one run can do per second on this backend. The tiny model on 2 CPU cores does about 3-30
+# steps/s and 20-200 examples/s; 124M-parameter GPT-2 far fewer. A run planned beyond what the time limit allows at
+# these rates cannot finish anyway, and is refused before anything is allocated for it.
+STEPS_PER_SECOND = 50 if BACKEND == "cpu" else 500
+EXAMPLES_PER_SECOND = 2_000 if BACKEND == "cpu" else 20_000
+MAX_STEPS = _env_number("JAXTUNE_MAX_STEPS", MAX_TRAIN_SECONDS * STEPS_PER_SECOND, 1, 10**9)
+MAX_EXAMPLES_SEEN = _env_number("JAXTUNE_MAX_EXAMPLES_SEEN", MAX_TRAIN_SECONDS * EXAMPLES_PER_SECOND, 1, 10**10)
+# Memory for one run: 80% of the machine's (JAXTUNE_MEMORY_GB overrides), shared by the concurrent runs.
+MEMORY_BYTES = int(_env_number("JAXTUNE_MEMORY_GB", _machine_memory() / 2**30, 0.1, 1e6, float) * 2**30)
+RUN_MEMORY = int(0.8 * MEMORY_BYTES / CONCURRENT_RUNS)
+BYTES_PER_PARAMETER = 24  # the shared base, the trained copy, its float32 master, gradients, AdamW's two moments
+MAX_PARAMETERS = RUN_MEMORY // BYTES_PER_PARAMETER  # 16 GB (a cpu-basic Space): 572M, gpt2-medium but not gpt2-large
+# Data: rows in one session's data, upload size (0: no limit), rows of the table sent to the browser.
+MAX_ROWS = _env_number("JAXTUNE_MAX_ROWS", 20_000 if PUBLIC else 1_000_000, 1, 10**8)
+MAX_UPLOAD_MB = _env_number("JAXTUNE_MAX_UPLOAD_MB", 20.0 if PUBLIC else 0.0, 0.0, 1e6, float)
+MAX_UPLOAD_BYTES = int(MAX_UPLOAD_MB * 2**20) or None
+MAX_TEXT_CHARS = MAX_UPLOAD_BYTES or 2**30  # characters in all of a table's cells: no more than an upload may hold
+TABLE_ROWS = _env_number("JAXTUNE_TABLE_ROWS", 200, 1, 100_000)
+MAX_INSTRUCTION_CHARS = 8_000  # more than GPT-2's 1024-token context holds; longer prompts are refused
+# Gradio's cache (uploads, exported zips): every 30 minutes, files older than an hour are deleted; all at shutdown.
+DELETE_CACHE = (1800, 3600)
+
+
+@dataclass(frozen=True)
+class Bound:
+    label: str
+    lo: float
+    hi: float
+    integer: bool
+    advice: str
+    lo_open: bool = False  # lo itself is not allowed (a learning rate must be > 0)
+    step: int = 1  # integers must be multiples of this
+    why: str = ""
+
+
+_STEPS_WHY = ("JAXTUNE_MAX_STEPS" if os.environ.get("JAXTUNE_MAX_STEPS", "").strip() else
+              f"the time limit of {MAX_TRAIN_SECONDS:,} s at up to {STEPS_PER_SECOND} steps/s")
+LIBRARY_MAX_EPOCHS = 100_000  # jaxtune's TrainConfig refuses more
+
+# Every number the server accepts, and why. The widgets show the same ranges; the server checks them again, since an
+# API call carries whatever it likes (None, text, NaN, 10**9). Training runs are further bounded as a whole: epochs x
+# steps per epoch <= MAX_STEPS, epochs x pairs <= MAX_EXAMPLES_SEEN, and the model, batch and length must fit
+# RUN_MEMORY by `run_bytes`.
+BOUNDS = {
+    # a pass over the data is at least one step
+    "epochs": Bound("Epochs", 1, min(MAX_STEPS, LIBRARY_MAX_EPOCHS), True, "Lower the epochs.",
+                    why=_STEPS_WHY if MAX_STEPS < LIBRARY_MAX_EPOCHS else "jaxtune's limit"),
+    # rows a step; memory decides the rest (batch x max length, see run_bytes)
+    "batch_size": Bound("Batch size", 1, 256, True, "Lower the batch size."),
+    # GPT-2's context; capped again at the chosen model's n_positions
+    "max_length": Bound("Max length", 8, 1024, True, "Pick a max length within GPT-2's context."),
+    # warmup longer than the run is cut to the run by the schedule; more than MAX_STEPS is never meaningful
+    "warmup_steps": Bound("Warmup steps", 0, MAX_STEPS, True, "Lower the warmup steps.", why=_STEPS_WHY),
+    # AdamW on GPT-2: 1e-5..1e-2 in practice; above 1 every step is a jump, and the loss goes to NaN
+    "learning_rate": Bound("Learning rate", 0, 1.0, False, "Try 5e-5 for a pretrained model, 5e-3 for tiny.",
+                           lo_open=True),
+    # numpy's and JAX's seeds: 32 bits
+    "seed": Bound("Seed", 0, 2**32 - 1, True, "Pick another seed."),
+    "validation_fraction": Bound("Validation fraction", 0, 0.5, False, "Hold out at most half of the pairs."),
+    "temperature": Bound("Temperature", 0, 1.5, False, "Use 0 for greedy answers."),
+    "top_p": Bound("Top-p", 0.05, 1.0, False, "Use 1 to sample from the whole distribution."),
+    # each size compiles its own generation program, so sizes come in steps of 8
+    "max_new_tokens": Bound("Max new tokens", 8, 256, True, "Use the slider's values.", step=8),
+    "preview_row": Bound("Preview row", 1, MAX_ROWS, True, "Pick a row of the table."),
+}
+
+
+def run_bytes(config: GPT2Config, batch_size: int, max_length: int) -> int:
+    """A training run's memory by this app's estimate: BYTES_PER_PARAMETER for each parameter, and activations of
+    68 x width + 10 x heads x length bytes per token and layer (Korthikanti et al.'s count, in float32) plus 12 x vocab
+    per token for the logits, times 1.5: that matches XLA's plan for gpt2-xl on CPU (27 GiB a 1024-token row)."""
+    per_token = (config.n_layer * (68 * config.n_embd + 10 * config.n_head * max_length) + 12 * config.vocab_size) * 1.5
+    return int(BYTES_PER_PARAMETER * _parameters(config) + batch_size * max_length * per_token)
+
+
+@functools.lru_cache(maxsize=64)
+def _parameters(config: GPT2Config) -> int:
+    return num_params(abstract(config))  # shapes only: nothing is allocated
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _fmt(x) -> str:
+    return f"{x:,}" if isinstance(x, int) or float(x).is_integer() and abs(x) >= 1000 else f"{x:g}"
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(name: str, value):
+    """`value` as the int or float BOUNDS[name] allows, or a gr.Error that says what, the range and what to do."""
+    b = BOUNDS[name]
+    kind = (f"a multiple of {b.step}" if b.step > 1 else "a whole number") if b.integer else "a number"
+    allowed = f"greater than {_fmt(b.lo)} and at most {_fmt(b.hi)}" if b.lo_open else f"from {_fmt(b.lo)} to {_fmt(b.hi)}"
+    why = f" ({b.why})" if b.why else ""
+
+    def refuse(got, advice=b.advice):
+        raise gr.Error(f"{b.label} must be {kind} {allowed}{why}; got {got}. {advice}", title=f"{b.label}")
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        refuse("nothing (the field is empty)", "Enter a value.")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        refuse(f"the {'text' if isinstance(value, str) else type(value).__name__} {_shown(value)}", "Enter a number.")
+    if isinstance(value, float) and not math.isfinite(value):
+        refuse(str(value), "Enter a finite number.")
+    if b.integer and isinstance(value, float):
+        if not value.is_integer():
+            refuse(_shown(value))
+        value = int(value)
+    if value < b.lo or value > b.hi or (b.lo_open and value <= b.lo) or (b.integer and value % b.step):
+        refuse(_fmt(value) if abs(value) < 10**15 else _shown(value))
+    return value if b.integer else float(value)
+
+
+def _choice(label: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise gr.Error(f"{label} must be one of {', '.join(choices)}; got {_shown(value)}.", title=label)
+    return value
+
+
+def _flag(label: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise gr.Error(f"{label} must be true or false; got {_shown(value)}.", title=label)
+    return value
+
+
+def _text(label: str, value, max_chars: int) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise gr.Error(f"{label} must be text; got {_shown(value)}.", title=label)
+    if len(value) > max_chars:
+        raise gr.Error(f"{label} is {len(value):,} characters; at most {max_chars:,} are allowed. Shorten it.",
+                       title=label)
+    return value
+
+
+# A Hugging Face repository id: one name or owner/name, each of letters, digits and single . - _ between them.
+HUB_ID = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9]|[._-](?=[A-Za-z0-9])){0,95}/)?"
+                    r"[A-Za-z0-9](?:[A-Za-z0-9]|[._-](?=[A-Za-z0-9])){0,95}")
+PUBLIC_MODEL_RULE = (f"On this server a model is a Hugging Face hub id (such as gpt2, distilgpt2 or owner/name), "
+                     f"{EMBEDDED} (the embedded offline model) or auto. Pick one from the list or type a hub id.")
+
+
+def _model_name(value) -> str:
+    """The model to load. Public: a hub id or a preset, never a path; one message for every refused value, so
+    that nothing is said about the server's files."""
+    name = value.strip() if isinstance(value, str) else value
+    if name is None or name == "":
+        return "auto"
+    if name in ("auto", EMBEDDED):
+        return name
+    if PUBLIC:
+        if not isinstance(name, str) or not HUB_ID.fullmatch(name):
+            raise gr.Error(PUBLIC_MODEL_RULE, title="Model")
+        return name
+    if not isinstance(name, str) or len(name) > 4096 or "\x00" in name:
+        raise gr.Error("The model must be a hub id (such as gpt2), a local model directory, tiny or auto.",
+                       title="Model")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _guarded(fn):
+    """gr.Error goes to the user as it is; anything else is logged here, with a reference, and the user gets a
+    message without the exception's text (which could name the server's files)."""
+    def unexpected(e):
+        ref = uuid.uuid4().hex[:8]
+        log.error("%s failed (reference %s)", fn.__name__, ref, exc_info=e)
+        return gr.Error(f"Something went wrong on the server (reference {ref}). Try again; if it happens again, "
+                        f"report the reference.", title="Server error")
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def generator(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise unexpected(e) from None
+        return generator
+
+    @functools.wraps(fn)
+    def function(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise unexpected(e) from None
+    return function
+
+
+# ---------------------------------------------------------------------------------------------- sessions
 _BASES: dict[str, tuple] = {}
 _BASES_LOCK = threading.Lock()
+_SESSIONS: weakref.WeakSet = weakref.WeakSet()  # every open session, to stop their runs at shutdown
+_BY_HASH: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # Gradio's session hash -> Session
+_WORKDIRS: set[Path] = set()  # every session folder not yet removed
+
+
+def _load_hub(name: str):
+    """A hub model on a public server: its config.json first, so that a model too large for this machine is
+    refused before its weights are downloaded; messages name the model, never the cache's folders."""
+    from huggingface_hub import hf_hub_download
+
+    local_only = True
+    try:
+        config_file = hf_hub_download(name, "config.json", local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached
+        if not hub_reachable():
+            raise ModelLoadError(f"model {name!r} is not in this server's Hugging Face cache and the hub cannot be "
+                                 f"reached. Pick {EMBEDDED} or auto, or try again later") from None
+        local_only = False
+        try:
+            config_file = hf_hub_download(name, "config.json")
+        except Exception as e:  # noqa: BLE001
+            log.info("config.json of %s: %s", name, e)
+            raise ModelLoadError(f"model {name!r} was not found on the Hugging Face hub (or has no config.json). "
+                                 "Check the name, e.g. gpt2 or distilgpt2") from None
+    try:
+        config = GPT2Config.from_hf(json.loads(Path(config_file).read_text(encoding="utf-8")),
+                                    source=f"{name}'s config.json")
+    except jaxtune.ConfigError as e:
+        raise ModelLoadError(str(e)) from None
+    except (ValueError, TypeError, AttributeError):
+        raise ModelLoadError(f"{name}'s config.json is not a GPT-2 configuration jaxtune can read") from None
+    _check_parameters(config, name)
+    try:
+        snapshot = hub_snapshot(name, local_only=local_only)
+    except Exception:  # noqa: BLE001 - the config was cached, the weights not
+        if local_only and hub_reachable():
+            snapshot = hub_snapshot(name, local_only=False)
+        else:
+            raise ModelLoadError(f"model {name!r}'s weights are not in this server's Hugging Face cache and the hub "
+                                 "cannot be reached") from None
+    try:
+        model, tokenizer = load_directory(snapshot)
+    except (ModelLoadError, jaxtune.ConfigError) as e:
+        raise ModelLoadError(str(e).replace(str(snapshot), name)) from None
+    model.source = f"{name} (Hugging Face hub)"
+    return model, tokenizer
+
+
+def _check_parameters(config: GPT2Config, name: str):
+    n = _parameters(config)
+    if n > MAX_PARAMETERS:
+        raise gr.Error(f"{name} has {n / 1e6:,.0f}M parameters; this server trains models of up to "
+                       f"{MAX_PARAMETERS / 1e6:,.0f}M ({RUN_MEMORY / 2**30:.1f} GiB for a run, "
+                       f"{BYTES_PER_PARAMETER} bytes a parameter). Pick a smaller model, e.g. gpt2 or distilgpt2.",
+                       title="Model too large")
 
 
 def _shared_base(name: str):
@@ -47,19 +356,35 @@ def _shared_base(name: str):
         if name not in _BASES:
             if len(_BASES) >= 2:  # keep memory bounded on a small Space: drop the oldest
                 _BASES.pop(next(iter(_BASES)))
-            _BASES[name] = jaxtune.load(name)
+            model, tokenizer = _load_hub(name) if PUBLIC and name not in ("auto", EMBEDDED) else jaxtune.load(name)
+            _check_parameters(model.config, name)
+            _BASES[name] = model, tokenizer
         return _BASES[name]
 
 
 class Session:
-    """One browser session's models and results. Deleted (and its run stopped) when the tab closes."""
+    """One browser session's data, models and results. Closed (its run stopped, its folder removed) when the tab
+    closes, when its state expires and when the app stops."""
 
     def __init__(self):
         self.model_name: str | None = None
         self.base = self.tuned = self.tokenizer = None
         self.stop = threading.Event()
         self.history: list[dict] = []
-        self.workdir = Path(tempfile.mkdtemp(prefix="jaxtune-app-"))
+        self.rest: list[list[str]] = []  # loaded pairs after the ones the table shows: kept here, not in the page
+        self.source = ""  # the file they came from
+        self._workdir: Path | None = None
+        _SESSIONS.add(self)
+
+    @property
+    def workdir(self) -> Path:
+        """The session's folder, made when something is first written (an export). It is removed by close(),
+        and also when the session is garbage-collected (Gradio dropped its state without a callback) and at exit."""
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="jaxtune-app-"))
+            _WORKDIRS.add(self._workdir)
+            self._remove = weakref.finalize(self, _remove_dir, self._workdir)
+        return self._workdir
 
     def base_model(self, name: str):
         if self.base is None or self.model_name != name:
@@ -69,7 +394,29 @@ class Session:
 
     def close(self):
         self.stop.set()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._workdir is not None:
+            self._remove()
+
+
+def _remove_dir(directory: Path):
+    shutil.rmtree(directory, ignore_errors=True)
+    _WORKDIRS.discard(directory)
+
+
+def _session(session, request=None) -> Session:
+    """The session's object, made on its first call; known by Gradio's session hash, for `_unload`."""
+    session = session if isinstance(session, Session) else Session()
+    if getattr(request, "session_hash", None):
+        _BY_HASH[request.session_hash] = session
+    return session
+
+
+def _unload(request: gr.Request):
+    """The tab was closed: stop its run and remove its folder now (Gradio keeps a closed session's state, and calls
+    the state's delete callback, only an hour later)."""
+    session = _BY_HASH.pop(getattr(request, "session_hash", None) or "", None)
+    if session is not None:
+        session.close()
 
 
 def _close(session):
@@ -77,45 +424,187 @@ def _close(session):
         session.close()
 
 
+def shutdown():
+    """Stop every run, remove every session folder and Gradio's cached files of this app (uploads, exported zips):
+    atexit, and SIGTERM/SIGINT through `_on_signal`. (Gradio deletes its cache in the server's own shutdown too,
+    but that is cut short when the server does not stop within 5 s.)"""
+    for session in list(_SESSIONS):
+        session.stop.set()
+    for directory in list(_WORKDIRS):
+        _remove_dir(directory)
+    try:
+        from gradio.route_utils import delete_files_created_by_app
+
+        delete_files_created_by_app(demo, age=None)
+    except Exception as e:  # noqa: BLE001 - Gradio's internals may move; the folders above are the app's own
+        log.warning("could not delete Gradio's cached files: %s", e)
+
+
+atexit.register(shutdown)
+
+
+def _on_signal(signum, frame):
+    shutdown()
+    raise KeyboardInterrupt  # launch() then closes the server, whose shutdown deletes Gradio's cache, and returns
+
+
 # ---------------------------------------------------------------------------------------------- data
-def _rows(table) -> list[list]:
+def _table_rows(table) -> list[list[str]]:
+    """The table's rows as [instruction, response] text (extra columns ignored, empty cells ""), refusing what a
+    table cannot hold and more rows or text than this server takes."""
     if table is None:
         return []
     if isinstance(table, pd.DataFrame):
-        return table.fillna("").astype(str).values.tolist()
-    return [list(r) for r in (table.get("data", []) if isinstance(table, dict) else table)]
+        data = table.values.tolist()
+    else:
+        data = table.get("data") if isinstance(table, dict) else table
+    if not isinstance(data, (list, tuple)):
+        raise gr.Error("The table must be a list of [instruction, response] rows.", title="Table")
+    _check_rows(len(data))
+    rows, chars = [], 0
+    for n, row in enumerate(data, start=1):
+        if not isinstance(row, (list, tuple)):
+            raise gr.Error(f"Row {n} of the table is not a row of cells.", title="Table")
+        cells = []
+        for cell in (list(row[:2]) + [None, None])[:2]:
+            if cell is None or (isinstance(cell, float) and math.isnan(cell)):
+                cell = ""
+            elif isinstance(cell, bool) or not isinstance(cell, (str, int, float)):
+                raise gr.Error(f"Row {n} of the table holds {type(cell).__name__}, not text.", title="Table")
+            cells.append(cell if isinstance(cell, str) else str(cell))
+            chars += len(cells[-1])
+        rows.append(cells)
+    if chars > MAX_TEXT_CHARS:
+        raise gr.Error(f"The table holds {chars:,} characters; this server takes at most {MAX_TEXT_CHARS:,}. "
+                       "Use fewer or shorter pairs.", title="Too much text")
+    return rows
 
 
-def load_example():
+def _check_rows(n: int, what: str = "The data has"):
+    if n > MAX_ROWS:
+        raise gr.Error(f"{what} {n:,} rows; this server takes at most {MAX_ROWS:,} (JAXTUNE_MAX_ROWS). "
+                       "Use fewer rows.", title="Too many rows")
+
+
+def _all_rows(table, session) -> list[list[str]]:
+    """What trains: the table's rows, then the loaded pairs it does not show."""
+    rows = _table_rows(table)
+    if isinstance(session, Session) and session.rest:
+        rows = rows + session.rest
+        _check_rows(len(rows))
+    return rows
+
+
+def _frame(rows) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=HEADERS)
+
+
+def _data_note(session) -> str:
+    if not isinstance(session, Session) or not session.rest:
+        return ""
+    rest = len(session.rest)
+    return (f"**Showing {TABLE_ROWS:,} of {TABLE_ROWS + rest:,} pairs** from {session.source}; all are used for "
+            f"training: the table's rows as you edit them, then the other {rest:,} as loaded, kept on the server "
+            f"(Preview row shows any of them by number). **Use the table only** drops those {rest:,}.")
+
+
+def _loaded(session: Session, rows: list[list[str]], source: str):
+    """The table to send back (its first TABLE_ROWS rows) and the note; the rest stays in the session."""
+    session.rest, session.source = rows[TABLE_ROWS:], source
+    return _frame(rows[:TABLE_ROWS]), _data_note(session)
+
+
+@_guarded
+def load_example(session, request: gr.Request = None):
+    session = _session(session, request)
     pairs = read_pairs(EXAMPLE_DATA)
-    return pd.DataFrame([[p.instruction, p.response] for p in pairs], columns=HEADERS)
+    table, _ = _loaded(session, [[p.instruction, p.response] for p in pairs], EXAMPLE_DATA.name)
+    return table, session
 
 
-def upload_file(file, instruction_column, response_column, table):
-    if file is None:
-        return table
-    path = file if isinstance(file, str) else file.name
+def _upload_path(file) -> tuple[str, str]:
+    path = file.get("path") if isinstance(file, dict) else file
+    if not isinstance(path, str) or not path:
+        raise gr.Error("Upload a file.", title="No file")
+    name = file.get("orig_name") if isinstance(file, dict) else None
+    return path, Path(name if isinstance(name, str) and name else path).name
+
+
+def _read_parquet(path: str, name: str, cols: dict):
+    """Parquet through pyarrow: the row count is checked from the file's footer before any row is read, and
+    nothing is written to a data-set cache."""
+    import pyarrow.parquet as pq
+
     try:
-        pairs = read_pairs(path, instruction_column=instruction_column.strip() or None,
-                           response_column=response_column.strip() or None)
-    except DataError as e:
-        raise gr.Error(f"{e}. Your table was left as it was.", title="Could not read the file")
-    gr.Info(f"Loaded {len(pairs)} pairs from {Path(path).name}")
-    return pd.DataFrame([[p.instruction, p.response] for p in pairs], columns=HEADERS)
+        parquet = pq.ParquetFile(path)
+    except Exception:  # noqa: BLE001 - pyarrow's many errors all mean: not a readable Parquet file
+        raise DataError(f"{name}: cannot read the Parquet file; check that it is a valid .parquet file") from None
+    _check_rows(parquet.metadata.num_rows, f"{name} has")
+    records = parquet.read().to_pylist()
+    return [record_to_pair(r, f"{name} row {n}", **cols) for n, r in enumerate(records, start=1)]
 
 
-def preview(table, row_number, max_length, loss_on):
-    """The chosen row as the model sees it, tokens carrying loss highlighted; counts and problems."""
-    rows = _rows(table)
-    report = inspect_rows(rows, TOKENIZER, max_length=int(max_length), loss_on=loss_on)
+@_guarded
+def upload_file(file, instruction_column, response_column, table, session, request: gr.Request = None):
+    session = _session(session, request)
+    if file is None:
+        return gr.skip(), gr.skip(), session
+    path, name = _upload_path(file)
+    cols = dict(instruction_column=_text("Instruction column", instruction_column, 200).strip() or None,
+                response_column=_text("Response column", response_column, 200).strip() or None)
+    if Path(path).suffix.lower() not in UPLOAD_TYPES:
+        raise gr.Error(f"{name}: upload a {', '.join(UPLOAD_TYPES)} file. Your table was left as it was.",
+                       title="Could not read the file")
+    size = os.path.getsize(path)
+    if MAX_UPLOAD_BYTES and size > MAX_UPLOAD_BYTES:
+        raise gr.Error(f"{name} is {size / 2**20:.1f} MB; this server takes files of up to {MAX_UPLOAD_MB:g} MB "
+                       "(JAXTUNE_MAX_UPLOAD_MB). Upload a smaller file.", title="File too large")
+    try:
+        pairs = _read_parquet(path, name, cols) if path.lower().endswith(".parquet") else read_pairs(path, **cols)
+    except DataError as e:  # its messages name the file by the server's path: name it by the user's file name
+        message = str(e).replace(path, name).replace(str(Path(path).parent) + os.sep, "")
+        raise gr.Error(f"{message}. Your table was left as it was.", title="Could not read the file")
+    if not pairs:
+        raise gr.Error(f"{name} holds no pairs. Your table was left as it was.", title="Could not read the file")
+    _check_rows(len(pairs), f"{name} has")
+    table, note = _loaded(session, [[p.instruction, p.response] for p in pairs], name)
+    gr.Info(f"Loaded {len(pairs):,} pairs from {name}")
+    return table, note, session
+
+
+@_guarded
+def use_table_only(session):
+    if isinstance(session, Session):
+        session.rest, session.source = [], ""
+    return "", session
+
+
+def _rest_button(session):
+    return gr.update(visible=isinstance(session, Session) and bool(session.rest))
+
+
+@_guarded
+def preview(table, row_number, max_length, loss_on, session):
+    """The chosen row as the model sees it, tokens carrying loss highlighted; counts and problems. The preview
+    follows the widgets as they are typed in, so an empty field takes its default and a number out of range the
+    nearest allowed value; values that are no number at all are refused."""
+    loss_on = _choice("Loss on", loss_on, LOSS_MODES)
+    b = BOUNDS["max_length"]
+    max_length = 128 if max_length is None else _number("max_length", min(max(max_length, b.lo), b.hi)
+                                                        if isinstance(max_length, (int, float)) else max_length)
+    row_number = 1 if row_number is None else row_number
+    if isinstance(row_number, (int, float)) and not isinstance(row_number, bool):
+        row_number = min(max(row_number, 1), MAX_ROWS)
+    row_number = _number("preview_row", row_number)
+    report = inspect_rows(_all_rows(table, session), TOKENIZER, max_length=max_length, loss_on=loss_on)
     counts = f"**{report.summary()}**"
     issues = [f"- ⛔ {p}" for p in report.problems] + [f"- ⚠️ {w}" for w in report.warnings]
     problems = "\n".join(issues[:20]) + (f"\n- … and {len(issues) - 20} more" if len(issues) > 20 else "")
     if not report.pairs:
         return [("Add at least one row with an instruction and a response.", None)], counts, problems
-    index = min(max(int(row_number or 1), 1), len(report.pairs)) - 1
+    index = min(row_number, len(report.pairs)) - 1
     pair = report.pairs[index]
-    e = encode(TOKENIZER, pair.instruction, pair.response, loss_on=loss_on, max_length=int(max_length))
+    e = encode(TOKENIZER, pair.instruction, pair.response, loss_on=loss_on, max_length=max_length)
     spans = [(TOKENIZER.decode([t]) if t != TOKENIZER.eos_token_id else "<|endoftext|>", "loss" if m else None)
              for t, m in zip(e.input_ids.tolist(), e.loss_mask.tolist())]
     return spans, counts + f" · showing {pair.where}", problems
@@ -142,51 +631,113 @@ def _plot(history) -> pd.DataFrame:
     return df.astype({"step": "int64", "loss": "float64", "split": "str"})
 
 
+def _time_limit(during: str, started: float) -> gr.Error:
+    return gr.Error(f"The time limit of {MAX_TRAIN_SECONDS:,} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached {during}, "
+                    f"after {time.monotonic() - started:.0f} s, before the first step. Use a smaller model or fewer "
+                    "pairs.", title="Time limit")
+
+
+def _check_run_size(epochs: int, pairs: int, batch_size: int):
+    """Refuse a run that cannot finish in the time limit at the generous rates above, before anything is built."""
+    per_epoch = math.ceil(pairs / batch_size)
+    if epochs * per_epoch > MAX_STEPS:
+        raise gr.Error(f"{epochs:,} epochs of {pairs:,} training pairs in batches of {batch_size} is "
+                       f"{epochs * per_epoch:,} steps; this server runs at most {MAX_STEPS:,} steps ({_STEPS_WHY}). "
+                       f"Lower the epochs to at most {max(MAX_STEPS // per_epoch, 1):,}, or raise the batch size.",
+                       title="Run too long")
+    if epochs * pairs > MAX_EXAMPLES_SEEN:
+        why = ("JAXTUNE_MAX_EXAMPLES_SEEN" if os.environ.get("JAXTUNE_MAX_EXAMPLES_SEEN", "").strip() else
+               f"the time limit of {MAX_TRAIN_SECONDS:,} s at up to {EXAMPLES_PER_SECOND:,} examples/s")
+        raise gr.Error(f"{epochs:,} epochs of {pairs:,} training pairs is {epochs * pairs:,} examples; this server "
+                       f"trains on at most {MAX_EXAMPLES_SEEN:,} a run ({why}). Lower the epochs to at most "
+                       f"{max(MAX_EXAMPLES_SEEN // pairs, 1):,}.", title="Run too long")
+
+
+def _check_memory(config: GPT2Config, name: str, batch_size: int, max_length: int):
+    need = run_bytes(config, batch_size, max_length)
+    if need > RUN_MEMORY:
+        raise gr.Error(f"Batch size {batch_size} x max length {max_length} on {name} needs about {need / 2**30:.1f} GiB "
+                       f"by this server's estimate; a run has {RUN_MEMORY / 2**30:.1f} GiB here. Lower the batch size "
+                       "or the max length, or pick a smaller model.", title="Too large for this machine")
+
+
+@_guarded
 def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-              precision, validation_fraction, pack, session):
-    session = session if isinstance(session, Session) else Session()
-    report = inspect_rows(_rows(table), TOKENIZER, max_length=int(max_length), loss_on=loss_on)
+              precision, validation_fraction, pack, session, request: gr.Request = None):
+    started = time.monotonic()  # the time limit covers the whole request: loading, tokenizing, compiling, training
+    deadline = started + MAX_TRAIN_SECONDS
+    # every value first: nothing is loaded, tokenized or allocated for a request that cannot run
+    name = _model_name(model_name)
+    loss_on = _choice("Loss on", loss_on, LOSS_MODES)
+    precision = _choice("Precision", precision, PRECISIONS)
+    epochs, batch_size = _number("epochs", epochs), _number("batch_size", batch_size)
+    learning_rate, max_length = _number("learning_rate", learning_rate), _number("max_length", max_length)
+    warmup_steps, seed = _number("warmup_steps", warmup_steps), _number("seed", seed)
+    validation_fraction = _number("validation_fraction", validation_fraction)
+    pack = _flag("Pack examples", pack)
+    try:
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
+                          loss_on=loss_on, seed=seed, warmup_steps=warmup_steps, dtype=precision, pack=pack,
+                          max_steps=MAX_STEPS)
+    except ValueError as e:
+        raise gr.Error(str(e), title="Cannot train with these settings")
+    session = _session(session, request)
+    report = inspect_rows(_all_rows(table, session), TOKENIZER, max_length=max_length, loss_on=loss_on)
     if report.problems:
         raise gr.Error("Fix these rows first:\n" + "\n".join(report.problems[:10]), title="Data problems")
     if not report.pairs:
         raise gr.Error("The table has no pairs. Add rows or load the example data.", title="No data")
-    log = [f"{report.summary()}"]
-    yield _progress_html(note="loading model"), None, "\n".join(log), session
-    try:
-        base, tokenizer = session.base_model(model_name.strip() or "auto")
-    except (ModelLoadError, jaxtune.ConfigError) as e:
-        raise gr.Error(str(e), title="Could not load the model")
-    log.append(f"model: {getattr(base, 'source', model_name)} ({jaxtune.model.num_params(base) / 1e6:.1f}M parameters)")
-    pairs = report.pairs
-    val_pairs = None
+    pairs, val_pairs = report.pairs, None
     if validation_fraction and len(pairs) >= 4:
-        order = np.random.default_rng(int(seed)).permutation(len(pairs))
+        order = np.random.default_rng(seed).permutation(len(pairs))
         n_val = max(1, int(round(len(pairs) * validation_fraction)))
         val_pairs = [pairs[i] for i in order[:n_val]]
         pairs = [pairs[i] for i in order[n_val:]]
-        log.append(f"validation: {len(val_pairs)} pairs held out")
+    _check_run_size(epochs, len(pairs), batch_size)
+    lines = [f"{report.summary()}"]
+    yield _progress_html(note="loading model"), None, "\n".join(lines), session
     try:
-        cfg = TrainConfig(epochs=int(epochs), batch_size=int(batch_size), learning_rate=float(learning_rate),
-                          max_length=min(int(max_length), base.config.n_positions), loss_on=loss_on, seed=int(seed),
-                          warmup_steps=int(warmup_steps), dtype=precision, pack=bool(pack))
+        base, tokenizer = session.base_model(name)
+    except (ModelLoadError, jaxtune.ConfigError) as e:
+        raise gr.Error(str(e), title="Could not load the model")
+    cfg = replace(cfg, max_length=min(max_length, base.config.n_positions))
+    _check_memory(base.config, name, batch_size, cfg.max_length)
+    lines.append(f"model: {getattr(base, 'source', name)} ({jaxtune.model.num_params(base) / 1e6:.1f}M parameters)")
+    if val_pairs:
+        lines.append(f"validation: {len(val_pairs)} pairs held out")
+    if time.monotonic() > deadline:
+        raise _time_limit("while loading the model", started)
+    try:
         model = nnx.clone(base)
         trainer = jaxtune.Trainer(model, tokenizer, pairs, cfg, validation_pairs=val_pairs)
     except (ValueError, jaxtune.TrainingError) as e:
         raise gr.Error(str(e), title="Cannot train with these settings")
+    if time.monotonic() > deadline:
+        raise _time_limit("while preparing the data", started)
     n = trainer.total_steps
-    log.append(f"training {n} step{'s' * (n != 1)} on {jax.default_backend()} (the first compiles); real tokens "
+    lines.append(f"training {n} step{'s' * (n != 1)} on {jax.default_backend()} (the first compiles); real tokens "
                f"fill {trainer.planned_real_token_share:.0%} of the computed positions{' (packed)' if pack else ''}")
+    lines.append(f"time limit: {MAX_TRAIN_SECONDS:,} s for the whole run (JAXTUNE_MAX_TRAIN_SECONDS), "
+               f"{deadline - time.monotonic():,.0f} s left")
     session.stop.clear()
     session.history = []
     steps: queue.Queue = queue.Queue()
     outcome: dict = {}
-    deadline = time.monotonic() + MAX_TRAIN_SECONDS
+    timed_out = threading.Event()
+
+    def should_stop() -> bool:
+        if session.stop.is_set():
+            return True
+        if time.monotonic() > deadline:
+            timed_out.set()
+            return True
+        return False
 
     def work():
         try:
             outcome["result"] = trainer.run(on_step=steps.put, eval_every=max(1, trainer.total_steps // 10),
-                                            should_stop=lambda: session.stop.is_set() or time.monotonic() > deadline)
-        except Exception as e:  # noqa: BLE001 - shown in the UI below
+                                            should_stop=should_stop)
+        except Exception as e:  # noqa: BLE001 - reported below
             outcome["error"] = e
 
     thread = threading.Thread(target=work, daemon=True)
@@ -200,33 +751,42 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
                 continue
             session.history.append(last.to_dict())
             if last.step == 1 or last.step % 10 == 0 or last.val_loss is not None:
-                log.append(f"step {last.step}: loss {last.loss:.4f}" +
+                lines.append(f"step {last.step}: loss {last.loss:.4f}" +
                            (f", validation {last.val_loss:.4f}" if last.val_loss is not None else ""))
             yield (_progress_html(last.step, last.total_steps, last.eta, last.tokens_per_sec, last.loss),
-                   _plot(session.history), "\n".join(log[-12:]), session)
+                   _plot(session.history), "\n".join(lines[-12:]), session)
     finally:  # the client went away (tab closed, cancelled): stop the run so it does not hold the machine
         if thread.is_alive():
             session.stop.set()
             thread.join()
     if "error" in outcome:
-        raise gr.Error(f"Training failed: {outcome['error']}", title="Training failed")
+        error = outcome["error"]
+        if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
+            log.warning("run ran out of memory: %s", error)
+            raise gr.Error("The run ran out of memory. Lower the batch size or the max length, or pick a smaller "
+                           "model.", title="Out of memory")
+        raise error  # logged with a reference by _guarded; the user gets no exception text
     result = outcome["result"]
     session.tuned = model
     note = "done"
     if result.diverged:
         note = "stopped: the loss is not a number"
-        log.append(f"⛔ {result.stopped}")
+        lines.append(f"⛔ {result.stopped}")
         gr.Warning(result.stopped, title="Training stopped")
+    elif result.stopped and timed_out.is_set():
+        note = (f"stopped: the time limit of {MAX_TRAIN_SECONDS:,} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached after "
+                f"step {result.steps}; the model keeps what it learned")
+        lines.append(note)
     elif result.stopped:
         note = f"stopped after step {result.steps}; the model keeps what it learned"
-        log.append(note)
+        lines.append(note)
     else:
         memory = "" if result.peak_memory is None else f", peak device memory {result.peak_memory / 2**30:.2f} GiB"
-        log.append(f"finished {result.steps} step{'s' * (result.steps != 1)} in {result.seconds:.1f}s{memory}")
+        lines.append(f"finished {result.steps} step{'s' * (result.steps != 1)} in {result.seconds:.1f}s{memory}")
     total = trainer.total_steps
     yield (_progress_html(result.steps, total, 0 if not result.stopped else None,
                           last.tokens_per_sec if last else None, last.loss if last else None, note),
-           _plot(session.history), "\n".join(log[-12:]), session)
+           _plot(session.history), "\n".join(lines[-12:]), session)
 
 
 def stop_run(session):
@@ -236,28 +796,34 @@ def stop_run(session):
 
 
 # ---------------------------------------------------------------------------------------------- try
-def try_models(instruction, temperature, top_p, max_new_tokens, model_name, session):
-    session = session if isinstance(session, Session) else Session()
-    if not instruction or not instruction.strip():
+@_guarded
+def try_models(instruction, temperature, top_p, max_new_tokens, model_name, session, request: gr.Request = None):
+    instruction = _text("Instruction", instruction, MAX_INSTRUCTION_CHARS)
+    if not instruction.strip():
         raise gr.Error("Type an instruction first.", title="No instruction")
+    kw = dict(temperature=_number("temperature", temperature), top_p=_number("top_p", top_p),
+              max_new_tokens=_number("max_new_tokens", max_new_tokens))
+    name = _model_name(model_name)
+    session = _session(session, request)
     try:
-        base, tokenizer = session.base_model(model_name.strip() or "auto") if session.base is None else (session.base, session.tokenizer)
+        base, tokenizer = session.base_model(name) if session.base is None else (session.base, session.tokenizer)
     except (ModelLoadError, jaxtune.ConfigError) as e:
         raise gr.Error(str(e), title="Could not load the model")
-    kw = dict(temperature=float(temperature), top_p=float(top_p), max_new_tokens=int(max_new_tokens))
     base_text, tuned_text = "", "" if session.tuned is not None else "(train a model in step 2 first)"
     streams = [("base", jaxtune.stream(base, tokenizer, instruction, **kw))]
     if session.tuned is not None:
         streams.append(("tuned", jaxtune.stream(session.tuned, tokenizer, instruction, **kw)))
     while streams:  # alternate between the two models so both answers grow side by side
         for item in list(streams):
-            name, it = item
+            which, it = item
             try:
                 text = next(it)
             except StopIteration:
                 streams.remove(item)
                 continue
-            if name == "base":
+            except ValueError as e:  # the library's own message: the prompt does not fit the model
+                raise gr.Error(f"{e}.", title="Cannot generate")
+            if which == "base":
                 base_text = text
             else:
                 tuned_text = text
@@ -275,15 +841,20 @@ def _saved_dir(session) -> Path:
     return out
 
 
+@_guarded
 def export_zip(session):
     out = _saved_dir(session)
     return gr.File(value=shutil.make_archive(str(session.workdir / "jaxtune-model"), "zip", out), visible=True)
 
 
+@_guarded
 def push_to_hub(repo_id, token, private, session):
-    if not repo_id.strip() or "/" not in repo_id:
-        raise gr.Error("Give the repository as user/name.", title="Repository name")
-    if not token.strip():
+    repo_id = _text("Hub repository", repo_id, 200).strip()
+    token = _text("Token", token, 1000).strip()
+    if "/" not in repo_id or not HUB_ID.fullmatch(repo_id):
+        raise gr.Error("Give the repository as user/name (letters, digits, and . - _ between them).",
+                       title="Repository name")
+    if not token:
         raise gr.Error("Paste a Hugging Face token with write access.", title="Token needed")
     out = _saved_dir(session)
     if not hub_reachable():
@@ -292,12 +863,20 @@ def push_to_hub(repo_id, token, private, session):
     from huggingface_hub import HfApi
 
     try:
-        api = HfApi(token=token.strip())
-        api.create_repo(repo_id.strip(), private=bool(private), exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=repo_id.strip(), commit_message="Upload model tuned with jaxtune")
-    except Exception as e:  # noqa: BLE001 - the hub's own message is the useful one
-        raise gr.Error(f"Upload failed: {e}", title="Upload failed")
-    return f"Uploaded to https://huggingface.co/{repo_id.strip()}"
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=_flag("Private", private), exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo_id, commit_message="Upload model tuned with jaxtune")
+    except gr.Error:
+        raise
+    except Exception as e:  # noqa: BLE001 - said by its HTTP status only; the text is logged here
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        log.warning("push to %s failed: %r", repo_id, e)
+        why = {401: "the token was not accepted", 403: f"the token may not write to {repo_id}",
+               404: f"{repo_id} was not found"}.get(status, f"the hub answered HTTP {status}" if status else
+                                                   "the upload did not complete")
+        raise gr.Error(f"Upload failed: {why}. Check the token (it needs write access) and the repository name, "
+                       "or download the zip instead.", title="Upload failed")
+    return f"Uploaded to https://huggingface.co/{repo_id}"
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -314,24 +893,41 @@ def backend_info() -> str:
     return f"JAX {jax.__version__} · backend **{jax.default_backend()}** · {jax.device_count()} device(s): {devices}"
 
 
+def _limits_info() -> str:
+    upload = f"files of up to {MAX_UPLOAD_MB:g} MB, " if MAX_UPLOAD_BYTES else ""
+    return (f"Limits here: {upload}{MAX_ROWS:,} pairs; a run stops after {MAX_TRAIN_SECONDS:,} s and may plan up to "
+            f"{MAX_STEPS:,} steps; models up to {MAX_PARAMETERS / 1e6:,.0f}M parameters.")
+
+
+def _widget(name: str, **kw):
+    b = BOUNDS[name]
+    if name in ("validation_fraction", "temperature", "top_p", "max_new_tokens"):
+        return gr.Slider(b.lo, b.hi, step=kw.pop("step", b.step), **kw)
+    return gr.Number(minimum=b.lo, maximum=b.hi, precision=0 if b.integer else None, **kw)
+
+
 def build_app() -> gr.Blocks:
-    with gr.Blocks(title="jaxtune: instruction-tune GPT-2 in JAX") as demo:
+    with gr.Blocks(title="jaxtune: instruction-tune GPT-2 in JAX", delete_cache=DELETE_CACHE) as demo:
         session = gr.State(None, time_to_live=4 * 3600, delete_callback=_close)
         gr.Markdown("# jaxtune\nInstruction-tune a GPT-2 model on your own instruction/response pairs, in JAX. "
                     "Work through the four steps from top to bottom.")
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
-            gr.Markdown("## ① Data\nEdit the table, load the example help-desk data, or upload JSONL, JSON or CSV.")
-            table = gr.Dataframe(value=pd.DataFrame(list(zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)), columns=HEADERS),
+            gr.Markdown("## ① Data\nEdit the table, load the example help-desk data, or upload JSONL, JSON, CSV or "
+                        f"Parquet. {_limits_info()}")
+            table = gr.Dataframe(value=_frame(list(zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES))),
                                  headers=HEADERS, column_count=(2, "fixed"), row_count=(2, "dynamic"),
                                  datatype=["str", "str"], interactive=True, wrap=True, label="Pairs",
                                  elem_id="pairs-table", max_height=360)
+            with gr.Row():
+                data_note = gr.Markdown(elem_id="data-note")
+                table_only = gr.Button("Use the table only", elem_id="table-only", visible=False, size="sm", scale=0)
             with gr.Row(equal_height=True):
                 with gr.Column(scale=1):
                     example_btn = gr.Button("Load example data", elem_id="load-example")
                     instruction_col = gr.Textbox(label="Instruction column", placeholder="instruction (auto)")
                     response_col = gr.Textbox(label="Response column", placeholder="response / output (auto)")
-                upload = gr.File(label="Upload pairs (.jsonl, .json, .csv)", file_types=[".jsonl", ".json", ".csv"],
+                upload = gr.File(label=f"Upload pairs ({', '.join(UPLOAD_TYPES)})", file_types=list(UPLOAD_TYPES),
                                  elem_id="upload", height=190, scale=2)
             with gr.Row():
                 with gr.Column(scale=3):
@@ -339,7 +935,7 @@ def build_app() -> gr.Blocks:
                                                      color_map={"loss": "#fb923c"}, combine_adjacent=False,
                                                      show_legend=True, elem_id="preview")
                 with gr.Column(scale=2):
-                    preview_row = gr.Number(value=1, precision=0, minimum=1, label="Preview row")
+                    preview_row = _widget("preview_row", value=1, label="Preview row")
                     counts = gr.Markdown(elem_id="counts")
                     problems = gr.Markdown(elem_id="problems")
 
@@ -347,18 +943,19 @@ def build_app() -> gr.Blocks:
             gr.Markdown("## ② Train")
             with gr.Row():
                 model_name = gr.Dropdown(MODEL_CHOICES, value="auto", allow_custom_value=True, label="Model",
-                                         info="auto: gpt2 if it can be had, else the embedded offline model (untrained)")
+                                         info="auto: gpt2 if it can be had, else the embedded offline model (untrained)"
+                                         + ("" if PUBLIC else "; or a local model directory"))
                 loss_on = gr.Radio(list(LOSS_MODES), value="response", label="Loss on",
                                    info="response: answer + EOS · all: every token · reference: the original recipe")
-                precision = gr.Radio(["float32", "bfloat16"], value="float32", label="Precision")
+                precision = gr.Radio(list(PRECISIONS), value="float32", label="Precision")
             with gr.Row():
-                epochs = gr.Number(value=3, precision=0, minimum=1, label="Epochs")
-                batch_size = gr.Number(value=8, precision=0, minimum=1, label="Batch size")
-                learning_rate = gr.Number(value=5e-4, minimum=0, label="Learning rate")
-                max_length = gr.Number(value=128, precision=0, minimum=8, label="Max length (tokens)")
-                warmup = gr.Number(value=10, precision=0, minimum=0, label="Warmup steps")
-                seed = gr.Number(value=0, precision=0, label="Seed")
-                val_fraction = gr.Slider(0, 0.5, value=0.0, step=0.05, label="Validation fraction")
+                epochs = _widget("epochs", value=3, label="Epochs")
+                batch_size = _widget("batch_size", value=8, label="Batch size")
+                learning_rate = _widget("learning_rate", value=5e-4, label="Learning rate")
+                max_length = _widget("max_length", value=128, label="Max length (tokens)")
+                warmup = _widget("warmup_steps", value=10, label="Warmup steps")
+                seed = _widget("seed", value=0, label="Seed")
+                val_fraction = _widget("validation_fraction", value=0.0, step=0.05, label="Validation fraction")
                 pack = gr.Checkbox(value=False, label="Pack examples", elem_id="pack",
                                    info="several examples per row: little padding, fewer and larger steps")
             gr.Markdown(backend_info(), elem_id="backend")
@@ -371,17 +968,18 @@ def build_app() -> gr.Blocks:
                 plot = gr.LinePlot(None, x="step", y="loss", color="split", label="Loss", height=280,
                                    color_map={"train": "#f97316", "validation": "#2563eb"},
                                    elem_id="loss-plot")
-                log = gr.Textbox(label="Log", lines=10, max_lines=12, elem_id="log", autoscroll=True)
+                log_box = gr.Textbox(label="Log", lines=10, max_lines=12, elem_id="log", autoscroll=True)
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ③ Try")
             with gr.Row():
-                instruction = gr.Textbox(label="Instruction", value="Answer politely", scale=4, elem_id="instruction")
+                instruction = gr.Textbox(label="Instruction", value="Answer politely", scale=4, elem_id="instruction",
+                                         max_length=MAX_INSTRUCTION_CHARS)
                 try_btn = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
             with gr.Row():
-                temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="Top-p")
-                max_new = gr.Slider(8, 256, value=64, step=8, label="Max new tokens")
+                temperature = _widget("temperature", value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = _widget("top_p", value=0.95, step=0.05, label="Top-p")
+                max_new = _widget("max_new_tokens", value=64, label="Max new tokens")
             with gr.Row():
                 base_out = gr.Textbox(label="Base model", lines=4, elem_id="base-out")
                 tuned_out = gr.Textbox(label="Tuned model", lines=4, elem_id="tuned-out")
@@ -398,33 +996,48 @@ def build_app() -> gr.Blocks:
                 push_btn = gr.Button("Push to hub")
             push_status = gr.Markdown()
 
-        preview_inputs = [table, preview_row, max_length, loss_on]
+        # preprocess=False: the functions get the values as sent, and check them themselves (see BOUNDS)
+        raw = dict(preprocess=False)
+        preview_inputs = [table, preview_row, max_length, loss_on, session]
         preview_outputs = [highlighted, counts, problems]
-        demo.load(preview, preview_inputs, preview_outputs, api_name="preview")  # registered first: it owns the name
-        example_btn.click(load_example, None, table, api_name="load_example").then(
-            preview, preview_inputs, preview_outputs, api_visibility="private")
-        upload.upload(upload_file, [upload, instruction_col, response_col, table], table, api_name="upload") \
-            .then(preview, preview_inputs, preview_outputs, api_visibility="private")
+        private_preview = dict(fn=preview, inputs=preview_inputs, outputs=preview_outputs, api_visibility="private",
+                               **raw)
+        demo.load(preview, preview_inputs, preview_outputs, api_name="preview", **raw)  # first: it owns the name
+        example_btn.click(load_example, session, [table, session], api_name="load_example", **raw) \
+            .then(lambda s: (_data_note(s), _rest_button(s)), session, [data_note, table_only],
+                  api_visibility="private").then(**private_preview)
+        upload.upload(upload_file, [upload, instruction_col, response_col, table, session], [table, data_note, session],
+                      api_name="upload", **raw) \
+            .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
+        table_only.click(use_table_only, session, [data_note, session], api_name="use_table_only") \
+            .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
-            trigger(preview, preview_inputs, preview_outputs, show_progress="hidden", api_visibility="private")
+            trigger(show_progress="hidden", **private_preview)
         train_btn.click(train_run, [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup,
-                                    seed, precision, val_fraction, pack, session], [progress, plot, log, session],
+                                    seed, precision, val_fraction, pack, session], [progress, plot, log_box, session],
                         api_name="train", concurrency_limit=CONCURRENT_RUNS, concurrency_id="train",
-                        show_progress="minimal")
-        stop_btn.click(stop_run, session, log, api_name="stop", concurrency_limit=None, queue=False)
-        try_btn.click(try_models, [instruction, temperature, top_p, max_new, model_name, session],
-                      [base_out, tuned_out, session], api_name="generate", concurrency_limit=2)
-        instruction.submit(try_models, [instruction, temperature, top_p, max_new, model_name, session],
-                           [base_out, tuned_out, session], api_visibility="private")
+                        show_progress="minimal", **raw)
+        stop_btn.click(stop_run, session, log_box, api_name="stop", concurrency_limit=None, queue=False)
+        try_inputs = [instruction, temperature, top_p, max_new, model_name, session]
+        try_btn.click(try_models, try_inputs, [base_out, tuned_out, session], api_name="generate", concurrency_limit=2,
+                      **raw)
+        instruction.submit(try_models, try_inputs, [base_out, tuned_out, session], api_visibility="private",
+                           concurrency_limit=2, **raw)
         zip_btn.click(export_zip, session, zip_file, api_name="export")
-        push_btn.click(push_to_hub, [repo, token, private, session], push_status, api_name="push")
+        push_btn.click(push_to_hub, [repo, token, private, session], push_status, api_name="push", **raw)
+        demo.unload(_unload)
     return demo
 
 
 demo = build_app()
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
     demo.queue(default_concurrency_limit=4).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        css=CSS, theme=gr.themes.Soft(primary_hue="orange"), show_error=True)
+        css=CSS, theme=gr.themes.Soft(primary_hue="orange"), show_error=False,  # gr.Error messages only
+        max_file_size=MAX_UPLOAD_BYTES)

@@ -13,12 +13,15 @@ import time
 import zipfile
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
 import transformers
 from gradio_client import Client
 from gradio_client.exceptions import AppError
+
+from jaxtune.data import read_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -33,11 +36,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_tmp(tmp_path_factory):
+    """The app's TMPDIR: its session folders (jaxtune-app-*) and Gradio's cache."""
+    return tmp_path_factory.mktemp("app-tmp")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, app_tmp):
     port = _free_port()
     log = tmp_path_factory.mktemp("app") / "app.log"
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT))
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), TMPDIR=str(app_tmp),
+               GRADIO_HEARTBEAT_INTERVAL="1")  # a closed tab is noticed within a second
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -66,9 +76,11 @@ def test_api_end_to_end(app_url, tmp_path):
     """Load data, train a few steps, stop, generate, export; the zip loads in PyTorch transformers."""
     client = Client(app_url, verbose=False)
     table = client.predict(api_name="/load_example")
-    assert len(table["data"]) >= 30 and table["headers"] == ["Instruction", "Response"]
+    example = read_pairs(ROOT / "examples" / "customer_service.jsonl")
+    assert len(example) > 200 and table["headers"] == ["Instruction", "Response"]
+    assert table["data"] == [[p.instruction, p.response] for p in example[:200]]  # the page gets the first 200
     spans, counts, problems = client.predict(table, 1, 128, "response", api_name="/preview")
-    assert f"{len(table['data'])} pairs" in counts and "0 will be truncated" in counts and not problems
+    assert f"{len(example)} pairs" in counts and "0 will be truncated" in counts and not problems  # all of them
     _, counts, problems = client.predict(table, 1, 64, "response", api_name="/preview")
     assert "1 will be truncated" in counts and "longer than 64 tokens" in problems
     job = client.submit(table, *TRAIN_ARGS.values(), api_name="/train")
@@ -120,8 +132,8 @@ def test_bad_input_gets_clear_messages(app_url, tmp_path):
         client.predict(handle_file(str(bad)), "", "", ONE_ROW, api_name="/upload")
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Translate", "input": "chat", "output": "cat"}]))
-    table = client.predict(handle_file(str(alpaca)), "", "", ONE_ROW, api_name="/upload")
-    assert table["data"] == [["Translate\n\nchat", "cat"]]
+    table, note = client.predict(handle_file(str(alpaca)), "", "", ONE_ROW, api_name="/upload")
+    assert table["data"] == [["Translate\n\nchat", "cat"]] and note == ""  # all shown: nothing to say
     with pytest.raises(AppError, match="no tuned model yet"):
         Client(app_url, verbose=False).predict(api_name="/export")
 
@@ -166,7 +178,7 @@ def _progress_text(page):
     return page.locator("#progress .jt-progress-text").inner_text()
 
 
-def test_browser_train_stop_try(app_url, browser, tmp_path):
+def test_browser_train_stop_try(app_url, app_tmp, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(app_url)
     page.wait_for_selector("#pairs-table")
@@ -237,11 +249,17 @@ def test_browser_train_stop_try(app_url, browser, tmp_path):
     assert previous[1].startswith("It ships")  # a few steps on two pairs already shape the tuned answer
     _shot(page, tmp_path, "4-try")
 
+    folders = set(app_tmp.glob("jaxtune-app-*"))
     page.locator("#export").click()
     page.wait_for_selector("#zip a[download], #zip a[href*='.zip']", timeout=60_000)
     assert "jaxtune-model.zip" in page.locator("#zip").inner_text().replace("\n", "")
     _shot(page, tmp_path, "5-export")
-    page.close()
+    [folder] = set(app_tmp.glob("jaxtune-app-*")) - folders  # the session's own folder, made by the export
+    page.close()  # the session ends: its folder goes (Gradio itself would call the state's callback an hour later)
+    deadline = time.time() + 30
+    while folder.exists():
+        assert time.time() < deadline, "the closed session's folder was not removed"
+        time.sleep(0.5)
 
 
 def _long_run(client, epochs=100_000):
@@ -297,12 +315,94 @@ def test_preview_lists_problems_with_row_numbers(app_url):
     assert "row 4: longer than 32 tokens" in problems and "1 will be truncated" in counts
 
 
-def test_nan_loss_stops_with_a_message(app_url):
+# ---------------------------------------------------------------------------------------------- bounds
+TWO_ROWS = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
+
+
+def raw_call(url, api_name, data):
+    """Call an endpoint with a JSON body as Python writes it (NaN, Infinity), which gradio_client cannot send;
+    ("complete", data) or ("error", message)."""
+    body = json.dumps({"data": data})  # allow_nan: NaN and Infinity as JavaScript writes them
+    r = httpx.post(f"{url}/gradio_api/call/{api_name}", content=body, headers={"content-type": "application/json"})
+    r.raise_for_status()
+    with httpx.stream("GET", f"{url}/gradio_api/call/{api_name}/{r.json()['event_id']}", timeout=120) as events:
+        event = None
+        for line in events.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event in ("complete", "error"):
+                payload = json.loads(line[6:])
+                return event, payload.get("error") if isinstance(payload, dict) else payload
+    raise AssertionError("no result")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 10**9, r"Epochs must be a whole number from 1 to 100,000 .*; got 1,000,000,000\. Lower the epochs"),
+    ("epochs", None, r"Epochs must be .*got nothing \(the field is empty\)\. Enter a value"),
+    ("epochs", "3", r"Epochs must be a whole number .*got the text '3'\. Enter a number"),
+    ("epochs", 2.5, r"Epochs must be a whole number .*got 2\.5"),
+    ("batch_size", 10**9, r"Batch size must be a whole number from 1 to 256; got 1,000,000,000"),
+    ("max_length", 10**9, r"Max length must be a whole number from 8 to 1,024"),
+    ("warmup_steps", -1, r"Warmup steps must be a whole number from 0 to"),
+    ("seed", 2**70, r"Seed must be a whole number from 0 to 4,294,967,295; got 1180591620717411303424"),
+    ("seed", -1, r"Seed must be a whole number from 0 to 4,294,967,295; got -1"),
+    ("learning_rate", 0, r"Learning rate must be a number greater than 0 and at most 1; got 0\. Try 5e-5"),
+    ("learning_rate", -1, r"Learning rate must be a number greater than 0 and at most 1; got -1"),
+    ("learning_rate", 1e30, r"Learning rate must be .* at most 1; got 1e\+30"),
+    ("validation_fraction", 0.9, r"Validation fraction must be a number from 0 to 0\.5; got 0\.9"),
+    ("precision", "float64", r"Precision must be one of float32, bfloat16; got 'float64'"),
+    ("loss_on", None, r"Loss on must be one of response, all, reference; got None"),
+    ("pack", None, r"Pack examples must be true or false; got None"),
+    ("model_name", 5, r"The model must be a hub id"),
+])
+def test_training_values_are_checked_on_the_server(app_url, field, value, message):
+    """What an API call can send that the widgets would not: a clear message at once, and the server still serves."""
     client = Client(app_url, verbose=False)
-    args = dict(TRAIN_ARGS, learning_rate=1e30, warmup_steps=0, epochs=3, validation_fraction=0)
-    progress, plot, log = client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]] * 3},
-                                         *args.values(), api_name="/train")
-    assert "not a number" in progress and "the loss became" in log and "Lower the learning rate" in log
+    start = time.time()
+    with pytest.raises(AppError, match=message):
+        client.predict(TWO_ROWS, **dict(TRAIN_ARGS, **{field: value}), api_name="/train")
+    assert time.time() - start < 10  # refused before anything is loaded or allocated
+
+
+@pytest.mark.parametrize("value, shown", [(float("nan"), "nan"), (float("inf"), "inf"), (float("-inf"), "-inf")])
+def test_learning_rate_must_be_finite(app_url, value, shown):
+    args = dict(TRAIN_ARGS, learning_rate=value)
+    event, message = raw_call(app_url, "train", [TWO_ROWS, *args.values()])
+    assert event == "error" and message == (f"Learning rate must be a number greater than 0 and at most 1; got {shown}. "
+                                            "Enter a finite number.")
+
+
+def test_runs_too_long_for_the_time_limit_are_refused_and_the_server_answers_after(app_url):
+    client = Client(app_url, verbose=False)
+    start = time.time()
+    with pytest.raises(AppError, match=r"100,000 epochs of 2 training pairs in batches of 1 is 200,000 steps; this "
+                                       r"server runs at most 180,000 steps \(the time limit of 3,600 s at up to 50 "
+                                       r"steps/s\)\. Lower the epochs to at most 90,000, or raise the batch size"):
+        client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=100_000, batch_size=1, validation_fraction=0),
+                       api_name="/train")
+    assert time.time() - start < 10
+    _, _, log = client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=1, validation_fraction=0), api_name="/train")
+    assert "finished 1 step" in log and "time limit: 3,600 s for the whole run (JAXTUNE_MAX_TRAIN_SECONDS)" in log
+
+
+def test_table_generate_and_preview_values_are_checked(app_url):
+    client = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match=r"Row 2 of the table holds dict, not text"):
+        client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], [{"a": 1}, "x"]]},
+                       **TRAIN_ARGS, api_name="/train")
+    with pytest.raises(AppError, match=r"Max new tokens must be a multiple of 8 from 8 to 256; got 1,000,000,000"):
+        client.predict("Hi", 0.0, 0.95, 10**9, "tiny", api_name="/generate")
+    with pytest.raises(AppError, match=r"Top-p must be a number from 0\.05 to 1; got 0\."):
+        client.predict("Hi", 0.0, 0.0, 16, "tiny", api_name="/generate")
+    with pytest.raises(AppError, match=r"Instruction is 9,000 characters; at most 8,000"):
+        client.predict("Hi " * 3000, 0.0, 0.95, 16, "tiny", api_name="/generate")
+    assert raw_call(app_url, "generate", ["Hi", float("nan"), 0.95, 16, "tiny"]) == (
+        "error", "Temperature must be a number from 0 to 1.5; got nan. Enter a finite number.")
+    assert raw_call(app_url, "preview", [TWO_ROWS, float("nan"), 128, "response"]) == (
+        "error", "Preview row must be a whole number from 1 to 1,000,000; got nan. Enter a finite number.")
+    # the preview follows the widgets as they are typed in: out-of-range numbers take the nearest allowed value
+    _, counts, _ = client.predict(TWO_ROWS, 10**9, 10**9, "response", api_name="/preview")
+    assert "2 pairs" in counts and "showing row 2" in counts
 
 
 def test_push_without_network_is_a_clear_error(app_url):

@@ -1,0 +1,176 @@
+"""The app as a public Hugging Face Space (JAXTUNE_PUBLIC=1, as SPACE_ID does): `python app.py` on a loopback port
+with small limits, driven through gradio_client. The last test stops it with SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+ROOT = Path(__file__).resolve().parents[1]
+TIME_LIMIT = 12  # JAXTUNE_MAX_TRAIN_SECONDS
+LIMITS = dict(JAXTUNE_PUBLIC="1", JAXTUNE_MAX_ROWS="500", JAXTUNE_MAX_UPLOAD_MB="0.05",
+              JAXTUNE_MAX_TRAIN_SECONDS=str(TIME_LIMIT),
+              JAXTUNE_MAX_STEPS="1000000", JAXTUNE_MAX_EXAMPLES_SEEN="1000000")  # so that the time limit stops runs
+TRAIN_ARGS = dict(model_name="tiny", loss_on="response", epochs=1, batch_size=64, learning_rate=3e-3, max_length=64,
+                  warmup_steps=0, seed=0, precision="float32", validation_fraction=0.0, pack=False)
+TWO_ROWS = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
+
+
+class App:
+    def __init__(self, proc, url, tmp, log):
+        self.proc, self.url, self.tmp, self.log = proc, url, tmp, log
+
+    def client(self):
+        return Client(self.url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def space(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tmp = tmp_path_factory.mktemp("space-tmp")  # TMPDIR: session folders and Gradio's cache
+    log = tmp_path_factory.mktemp("space") / "app.log"
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), TMPDIR=str(tmp), **LIMITS)
+    env.pop("SPACE_ID", None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.time() < deadline, f"app.py did not start: {log.read_text()[-2000:]}"
+            time.sleep(1)
+    yield App(proc, f"http://127.0.0.1:{port}", tmp, log)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _jsonl(path, n, width=0):
+    path.write_text("".join(json.dumps({"instruction": f"question {i}", "response": f"answer {i}" + " x" * width}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+PATHS = ["/etc", "/etc/passwd", ".", "..", "../x", "~", "~/models", "./examples", "/nonexistent/dir", "a/b/c",
+         "C:\\models", "examples/", "http://example.com/model"]
+
+
+def test_model_field_takes_hub_ids_and_presets_only(space):
+    client = space.client()
+    messages = set()
+    for name in PATHS:
+        with pytest.raises(AppError) as info:
+            client.predict(TWO_ROWS, **dict(TRAIN_ARGS, model_name=name), api_name="/train")
+        messages.add(str(info.value))
+        with pytest.raises(AppError) as info:
+            client.predict("Hi", 0.0, 0.95, 16, name, api_name="/generate")
+        messages.add(str(info.value))
+    [message] = messages  # one message for every refused value: it says nothing about what is on the server
+    assert "hub id" in message and "tiny" in message and not any(p in message for p in ("/etc", "..", "~"))
+    # relative folders that exist next to app.py are names like any other: looked up in the hub's cache only
+    answers = {}
+    for name in ("examples", "jaxtune", "tests", "no-such-folder"):
+        with pytest.raises(AppError) as info:
+            client.predict(TWO_ROWS, **dict(TRAIN_ARGS, model_name=name), api_name="/train")
+        answers[name] = str(info.value).replace(repr(name), "NAME")
+    assert len(set(answers.values())) == 1 and "not in this server's Hugging Face cache" in answers["examples"]
+    # the presets work
+    _, _, log = client.predict(TWO_ROWS, **TRAIN_ARGS, api_name="/train")
+    assert "finished 1 step" in log
+
+
+def test_uploads_are_limited_in_rows_and_size(space, tmp_path):
+    client = space.client()
+    with pytest.raises(AppError, match=r"many\.jsonl has 501 rows; this server takes at most 500 \(JAXTUNE_MAX_ROWS\)"):
+        client.predict(handle_file(str(_jsonl(tmp_path / "many.jsonl", 501))), "", "", None, api_name="/upload")
+    frame = pd.DataFrame({"prompt": [f"q{i}" for i in range(600)], "completion": [f"a{i}" for i in range(600)]})
+    frame.to_parquet(tmp_path / "many.parquet")
+    with pytest.raises(AppError, match=r"many\.parquet has 600 rows; this server takes at most 500"):
+        client.predict(handle_file(str(tmp_path / "many.parquet")), "", "", None, api_name="/upload")
+    big = _jsonl(tmp_path / "big.jsonl", 100, width=300)
+    assert big.stat().st_size > 0.05 * 2**20
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):  # gradio_client checks the Space's limit
+        client.predict(handle_file(str(big)), "", "", None, api_name="/upload")
+    with open(big, "rb") as f:  # and so does the server, for any other client
+        r = httpx.post(f"{space.url}/gradio_api/upload", files={"files": ("big.jsonl", f)})
+    assert r.status_code == 413
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(AppError) as info:
+        client.predict(handle_file(str(bad)), "", "", None, api_name="/upload")
+    assert str(info.value).startswith("bad.jsonl: line 2 is not valid JSON") and str(space.tmp) not in str(info.value)
+    with pytest.raises(AppError, match=r"notes\.txt: upload a \.jsonl, \.json, \.csv, \.parquet file"):
+        (tmp_path / "notes.txt").write_text("hello")
+        client.predict(handle_file(str(tmp_path / "notes.txt")), "", "", None, api_name="/upload")
+    with pytest.raises(AppError, match=r"The data has 501 rows; this server takes at most 500"):
+        client.predict({"headers": ["a", "b"], "data": [["Hi", "Hello"]] * 501}, **TRAIN_ARGS, api_name="/train")
+    # a malformed table is refused by Gradio itself; the public server shows no exception text
+    with pytest.raises(AppError) as info:
+        client.predict({"headers": ["a", "b"], "data": "x"}, **TRAIN_ARGS, api_name="/train")
+    assert "pydantic" not in str(info.value) and "validation error" not in str(info.value)
+
+
+def test_big_upload_stays_on_the_server(space, tmp_path):
+    """The page gets the first 200 pairs and the count; training uses them all, until 'Use the table only'."""
+    client = space.client()
+    table, note = client.predict(handle_file(str(_jsonl(tmp_path / "pairs.jsonl", 300))), "", "", None,
+                                 api_name="/upload")
+    assert len(table["data"]) == 200 and table["data"][0] == ["question 0", "answer 0"]
+    assert "Showing 200 of 300 pairs** from pairs.jsonl; all are used for training" in note
+    _, counts, _ = client.predict(table, 1, 64, "response", api_name="/preview")
+    assert counts.startswith("**300 pairs")
+    _, counts, _ = client.predict(table, 250, 64, "response", api_name="/preview")
+    assert "showing row 250" in counts  # a pair the page does not hold, previewed by its number
+    table["data"][0] = ["question zero", "answer zero"]  # an edit in the table applies; the rest stays
+    _, _, log = client.predict(table, **TRAIN_ARGS, api_name="/train")
+    assert log.startswith("300 pairs") and "training 5 steps" in log  # 300 pairs in batches of 64
+    assert client.predict(api_name="/use_table_only") == ""
+    _, counts, _ = client.predict(table, 1, 64, "response", api_name="/preview")
+    assert counts.startswith("**200 pairs")
+    pd.DataFrame({"question": ["Where is my order?", "Can I pay by card?"],
+                  "answer": ["It ships tomorrow.", "Yes."]}).to_parquet(tmp_path / "two.parquet")
+    table, note = client.predict(handle_file(str(tmp_path / "two.parquet")), "", "", None, api_name="/upload")
+    assert table["data"] == [["Where is my order?", "It ships tomorrow."], ["Can I pay by card?", "Yes."]] and not note
+
+
+def test_the_time_limit_covers_the_whole_run_and_says_so(space):
+    client = space.client()
+    client.predict(TWO_ROWS, **TRAIN_ARGS, api_name="/train")  # the shared tiny model is loaded: steps start soon
+    start = time.time()
+    progress, _, log = client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=100_000, batch_size=2), api_name="/train")
+    elapsed = time.time() - start
+    note = f"stopped: the time limit of {TIME_LIMIT} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached after step "
+    assert note in progress and note in log and "keeps what it learned" in progress
+    steps = int(progress.split(note)[1].split(";")[0])
+    assert 1 <= steps < 100_000 and f"step {steps}/100000" in progress
+    assert TIME_LIMIT - 1 < elapsed < TIME_LIMIT + 10  # the limit counts from the request, compilation included
+
+
+def test_session_folders_and_cache_go_when_the_app_stops(space, tmp_path):
+    """Last in this file: it stops the app."""
+    client = space.client()
+    client.predict(TWO_ROWS, **TRAIN_ARGS, api_name="/train")
+    client.predict(handle_file(str(_jsonl(tmp_path / "few.jsonl", 3))), "", "", None, api_name="/upload")
+    client.predict(api_name="/export")
+    assert list(space.tmp.glob("jaxtune-app-*")) and [p for p in (space.tmp / "gradio").rglob("*") if p.is_file()]
+    space.proc.send_signal(signal.SIGTERM)
+    assert space.proc.wait(timeout=60) == 0, space.log.read_text()[-2000:]
+    assert not list(space.tmp.glob("jaxtune-app-*"))
+    assert not [p for p in (space.tmp / "gradio").rglob("*") if p.is_file()]  # uploads, the exported zip
