@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -21,6 +22,7 @@ from flax import nnx
 
 from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.model import GPT2LMHeadModel, abstract, build
+from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text
 
 log = logging.getLogger("jaxtune")
 
@@ -245,25 +247,45 @@ def _cast(model, dtype):
 def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
          keep: tuple[str, ...] = ("checkpoints",)) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json) that
-    transformers.GPT2LMHeadModel and AutoTokenizer load as they are. Written beside the target and renamed into
-    place, so an interrupted save never leaves a half-written directory."""
+    transformers.GPT2LMHeadModel and AutoTokenizer load as they are.
+
+    Everything is written into a temporary folder beside the target and renamed into place, so a crash or a full
+    disk leaves the previous model or none, never half of one. An existing `directory` is replaced only when all
+    it holds is jaxtune's (see `jaxtune.rundir`); its `keep` entries (a run's checkpoints) move into the new one.
+    """
     from safetensors.numpy import save_file
 
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"{directory} is a file; give a directory to save the model in")
+    others = foreign(directory)
+    if others:
+        raise RunDirError(f"{directory} holds files jaxtune did not write ({', '.join(others[:5])}); jaxtune never "
+                          "replaces them. Save the model into a new or empty directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    moved: list[str] = []
     try:
         config = model.config
         (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
         gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports a full disk as its own error type: make it the OSError it is
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
         tokenizer.save_pretrained(str(tmp))
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        for name in keep:  # e.g. a run's training checkpoints survive the export beside them
-            if (directory / name).exists():
-                os.replace(directory / name, tmp / name)
+        kept = [name for name in keep if (directory / name).exists()]
+        (tmp / MANIFEST).write_text(manifest_text([p.name for p in tmp.iterdir()] + kept))
+        _fsync_tree(tmp)
+        for name in kept:  # e.g. a run's training checkpoints survive the export beside them
+            os.replace(directory / name, tmp / name)
+            moved.append(name)
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, old / "x")
@@ -272,10 +294,21 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
         else:
             os.replace(tmp, directory)
     except BaseException:
+        for name in moved:  # put what was kept back where it was before removing the half-written folder
+            if directory.is_dir() and (tmp / name).exists():
+                os.replace(tmp / name, directory / name)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
 
 
+def _fsync_tree(directory: Path) -> None:
+    """Flush the files to disk before the rename makes them the model (a power cut leaves the old one, not zeros)."""
+    for path in directory.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
 __all__ = ["load", "load_directory", "save", "offline_tokenizer", "ModelLoadError", "ConfigError", "EMBEDDED",
-           "to_hf_state_dict", "from_hf_state_dict", "hub_reachable"]
+           "to_hf_state_dict", "from_hf_state_dict", "hub_reachable", "RunDirError"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -15,8 +16,10 @@ import numpy as np
 import yaml
 
 from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
-from jaxtune.data import DataError, inspect_rows, read_pairs
+from jaxtune.data import DataError, EncodedSet, inspect_rows, read_pairs
 from jaxtune.generate import generate
+from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_conflicts,
+                            verify_checksums)
 from jaxtune.sharding import initialize_distributed
 from jaxtune.train import Trainer, TrainingError
 
@@ -50,7 +53,10 @@ def _train_parser(sub):
     p.add_argument("--validation-fraction", type=float, help="hold out this share of --data instead (seeded)")
     p.add_argument("--output", help="run directory: the tuned model (Hugging Face layout), metrics.jsonl, "
                    "samples.jsonl, config.yaml (required)")
-    p.add_argument("--overwrite", action="store_true", help="replace --output if it already holds files")
+    p.add_argument("--overwrite", action="store_true", help="replace the jaxtune run in --output (only the files "
+                   "jaxtune wrote there are removed; a folder holding other files is never written into)")
+    p.add_argument("--subfolder", action="store_true", help="put the run in a new run-YYYYMMDD-HHMMSS folder inside "
+                   "--output (for a folder that holds other files)")
     p.add_argument("--resume", help="continue the stopped run in this directory (its checkpoints and config)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps (a checkpoint is also saved on Ctrl-C)")
     p.add_argument("--keep-checkpoints", type=int, help="how many checkpoints to keep (default 3)")
@@ -162,21 +168,60 @@ def _check(pairs, tokenizer, cfg: RunConfig, what: str):
     return report
 
 
+def _resume_config(resume: Path) -> dict:
+    path = resume / "checkpoints" / "config.yaml"
+    if not path.exists():
+        raise DataError(f"--resume {resume}: no checkpoints/config.yaml there; give the --output folder of a run "
+                        "that saved a checkpoint (--save-every, or Ctrl-C)")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def _check_resume_options(resume: Path, saved: dict, cfg: RunConfig) -> None:
+    """Refuse, before anything is loaded, a resume whose options would not continue the stopped run."""
+    conflicts = resume_conflicts(saved, cfg.to_dict())
+    if conflicts:
+        raise DataError(f"--resume {resume}: these options differ from the stopped run's, which would change the "
+                        f"shapes, the data or its order: {'; '.join(conflicts)}. Leave them out (the run's "
+                        "checkpoints/config.yaml holds them) or start a new run")
+
+
+def _check_resume(resume: Path, saved: dict, cfg: RunConfig, fingerprint: dict, trainer) -> None:
+    """Refuse a resume whose data or step count would not continue the stopped run (after its checkpoint is read)."""
+    extra = getattr(trainer, "checkpoint_extra", {})
+    for key, what in (("data_sha256", "training data"), ("validation_sha256", "validation data")):
+        if key in extra and extra[key] != fingerprint.get(key):
+            raise DataError(f"--resume {resume}: the {what} differ from the stopped run's (content hash "
+                            f"{str(extra[key])[:12]}... then, {str(fingerprint.get(key))[:12]}... now). Resume with the "
+                            "data it was trained on, or start a new run")
+    if "data_sha256" not in extra and saved.get("data") != cfg.data:
+        raise DataError(f"--resume {resume}: --data {cfg.data} is not the file the run was trained on ({saved.get('data')}) "
+                        "and its checkpoint holds no content hash to compare")
+    if trainer.total_steps < trainer.step:
+        raise DataError(f"--resume {resume}: the checkpoint is at step {trainer.step}, past the {trainer.total_steps} "
+                        "steps these options plan; epochs and --max-steps may grow, not shrink")
+
+
 def cmd_train(args) -> int:
+    resume = Path(args.resume) if getattr(args, "resume", None) else None
+    saved = _resume_config(resume) if resume else None
     cfg = run_config(args)
     hosts = initialize_distributed(cfg.distributed)  # before anything touches a device
     lead = jax.process_index() == 0  # on several hosts, process 0 alone prints progress and writes files
     if hosts:
         print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
               f"{jax.device_count()} devices", file=sys.stderr)
-    out = Path(cfg.output)
-    resume = getattr(args, "resume", None)
-    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())) and not getattr(args, "overwrite", False):
-        raise DataError(f"--output {out} already exists and is not empty; choose another directory or pass --overwrite")
+    overwrite = getattr(args, "overwrite", False)
+    # checked before anything is read or trained; nothing is removed until training starts
+    out = prepare_output(Path(cfg.output), overwrite=overwrite, resume=resume, subfolder=getattr(args, "subfolder", False))
+    if resume:  # before the model is loaded: a model of another shape is named here, not by orbax
+        _check_resume_options(resume, saved, cfg)
     tcfg = cfg.train
     cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
     pairs = read_pairs(cfg.data, split=cfg.split, **cols)  # data errors surface before the model is loaded or compiled
     val_pairs = read_pairs(cfg.validation_data, **cols) if cfg.validation_data else None
+    fingerprint = {"data_sha256": data_fingerprint(pairs)}
+    if val_pairs:
+        fingerprint["validation_sha256"] = data_fingerprint(val_pairs)
     if val_pairs is None and cfg.validation_fraction:
         pairs, val_pairs = _split(pairs, cfg.validation_fraction, tcfg.seed)
     model, tokenizer = load(cfg.model, allow_pickle=cfg.allow_pickle, seed=tcfg.seed)
@@ -185,22 +230,45 @@ def cmd_train(args) -> int:
     report = _check(pairs, tokenizer, cfg, "training data")
     if val_pairs:
         _check(val_pairs, tokenizer, cfg, "validation data")
-    trainer = Trainer(model, tokenizer, pairs, tcfg, validation_pairs=val_pairs)
-    print(f"data: {len(pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
-          f"tokens, {len(report.warnings)} warning(s)){f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
+    encoded = EncodedSet(report.encoded, report.pairs, report.truncated, report.dropped, tcfg.max_length)
+    if not report.pairs:
+        raise DataError(f"{cfg.data}: no row keeps any of its response within max_length {tcfg.max_length} tokens; "
+                        "raise --max-length or shorten the instructions")
+    trainer = Trainer(model, tokenizer, encoded, tcfg, validation_pairs=val_pairs)
+    print(f"data: {len(report.pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
+          f"tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, {len(report.warnings)} warning(s))"
+          f"{f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
           f"{trainer.total_steps} steps; real tokens fill {trainer.planned_real_token_share:.0%} of the computed "
           f"positions{' (packed)' if tcfg.pack else ''}", file=sys.stderr)
 
     checkpoints = out / "checkpoints"
-    history = trainer.restore_checkpoint(Path(resume) / "checkpoints") if resume else []
     if resume:
+        history = trainer.restore_checkpoint(resume / "checkpoints", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
+        _check_resume(resume, saved, cfg, fingerprint, trainer)
         print(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
+    else:
+        history = []
+    if overwrite and lead and out.exists() and not (resume and out.resolve() == resume.resolve()):
+        removed = remove_owned(out)  # the run being replaced: only what jaxtune wrote there
+        if removed:
+            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
 
     def checkpoint(steps):  # every host takes part: orbax writes each host's shards
         if lead:
+            claim(out, ["checkpoints"])
             checkpoints.mkdir(parents=True, exist_ok=True)
             (checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        trainer.save_checkpoint(checkpoints, keep=cfg.keep_checkpoints, history=history + steps)
+        trainer.save_checkpoint(checkpoints, keep=cfg.keep_checkpoints, history=history + steps, extra=fingerprint)
+
+    def periodic_checkpoint(steps):  # a checkpoint that cannot be written does not end the run
+        try:
+            checkpoint(steps)
+            return True
+        except OSError as e:
+            _drop_partial(checkpoints, trainer.step)
+            print(f"\nwarning: the checkpoint of step {trainer.step} could not be written ({e.strerror or e}); "
+                  "training goes on", file=sys.stderr)
+            return False
 
     stop = {"requested": False}
 
@@ -214,23 +282,26 @@ def cmd_train(args) -> int:
     bar, on_step = _progress(trainer.total_steps, show=lead)
     try:
         result = trainer.run(on_step=on_step, should_stop=lambda: stop["requested"], eval_every=cfg.eval_every,
-                             save_every=cfg.save_every, checkpoint=checkpoint)
+                             save_every=cfg.save_every, checkpoint=periodic_checkpoint)
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous)
     if result.stop_requested:
-        checkpoint(result.history)
-        print(f"checkpoint saved: continue with  python -m jaxtune train --resume {out}", file=sys.stderr)
+        if periodic_checkpoint(result.history):
+            print(f"checkpoint saved: continue with  python -m jaxtune train --resume {out}", file=sys.stderr)
     result.history = history + result.history
     if not lead:
         return 1 if result.diverged else 0
     samples = [{"instruction": p.instruction, "reference": p.response,
                 "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
                for p in (val_pairs or pairs)[: cfg.samples]]
-    save(model, tokenizer, out, extra_files={
-        "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
-        "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
-        "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+    try:
+        save(model, tokenizer, out, extra_files={
+            "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
+            "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
+            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+    except OSError as e:
+        return _save_failed(e, out, trainer, checkpoint, result)
     if result.stopped:
         print(f"stopped early: {result.stopped}", file=sys.stderr)
     summary = f"{result.steps} steps in {result.seconds:.1f}s"
@@ -249,6 +320,34 @@ def cmd_train(args) -> int:
     return 1 if result.diverged else 0
 
 
+def _drop_partial(checkpoints: Path, step: int) -> None:
+    """Remove what a failed checkpoint write left (orbax writes into a temporary folder first)."""
+    for path in checkpoints.glob(f"{step}*"):
+        if path.name == str(step) or path.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _save_failed(error: OSError, out: Path, trainer, checkpoint, result) -> int:
+    """The final model could not be written (a full disk, most often): the folder holds the previous model or
+    none. Save the training state if that still fits, and say how to write the model once there is room."""
+    reason = error.strerror or str(error)
+    try:
+        if verify_checksums(out / "checkpoints" / str(trainer.step)) is not None:  # not already saved (Ctrl-C)
+            checkpoint(result.history)
+        kept = f"the trained state is checkpointed at step {trainer.step} in {out / 'checkpoints'}"
+    except Exception as e:  # noqa: BLE001 - the disk that refused the model may refuse this too
+        _drop_partial(out / "checkpoints", trainer.step)
+        steps = sorted(int(p.name) for p in (out / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+        print(f"warning: the checkpoint could not be written either ({getattr(e, 'strerror', None) or e})", file=sys.stderr)
+        kept = (f"the last checkpoint, step {steps[-1]}, is in {out / 'checkpoints'}" if steps else
+                "no checkpoint was saved during the run (use --save-every), so this run's training is lost")
+    resumable = "no checkpoint" not in kept
+    print(f"error: could not write the model to {out}: {reason}. Nothing half-written was left there; {kept}."
+          + (f" Free some space, then write the model with  python -m jaxtune train --resume {out}" if resumable else ""),
+          file=sys.stderr)
+    return 3
+
+
 def cmd_generate(args) -> int:
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
     print(generate(model, tokenizer, args.instruction, max_new_tokens=args.max_new_tokens,
@@ -264,6 +363,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return cmd_train(args) if args.command == "train" else cmd_generate(args)
-    except (DataError, ModelLoadError, ConfigError, TrainingError, ValueError) as e:
+    except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import math
+import shutil
 import time
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
@@ -19,7 +21,8 @@ from jaxtune.config import TrainConfig
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.data import Pair, batch_length, encode, epoch_batches, plan_epoch, targets_size
+from jaxtune.data import EncodedSet, Pair, batch_length, encode_pairs, epoch_batches, plan_epoch, targets_size
+from jaxtune.rundir import verify_checksums, write_checksums
 from jaxtune.sharding import batch_sharding, make_mesh, place, place_global, to_host, tree_shardings
 
 
@@ -197,11 +200,6 @@ class TrainResult:
         return self.history[-1].loss if self.history else None
 
 
-def encode_pairs(tokenizer, pairs: list[Pair], cfg: TrainConfig):
-    encoded = [encode(tokenizer, p.instruction, p.response, loss_on=cfg.loss_on, max_length=cfg.max_length) for p in pairs]
-    return encoded, sum(e.truncated for e in encoded)
-
-
 def _stack_accum(batches: list[dict]) -> dict:
     """[grad_accum, batch, length]: each array padded to its longest micro-batch (extra columns carry no loss).
     Packed batches' logit_* arrays keep their own, shorter, size: the head runs only at that many positions."""
@@ -215,15 +213,18 @@ def _stack_accum(batches: list[dict]) -> dict:
 class Trainer:
     """Trains a model in place. Usable step by step (the app) or through `run` (the command line)."""
 
-    def __init__(self, model, tokenizer, pairs: list[Pair], cfg: TrainConfig, *, validation_pairs: list[Pair] | None = None,
+    def __init__(self, model, tokenizer, pairs: list[Pair] | EncodedSet, cfg: TrainConfig, *,
+                 validation_pairs: list[Pair] | None = None,
                  devices=None):
         if not pairs:
             raise TrainingError("no training pairs")
         if cfg.max_length > model.config.n_positions:
             raise TrainingError(f"max_length={cfg.max_length} exceeds the model's n_positions={model.config.n_positions}")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.examples, self.truncated = encode_pairs(tokenizer, pairs, cfg)
-        self.val_examples = encode_pairs(tokenizer, validation_pairs, cfg)[0] if validation_pairs else []
+        encoded = self.encoded(pairs, cfg)
+        # rows whose response max_length cuts off entirely carry no target: left out, and named in `dropped`
+        self.examples, self.truncated, self.dropped = encoded.examples, encoded.truncated, encoded.dropped
+        self.val_examples = self.encoded(validation_pairs, cfg).examples if validation_pairs else []
         # every epoch's batches are a function of (seed, epoch), planned when the epoch starts, so a resumed run
         # continues with exactly the batches the stopped run would have seen and no run holds more than one
         # epoch's plan (an epoch count of 10**9 costs nothing up front). Unpacked epochs all have the same number
@@ -254,6 +255,14 @@ class Trainer:
         self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
         self.step = 0
         self.key = jax.random.key(cfg.seed)
+
+    def encoded(self, pairs, cfg: TrainConfig) -> EncodedSet:
+        """Pairs tokenized once (`data.encode_pairs`); an EncodedSet (e.g. from `inspect_rows`) is taken as it is."""
+        if isinstance(pairs, EncodedSet):
+            if pairs.max_length != cfg.max_length:
+                raise TrainingError(f"the pairs were encoded for max_length={pairs.max_length}, not {cfg.max_length}")
+            return pairs
+        return encode_pairs(self.tokenizer, list(pairs), loss_on=cfg.loss_on, max_length=cfg.max_length)
 
     def plan(self, epoch: int) -> list:
         """Epoch `epoch`'s batches (rows of example indices); the last two planned are kept."""
@@ -339,40 +348,79 @@ class Trainer:
     def save_checkpoint(self, directory, *, keep: int = 3, history: list[StepMetrics] | None = None,
                         extra: dict | None = None):
         """Parameters, optimizer state, step, RNG key and the step history, with orbax (written atomically;
-        the newest `keep` are kept). The data order needs no saving: it is a function of (seed, epoch, step)."""
+        the newest `keep` are kept), then the list of its files with their checksums (see `rundir`). The data
+        order needs no saving: it is a function of (seed, epoch, step)."""
         import orbax.checkpoint as ocp
 
+        directory = Path(directory).absolute()
         leaves = jax.tree.leaves((self.params, self.opt_state))
+        if jax.process_count() == 1:  # refuse up front what cannot fit: orbax's writers fail noisily on a full disk
+            need, existing = sum(x.nbytes for x in leaves) + 2**20, next(p for p in (directory, *directory.parents) if p.exists())
+            free = shutil.disk_usage(existing).free
+            if free < need:
+                raise OSError(errno.ENOSPC, f"No space left on device: a checkpoint needs about {need / 2**20:,.0f} MiB "
+                                            f"and {free / 2**20:,.0f} MiB are free")
         state = {"leaves": {str(i): leaf for i, leaf in enumerate(leaves)},
                  "key": np.asarray(jax.random.key_data(self.key))}  # the same on every host
         meta = {"step": self.step, "history": [h.to_dict() for h in (history or [])], "extra": extra or {},
-                "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()}}
-        with ocp.CheckpointManager(Path(directory).absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep)) as m:
+                "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
+                "shapes": _leaf_shapes((self.params, self.opt_state))}
+        with _quiet_orbax(), ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep)) as m:
             m.save(self.step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
                    force=True)
             m.wait_until_finished()
+        if jax.process_count() == 1:  # several hosts may not share a file system: each sees only its own files
+            write_checksums(directory / str(self.step))
 
-    def restore_checkpoint(self, directory) -> list[StepMetrics]:
-        """Continue from the newest checkpoint in `directory`; returns the step history saved with it."""
+    def restore_checkpoint(self, directory, *, warn: Callable[[str], None] | None = None) -> list[StepMetrics]:
+        """Continue from the newest usable checkpoint in `directory`; returns the step history saved with it.
+
+        Each checkpoint's files are checked against the sizes and checksums recorded when it was written; a
+        damaged or partial one is skipped (`warn` is told which and why) for the one before it. The extras saved
+        with the checkpoint used are left in `self.checkpoint_extra`."""
         import orbax.checkpoint as ocp
 
+        directory = Path(directory).absolute()
         template, treedef = jax.tree.flatten((self.params, self.opt_state))
         # restore straight into this run's layout: each host reads the shards its devices hold
         target = {"leaves": {str(i): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
                              for i, x in enumerate(template)}, "key": np.asarray(jax.random.key_data(self.key))}
-        with ocp.CheckpointManager(Path(directory).absolute()) as m:
-            step = m.latest_step()
-            if step is None:
+        if not directory.is_dir():
+            raise TrainingError(f"{directory}: no checkpoint to resume from (no such folder)")
+        problems = []
+        with _quiet_orbax(), ocp.CheckpointManager(directory) as m:
+            steps = sorted(m.all_steps(), reverse=True)
+            if not steps:
                 raise TrainingError(f"{directory}: no checkpoint to resume from")
-            try:
-                restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                    meta=ocp.args.JsonRestore()))
-            except (ValueError, KeyError, TypeError) as e:
-                raise TrainingError(f"{directory}: the checkpoint does not fit this model and optimizer ({e})") from None
-        state, meta = restored["state"], restored["meta"]
+            for step in steps:
+                problem = verify_checksums(directory / str(step)) if jax.process_count() == 1 else None
+                if problem is None:
+                    try:
+                        meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+                        problem = f"its metadata cannot be read ({str(e).splitlines()[0][:200]})"
+                if problem is None:
+                    mismatch = _shape_mismatch(meta.get("shapes"), (self.params, self.opt_state))
+                    if mismatch:
+                        raise TrainingError(f"{directory / str(step)}: the checkpoint holds a model or optimizer of "
+                                            f"another shape ({mismatch}); resume with the --model it was trained with")
+                    try:
+                        state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+                    except Exception as e:  # noqa: BLE001
+                        problem = f"its arrays cannot be read ({str(e).splitlines()[0][:200]})"
+                if problem is None:
+                    break
+                problems.append(f"step {step}: {problem}")
+                if warn:
+                    warn(f"checkpoint {directory / str(step)} is not usable: {problem}; "
+                         + ("trying the one before it" if step != steps[-1] else "it was the oldest"))
+            else:
+                raise TrainingError(f"{directory}: no usable checkpoint ({'; '.join(problems)}). Start the run again "
+                                    "without --resume")
         self.params, self.opt_state = jax.tree.unflatten(treedef, [state["leaves"][str(i)] for i in range(len(template))])
         self.key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
         self.step = int(meta["step"])
+        self.checkpoint_extra = meta.get("extra") or {}
         return [StepMetrics(**{k: v for k, v in h.items() if k != "val_perplexity"}) for h in meta["history"]]
 
     def _agreed(self, should_stop) -> bool:
@@ -464,6 +512,37 @@ class Trainer:
         result.compiled_programs = self.compiled_programs()
         result.peak_memory = peak_device_memory()
         return result
+
+
+def _leaf_shapes(tree) -> dict[str, list[int]]:
+    return {jax.tree_util.keystr(path): list(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape_mismatch(saved: dict | None, tree) -> str | None:
+    """The first leaf whose saved shape differs from this run's, in words (None: they agree, or none were saved)."""
+    if saved is None:
+        return None
+    now = _leaf_shapes(tree)
+    if set(saved) != set(now):
+        return f"{len(saved)} arrays saved, {len(now)} here"
+    for name, shape in now.items():
+        if list(saved[name]) != shape:
+            return f"{name} is {tuple(saved[name])} there and {tuple(shape)} here"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs every save and restore through absl at INFO; keep the terminal to what jaxtune says."""
+    import logging
+
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def peak_device_memory() -> int | None:

@@ -74,7 +74,8 @@ def test_unknown_model_and_existing_output(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "full"))
-    assert p.returncode == 2 and "--overwrite" in p.stderr and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert p.returncode == 2 and "jaxtune did not write (keep.txt)" in p.stderr and "--subfolder" in p.stderr
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     p = run("generate", "--model", str(tmp_path / "absent"), "--instruction", "hi")
     assert p.returncode == 2 and "does not exist" in p.stderr
 

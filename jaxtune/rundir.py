@@ -1,0 +1,183 @@
+"""Run directories: what jaxtune owns in them, what a resume may change, and checkpoint files that can be trusted.
+
+A run directory (`--output`) records the entries jaxtune wrote in `.jaxtune-run.json`. Replacing or resuming a
+run removes only those; a folder that holds anything else is never written into (the run can go into a new
+subfolder instead). Each checkpoint step gets a list of its files with sizes and CRC-32s, written after orbax
+committed it, so a truncated, partial or bit-flipped checkpoint is found before any of it is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+MANIFEST = ".jaxtune-run.json"
+CHECKSUMS = "jaxtune-files.json"  # inside each checkpoint step's folder
+
+# Options a resumed run must share with the stopped one: each changes the shapes, the data or its order, or what
+# the saved state means. Anything else (epochs, max_steps, the rate's schedule, evaluation, saving) may change.
+RESUME_FIXED = ("model", "split", "validation_data", "validation_fraction", "instruction_column", "response_column",
+                "train.max_length", "train.batch_size", "train.grad_accum", "train.pack", "train.seed", "train.loss_on",
+                "train.dtype", "train.fsdp", "train.buckets", "train.dropout")
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be written or resumed as asked; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------- ownership
+def owned(directory: Path) -> set[str]:
+    """Top-level entries of `directory` that jaxtune wrote (empty when it holds no jaxtune run)."""
+    try:
+        return set(json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def foreign(directory: Path) -> list[str]:
+    """Entries of `directory` that jaxtune did not write, sorted (folders end with '/')."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    mine = owned(directory) | {MANIFEST}
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in directory.iterdir() if p.name not in mine)
+
+
+def claim(directory: Path, names) -> None:
+    """Record `names` as jaxtune's in `directory` (created if needed); the record is replaced atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_atomic(directory / MANIFEST, manifest_text(owned(directory) | set(names)))
+
+
+def manifest_text(names) -> str:
+    """The ownership record for these top-level entries."""
+    return json.dumps({"jaxtune_run": 1, "files": sorted(set(names) - {MANIFEST})}, indent=1) + "\n"
+
+
+def remove_owned(directory: Path) -> list[str]:
+    """Delete what jaxtune wrote in `directory` (and nothing else); returns the names removed."""
+    directory = Path(directory)
+    removed = []
+    for name in sorted(owned(directory)):
+        path = directory / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    (directory / MANIFEST).unlink(missing_ok=True)
+    return removed
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = None, subfolder: bool = False) -> Path:
+    """The directory a run writes to, checked before anything is trained: new or empty; the run being resumed;
+    or a jaxtune run replaced with `overwrite` (its files alone are removed). A folder holding other files is
+    refused, unless `subfolder` asks for a new `run-YYYYMMDD-HHMMSS` folder inside it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--output {out} is a file; give a directory")
+    if subfolder:
+        stamp = time.strftime("run-%Y%m%d-%H%M%S")
+        for n in range(1000):
+            candidate = out / (stamp if n == 0 else f"{stamp}-{n}")
+            if not candidate.exists():
+                return candidate
+    if not out.exists() or not any(out.iterdir()):
+        return out
+    others = foreign(out)
+    if others:
+        raise RunDirError(f"--output {out} holds files jaxtune did not write ({_listing(others)}); jaxtune never "
+                          "writes into or deletes from such a folder. Choose a new or empty directory, or pass "
+                          "--subfolder to put the run in a new folder inside it")
+    if resume is not None and out.resolve() == Path(resume).resolve():
+        return out
+    if not overwrite:
+        raise RunDirError(f"--output {out} already holds a jaxtune run; continue it with --resume {out}, or pass "
+                          "--overwrite to replace it")
+    remove_owned(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def data_fingerprint(pairs) -> str:
+    """SHA-256 of the pairs' text, in order: the same data under another name or path has the same print."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for text in (p.instruction, p.response):
+            data = text.encode("utf-8")
+            h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resume_conflicts(saved: dict, now: dict) -> list[str]:
+    """`option: saved -> now` for every fixed option (RESUME_FIXED) that differs between two run configs."""
+    a, b = _flat(saved), _flat(now)
+    return [f"{k.removeprefix('train.')}: {a.get(k)!r} -> {b.get(k)!r}" for k in RESUME_FIXED if a.get(k) != b.get(k)]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoint files
+def _crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def write_checksums(step_dir: Path) -> None:
+    """Record every file under a committed checkpoint step (relative path, size, CRC-32)."""
+    step_dir = Path(step_dir)
+    files = {str(p.relative_to(step_dir)): [p.stat().st_size, _crc(p)]
+             for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != CHECKSUMS}
+    _write_atomic(step_dir / CHECKSUMS, json.dumps({"files": files}) + "\n")
+
+
+def verify_checksums(step_dir: Path) -> str | None:
+    """None when every recorded file is there, whole and unchanged; otherwise what is wrong, in words."""
+    step_dir = Path(step_dir)
+    try:
+        files = json.loads((step_dir / CHECKSUMS).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return "it has no file list (it was being written when the run stopped)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its file list {CHECKSUMS} is damaged"
+    for name, (size, crc) in files.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size:,} bytes, {size:,} were written"
+        if _crc(path) != crc:
+            return f"{name} has changed since it was written (checksum mismatch)"
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,157 @@
+"""Run directories through the real command line: jaxtune deletes only what it wrote, a resume continues only the
+run it was given, damaged checkpoints are skipped, a full disk loses nothing, non-finite training writes nothing
+non-finite."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from test_cli import PAIRS, run, write_jsonl
+
+COMMON = ["--epochs", "2", "--batch-size", "4", "--learning-rate", "3e-3", "--max-length", "48", "--seed", "2"]
+
+
+def train(hf_dir, data, out, *extra):
+    return run("train", "--model", str(hf_dir), "--data", str(data), "--output", str(out), *COMMON, *extra)
+
+
+def losses(directory):
+    return [json.loads(x)["loss"] for x in (Path(directory) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_runs_never_delete_or_write_among_files_jaxtune_did_not_write(tmp_path, hf_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    first = train(hf_dir, data, tmp_path / "run", "--save-every", "2")
+    assert first.returncode == 0, first.stderr
+    owned = json.loads((tmp_path / "run" / ".jaxtune-run.json").read_text())["files"]
+    assert {"model.safetensors", "config.json", "metrics.jsonl", "checkpoints"} <= set(owned)
+    thesis = tmp_path / "run" / "thesis.txt"
+    thesis.write_text("four years of work")
+    for args in (["--resume", str(tmp_path / "run")], ["--overwrite"]):  # in place, with a stranger in the folder
+        p = run("train", *args, "--output", str(tmp_path / "run"), "--model", str(hf_dir), "--data", str(data), *COMMON)
+        assert p.returncode == 2 and "holds files jaxtune did not write (thesis.txt)" in p.stderr, p.stderr
+        assert thesis.read_text() == "four years of work" and (tmp_path / "run" / "model.safetensors").exists()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.md").write_text("mine")
+    p = run("train", "--resume", str(tmp_path / "run"), "--output", str(other))
+    assert p.returncode == 2 and "notes.md" in p.stderr and sorted(x.name for x in other.iterdir()) == ["notes.md"]
+    p = train(hf_dir, data, other, "--subfolder")  # told to: the run goes into a new folder inside
+    assert p.returncode == 0, p.stderr
+    inside = [x for x in other.iterdir() if x.is_dir()]
+    assert len(inside) == 1 and inside[0].name.startswith("run-") and (inside[0] / "model.safetensors").exists()
+    assert (other / "notes.md").read_text() == "mine"
+    thesis.unlink()
+    p = train(hf_dir, data, tmp_path / "run")  # a jaxtune run, and no --overwrite: refused, and it says how
+    assert p.returncode == 2 and "--resume" in p.stderr and "--overwrite" in p.stderr
+    p = train(hf_dir, data, tmp_path / "run", "--overwrite", "--epochs", "1")
+    assert p.returncode == 0, p.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() and len(losses(tmp_path / "run")) == 3  # the old run's are gone
+
+
+def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, hf_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    p = train(hf_dir, data, tmp_path / "run", "--save-every", "2", "--max-steps", "4")
+    assert p.returncode == 0, p.stderr
+    resume = ["train", "--resume", str(tmp_path / "run")]
+    for flags, diff in ((["--max-length", "32"], "max_length: 48 -> 32"), (["--seed", "3"], "seed: 2 -> 3"),
+                        (["--pack"], "pack: False -> True"), (["--batch-size", "2"], "batch_size: 4 -> 2")):
+        p = run(*resume, *flags)
+        assert p.returncode == 2 and diff in p.stderr and "differ from the stopped run" in p.stderr, p.stderr
+    changed = write_jsonl(tmp_path / "changed.jsonl", PAIRS[:-1] + [{"instruction": "New?", "response": "Yes."}])
+    p = run(*resume, "--data", str(changed))
+    assert p.returncode == 2 and "the training data differ from the stopped run's" in p.stderr, p.stderr
+    moved = tmp_path / "moved.jsonl"
+    shutil.copy(data, moved)  # the same pairs under another name: the content is what counts
+    p = run(*resume, "--data", str(moved), "--max-steps", "6")
+    assert p.returncode == 0, p.stderr
+    assert "at step 2/6" in p.stderr, p.stderr[-3000:]  # the last periodic checkpoint: step 4 was the final one
+    assert len(losses(tmp_path / "run")) == 6
+
+
+def _corrupt(step_dir: Path):
+    biggest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    with open(biggest, "r+b") as f:  # 8 bytes of 0xFF in the middle of the largest data file
+        f.seek(biggest.stat().st_size // 2)
+        f.write(b"\xff" * 8)
+
+
+def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, hf_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    full = train(hf_dir, data, tmp_path / "full", "--epochs", "3")
+    assert full.returncode == 0, full.stderr
+    p = train(hf_dir, data, tmp_path / "run", "--epochs", "3", "--save-every", "2")
+    assert p.returncode == 0, p.stderr
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(x.name for x in ck.iterdir() if x.is_dir()) == ["4", "6", "8"]  # the newest three
+    _corrupt(ck / "8")
+    (ck / "6" / "state" / "manifest.ocdbt").write_bytes((ck / "6" / "state" / "manifest.ocdbt").read_bytes()[:10])
+    p = run("train", "--resume", str(tmp_path / "run"), "--save-every", "100")
+    assert p.returncode == 0, p.stderr
+    assert f"checkpoint {ck / '8'} is not usable: " in p.stderr and "checksum mismatch" in p.stderr
+    assert f"checkpoint {ck / '6'} is not usable: " in p.stderr and "manifest.ocdbt is 10 bytes" in p.stderr
+    assert "at step 4/9" in p.stderr and "Traceback" not in p.stderr and "Event loop" not in p.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")  # from step 4 on, exactly the uninterrupted run
+    _corrupt(ck / "4")
+    p = run("train", "--resume", str(tmp_path / "run"))
+    assert p.returncode == 2 and "no usable checkpoint" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.count("\n") < 12  # three warnings and one error, no noise
+
+
+def test_nan_rate_is_refused_and_divergence_writes_the_last_finite_weights(tmp_path, hf_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    for rate in ("nan", "inf", "-1"):
+        p = train(hf_dir, data, tmp_path / "nan", "--learning-rate", rate)
+        assert p.returncode == 2 and "learning_rate=" in p.stderr and "must be a finite number above 0" in p.stderr
+        assert not (tmp_path / "nan").exists()
+    p = train(hf_dir, data, tmp_path / "big", "--learning-rate", "1e30", "--warmup-steps", "0", "--no-dropout")
+    assert p.returncode == 1 and "training diverged at step" in p.stderr, p.stderr
+    bad = int(p.stderr.split("training diverged at step ")[1].split(":")[0])
+    assert f"keeps the weights of step {bad - 1}" in p.stderr and bad > 1
+    q = train(hf_dir, data, tmp_path / "last", "--learning-rate", "1e30", "--warmup-steps", "0", "--no-dropout",
+              "--max-steps", str(bad - 1))
+    assert q.returncode == 0, q.stderr
+    written, last = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "last" / "model.safetensors")
+    assert all(np.isfinite(v).all() for v in written.values())
+    for name in written:  # what the message says: the weights of the last finite step
+        np.testing.assert_array_equal(written[name], last[name], err_msg=name)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_loses_neither_the_model_nor_the_checkpoint(tmp_path, hf_dir, small_disk):
+    """The final save fails for lack of space: the folder keeps the previous model and the last checkpoint, and the
+    error says how to write the model once there is room."""
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    out = small_disk / "run"
+    p = train(hf_dir, data, out, "--save-every", "2", "--max-steps", "3", "--keep-checkpoints", "1")
+    assert p.returncode == 0, p.stderr
+    before = load_file(out / "model.safetensors")
+    free = shutil.disk_usage(small_disk).free
+    ballast = small_disk / "ballast"
+    with open(ballast, "wb") as f:  # leave about half the model's size free
+        f.write(b"\0" * (free - (out / "model.safetensors").stat().st_size // 2))
+    p = run("train", "--resume", str(out), "--max-steps", "5", "--save-every", "100")
+    assert p.returncode == 3 and "could not write the model to" in p.stderr and "No space left" in p.stderr, p.stderr
+    assert "the last checkpoint, step 2" in p.stderr and f"--resume {out}" in p.stderr and "Traceback" not in p.stderr
+    after = load_file(out / "model.safetensors")
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # the previous model, whole
+    assert sorted(x.name for x in out.iterdir() if x.name.startswith(".")) == [".jaxtune-run.json"]  # no leftovers
+    ballast.unlink()
+    p = run("train", "--resume", str(out), "--max-steps", "5", "--save-every", "100")  # as the message said
+    assert p.returncode == 0 and "at step 2/5" in p.stderr, p.stderr
+    assert len(losses(out)) == 5
