@@ -138,6 +138,12 @@ def test_bad_input_gets_clear_messages(app_url, tmp_path):
         Client(app_url, verbose=False).predict(api_name="/export")
 
 
+def test_desktop_loads_local_model_directories(app_url, hf_dir):
+    """Not public: the model field also takes a directory on this machine."""
+    base, tuned = Client(app_url, verbose=False).predict("Hi", 0.0, 0.95, 8, str(hf_dir), api_name="/generate")
+    assert base and "train a model" in tuned
+
+
 def test_sessions_are_separate(app_url):
     """A second browser session sees none of the first one's model."""
     first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
@@ -260,6 +266,22 @@ def test_browser_train_stop_try(app_url, app_tmp, browser, tmp_path):
     while folder.exists():
         assert time.time() < deadline, "the closed session's folder was not removed"
         time.sleep(0.5)
+
+
+def test_browser_big_data_shows_its_first_rows(app_url, browser):
+    """The example data (306 pairs): the page holds 200 and says so; 'Use the table only' drops the rest."""
+    n = len(read_pairs(ROOT / "examples" / "customer_service.jsonl"))
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(app_url)
+    page.wait_for_function("() => document.querySelector('#counts') && document.querySelector('#counts').innerText.includes('2 pairs')")
+    page.locator("#load-example").click()
+    page.wait_for_function("n => document.querySelector('#data-note').innerText.includes(`Showing 200 of ${n} pairs`)",
+                           arg=n)
+    page.wait_for_function("n => document.querySelector('#counts').innerText.includes(`${n} pairs`)", arg=n)
+    page.locator("#table-only").click()
+    page.wait_for_function("() => document.querySelector('#counts').innerText.includes('200 pairs')")
+    assert not page.locator("#table-only").is_visible() and "Showing" not in page.locator("#data-note").inner_text()
+    page.close()
 
 
 def _long_run(client, epochs=100_000):

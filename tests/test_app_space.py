@@ -72,10 +72,10 @@ PATHS = ["/etc", "/etc/passwd", ".", "..", "../x", "~", "~/models", "./examples"
          "C:\\models", "examples/", "http://example.com/model"]
 
 
-def test_model_field_takes_hub_ids_and_presets_only(space):
+def test_model_field_takes_hub_ids_and_presets_only(space, hf_dir):
     client = space.client()
     messages = set()
-    for name in PATHS:
+    for name in PATHS + [str(hf_dir)]:  # a real model directory too: the desktop app would load it
         with pytest.raises(AppError) as info:
             client.predict(TWO_ROWS, **dict(TRAIN_ARGS, model_name=name), api_name="/train")
         messages.add(str(info.value))
