@@ -435,3 +435,28 @@ def test_push_without_network_is_a_clear_error(app_url):
         client.predict("someone/model", "hf_token", True, api_name="/push")
     with pytest.raises(AppError, match="user/name"):
         client.predict("no-slash", "hf_token", True, api_name="/push")
+
+
+def test_unexpected_errors_are_logged_with_a_reference_not_shown(caplog, monkeypatch):
+    """Whatever goes wrong unexpectedly reaches the user as a reference, the exception only the server's log."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    import gradio as gr
+
+    import app
+
+    @app._guarded
+    def broken():
+        raise OSError("[Errno 2] No such file: '/srv/secret/model.safetensors'")
+
+    @app._guarded
+    def broken_stream():
+        yield "first"
+        raise OSError("[Errno 2] No such file: '/srv/secret/model.safetensors'")
+
+    for call in (broken, lambda: list(broken_stream())):
+        with pytest.raises(gr.Error) as info:
+            call()
+        message = info.value.message
+        assert message.startswith("Something went wrong on the server (reference ") and "secret" not in message
+        reference = message.split("reference ")[1].split(")")[0]
+        assert f"(reference {reference})" in caplog.text and "/srv/secret/model.safetensors" in caplog.text
