@@ -148,7 +148,8 @@ BOUNDS = {
     "max_length": Bound("Max length", 8, 1024, True, "Pick a max length within GPT-2's context."),
     # warmup longer than the run is cut to the run by the schedule; more than MAX_STEPS is never meaningful
     "warmup_steps": Bound("Warmup steps", 0, MAX_STEPS, True, "Lower the warmup steps.", why=_STEPS_WHY),
-    # AdamW on GPT-2: 1e-5..1e-2 in practice; above 1 every step is a jump, and the loss goes to NaN
+    # AdamW on GPT-2: 1e-5..1e-2 in practice; at 1 each update is as large as the weights (the tiny model's loss
+    # jumps from 11 to 24 and 199 in its first steps); no recipe goes beyond
     "learning_rate": Bound("Learning rate", 0, 1.0, False, "Try 5e-5 for a pretrained model, 5e-3 for tiny.",
                            lo_open=True),
     # numpy's and JAX's seeds: 32 bits
