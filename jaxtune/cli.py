@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import math
-import json
-import shutil
 import signal
 import sys
 from pathlib import Path
 
-from jaxtune.checkpoint import ModelLoadError, load, save
 import jax
-import numpy as np
 import yaml
 
+from jaxtune.checkpoint import ModelLoadError, load
+
 from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
-from jaxtune.data import DataError, EncodedSet, inspect_rows, read_pairs
+from jaxtune.data import DataError
 from jaxtune.generate import generate
-from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_conflicts,
-                            verify_checksums)
-from jaxtune.sharding import initialize_distributed
-from jaxtune.train import Trainer, TrainingError
+from jaxtune.rundir import RunDirError
+from jaxtune.runs import execute
+from jaxtune.train import TrainingError
 
 # flag -> (RunConfig field, or "train.<TrainConfig field>"); every flag's default is "not given", so a YAML file's
 # values hold unless a flag names them
@@ -149,128 +145,14 @@ def _progress(total: int, show: bool = True):
     return bar, on_step
 
 
-def _split(pairs, fraction: float, seed: int):
-    order = np.random.default_rng(seed).permutation(len(pairs))
-    n_val = max(1, int(round(len(pairs) * fraction)))
-    if n_val >= len(pairs):
-        raise DataError(f"validation_fraction={fraction} leaves no training pairs out of {len(pairs)}")
-    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
-
-
-def _check(pairs, tokenizer, cfg: RunConfig, what: str):
-    report = inspect_rows(pairs, tokenizer, max_length=cfg.train.max_length, loss_on=cfg.train.loss_on)
-    for line in report.warnings[:10]:
-        print(f"warning: {line}", file=sys.stderr)
-    if len(report.warnings) > 10:
-        print(f"warning: ... and {len(report.warnings) - 10} more", file=sys.stderr)
-    if cfg.strict and report.warnings:
-        raise DataError(f"{what}: {len(report.warnings)} warning(s) and --strict is set; first: {report.warnings[0]}")
-    return report
-
-
-def _resume_config(resume: Path) -> dict:
-    path = resume / "checkpoints" / "config.yaml"
-    if not path.exists():
-        raise DataError(f"--resume {resume}: no checkpoints/config.yaml there; give the --output folder of a run "
-                        "that saved a checkpoint (--save-every, or Ctrl-C)")
-    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-
-
-def _check_resume_options(resume: Path, saved: dict, cfg: RunConfig) -> None:
-    """Refuse, before anything is loaded, a resume whose options would not continue the stopped run."""
-    conflicts = resume_conflicts(saved, cfg.to_dict())
-    if conflicts:
-        raise DataError(f"--resume {resume}: these options differ from the stopped run's, which would change the "
-                        f"shapes, the data or its order: {'; '.join(conflicts)}. Leave them out (the run's "
-                        "checkpoints/config.yaml holds them) or start a new run")
-
-
-def _check_resume(resume: Path, saved: dict, cfg: RunConfig, fingerprint: dict, trainer) -> None:
-    """Refuse a resume whose data or step count would not continue the stopped run (after its checkpoint is read)."""
-    extra = getattr(trainer, "checkpoint_extra", {})
-    for key, what in (("data_sha256", "training data"), ("validation_sha256", "validation data")):
-        if key in extra and extra[key] != fingerprint.get(key):
-            raise DataError(f"--resume {resume}: the {what} differ from the stopped run's (content hash "
-                            f"{str(extra[key])[:12]}... then, {str(fingerprint.get(key))[:12]}... now). Resume with the "
-                            "data it was trained on, or start a new run")
-    if "data_sha256" not in extra and saved.get("data") != cfg.data:
-        raise DataError(f"--resume {resume}: --data {cfg.data} is not the file the run was trained on ({saved.get('data')}) "
-                        "and its checkpoint holds no content hash to compare")
-    if trainer.total_steps < trainer.step:
-        raise DataError(f"--resume {resume}: the checkpoint is at step {trainer.step}, past the {trainer.total_steps} "
-                        "steps these options plan; epochs and --max-steps may grow, not shrink")
-
-
 def cmd_train(args) -> int:
-    resume = Path(args.resume) if getattr(args, "resume", None) else None
-    saved = _resume_config(resume) if resume else None
+    resume = getattr(args, "resume", None)
     cfg = run_config(args)
-    hosts = initialize_distributed(cfg.distributed)  # before anything touches a device
-    lead = jax.process_index() == 0  # on several hosts, process 0 alone prints progress and writes files
-    if hosts:
-        print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
-              f"{jax.device_count()} devices", file=sys.stderr)
-    overwrite = getattr(args, "overwrite", False)
-    # checked before anything is read or trained; nothing is removed until training starts
-    out = prepare_output(Path(cfg.output), overwrite=overwrite, resume=resume, subfolder=getattr(args, "subfolder", False))
-    if resume:  # before the model is loaded: a model of another shape is named here, not by orbax
-        _check_resume_options(resume, saved, cfg)
-    tcfg = cfg.train
-    cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
-    pairs = read_pairs(cfg.data, split=cfg.split, **cols)  # data errors surface before the model is loaded or compiled
-    val_pairs = read_pairs(cfg.validation_data, **cols) if cfg.validation_data else None
-    fingerprint = {"data_sha256": data_fingerprint(pairs)}
-    if val_pairs:
-        fingerprint["validation_sha256"] = data_fingerprint(val_pairs)
-    if val_pairs is None and cfg.validation_fraction:
-        pairs, val_pairs = _split(pairs, cfg.validation_fraction, tcfg.seed)
-    model, tokenizer = load(cfg.model, allow_pickle=cfg.allow_pickle, seed=tcfg.seed)
-    print(f"model: {getattr(model, 'source', cfg.model)}", file=sys.stderr)
-    tcfg.max_length = min(tcfg.max_length, model.config.n_positions)
-    report = _check(pairs, tokenizer, cfg, "training data")
-    if val_pairs:
-        _check(val_pairs, tokenizer, cfg, "validation data")
-    encoded = EncodedSet(report.encoded, report.pairs, report.truncated, report.dropped, tcfg.max_length)
-    if not report.pairs:
-        raise DataError(f"{cfg.data}: no row keeps any of its response within max_length {tcfg.max_length} tokens; "
-                        "raise --max-length or shorten the instructions")
-    trainer = Trainer(model, tokenizer, encoded, tcfg, validation_pairs=val_pairs)
-    print(f"data: {len(report.pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
-          f"tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, {len(report.warnings)} warning(s))"
-          f"{f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
-          f"{trainer.total_steps} steps; real tokens fill {trainer.planned_real_token_share:.0%} of the computed "
-          f"positions{' (packed)' if tcfg.pack else ''}", file=sys.stderr)
-
-    checkpoints = out / "checkpoints"
-    if resume:
-        history = trainer.restore_checkpoint(resume / "checkpoints", warn=lambda m: print(f"warning: {m}", file=sys.stderr))
-        _check_resume(resume, saved, cfg, fingerprint, trainer)
-        print(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}", file=sys.stderr)
-    else:
-        history = []
-    if overwrite and lead and out.exists() and not (resume and out.resolve() == resume.resolve()):
-        removed = remove_owned(out)  # the run being replaced: only what jaxtune wrote there
-        if removed:
-            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}", file=sys.stderr)
-
-    def checkpoint(steps):  # every host takes part: orbax writes each host's shards
-        if lead:
-            claim(out, ["checkpoints"])
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            (checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        trainer.save_checkpoint(checkpoints, keep=cfg.keep_checkpoints, history=history + steps, extra=fingerprint)
-
-    def periodic_checkpoint(steps):  # a checkpoint that cannot be written does not end the run
-        try:
-            checkpoint(steps)
-            return True
-        except OSError as e:
-            _drop_partial(checkpoints, trainer.step)
-            print(f"\nwarning: the checkpoint of step {trainer.step} could not be written ({e.strerror or e}); "
-                  "training goes on", file=sys.stderr)
-            return False
-
+    progress = {"bar": None, "on_step": None}
     stop = {"requested": False}
+
+    def on_start(trainer):
+        progress["bar"], progress["on_step"] = _progress(trainer.total_steps, show=jax.process_index() == 0)
 
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: abort
         if stop["requested"]:
@@ -279,73 +161,17 @@ def cmd_train(args) -> int:
         print("\nstopping after this step and saving what was learned (Ctrl-C again to abort)", file=sys.stderr)
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    bar, on_step = _progress(trainer.total_steps, show=lead)
     try:
-        result = trainer.run(on_step=on_step, should_stop=lambda: stop["requested"], eval_every=cfg.eval_every,
-                             save_every=cfg.save_every, checkpoint=periodic_checkpoint)
+        outcome = execute(cfg, resume=Path(resume) if resume else None, overwrite=getattr(args, "overwrite", False),
+                          subfolder=getattr(args, "subfolder", False), on_start=on_start,
+                          on_step=lambda s: progress["on_step"](s), should_stop=lambda: stop["requested"])
     finally:
-        bar.close()
+        if progress["bar"] is not None:
+            progress["bar"].close()
         signal.signal(signal.SIGINT, previous)
-    if result.stop_requested:
-        if periodic_checkpoint(result.history):
-            print(f"checkpoint saved: continue with  python -m jaxtune train --resume {out}", file=sys.stderr)
-    result.history = history + result.history
-    if not lead:
-        return 1 if result.diverged else 0
-    samples = [{"instruction": p.instruction, "reference": p.response,
-                "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
-               for p in (val_pairs or pairs)[: cfg.samples]]
-    try:
-        save(model, tokenizer, out, extra_files={
-            "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
-            "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
-            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
-    except OSError as e:
-        return _save_failed(e, out, trainer, checkpoint, result)
-    if result.stopped:
-        print(f"stopped early: {result.stopped}", file=sys.stderr)
-    summary = f"{result.steps} steps in {result.seconds:.1f}s"
-    if result.real_token_share is not None:
-        summary += f" ({result.real_token_share:.0%} real tokens, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)"
-    if result.peak_memory is not None:
-        summary += f", peak device memory {result.peak_memory / 2**30:.2f} GiB"
-    if result.history:
-        summary += f", final loss {result.history[-1].loss:.4f}"
-    val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
-    if val is not None:
-        before = f"{result.initial_val_loss:.4f} -> " if result.initial_val_loss is not None else ""
-        summary += f", validation loss {before}{val:.4f} (perplexity {math.exp(min(val, 700.0)):.1f})"
-    summary += f"; model written to {out}"
-    print(summary)
-    return 1 if result.diverged else 0
-
-
-def _drop_partial(checkpoints: Path, step: int) -> None:
-    """Remove what a failed checkpoint write left (orbax writes into a temporary folder first)."""
-    for path in checkpoints.glob(f"{step}*"):
-        if path.name == str(step) or path.name.startswith(f"{step}.orbax-checkpoint-tmp"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _save_failed(error: OSError, out: Path, trainer, checkpoint, result) -> int:
-    """The final model could not be written (a full disk, most often): the folder holds the previous model or
-    none. Save the training state if that still fits, and say how to write the model once there is room."""
-    reason = error.strerror or str(error)
-    try:
-        if verify_checksums(out / "checkpoints" / str(trainer.step)) is not None:  # not already saved (Ctrl-C)
-            checkpoint(result.history)
-        kept = f"the trained state is checkpointed at step {trainer.step} in {out / 'checkpoints'}"
-    except Exception as e:  # noqa: BLE001 - the disk that refused the model may refuse this too
-        _drop_partial(out / "checkpoints", trainer.step)
-        steps = sorted(int(p.name) for p in (out / "checkpoints").glob("[0-9]*") if p.name.isdigit())
-        print(f"warning: the checkpoint could not be written either ({getattr(e, 'strerror', None) or e})", file=sys.stderr)
-        kept = (f"the last checkpoint, step {steps[-1]}, is in {out / 'checkpoints'}" if steps else
-                "no checkpoint was saved during the run (use --save-every), so this run's training is lost")
-    resumable = "no checkpoint" not in kept
-    print(f"error: could not write the model to {out}: {reason}. Nothing half-written was left there; {kept}."
-          + (f" Free some space, then write the model with  python -m jaxtune train --resume {out}" if resumable else ""),
-          file=sys.stderr)
-    return 3
+    if outcome.summary:
+        print(outcome.summary, file=sys.stderr if outcome.code == 3 else sys.stdout)
+    return outcome.code
 
 
 def cmd_generate(args) -> int:

@@ -1,0 +1,620 @@
+"""Training runs: `execute` (one run, start to finish, what `python -m jaxtune train` does) and `Registry` (runs
+that belong to a server, not to a request: the app's queue, workers, run folders, reattaching and resuming).
+
+A run folder has the command line's layout: config.yaml (`python -m jaxtune train --config` repeats the run),
+data.jsonl (the app's pairs), metrics.jsonl (written as steps finish), train.log (every line of the log),
+run.json (status, for the runs table), checkpoints/ (orbax), and the Hugging Face model once the run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import yaml
+
+from jaxtune.config import RunConfig
+from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, read_pairs
+from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_conflicts,
+                            verify_checksums)
+
+KEEP = ("checkpoints", "train.log", "run.json", "data.jsonl")  # entries a final save carries over into the model folder
+
+
+@dataclass
+class Outcome:
+    """How a run ended: the folder, the trainer's result, the closing line and the command line's exit code."""
+
+    out: Path
+    result: object = None  # train.TrainResult
+    summary: str = ""
+    code: int = 0  # 0 done, 1 diverged, 3 the model could not be written
+    saved: bool = False  # the Hugging Face model was written
+    total_steps: int = 0
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def split_validation(pairs, fraction: float, seed: int):
+    """(train, validation): a seeded share held out, each kept in file order."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = max(1, int(round(len(pairs) * fraction)))
+    if n_val >= len(pairs):
+        raise DataError(f"validation_fraction={fraction} leaves no training pairs out of {len(pairs)}")
+    return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
+
+
+def _check(pairs, tokenizer, cfg: RunConfig, what: str, log):
+    report = inspect_rows(pairs, tokenizer, max_length=cfg.train.max_length, loss_on=cfg.train.loss_on)
+    for line in report.warnings[:10]:
+        log(f"warning: {line}")
+    if len(report.warnings) > 10:
+        log(f"warning: ... and {len(report.warnings) - 10} more")
+    if cfg.strict and report.warnings:
+        raise DataError(f"{what}: {len(report.warnings)} warning(s) and --strict is set; first: {report.warnings[0]}")
+    return report
+
+
+def resume_config(resume: Path) -> dict:
+    """The stopped run's options (its checkpoints/config.yaml)."""
+    path = Path(resume) / "checkpoints" / "config.yaml"
+    if not path.exists():
+        raise DataError(f"--resume {resume}: no checkpoints/config.yaml there; give the --output folder of a run "
+                        "that saved a checkpoint (--save-every, or Ctrl-C)")
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+
+
+def check_resume_options(resume: Path, saved: dict, cfg: RunConfig) -> None:
+    """Refuse, before anything is loaded, a resume whose options would not continue the stopped run."""
+    conflicts = resume_conflicts(saved, cfg.to_dict())
+    if conflicts:
+        raise DataError(f"--resume {resume}: these options differ from the stopped run's, which would change the "
+                        f"shapes, the data or its order: {'; '.join(conflicts)}. Leave them out (the run's "
+                        "checkpoints/config.yaml holds them) or start a new run")
+
+
+def _check_resume(resume: Path, saved: dict, cfg: RunConfig, fingerprint: dict, trainer) -> None:
+    """Refuse a resume whose data or step count would not continue the stopped run (after its checkpoint is read)."""
+    extra = getattr(trainer, "checkpoint_extra", {})
+    for key, what in (("data_sha256", "training data"), ("validation_sha256", "validation data")):
+        if key in extra and extra[key] != fingerprint.get(key):
+            raise DataError(f"--resume {resume}: the {what} differ from the stopped run's (content hash "
+                            f"{str(extra[key])[:12]}... then, {str(fingerprint.get(key))[:12]}... now). Resume with the "
+                            "data it was trained on, or start a new run")
+    if "data_sha256" not in extra and saved.get("data") != cfg.data:
+        raise DataError(f"--resume {resume}: --data {cfg.data} is not the file the run was trained on ({saved.get('data')}) "
+                        "and its checkpoint holds no content hash to compare")
+    if trainer.total_steps < trainer.step:
+        raise DataError(f"--resume {resume}: the checkpoint is at step {trainer.step}, past the {trainer.total_steps} "
+                        "steps these options plan; epochs and --max-steps may grow, not shrink")
+
+
+def _drop_partial(checkpoints: Path, step: int) -> None:
+    """Remove what a failed checkpoint write left (orbax writes into a temporary folder first)."""
+    for path in checkpoints.glob(f"{step}*"):
+        if path.name == str(step) or path.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = False, subfolder: bool = False,
+            prepared: bool = False, log: Callable[[str], None] = _stderr, on_start=None, on_step=None,
+            should_stop=None, load_model=None) -> Outcome:
+    """One training run, from reading the data to writing the model: what `python -m jaxtune train` does.
+
+    prepared: the caller made `cfg.output` for this run (the app's registry) and it is not checked again.
+    on_start(trainer) is called once the steps are planned; on_step and should_stop go to `Trainer.run`.
+    load_model(name, seed) -> (model, tokenizer) replaces `jaxtune.load` (the app shares base models).
+    Raises DataError, ModelLoadError, ConfigError, TrainingError or RunDirError with a message for the user.
+    """
+    import jax
+
+    from jaxtune.checkpoint import load, save
+    from jaxtune.generate import generate
+    from jaxtune.model import num_params
+    from jaxtune.sharding import initialize_distributed
+    from jaxtune.train import Trainer
+
+    resume = Path(resume) if resume else None
+    saved = resume_config(resume) if resume else None
+    hosts = initialize_distributed(cfg.distributed)  # before anything touches a device
+    lead = jax.process_index() == 0  # on several hosts, process 0 alone prints progress and writes files
+    if hosts:
+        log(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
+            f"{jax.device_count()} devices")
+    out = Path(cfg.output)
+    if not prepared:  # checked before anything is read or trained; nothing is removed until training starts
+        out = prepare_output(out, overwrite=overwrite, resume=resume, subfolder=subfolder)
+    if resume:  # before the model is loaded: a model of another shape is named here, not by orbax
+        check_resume_options(resume, saved, cfg)
+    tcfg = cfg.train
+    cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
+    pairs = read_pairs(cfg.data, split=cfg.split, **cols)  # data errors surface before the model is loaded or compiled
+    val_pairs = read_pairs(cfg.validation_data, **cols) if cfg.validation_data else None
+    fingerprint = {"data_sha256": data_fingerprint(pairs)}
+    if val_pairs:
+        fingerprint["validation_sha256"] = data_fingerprint(val_pairs)
+    if val_pairs is None and cfg.validation_fraction:
+        pairs, val_pairs = split_validation(pairs, cfg.validation_fraction, tcfg.seed)
+    if load_model is None:
+        model, tokenizer = load(cfg.model, allow_pickle=cfg.allow_pickle, seed=tcfg.seed)
+    else:
+        model, tokenizer = load_model(cfg.model, tcfg.seed)
+    log(f"model: {getattr(model, 'source', cfg.model)} ({num_params(model) / 1e6:.1f}M parameters)")
+    tcfg.max_length = min(tcfg.max_length, model.config.n_positions)
+    report = _check(pairs, tokenizer, cfg, "training data", log)
+    if val_pairs:
+        _check(val_pairs, tokenizer, cfg, "validation data", log)
+    if not report.pairs:
+        raise DataError(f"{cfg.data}: no row keeps any of its response within max_length {tcfg.max_length} tokens; "
+                        "raise --max-length or shorten the instructions")
+    encoded = EncodedSet(report.encoded, report.pairs, report.truncated, report.dropped, tcfg.max_length)
+    trainer = Trainer(model, tokenizer, encoded, tcfg, validation_pairs=val_pairs)
+    log(f"data: {len(report.pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
+        f"tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, {len(report.warnings)} warning(s))"
+        f"{f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
+        f"{trainer.total_steps} steps on {jax.default_backend()}; real tokens fill {trainer.planned_real_token_share:.0%} "
+        f"of the computed positions{' (packed)' if tcfg.pack else ''}")
+
+    checkpoints = out / "checkpoints"
+    history = []
+    if resume:
+        history = trainer.restore_checkpoint(resume / "checkpoints", warn=lambda m: log(f"warning: {m}"))
+        _check_resume(resume, saved, cfg, fingerprint, trainer)
+        log(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}")
+    if overwrite and lead and out.exists() and not (resume and out.resolve() == resume.resolve()):
+        removed = remove_owned(out)  # the run being replaced: only what jaxtune wrote there
+        if removed:
+            log(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
+    if lead:  # metrics.jsonl grows as steps finish, so a long run can be watched (and survives a crash)
+        claim(out, ["metrics.jsonl"])
+        (out / "metrics.jsonl").write_text("".join(json.dumps(s.to_dict()) + "\n" for s in history))
+    if on_start:
+        on_start(trainer)
+
+    def step_done(s):
+        if lead:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(s.to_dict()) + "\n")
+        if on_step:
+            on_step(s)
+
+    def checkpoint(steps):  # every host takes part: orbax writes each host's shards
+        if lead:
+            claim(out, ["checkpoints"])
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            (checkpoints / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        trainer.save_checkpoint(checkpoints, keep=cfg.keep_checkpoints, history=history + steps, extra=fingerprint)
+
+    def periodic_checkpoint(steps) -> bool:  # a checkpoint that cannot be written does not end the run
+        try:
+            checkpoint(steps)
+            return True
+        except OSError as e:
+            _drop_partial(checkpoints, trainer.step)
+            log(f"warning: the checkpoint of step {trainer.step} could not be written ({e.strerror or e}); "
+                "training goes on")
+            return False
+
+    result = trainer.run(on_step=step_done, should_stop=should_stop, eval_every=cfg.eval_every,
+                         save_every=cfg.save_every, checkpoint=periodic_checkpoint)
+    outcome = Outcome(out, result, code=1 if result.diverged else 0, total_steps=trainer.total_steps)
+    if result.stop_requested and periodic_checkpoint(result.history):
+        log(f"checkpoint saved at step {trainer.step}: continue with  python -m jaxtune train --resume {out}")
+    result.history = history + result.history
+    if not lead:
+        return outcome
+    samples = [{"instruction": p.instruction, "reference": p.response,
+                "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
+               for p in (val_pairs or pairs)[: cfg.samples]]
+    try:
+        save(model, tokenizer, out, keep=KEEP, extra_files={
+            "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
+            "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
+            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+    except OSError as e:
+        outcome.code, outcome.summary = 3, _save_failed(e, out, trainer, checkpoint, result, log)
+        return outcome
+    outcome.saved = True
+    if result.stopped:
+        log(f"stopped early: {result.stopped}")
+    outcome.summary = summarize(result, out)
+    return outcome
+
+
+def summarize(result, out: Path) -> str:
+    """The closing line: steps, speed, memory, losses and where the model is."""
+    summary = f"{result.steps} steps in {result.seconds:.1f}s"
+    if result.real_token_share is not None:
+        summary += f" ({result.real_token_share:.0%} real tokens, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)"
+    if result.peak_memory is not None:
+        summary += f", peak device memory {result.peak_memory / 2**30:.2f} GiB"
+    if result.history:
+        summary += f", final loss {result.history[-1].loss:.4f}"
+    val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
+    if val is not None:
+        before = f"{result.initial_val_loss:.4f} -> " if result.initial_val_loss is not None else ""
+        summary += f", validation loss {before}{val:.4f} (perplexity {math.exp(min(val, 700.0)):.1f})"
+    return summary + f"; model written to {out}"
+
+
+def _save_failed(error: OSError, out: Path, trainer, checkpoint, result, log) -> str:
+    """The final model could not be written (a full disk, most often): the folder holds the previous model or
+    none. Save the training state if that still fits, and say how to write the model once there is room."""
+    reason = error.strerror or str(error)
+    try:
+        if verify_checksums(out / "checkpoints" / str(trainer.step)) is not None:  # not already saved (a stop)
+            checkpoint(result.history)
+        kept = f"the trained state is checkpointed at step {trainer.step} in {out / 'checkpoints'}"
+    except Exception as e:  # noqa: BLE001 - the disk that refused the model may refuse this too
+        _drop_partial(out / "checkpoints", trainer.step)
+        steps = sorted(int(p.name) for p in (out / "checkpoints").glob("[0-9]*") if p.name.isdigit())
+        log(f"warning: the checkpoint could not be written either ({getattr(e, 'strerror', None) or e})")
+        kept = (f"the last checkpoint, step {steps[-1]}, is in {out / 'checkpoints'}" if steps else
+                "no checkpoint was saved during the run (use --save-every), so this run's training is lost")
+    resumable = "no checkpoint" not in kept
+    return (f"error: could not write the model to {out}: {reason}. Nothing half-written was left there; {kept}."
+            + (f" Free some space, then write the model with  python -m jaxtune train --resume {out}" if resumable else ""))
+
+
+# ---------------------------------------------------------------------------------------------- registry
+STATUSES = ("queued", "training", "finished", "stopped", "failed")
+ACTIVE = ("queued", "training")
+
+
+def default_root(*, public: bool, app_dir: Path) -> tuple[Path, int | None]:
+    """(runs folder, size cap in bytes or None): $JAXTUNE_RUNS_DIR; on a Space the persistent /data when mounted,
+    else a temporary folder capped at $JAXTUNE_RUNS_MAX_MB (default 4096); on a desktop runs/ beside the app."""
+    cap = int(os.environ.get("JAXTUNE_RUNS_MAX_MB", "4096")) * 2**20
+    if os.environ.get("JAXTUNE_RUNS_DIR"):
+        return Path(os.environ["JAXTUNE_RUNS_DIR"]), (cap if public else None)
+    if public:
+        data = Path("/data")
+        if data.is_dir() and os.access(data, os.W_OK):
+            return data / "jaxtune-runs", None
+        return Path(tempfile.gettempdir()) / "jaxtune-runs", cap
+    return Path(app_dir) / "runs", None
+
+
+@dataclass
+class Run:
+    """One run as the registry and the page see it; `info()` is what run.json holds."""
+
+    id: str
+    dir: Path
+    name: str
+    model: str
+    pairs: int
+    created: float
+    status: str = "queued"
+    started: float | None = None
+    ended: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    eta: float | None = None
+    tokens_per_sec: float | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    message: str = ""
+    saved: bool = False  # the Hugging Face model is in the folder
+    history: list = field(default_factory=list)
+    log: list = field(default_factory=list)
+    stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
+    stop_reason: str | None = None
+    last_seen: float = field(default_factory=time.time)
+    resuming: bool = False
+
+    FIELDS = ("id", "name", "model", "pairs", "created", "status", "started", "ended", "step", "total_steps",
+              "train_loss", "val_loss", "message", "saved")
+
+    def info(self) -> dict:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+    @property
+    def resumable(self) -> bool:
+        ck = self.dir / "checkpoints"
+        return self.status in ("stopped", "failed") and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
+
+
+class Registry:
+    """Runs that live on the server: each trains in its own worker thread, at most `concurrent` at once (the
+    rest wait in order), writes its folder under `root`, and outlives the page that started it.
+
+    max_seconds caps every run's training; orphan_seconds (a Space) stops a run no page has asked about for that
+    long (`seen`); both checkpoint and write the model, and the run's message says which limit stopped it.
+    """
+
+    def __init__(self, root: Path, *, concurrent: int = 1, max_seconds: float | None = None,
+                 orphan_seconds: float | None = None, size_cap: int | None = None, load_model=None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.concurrent, self.max_seconds, self.orphan_seconds = max(1, int(concurrent)), max_seconds, orphan_seconds
+        self.size_cap, self.load_model = size_cap, load_model
+        self.lock = threading.Condition()
+        self.runs: dict[str, Run] = {}
+        self.waiting: list[str] = []  # queued run ids, first in first out
+        self.training: set[str] = set()
+        self._scan()
+        if orphan_seconds:
+            threading.Thread(target=self._reap, daemon=True, name="jaxtune-orphans").start()
+
+    # ------------------------------------------------------------------------------------------ on disk
+    def _scan(self):
+        """Runs already in the folder. One that was queued or training when the server stopped is `stopped`."""
+        for path in sorted(self.root.iterdir()):
+            try:
+                info = json.loads((path / "run.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            run = Run(**{k: info.get(k) for k in ("id", "name", "model", "pairs", "created")}, dir=path)
+            for k in Run.FIELDS[5:]:
+                if info.get(k) is not None:
+                    setattr(run, k, info[k])
+            if run.status in ACTIVE:
+                run.status, run.message = "stopped", "interrupted: the server stopped while this run was " + run.status
+            run.history = _read_jsonl(path / "metrics.jsonl")
+            if (path / "train.log").exists():
+                run.log = (path / "train.log").read_text(encoding="utf-8", errors="replace").splitlines()
+            self.runs[run.id] = run
+
+    def _write_info(self, run: Run):
+        tmp = run.dir / ".run.json.tmp"
+        tmp.write_text(json.dumps(run.info(), indent=1) + "\n")
+        os.replace(tmp, run.dir / "run.json")
+
+    def _add_log(self, run: Run, line: str):
+        stamp = time.strftime("%H:%M:%S")
+        for part in str(line).splitlines() or [""]:
+            run.log.append(f"{stamp} {part}")
+        with open(run.dir / "train.log", "a", encoding="utf-8") as f:
+            f.write("".join(f"{stamp} {part}\n" for part in str(line).splitlines() or [""]))
+
+    # ------------------------------------------------------------------------------------------ starting
+    def start(self, cfg: RunConfig, pairs: list[Pair], *, name: str | None = None, note: str | None = None) -> Run:
+        """A new run of `cfg` on `pairs`, queued at once: its folder holds data.jsonl and config.yaml before it
+        trains, so the command line can repeat it (`python -m jaxtune train --config <run>/config.yaml`)."""
+        self._prune()
+        run_id = secrets.token_urlsafe(12).replace("-", "x").replace("_", "y")  # unguessable, and a safe folder name
+        directory = self.root / run_id
+        directory.mkdir(parents=True)
+        claim(directory, ["data.jsonl", "config.yaml", "run.json", "train.log"])
+        (directory / "data.jsonl").write_text("".join(
+            json.dumps({"instruction": p.instruction, "response": p.response}, ensure_ascii=False) + "\n" for p in pairs),
+            encoding="utf-8")
+        cfg = RunConfig.from_dict({**cfg.to_dict(), "data": str((directory / "data.jsonl").absolute()),
+                                   "output": str(directory.absolute())})
+        (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        run = Run(id=run_id, dir=directory, name=name or time.strftime("run %m-%d %H:%M:%S"), model=cfg.model,
+                  pairs=len(pairs), created=time.time())
+        with self.lock:
+            self.runs[run_id] = run
+        if note:
+            self._add_log(run, note)
+        self._queue(run, cfg)
+        return run
+
+    def resume(self, run_id: str) -> Run:
+        """Continue a stopped run from its last checkpoint, in its own folder."""
+        run = self.get(run_id)
+        if run is None:
+            raise KeyError(run_id)
+        if not run.resumable:
+            raise RunDirError(f"{run.name} cannot be resumed: " + ("it is still " + run.status if run.status in ACTIVE
+                              else "it finished" if run.status == "finished" else "it saved no checkpoint"))
+        cfg = RunConfig.from_dict(yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8")))
+        run.status, run.message, run.stop_reason, run.resuming = "queued", "", None, True
+        run.stop_event = threading.Event()
+        self._add_log(run, "resuming from the last checkpoint")
+        self._queue(run, cfg)
+        return run
+
+    def _queue(self, run: Run, cfg: RunConfig):
+        with self.lock:
+            run.status = "queued"
+            self.waiting.append(run.id)
+        self._write_info(run)
+        threading.Thread(target=self._work, args=(run, cfg), daemon=True, name=f"jaxtune-run-{run.id}").start()
+
+    # ------------------------------------------------------------------------------------------ the worker
+    def _work(self, run: Run, cfg: RunConfig):
+        with self.lock:  # wait for a free slot, in order; Stop while waiting cancels the run
+            while not run.stop_event.is_set() and (len(self.training) >= self.concurrent or self.waiting[0] != run.id):
+                self.lock.wait(timeout=1.0)
+            self.waiting.remove(run.id)
+            if run.stop_event.is_set():
+                run.status, run.ended = "stopped", time.time()
+                run.message = run.stop_reason or "cancelled while it waited in the queue"
+                self.lock.notify_all()
+            else:
+                self.training.add(run.id)
+                run.status, run.started = "training", time.time()
+        self._write_info(run)
+        if run.status != "training":
+            self._add_log(run, run.message)
+            return
+        deadline = run.started + self.max_seconds if self.max_seconds else None
+
+        def should_stop():
+            if run.stop_event.is_set():
+                return True
+            if deadline is not None and time.time() > deadline:
+                run.stop_reason = (f"the time limit of {self.max_seconds:.0f} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached "
+                                   f"after step {run.step}")
+                return True
+            return False
+
+        last_write = [0.0]
+
+        def on_start(trainer):
+            run.total_steps, run.step = trainer.total_steps, trainer.step
+
+        def on_step(s):
+            entry = s.to_dict()
+            run.history.append(entry)
+            run.step, run.total_steps, run.eta, run.tokens_per_sec = s.step, s.total_steps, s.eta, s.tokens_per_sec
+            run.train_loss = s.loss
+            if s.val_loss is not None:
+                run.val_loss = s.val_loss
+            if s.step == 1 or s.step % 10 == 0 or s.val_loss is not None or s.step == s.total_steps:
+                self._add_log(run, f"step {s.step}/{s.total_steps}: loss {s.loss:.4f}"
+                              + (f", validation {s.val_loss:.4f}" if s.val_loss is not None else ""))
+            if time.time() - last_write[0] > 5:
+                last_write[0] = time.time()
+                self._write_info(run)
+
+        if run.resuming:  # the metrics file is rewritten from the checkpoint's history
+            run.history = []
+        try:
+            outcome = execute(cfg, resume=run.dir if run.resuming else None, prepared=True,
+                              log=lambda line: self._add_log(run, line), on_start=on_start, on_step=on_step,
+                              should_stop=should_stop, load_model=self.load_model)
+            if run.resuming:
+                run.history = _read_jsonl(run.dir / "metrics.jsonl")
+            result = outcome.result
+            run.saved = outcome.saved
+            if outcome.code == 3:
+                run.status, run.message = "failed", outcome.summary
+            elif result.diverged:
+                run.status, run.message = "failed", result.stopped
+            elif result.stop_requested:
+                run.status = "stopped"
+                reason = run.stop_reason or f"stopped by request after step {result.steps}"
+                run.message = f"{reason}; the model keeps what it learned" + (" and was saved" if outcome.saved else "")
+            else:
+                run.status, run.message = "finished", outcome.summary
+            run.step = result.steps
+            self._add_log(run, run.message)
+        except Exception as e:  # noqa: BLE001 - the run fails, the server goes on; the log says why
+            run.status, run.message = "failed", _user_message(e)
+            if run.message.startswith("an internal error"):
+                traceback.print_exc()  # for the server's log, not the page
+            self._add_log(run, f"failed: {run.message}")
+        finally:
+            run.ended, run.resuming = time.time(), False
+            with self.lock:
+                self.training.discard(run.id)
+                self.lock.notify_all()
+            self._write_info(run)
+
+    # ------------------------------------------------------------------------------------------ control
+    def get(self, run_id: str | None) -> Run | None:
+        return self.runs.get(run_id) if isinstance(run_id, str) else None
+
+    def list(self, ids=None) -> list[Run]:
+        """Runs, newest first: all of them, or those in `ids` (a browser's own)."""
+        with self.lock:
+            runs = [r for r in self.runs.values() if ids is None or r.id in ids]
+        return sorted(runs, key=lambda r: r.created, reverse=True)
+
+    def stop(self, run_id: str, reason: str | None = None) -> bool:
+        """Stop a training run after its step (checkpointed, model written) or cancel a waiting one."""
+        run = self.get(run_id)
+        if run is None or run.status not in ACTIVE:
+            return False
+        run.stop_reason = reason or run.stop_reason
+        run.stop_event.set()
+        with self.lock:
+            self.lock.notify_all()
+        return True
+
+    def delete(self, run_id: str) -> None:
+        """Remove a run that is not active: the files jaxtune wrote, and the folder if nothing else is left."""
+        run = self.get(run_id)
+        if run is None:
+            raise KeyError(run_id)
+        if run.status in ACTIVE:
+            raise RunDirError(f"{run.name} is {run.status}; stop it before deleting it")
+        remove_owned(run.dir)
+        try:
+            run.dir.rmdir()
+        except OSError:
+            pass  # something that is not jaxtune's is in there: left alone
+        with self.lock:
+            self.runs.pop(run_id, None)
+
+    def seen(self, ids) -> None:
+        """A page showing these runs is open (the orphan rule counts from the last call)."""
+        now = time.time()
+        for run_id in ids or ():
+            run = self.get(run_id)
+            if run is not None:
+                run.last_seen = now
+
+    def queue_text(self, run_id: str) -> str | None:
+        """For a waiting run: how many are ahead, when they started, about how long they have left."""
+        run = self.get(run_id)
+        if run is None or run.status != "queued" or run.id not in self.waiting:
+            return None
+        with self.lock:
+            ahead = [self.runs[i] for i in self.training] + [self.runs[i] for i in self.waiting[:self.waiting.index(run.id)]]
+        if not ahead:
+            return "starting…"
+        parts = []
+        for other in ahead[:3]:
+            if other.status == "training" and other.started:
+                left = f", about {_minutes(other.eta)} left" if other.eta is not None else ""
+                parts.append(f"started {_minutes(time.time() - other.started)} ago{left}")
+            else:
+                parts.append("waiting")
+        n = len(ahead)
+        return f"{n} run{'s' * (n != 1)} ahead of yours ({'; '.join(parts)})"
+
+    def _reap(self):
+        while True:
+            time.sleep(min(5.0, self.orphan_seconds / 4))
+            now = time.time()
+            for run in self.list():
+                if run.status in ACTIVE and now - run.last_seen > self.orphan_seconds:
+                    self.stop(run.id, f"no page had this run open for {self.orphan_seconds:.0f} s "
+                                      f"(JAXTUNE_ORPHAN_SECONDS) after step {run.step}")
+
+    def _prune(self):
+        """Keep the folder under its size cap: the oldest runs that are not active go first."""
+        if not self.size_cap:
+            return
+        sizes = {r.id: sum(p.stat().st_size for p in r.dir.rglob("*") if p.is_file()) for r in self.list()}
+        total = sum(sizes.values())
+        for run in reversed(self.list()):
+            if total <= self.size_cap:
+                break
+            if run.status not in ACTIVE:
+                total -= sizes.get(run.id, 0)
+                self.delete(run.id)
+
+
+def _minutes(seconds: float) -> str:
+    seconds = max(0.0, float(seconds))
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def _user_message(error: Exception) -> str:
+    """An error as a user reads it: jaxtune's own errors say what and why; anything else is named, not dumped."""
+    from jaxtune.checkpoint import ModelLoadError
+    from jaxtune.config import ConfigError
+    from jaxtune.train import TrainingError
+
+    if isinstance(error, (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, ValueError)):
+        return str(error)
+    if isinstance(error, MemoryError):
+        return "the machine ran out of memory; use a smaller model, batch size or max length"
+    return f"an internal error ({type(error).__name__}); the server log has the details"
