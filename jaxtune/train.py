@@ -353,6 +353,10 @@ class Trainer:
         import orbax.checkpoint as ocp
 
         directory = Path(directory).absolute()
+        if (directory / str(self.step)).exists():  # this step was saved already (a stop right after a periodic save)
+            if jax.process_count() > 1 or verify_checksums(directory / str(self.step)) is None:
+                return
+            shutil.rmtree(directory / str(self.step))  # a partial one, from a run that died while writing it
         leaves = jax.tree.leaves((self.params, self.opt_state))
         if jax.process_count() == 1:  # refuse up front what cannot fit: orbax's writers fail noisily on a full disk
             need, existing = sum(x.nbytes for x in leaves) + 2**20, next(p for p in (directory, *directory.parents) if p.exists())
