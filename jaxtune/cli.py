@@ -102,6 +102,8 @@ def run_config(args) -> RunConfig:
             raise DataError(f"--config {path}: not valid YAML ({e})") from None
         if not isinstance(values, dict):
             raise DataError(f"--config {path}: expected a mapping of options")
+    if not isinstance(values.get("train") or {}, dict):
+        raise DataError(f"--config {args.config}: expected a mapping of options, with 'train' a mapping of training options")
     values = {**values, "train": dict(values.get("train") or {})}
     for flag, target in _FLAGS.items():
         if hasattr(args, flag):

@@ -222,6 +222,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config") -> "RunConfig":
+        if not isinstance(values, dict) or not isinstance(values.get("train") or {}, dict):
+            raise ValueError(f"{source}: expected a mapping of options, with 'train' a mapping of training options")
         known = {f.name for f in dataclasses.fields(cls)}
         train_known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = [k for k in values if k not in known]

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.config import checked_float, checked_int
 from jaxtune.data import bucket_length, format_prompt, tokenize_text
 from jaxtune.model import init_cache
 
@@ -78,6 +79,7 @@ def _generate_loop(graphdef, params, prompt_1P, prompt_len, cache, key, temperat
 
 
 def _prepare(model, tokenizer, prompt: str, max_new_tokens: int):
+    max_new_tokens = checked_int("max_new_tokens", max_new_tokens, 0, 2**20)
     ids = tokenize_text(tokenizer, [prompt])[0].ids  # `<|endoftext|>` typed in a prompt is text, not EOS
     limit = model.config.n_positions
     if not ids:
@@ -95,7 +97,14 @@ def _prepare(model, tokenizer, prompt: str, max_new_tokens: int):
 
 
 def _sampling(temperature, top_k, top_p, seed):
-    greedy = temperature is None or temperature <= 0
+    """Checked sampling settings as device scalars: a bad value is a ValueError that names it and its range."""
+    temperature = 0.0 if temperature is None else checked_float("temperature", temperature)
+    top_k = checked_int("top_k", top_k or 0, 0, 2**31 - 1)
+    top_p = 1.0 if top_p is None else checked_float("top_p", top_p, positive=True)
+    if top_p > 1.0:
+        raise ValueError(f"top_p={top_p} must be above 0 and at most 1 (1 keeps every token)")
+    seed = checked_int("seed", seed, 0, 2**32 - 1)
+    greedy = temperature <= 0
     return (jnp.float32(temperature or 1.0), jnp.int32(top_k or 0), jnp.float32(top_p if top_p is not None else 1.0),
             jax.random.key(seed), greedy)
 
@@ -104,10 +113,10 @@ def generate_ids(model, tokenizer, prompt: str, *, max_new_tokens: int = 64, tem
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
     """New token ids after `prompt` (raw text, special tokens' strings read as text), ending with EOS when the model
     stopped by itself."""
+    temp, k, p, key, greedy = _sampling(temperature, top_k, top_p, seed)
     graphdef, params, prompt_1P, n, cache, max_new_tokens = _prepare(model, tokenizer, prompt, max_new_tokens)
     if max_new_tokens <= 0:
         return []
-    temp, k, p, key, greedy = _sampling(temperature, top_k, top_p, seed)
     out, count = _generate_loop(graphdef, params, prompt_1P, n, cache, key, temp, k, p, tokenizer.eos_token_id,
                                 greedy=greedy, max_new_tokens=max_new_tokens)
     return [int(t) for t in np.asarray(out)[: int(count)]]
@@ -133,8 +142,8 @@ def stream(model, tokenizer, instruction: str, *, max_new_tokens: int = 64, temp
     """Like `generate`, yielding the response text so far after each new token (for the app)."""
     if not instruction or not instruction.strip():
         raise ValueError("the instruction is empty; type what the model should do")
-    graphdef, params, prompt_1P, n, cache, max_new_tokens = _prepare(model, tokenizer, format_prompt(instruction), max_new_tokens)
     temp, k, p, key, greedy = _sampling(temperature, top_k, top_p, seed)
+    graphdef, params, prompt_1P, n, cache, max_new_tokens = _prepare(model, tokenizer, format_prompt(instruction), max_new_tokens)
     key, sub = jax.random.split(key)
     token, cache = _prefill(graphdef, params, prompt_1P, n, cache, sub, temp, k, p, greedy=greedy)
     ids: list[int] = []

@@ -170,3 +170,33 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
     losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses("cut") == losses("full") and len(losses("full")) == 45
     assert (tmp_path / "cut" / "model.safetensors").exists() and (tmp_path / "cut" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "temperature=nan must be a finite number"),
+    (["--top-p", "1.5"], "top_p=1.5 must be above 0 and at most 1"),
+    (["--seed", str(2**70)], "seed=1,180,591,620,717,411,303,424 is out of range"),
+    (["--max-new-tokens", "-3"], "max_new_tokens=-3 is out of range"),
+    (["--top-k", "-1"], "top_k=-1 is out of range"),
+])
+def test_generate_refuses_bad_sampling_values(flags, message):
+    p = run("generate", "--model", "tiny", "--instruction", "hi", *flags)
+    assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_bad_option_values_are_refused_with_what_and_where(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    for flags, message in ((["--seed", str(2**70)], "seed=1,180,591,620,717,411,303,424 is out of range"),
+                           (["--epochs", str(10**9)], "epochs=1,000,000,000 is out of range"),
+                           (["--validation-fraction", "nan"], "validation_fraction=nan must be a finite number"),
+                           (["--keep-checkpoints", "0"], "keep_checkpoints=0 is out of range")):
+        p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), *flags)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\ntrain: [1, 2]\n")
+    p = run("train", "--config", str(bad), "--data", str(data), "--output", str(tmp_path / "o"))
+    assert p.returncode == 2 and "'train' a mapping" in p.stderr and "Traceback" not in p.stderr
+    bad.write_text("model: tiny\ntrain:\n  epochs: three\n")
+    p = run("train", "--config", str(bad), "--data", str(data), "--output", str(tmp_path / "o"))
+    assert p.returncode == 2 and "epochs='three' must be a whole number" in p.stderr
+    assert not (tmp_path / "o").exists()
