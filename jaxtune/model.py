@@ -198,7 +198,8 @@ class GPT2LMHeadModel(nnx.Module):
     ):
         """Logits [B, T, V]; with `cache` (see `init_cache`) also the updated cache.
 
-        attention_mask_BS: 1 for real tokens, 0 for padding keys (Hugging Face's `attention_mask`).
+        attention_mask_BS: 1 for real tokens, 0 for padding keys (Hugging Face's `attention_mask`); with a cache,
+            one flag per cache slot, so left-padded rows (positions_BT counting real tokens only) ignore their pads.
         segment_ids_BT: packed sequences; attention stays within a segment (pass positions_BT too).
         cache, cache_index: keys/values of earlier tokens; this call's tokens are written at cache_index.
         logit_positions_BK: only these positions' logits [B, K, V]: the head is a third of GPT-2 small's compute,
@@ -210,8 +211,11 @@ class GPT2LMHeadModel(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T) + offset, (B, T))
         mask_B1TS = None
         if cache is not None or attention_mask_BS is not None or segment_ids_BT is not None:
-            key_pos_BS = positions_BT if cache is None else jnp.broadcast_to(jnp.arange(cache["k"].shape[2]), (B, cache["k"].shape[2]))
-            mask_BTS = key_pos_BS[:, None, :] <= positions_BT[:, :, None]
+            if cache is None:
+                mask_BTS = positions_BT[:, None, :] <= positions_BT[:, :, None]
+            else:  # a cache is causal by slot: a query sees the slots up to its own, whatever positions_BT says
+                S = cache["k"].shape[2]
+                mask_BTS = jnp.broadcast_to(jnp.arange(S)[None, :] <= (jnp.arange(T) + offset)[:, None], (B, T, S))
             if attention_mask_BS is not None:
                 mask_BTS &= attention_mask_BS.astype(bool)[:, None, :]
             if segment_ids_BT is not None:
