@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.card import model_card, tidy_tokenizer_config
 from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.model import GPT2LMHeadModel, abstract, build
 from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text
@@ -245,12 +246,13 @@ def _cast(model, dtype):
 
 # ---------------------------------------------------------------------------------------------- saving
 def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
-         keep: tuple[str, ...] = ("checkpoints",)) -> Path:
+         keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json) that
     transformers.GPT2LMHeadModel and AutoTokenizer load as they are.
 
     Everything is written into a temporary folder beside the target and renamed into place, so a crash or a full
-    disk leaves the previous model or none, never half of one. An existing `directory` is replaced only when all
+    disk leaves the previous model or none, never half of one. A README.md model card (see `jaxtune.card`) describes the model and, with
+    `run_info`, how it was trained. An existing `directory` is replaced only when all
     it holds is jaxtune's (see `jaxtune.rundir`); its `keep` entries (a run's checkpoints) move into the new one.
     """
     from safetensors.numpy import save_file
@@ -278,6 +280,8 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
                 raise
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
         tokenizer.save_pretrained(str(tmp))
+        tidy_tokenizer_config(tmp, config.n_positions)
+        (tmp / "README.md").write_text(model_card(config, run=run_info), encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         kept = [name for name in keep if (directory / name).exists()]

@@ -220,8 +220,13 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     samples = [{"instruction": p.instruction, "reference": p.response,
                 "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
                for p in (val_pairs or pairs)[: cfg.samples]]
+    val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
+    run_info = {"base_model": cfg.model, "source": getattr(model, "source", cfg.model), "config": cfg.to_dict(),
+                "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
+                "seconds": result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+                "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss}
     try:
-        save(model, tokenizer, out, keep=KEEP, extra_files={
+        save(model, tokenizer, out, keep=KEEP, run_info=run_info, extra_files={
             "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
             "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
             "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})

@@ -1,0 +1,127 @@
+"""Model cards: the README.md every model jaxtune writes carries (Hugging Face metadata, how it was trained, its
+metrics, the prompt format, and how to use it from PyTorch), and pushing a model folder to the hub."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from jaxtune.config import HUB_MODELS
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_KNOWN_LICENSES = {name: "mit" for name in HUB_MODELS}  # OpenAI's GPT-2 checkpoints are MIT-licensed
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` if it reads as a Hugging Face hub id (gpt2, org/name), else None (a local path, 'tiny', a file)."""
+    if not name or name in ("tiny", "auto") or Path(name).suffix or name.startswith((".", "/", "~")):
+        return None
+    return name if _HUB_ID.match(name) and not Path(name).exists() else None
+
+
+def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None = None, repo_id: str | None = None) -> str:
+    """README.md text. `run` (optional) describes the training: base_model, config (a RunConfig dict), pairs,
+    validation_pairs, steps, seconds, device, final_loss, val_loss, initial_val_loss, tokens_per_s, source.
+    `evaluation` rows come from `python -m jaxtune eval` (model, rouge_l, exact_match, stop_rate, ...)."""
+    run = run or {}
+    cfg = run.get("config") or {}
+    base = hub_id(run.get("base_model"))
+    data = hub_id(cfg.get("data"))
+    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
+            "tags": ["jaxtune", "gpt2", "instruction-tuned", "jax", "flax"]}
+    if base:
+        meta["base_model"] = base
+        if base in _KNOWN_LICENSES:
+            meta["license"] = _KNOWN_LICENSES[base]
+    if data:
+        meta["datasets"] = [data]
+    name = repo_id or "this model"
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {repo_id.split('/')[-1] if repo_id else 'GPT-2 instruction-tuned with jaxtune'}", ""]
+    what = f"a fine-tune of [{base}](https://huggingface.co/{base})" if base else (
+        f"a fine-tune of {run.get('source') or run.get('base_model')}" if run.get("base_model") else "a GPT-2 model")
+    lines += [f"{name[0].upper() + name[1:]} is {what}, instruction-tuned with jaxtune in JAX "
+              f"({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads, {config.n_positions} positions). "
+              "It loads in PyTorch `transformers` as it is.", "",
+              "## Prompt format", "",
+              "The model was trained on `Instruction: {instruction}\\nResponse: {response}` followed by the "
+              "end-of-text token, so give it the instruction and let it complete the response; it stops by itself.", "",
+              "```", "Instruction: Where is my order?", "Response:", "```", "",
+              "## Use it", "", "```python",
+              "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
+              f'path = "{repo_id or "path/to/this/folder"}"',
+              "tokenizer = AutoTokenizer.from_pretrained(path)",
+              "model = GPT2LMHeadModel.from_pretrained(path)",
+              'inputs = tokenizer("Instruction: Where is my order?\\nResponse:", return_tensors="pt")',
+              "out = model.generate(**inputs, max_new_tokens=64, pad_token_id=tokenizer.eos_token_id)",
+              'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+              "```", ""]
+    if run:
+        t = cfg.get("train") or {}
+        facts = [("base model", run.get("source") or run.get("base_model")),
+                 ("training data", f"{run['pairs']:,} pairs" + (f" from `{cfg['data']}`" if data else "") if run.get("pairs") else None),
+                 ("validation data", f"{run['validation_pairs']:,} pairs" if run.get("validation_pairs") else None),
+                 ("steps", run.get("steps")),
+                 ("epochs", t.get("epochs")), ("batch size", t.get("batch_size")),
+                 ("learning rate", t.get("learning_rate")), ("max length", t.get("max_length")),
+                 ("loss on", t.get("loss_on")), ("precision", t.get("dtype")), ("packed", t.get("pack")),
+                 ("seed", t.get("seed")),
+                 ("training time", f"{run['seconds']:.0f} s" if run.get("seconds") is not None else None),
+                 ("hardware", run.get("device"))]
+        lines += ["## Training", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in facts if v is not None]
+        metrics = [("final training loss", run.get("final_loss")), ("validation loss before", run.get("initial_val_loss")),
+                   ("validation loss after", run.get("val_loss"))]
+        if any(v is not None for _, v in metrics):
+            lines += ["", "## Metrics", "", "| | |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" for k, v in metrics if v is not None]
+            if run.get("val_loss") is not None:
+                lines += [f"| validation perplexity | {math.exp(min(run['val_loss'], 700.0)):.2f} |"]
+        if cfg:
+            lines += ["", "The run's configuration (`python -m jaxtune train --config config.yaml` repeats it):", "",
+                      "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```"]
+        lines.append("")
+    if evaluation:
+        keys = [k for k in ("rouge_l", "exact_match", "stop_rate", "mean_length", "val_loss", "perplexity")
+                if any(k in row for row in evaluation)]
+        lines += ["## Evaluation", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        for row in evaluation:
+            cells = [f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
+            lines.append(f"| {row.get('model', '')} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Limitations", "",
+              "A small GPT-2 model repeats the style of its training pairs and can state wrong facts confidently; "
+              "check its answers before showing them to customers.", ""]
+    return "\n".join(lines)
+
+
+def tidy_tokenizer_config(directory: Path, n_positions: int) -> None:
+    """tokenizer_config.json's model_max_length is the model's positions (tokenizers save a placeholder ~1e30)."""
+    path = Path(directory) / "tokenizer_config.json"
+    if path.exists():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["model_max_length"] = int(n_positions)
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def push(directory, repo_id: str, *, token: str, private: bool = True, commit_message: str | None = None,
+         endpoint: str | None = None) -> str:
+    """Upload a model folder (its model card included, its checkpoints and run files left out) to the hub;
+    returns the repository's URL. Errors come from the hub, as `huggingface_hub` raises them."""
+    from huggingface_hub import HfApi
+
+    if not _HUB_ID.match(repo_id or "") or "/" not in repo_id:
+        raise ValueError(f"repository {repo_id!r}: give it as user/name or org/name")
+    directory = Path(directory)
+    if not (directory / "model.safetensors").exists():
+        raise ValueError(f"{directory} holds no model.safetensors: there is nothing to push yet")
+    api = HfApi(token=token, endpoint=endpoint)  # endpoint: None is the hub ($HF_ENDPOINT)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=commit_message or
+                      "Upload a model instruction-tuned with jaxtune",
+                      ignore_patterns=["checkpoints/*", "checkpoints/**", ".*", "data.jsonl", "train.log", "run.json"])
+    return str(url)
