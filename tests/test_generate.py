@@ -1,11 +1,15 @@
 """Generation against transformers' generate; streaming, sampling and prompt limits."""
 
+from collections import Counter
+
 import pytest
 import torch
 
 from jaxtune import generate, load, stream
 from jaxtune.data import format_prompt
 from jaxtune.generate import generate_ids
+
+from conftest import make_hf_model, torch_logits
 
 
 @pytest.mark.parametrize("instruction", ["Answer politely", "Provide price", "Where is my order #4411? It was due"])
@@ -67,3 +71,155 @@ def test_prompt_limits_are_clear(hf_dir):
         generate(model, tok, "word " * 80)
     ids = generate_ids(model, tok, format_prompt("word " * 50), max_new_tokens=100)
     assert 0 < len(ids) <= 64 - len(tok(format_prompt("word " * 50)).input_ids)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+INSTRUCTIONS = ["Answer politely", "Where is my order #4411? It was due on Monday and it has not come",
+                "Provide price", "Hi", "Can I return shoes I wore once, outside?"]
+
+
+class StopAt:
+    """The tokenizer with another token playing EOS: a random model then stops mid-answer, each row at its own step."""
+
+    def __init__(self, tok, eos):
+        self.tok, self.eos_token_id = tok, eos
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def torch_generate(torch_model, tok, prompts, max_new_tokens, eos):
+    """transformers' greedy generate on left-padded prompts with an attention_mask; each answer cut after its EOS."""
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "right"
+    with torch.no_grad():
+        out = torch_model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=50256,
+                                   eos_token_id=eos)[:, enc.input_ids.shape[1]:].tolist()
+    return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """A tiny random model with larger weights: its greedy answers vary from token to token and from prompt to
+    prompt (the shared tiny model repeats one token), so a token-for-token match means something."""
+    directory = tmp_path_factory.mktemp("varied_gpt2")
+    torch_model = make_hf_model(directory, seed=1, initializer_range=0.3)
+    return load(str(directory))[0], torch_model
+
+
+def test_batched_greedy_matches_transformers_batched_and_one_by_one(varied, tokenizer):
+    model, torch_model = varied
+    tok = tokenizer
+    prompts = [format_prompt(i) for i in INSTRUCTIONS]
+    free = torch_generate(torch_model, tok, prompts, 20, 50256)
+    # the token most answers write, playing EOS: the rows now stop at different steps, or run out
+    stop = StopAt(tok, Counter(t for row in free for t in set(row)).most_common(1)[0][0])
+    batched = torch_generate(torch_model, tok, prompts, 20, stop.eos_token_id)
+    one_by_one = [torch_generate(torch_model, tok, [p], 20, stop.eos_token_id)[0] for p in prompts]
+    assert batched == one_by_one
+    lengths = {len(r) for r in batched}
+    assert len(lengths) >= 3 and 20 in lengths and any(r[-1] == stop.eos_token_id for r in batched)
+    assert generate_ids(model, stop, prompts, max_new_tokens=20) == batched  # one batch of 8 rows, 3 of them empty
+    assert generate_ids(model, stop, prompts, max_new_tokens=20, batch_size=2) == batched  # 2 + 2 + 1
+    assert [generate_ids(model, stop, p, max_new_tokens=20) for p in prompts] == batched
+    texts = generate(model, tok, INSTRUCTIONS, max_new_tokens=12)
+    assert isinstance(texts, list) and texts == [generate(model, tok, i, max_new_tokens=12) for i in INSTRUCTIONS]
+    assert generate(model, tok, [], max_new_tokens=12) == []
+
+
+def test_batches_compile_a_handful_of_programs(hf_dir):
+    from jaxtune.generate import _generate_batch
+
+    model, tok = load(str(hf_dir))
+    prompts = [format_prompt("word " * n) for n in range(1, 12)]  # 11 prompts of 8 to 18 tokens
+    before = _generate_batch._cache_size()
+    # longest first: 18, 17, 16, 15 (padded to 32), then 14 to 11 and 10 to 8 (16, the last 3 rows run as 4)
+    answers = generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    assert _generate_batch._cache_size() - before == 2 and [len(a) for a in answers] == [6] * 11
+    generate_ids(model, tok, prompts[:2], max_new_tokens=6, batch_size=4)  # 2 rows: a new batch size
+    generate_ids(model, tok, prompts[3:6], max_new_tokens=6, batch_size=4)  # 3 rows of 16: run as 4, no new program
+    assert _generate_batch._cache_size() - before == 3
+
+
+def test_batch_rows_and_limits_are_checked(hf_dir):
+    model, tok = load(str(hf_dir))  # n_positions = 64
+    with pytest.raises(ValueError, match="instruction 2 of 3 is empty"):
+        generate(model, tok, ["Hi", " ", "Hello"])
+    with pytest.raises(ValueError, match="prompt 2 of 2 is .* tokens; this model reads at most 64"):
+        generate(model, tok, ["Hi", "word " * 80])
+    with pytest.raises(ValueError, match="batch_size=0"):
+        generate(model, tok, ["Hi"], batch_size=0)
+    long, short = format_prompt("word " * 50), format_prompt("Hi")
+    ids = generate_ids(model, tok, [long, short], max_new_tokens=100)
+    assert len(ids[0]) == 64 - len(tok(long).input_ids) and len(ids[1]) == 64 - len(tok(short).input_ids)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+SETTINGS = [(0.7, 0, 1.0), (1.8, 0, 1.0), (1.0, 5, 1.0), (0.5, 40, 1.0), (1.0, 0, 0.9), (0.6, 0, 0.5),
+            (1.4, 50, 0.8), (1.0, 2, 0.3)]
+
+
+def transformers_probs(logits, temperature, top_k, top_p):
+    """The next-token distribution transformers' generate samples from (its warpers, in its order)."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList(
+        ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else [])
+        + ([TopKLogitsWarper(top_k)] if top_k > 0 else []) + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []))
+    return torch.softmax(warpers(None, torch.tensor(logits)), dim=-1).numpy()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", SETTINGS)
+def test_filtered_distribution_matches_transformers_warpers(temperature, top_k, top_p):
+    import jax
+    import numpy as np
+
+    from jaxtune.generate import filtered_logits
+
+    logits = np.random.default_rng(0).normal(0, 3, (4, 2000)).astype(np.float32)
+    ref = transformers_probs(logits, temperature, top_k, top_p)
+    ours = np.asarray(jax.nn.softmax(filtered_logits(logits, temperature, top_k, top_p), axis=-1))
+    assert ((ours > 0) == (ref > 0)).all()  # the same tokens are kept
+    np.testing.assert_allclose(ours, ref, atol=2e-6, rtol=1e-4)
+    if top_k or top_p < 1.0:
+        assert (ref == 0).any()  # the filters did remove tokens here
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.4, 6, 0.8)])
+def test_sampled_tokens_follow_the_filtered_distribution(temperature, top_k, top_p):
+    """Draws as generation makes them (one row each, keys from the seed and the row) have the reference's frequencies."""
+    import numpy as np
+
+    from jaxtune.generate import _next_tokens, _row_keys, _sampling
+
+    logits = np.random.default_rng(1).normal(0, 1.5, (1, 12)).astype(np.float32)
+    n = 20000
+    values, flags, seed = _sampling(temperature, top_k, top_p, 7)
+    tokens = np.asarray(_next_tokens(np.repeat(logits, n, 0), _row_keys(seed, np.arange(n)), 3, values, flags))
+    np.testing.assert_allclose(np.bincount(tokens, minlength=12) / n, transformers_probs(logits, temperature, top_k, top_p)[0],
+                               atol=0.012)
+
+
+def test_sampled_answers_stay_in_the_filter_and_do_not_depend_on_the_batch(varied, tokenizer):
+    """Every sampled token is among the top 3 of transformers' logits at its position (the filter sees each row's
+    own logits under left padding), and an answer is the same alone, in batches of 2 or in one batch."""
+    import numpy as np
+
+    (model, torch_model), tok = varied, tokenizer
+    prompts = [format_prompt(i) for i in INSTRUCTIONS]
+    kw = dict(max_new_tokens=10, temperature=1.5, top_k=3, seed=11)
+    batched = generate_ids(model, tok, prompts, **kw)
+    assert batched == generate_ids(model, tok, prompts, batch_size=2, **kw)
+    assert generate_ids(model, tok, prompts[0], **kw) == batched[0]
+    greedy = generate_ids(model, tok, prompts, max_new_tokens=10)
+    assert batched != greedy
+    for p, answer in zip(prompts, batched):
+        ids = tok(p).input_ids
+        logits = torch_logits(torch_model, [ids + answer])[0]
+        top3 = np.argsort(-logits, axis=-1)[:, :3]
+        assert all(t in top3[len(ids) - 1 + j] for j, t in enumerate(answer))
+    text = generate(model, tok, INSTRUCTIONS[0], **kw)
+    assert list(stream(model, tok, INSTRUCTIONS[0], **kw))[-1] == text
