@@ -17,6 +17,7 @@ from jaxtune.data import DataError
 from jaxtune.generate import generate
 from jaxtune.rundir import RunDirError
 from jaxtune.runs import execute
+from jaxtune.tracking import TrackingError
 from jaxtune.train import TrainingError
 
 # flag -> (RunConfig field, or "train.<TrainConfig field>"); every flag's default is "not given", so a YAML file's
@@ -31,7 +32,7 @@ _FLAGS = {
     "learning_rate": "train.learning_rate", "max_length": "train.max_length", "loss_on": "train.loss_on",
     "seed": "train.seed", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
     "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype", "fsdp": "train.fsdp",
-    "no_dropout": "train.dropout", "pack": "train.pack",
+    "no_dropout": "train.dropout", "pack": "train.pack", "report_to": "report_to",
 }
 
 
@@ -79,6 +80,9 @@ def _train_parser(sub):
     p.add_argument("--pack", action="store_true", help="pack several examples into each row of --max-length tokens "
                    "(attention stays inside each example): almost no padding; --batch-size then counts rows")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (a pickle: trusted files only)")
+    p.add_argument("--report-to", nargs="+", choices=("none", "tensorboard", "trackio", "wandb"),
+                   help="send metrics and the config to these trackers as steps finish (default none; each needs its "
+                   "package: pip install tensorboard / trackio / wandb)")
     p.add_argument("--distributed", choices=("auto", "on", "off"),
                    help="several hosts (a TPU pod slice, SLURM, JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/"
                    "JAX_PROCESS_ID): auto joins when the environment says so (default); run the same command on "
@@ -191,6 +195,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return cmd_train(args) if args.command == "train" else cmd_generate(args)
-    except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, ValueError) as e:
+    except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

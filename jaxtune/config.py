@@ -199,6 +199,7 @@ class RunConfig:
     keep_checkpoints: int = 3
     allow_pickle: bool = False
     distributed: str = "auto"  # several hosts: auto (when the environment says so), on, off; see jaxtune.sharding
+    report_to: list = field(default_factory=lambda: ["none"])  # none, tensorboard, trackio, wandb (see jaxtune.tracking)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -213,6 +214,10 @@ class RunConfig:
             if getattr(self, name) is not None:
                 setattr(self, name, checked_int(name, getattr(self, name), 1))
         self.keep_checkpoints = checked_int("keep_checkpoints", self.keep_checkpoints, 1, 1000)
+        self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
+        unknown = [r for r in self.report_to if r not in ("none", "tensorboard", "trackio", "wandb")]
+        if unknown:
+            raise ValueError(f"report_to={unknown}: choose from none, tensorboard, trackio, wandb")
         self.samples = checked_int("samples", self.samples, 0, 10_000)
 
     def to_dict(self) -> dict:

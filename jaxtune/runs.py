@@ -27,10 +27,11 @@ import yaml
 
 from jaxtune.config import RunConfig
 from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, read_pairs
+from jaxtune.tracking import Tracker, check_reporters
 from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_conflicts,
                             verify_checksums)
 
-KEEP = ("checkpoints", "train.log", "run.json", "data.jsonl")  # entries a final save carries over into the model folder
+KEEP = ("checkpoints", "train.log", "run.json", "data.jsonl", "tensorboard", "wandb")  # entries a final save carries over into the model folder
 
 
 @dataclass
@@ -140,6 +141,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         out = prepare_output(out, overwrite=overwrite, resume=resume, subfolder=subfolder)
     if resume:  # before the model is loaded: a model of another shape is named here, not by orbax
         check_resume_options(resume, saved, cfg)
+    check_reporters(cfg.report_to)  # a tracker's missing package is said now, not after the model loaded
     tcfg = cfg.train
     cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
     pairs = read_pairs(cfg.data, split=cfg.split, **cols)  # data errors surface before the model is loaded or compiled
@@ -182,6 +184,12 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     if lead:  # metrics.jsonl grows as steps finish, so a long run can be watched (and survives a crash)
         claim(out, ["metrics.jsonl"])
         (out / "metrics.jsonl").write_text("".join(json.dumps(s.to_dict()) + "\n" for s in history))
+    tracker = None
+    if lead and check_reporters(cfg.report_to):
+        claim(out, [name for name in ("tensorboard", "wandb") if name in cfg.report_to])
+        tracker = Tracker(cfg.report_to, run_dir=out, name=out.name, config=cfg.to_dict())
+        for s in history:
+            tracker.log(s.to_dict())
     if on_start:
         on_start(trainer)
 
@@ -189,6 +197,8 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         if lead:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(s.to_dict()) + "\n")
+            if tracker:
+                tracker.log(s.to_dict())
         if on_step:
             on_step(s)
 
@@ -209,8 +219,12 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "training goes on")
             return False
 
-    result = trainer.run(on_step=step_done, should_stop=should_stop, eval_every=cfg.eval_every,
-                         save_every=cfg.save_every, checkpoint=periodic_checkpoint)
+    try:
+        result = trainer.run(on_step=step_done, should_stop=should_stop, eval_every=cfg.eval_every,
+                             save_every=cfg.save_every, checkpoint=periodic_checkpoint)
+    finally:
+        if tracker:
+            tracker.close()
     outcome = Outcome(out, result, code=1 if result.diverged else 0, total_steps=trainer.total_steps)
     if result.stop_requested and periodic_checkpoint(result.history):
         log(f"checkpoint saved at step {trainer.step}: continue with  python -m jaxtune train --resume {out}")
