@@ -266,6 +266,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
                           "replaces them. Save the model into a new or empty directory")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the model folder it becomes is an ordinary one
     moved: list[str] = []
     try:
         config = model.config
