@@ -198,3 +198,17 @@ def main(argv=None) -> int:
     except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\naborted (a second Ctrl-C): nothing more was saved", file=sys.stderr)
+        return 130
+    except MemoryError as e:
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}); lower --batch-size or --max-length (use "
+              "--grad-accum for the same effective batch) or pick a smaller model", file=sys.stderr)
+        return 2
+    except Exception as e:  # XLA reports device memory running out as a runtime error
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Out of memory" not in str(e):
+            raise
+        print(f"error: the device ran out of memory ({str(e).splitlines()[0][:200]}); lower --batch-size or "
+              "--max-length (use --grad-accum for the same effective batch), use --fsdp over several devices, or "
+              "pick a smaller model", file=sys.stderr)
+        return 2

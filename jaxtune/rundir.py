@@ -34,9 +34,15 @@ class RunDirError(ValueError):
 def owned(directory: Path) -> set[str]:
     """Top-level entries of `directory` that jaxtune wrote (empty when it holds no jaxtune run)."""
     try:
-        return set(json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))["files"])
+        names = json.loads((Path(directory) / MANIFEST).read_text(encoding="utf-8"))["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return set()
+    # only plain entries of this folder: a crafted record must not reach outside it
+    return {n for n in names if isinstance(n, str) and _plain(n)}
+
+
+def _plain(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
 
 
 def foreign(directory: Path) -> list[str]:
@@ -164,6 +170,8 @@ def verify_checksums(step_dir: Path) -> str | None:
     except (OSError, ValueError, KeyError, TypeError):
         return f"its file list {CHECKSUMS} is damaged"
     for name, (size, crc) in files.items():
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"its file list names {name!r}, outside the checkpoint"
         path = step_dir / name
         if not path.is_file():
             return f"{name} is missing"

@@ -164,6 +164,11 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         raise DataError(f"{cfg.data}: no row keeps any of its response within max_length {tcfg.max_length} tokens; "
                         "raise --max-length or shorten the instructions")
     encoded = EncodedSet(report.encoded, report.pairs, report.truncated, report.dropped, tcfg.max_length)
+    devices = jax.device_count()
+    fits = -(-len(report.pairs) // devices) * devices  # the data in one batch, split evenly over the devices
+    if not tcfg.pack and tcfg.batch_size > fits:  # a larger batch would only add rows of padding
+        log(f"warning: batch_size {tcfg.batch_size} is more than the {len(report.pairs)} training pairs; using {fits}")
+        tcfg.batch_size = fits
     trainer = Trainer(model, tokenizer, encoded, tcfg, validation_pairs=val_pairs)
     log(f"data: {len(report.pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
         f"tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, {len(report.warnings)} warning(s))"

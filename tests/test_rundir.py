@@ -155,3 +155,24 @@ def test_a_full_disk_loses_neither_the_model_nor_the_checkpoint(tmp_path, hf_dir
     p = run("train", "--resume", str(out), "--max-steps", "5", "--save-every", "100")  # as the message said
     assert p.returncode == 0 and "at step 2/5" in p.stderr, p.stderr
     assert len(losses(out)) == 5
+
+
+def test_a_crafted_ownership_record_cannot_reach_outside_its_folder(tmp_path):
+    from jaxtune.rundir import MANIFEST, owned, remove_owned
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "victim.txt").write_text("keep me")
+    (tmp_path / "run" / "model.safetensors").write_text("x")
+    (tmp_path / "run" / MANIFEST).write_text(json.dumps({"files": ["../victim.txt", "..", "/etc", "model.safetensors"]}))
+    assert owned(tmp_path / "run") == {"model.safetensors"}
+    assert remove_owned(tmp_path / "run") == ["model.safetensors"]
+    assert (tmp_path / "victim.txt").read_text() == "keep me"
+
+
+def test_a_batch_larger_than_the_data_is_cut_to_the_data(tmp_path, hf_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS[:5])
+    p = run("train", "--model", str(hf_dir), "--data", str(data), "--output", str(tmp_path / "o"), "--epochs", "1",
+            "--batch-size", "65536", "--max-length", "48")
+    assert p.returncode == 0 and "batch_size 65536 is more than the 5 training pairs; using 5" in p.stderr, p.stderr
+    steps = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 1 and steps[0]["positions"] == 5 * 32  # five rows of the 32-token bucket, no more
