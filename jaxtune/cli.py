@@ -135,6 +135,24 @@ def _generate_parser(sub):
     p.add_argument("--allow-pickle", action="store_true")
 
 
+def _eval_parser(sub):
+    p = sub.add_parser("eval", help="score models' answers to held-out pairs, side by side",
+                       description="For each model: validation loss and perplexity on the held-out pairs, then every "
+                                   "held-out instruction answered (greedy, batched) and scored against its reference: "
+                                   "ROUGE-L F1, exact match, stop rate, mean length in tokens. Writes eval.json, "
+                                   "eval.jsonl and eval.md and prints a table.")
+    p.add_argument("--model", required=True, help="the run (model directory), hub id, 'tiny' or 'auto' to evaluate")
+    p.add_argument("--compare", nargs="+", default=[], metavar="MODEL_OR_RUN",
+                   help="more models or runs, evaluated on the same pairs (e.g. the base model)")
+    p.add_argument("--data", required=True, help="held-out pairs (.jsonl, .json, .csv, .parquet or a data set)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens (default 64)")
+    p.add_argument("--output", help="folder for eval.json, eval.jsonl and eval.md (default: the --model folder)")
+    p.add_argument("--batch-size", type=int, default=32, help="instructions answered together (default 32)")
+    p.add_argument("--instruction-column", help="column holding the instruction")
+    p.add_argument("--response-column", help="column holding the reference response")
+    p.add_argument("--allow-pickle", action="store_true")
+
+
 def _progress(total: int, show: bool = True):
     from tqdm import tqdm
 
@@ -187,14 +205,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from jaxtune.evaluate import run, table
+
+    results, written = run([args.model, *args.compare], args.data, max_new_tokens=args.max_new_tokens,
+                           output=args.output, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
+                           instruction_column=args.instruction_column, response_column=args.response_column)
+    print(table(results))
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxtune", description="Instruction-tune GPT-2 models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return cmd_train(args) if args.command == "train" else cmd_generate(args)
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval}[args.command](args)
     except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

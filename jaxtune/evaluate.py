@@ -1,0 +1,293 @@
+"""Evaluation: how well models answer held-out pairs, side by side.
+
+For each model: the validation loss (the trainer's loss code: response tokens and the EOS) and its perplexity, then
+every held-out instruction answered greedily, in batches, and scored against its reference: ROUGE-L F1
+(`rouge-score`), exact match (whitespace-normalised), stop rate (answers that ended with EOS within the token limit)
+and mean length in tokens (EOS not counted). `python -m jaxtune eval` writes eval.json (a summary per model),
+eval.jsonl (per example, every model's answer side by side) and eval.md (a Markdown report).
+
+`python -m jaxtune.evaluate --bench` times held-out answers batched against one by one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from jaxtune.data import DataError, Pair, encode_pairs, epoch_batches, format_prompt, read_pairs
+from jaxtune.generate import DEFAULT_BATCH_SIZE, _response_text, generate, generate_ids
+
+FILES = ("eval.json", "eval.jsonl", "eval.md")
+SUMMARY_FIELDS = ("val_loss", "perplexity", "rouge_l", "exact_match", "stop_rate", "mean_tokens")
+
+
+@dataclass
+class ModelEval:
+    """One model's scores on the held-out pairs; `answers[k]` answers pair k."""
+
+    model: str
+    source: str
+    examples: int
+    val_loss: float
+    perplexity: float
+    rouge_l: float
+    exact_match: float
+    stop_rate: float
+    mean_tokens: float
+    seconds: float
+    answers: list[dict] = field(default_factory=list, repr=False)  # answer, rouge_l, exact, stopped, tokens
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "answers"}
+
+
+# ---------------------------------------------------------------------------------------------- scores
+def validation_loss(model, tokenizer, pairs: list[Pair], *, batch_size: int = 8) -> float:
+    """Mean next-token loss over the pairs' response tokens and EOS, as the trainer reports it (`make_eval_step`),
+    pairs truncated at the model's positions (at most 1024)."""
+    from flax import nnx
+
+    from jaxtune.config import TrainConfig
+    from jaxtune.train import make_eval_step
+
+    cfg = TrainConfig(batch_size=batch_size, max_length=min(model.config.n_positions, 1024), dropout=False)
+    encoded = encode_pairs(tokenizer, pairs, loss_on=cfg.loss_on, max_length=cfg.max_length)
+    graphdef, params = nnx.split(model)
+    step = make_eval_step(graphdef, cfg)
+    total, count = 0.0, 0.0
+    for batch in epoch_batches(encoded.examples, batch_size=cfg.batch_size, buckets=cfg.buckets,
+                               max_length=cfg.max_length, pad_id=tokenizer.eos_token_id, seed=0, epoch=0,
+                               shuffle=False):
+        t, c = step(params, batch)
+        total, count = total + float(t), count + float(c)
+    return total / max(count, 1.0)
+
+
+def _normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+_SCORER = None
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F1 of an answer against its reference (rouge-score's tokenizer: lower case, words and numbers)."""
+    global _SCORER
+    if _SCORER is None:
+        from rouge_score import rouge_scorer
+
+        _SCORER = rouge_scorer.RougeScorer(["rougeL"])
+    return float(_SCORER.score(reference, answer)["rougeL"].fmeasure)
+
+
+def score_answer(tokenizer, ids: list[int], reference: str) -> dict:
+    """One answer (its new token ids) against its reference."""
+    stopped = bool(ids) and ids[-1] == tokenizer.eos_token_id
+    answer = _response_text(tokenizer, ids)
+    return {"answer": answer, "rouge_l": rouge_l(answer, reference),
+            "exact": _normalised(answer) == _normalised(reference), "stopped": stopped,
+            "tokens": len(ids) - int(stopped)}
+
+
+def evaluate_model(model, tokenizer, pairs: list[Pair], *, name: str = "model", max_new_tokens: int = 64,
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> ModelEval:
+    """The loss on the pairs, then every instruction answered greedily (in batches) and scored."""
+    if not pairs:
+        raise DataError("no held-out pairs to evaluate on")
+    start = time.perf_counter()
+    loss = validation_loss(model, tokenizer, pairs)
+    ids = generate_ids(model, tokenizer, [format_prompt(p.instruction) for p in pairs],
+                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+    answers = [score_answer(tokenizer, a, p.response) for a, p in zip(ids, pairs)]
+    n = len(answers)
+    return ModelEval(
+        model=name, source=getattr(model, "source", name), examples=n, val_loss=loss,
+        perplexity=math.exp(min(loss, 700.0)), rouge_l=sum(a["rouge_l"] for a in answers) / n,
+        exact_match=sum(a["exact"] for a in answers) / n, stop_rate=sum(a["stopped"] for a in answers) / n,
+        mean_tokens=sum(a["tokens"] for a in answers) / n, seconds=time.perf_counter() - start, answers=answers)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+_COLUMNS = (("model", "model"), ("val loss", "val_loss"), ("perplexity", "perplexity"), ("ROUGE-L", "rouge_l"),
+            ("exact", "exact_match"), ("stop rate", "stop_rate"), ("mean tokens", "mean_tokens"))
+
+
+def _cells(r: ModelEval) -> list[str]:
+    return [r.model, f"{r.val_loss:.4f}", f"{r.perplexity:.4g}", f"{r.rouge_l:.3f}", f"{r.exact_match:.3f}",
+            f"{r.stop_rate:.3f}", f"{r.mean_tokens:.1f}"]
+
+
+def table(results: list[ModelEval]) -> str:
+    """The summary as aligned plain text, for the terminal."""
+    rows = [[c for c, _ in _COLUMNS]] + [_cells(r) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
+
+
+def _md(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
+
+
+def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_tokens: int, examples: int = 100) -> str:
+    lines = ["# Evaluation", "",
+             f"{len(pairs)} held-out pairs from `{data}`; greedy answers of at most {max_new_tokens} new tokens. "
+             "Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: whitespace-normalised. Stop rate: answers "
+             "that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
+             "| " + " | ".join(c for c, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
+    lines += ["| " + " | ".join(_md(c) for c in _cells(r)) + " |" for r in results]
+    shown = min(len(pairs), examples)
+    lines += ["", "## Answers", "", f"The first {shown} of {len(pairs)} examples (all of them are in eval.jsonl); "
+              "each answer is followed by its ROUGE-L.", "",
+              "| instruction | reference | " + " | ".join(_md(r.model) for r in results) + " |",
+              "|" + "---|" * (2 + len(results))]
+    for k in range(shown):
+        answers = [f"{_md(r.answers[k]['answer'])} ({r.answers[k]['rouge_l']:.2f})" for r in results]
+        lines.append(f"| {_md(pairs[k].instruction)} | {_md(pairs[k].response)} | " + " | ".join(answers) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_reports(results: list[ModelEval], pairs: list[Pair], directory, *, data: str,
+                  max_new_tokens: int) -> list[Path]:
+    """eval.json, eval.jsonl and eval.md in `directory`, each written whole (a temporary name, then renamed). In a
+    jaxtune run directory they are recorded as jaxtune's files."""
+    from jaxtune.rundir import MANIFEST, claim
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    summary = {"data": data, "examples": len(pairs), "max_new_tokens": max_new_tokens, "decoding": "greedy",
+               "models": [r.summary() for r in results]}
+    per_example = [json.dumps({"index": k, "instruction": p.instruction, "reference": p.response,
+                               "answers": {r.model: r.answers[k] for r in results}}, ensure_ascii=False)
+                   for k, p in enumerate(pairs)]
+    texts = {"eval.json": json.dumps(summary, indent=1) + "\n", "eval.jsonl": "\n".join(per_example) + "\n",
+             "eval.md": markdown(results, pairs, data=data, max_new_tokens=max_new_tokens)}
+    for name, text in texts.items():
+        _write_atomic(directory / name, text)
+    if (directory / MANIFEST).exists():
+        claim(directory, FILES)
+    return [directory / name for name in FILES]
+
+
+def _labels(names: list[str]) -> list[str]:
+    """Each model's label in the reports: its name as given, numbered when given twice."""
+    out = []
+    for name in names:
+        label, n = name, 2
+        while label in out:
+            label, n = f"{name} ({n})", n + 1
+        out.append(label)
+    return out
+
+
+def report_directory(models: list[str], output: str | None) -> Path:
+    """--output, else the first model's directory when it is a local folder; a DataError says what to pass."""
+    if output:
+        path = Path(output)
+        if path.exists() and not path.is_dir():
+            raise DataError(f"--output {path}: a file is in the way; give a folder")
+        return path
+    if Path(models[0]).is_dir():
+        return Path(models[0])
+    raise DataError(f"--model {models[0]} is not a local folder to write the report into; give --output DIR")
+
+
+def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE, allow_pickle: bool = False, instruction_column: str | None = None,
+        response_column: str | None = None, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+    """What `python -m jaxtune eval` does: read the pairs, load and evaluate each model in turn, write the reports.
+    Returns (results, written paths). Raises DataError or ModelLoadError with a message for the user."""
+    from jaxtune.checkpoint import load
+    from jaxtune.config import checked_int
+
+    max_new_tokens = checked_int("max_new_tokens", max_new_tokens, 1, 2**20)
+    directory = report_directory(models, output)
+    pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)
+    if not pairs:
+        raise DataError(f"{data}: no held-out pairs")
+    results = []
+    for label, name in zip(_labels(models), models):
+        model, tokenizer = load(name, allow_pickle=allow_pickle)
+        log(f"{label}: loss on {len(pairs)} pairs, then answering them ...")
+        results.append(evaluate_model(model, tokenizer, pairs, name=label, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size))
+        log(f"{label}: done in {results[-1].seconds:.1f}s")
+        del model
+    return results, write_reports(results, pairs, directory, data=str(data), max_new_tokens=max_new_tokens)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+def bench(model_name: str = "tiny", data: str = "examples/customer_service_val.jsonl", *, n: int = 64,
+          max_new_tokens: int = 64, batch_size: int = DEFAULT_BATCH_SIZE) -> dict:
+    """Seconds to answer n held-out instructions (the file repeated to n) batched and one by one, both after a
+    first, compiling pass; and tokens generated per second."""
+    import jax
+
+    from jaxtune.checkpoint import load
+
+    model, tokenizer = load(model_name)
+    pairs = read_pairs(data)
+    instructions = [pairs[k % len(pairs)].instruction for k in range(n)]
+    prompts = [format_prompt(i) for i in instructions]
+    kw = dict(max_new_tokens=max_new_tokens)
+    # compile every program first: the batched ones, and batch 1 for each prompt bucket
+    generate_ids(model, tokenizer, prompts, batch_size=batch_size, **kw)
+    for p in {len(tokenizer(p).input_ids) > 16: p for p in prompts}.values():
+        generate_ids(model, tokenizer, p, **kw)
+    start = time.perf_counter()
+    batched = generate_ids(model, tokenizer, prompts, batch_size=batch_size, **kw)
+    t_batched = time.perf_counter() - start
+    start = time.perf_counter()
+    single = [generate_ids(model, tokenizer, p, **kw) for p in prompts]
+    t_single = time.perf_counter() - start
+    tokens = sum(len(a) for a in batched)
+    return {"model": getattr(model, "source", model_name), "backend": jax.default_backend(), "answers": n,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "new_tokens": tokens,
+            "batched_s": t_batched, "one_by_one_s": t_single, "speedup": t_single / t_batched,
+            "batched_tokens_per_s": tokens / t_batched, "one_by_one_tokens_per_s": sum(len(a) for a in single) / t_single,
+            "same_answers": batched == single}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxtune.evaluate",
+                                description="Benchmark: held-out answers batched against one by one. For evaluation "
+                                            "use python -m jaxtune eval.")
+    p.add_argument("--bench", action="store_true", required=True)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--data", default="examples/customer_service_val.jsonl")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[DEFAULT_BATCH_SIZE])
+    args = p.parse_args(argv)
+    for b in args.batch_size:
+        r = bench(args.model, args.data, n=args.n, max_new_tokens=args.max_new_tokens, batch_size=b)
+        print(f"{r['answers']} answers, {r['model']}, {r['backend']}, batch {b}, at most {r['max_new_tokens']} new tokens "
+              f"({r['new_tokens']} written): batched {r['batched_s']:.2f}s ({r['batched_tokens_per_s']:.0f} tok/s), "
+              f"one by one {r['one_by_one_s']:.2f}s ({r['one_by_one_tokens_per_s']:.0f} tok/s): "
+              f"{r['speedup']:.1f}x; same answers: {r['same_answers']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""`python -m jaxtune eval`: a model trained to answer exactly scores full marks, the untrained base does not."""
+
+import json
+import math
+
+import pytest
+
+from jaxtune import Pair, TrainConfig, Trainer, load, save
+from jaxtune.cli import main
+from jaxtune.config import GPT2Config
+from jaxtune.data import tokenize_text
+from jaxtune.evaluate import rouge_l, validation_loss
+from jaxtune.model import build
+from jaxtune.rundir import owned
+
+PAIRS = [Pair("Answer politely", "Of course, how may I assist you?"), Pair("Provide price", "The price is $99."),
+         Pair("Can I return shoes?", "Yes, within 30 days, with the receipt."),
+         Pair("Do you ship abroad?", "We ship to 40 countries."), Pair("Is there a store?", "No, we sell online only."),
+         Pair("How do I pay?", "By card or bank transfer.")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """(trained run folder, untrained base folder, the trainer's own validation loss on PAIRS)."""
+    root = tmp_path_factory.mktemp("eval")
+    tok = load("tiny")[1]
+    config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    save(build(config, seed=0), tok, root / "base")
+    model = build(config, seed=0)
+    cfg = TrainConfig(epochs=150, batch_size=6, learning_rate=3e-3, warmup_steps=10, max_length=32, dropout=False,
+                      buckets=(16, 32))
+    trainer = Trainer(model, tok, PAIRS, cfg, validation_pairs=PAIRS)
+    trainer.run()
+    save(model, tok, root / "tuned")
+    return root / "tuned", root / "base", trainer.validation_loss()
+
+
+def write_jsonl(path, pairs):
+    path.write_text("".join(json.dumps({"instruction": p.instruction, "response": p.response}) + "\n" for p in pairs))
+    return path
+
+
+def test_trained_model_scores_full_marks_and_the_base_does_not(models, tmp_path, capsys):
+    tuned, base, trainer_loss = models
+    data = write_jsonl(tmp_path / "held_out.jsonl", PAIRS)
+    assert main(["eval", "--model", str(tuned), "--compare", str(base), "--data", str(data),
+                 "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "ROUGE-L" in out and str(tuned) in out and str(base) in out
+
+    summary = json.loads((tuned / "eval.json").read_text())  # the first model's folder, by default
+    assert summary["examples"] == 6 and summary["max_new_tokens"] == 24
+    ours, theirs = summary["models"]
+    assert ours["model"] == str(tuned) and theirs["model"] == str(base)
+    assert ours["rouge_l"] == 1.0 and ours["exact_match"] == 1.0 and ours["stop_rate"] == 1.0
+    tok = load("tiny")[1]
+    lengths = [len(t.ids) for t in tokenize_text(tok, [" " + p.response for p in PAIRS])]
+    assert ours["mean_tokens"] == sum(lengths) / 6  # the references' own length: EOS not counted
+    assert ours["val_loss"] == pytest.approx(trainer_loss, rel=1e-5)  # the trainer's loss, on the same pairs
+    assert ours["perplexity"] == pytest.approx(math.exp(ours["val_loss"]))
+    # the base never stops within 24 tokens and shares little with the references
+    assert theirs["rouge_l"] < 0.2 and theirs["exact_match"] == 0 and theirs["stop_rate"] == 0
+    assert theirs["mean_tokens"] == 24 and theirs["val_loss"] > 10 > 1 > ours["val_loss"]
+
+    rows = [json.loads(line) for line in (tuned / "eval.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == [p.instruction for p in PAIRS]
+    for row, pair in zip(rows, PAIRS):
+        assert set(row["answers"]) == {str(tuned), str(base)} and row["reference"] == pair.response
+        assert row["answers"][str(tuned)] == {"answer": pair.response, "rouge_l": 1.0, "exact": True, "stopped": True,
+                                              "tokens": lengths[PAIRS.index(pair)]}
+        assert row["answers"][str(base)]["stopped"] is False
+    report = (tuned / "eval.md").read_text()
+    assert "| model | val loss | perplexity | ROUGE-L | exact | stop rate | mean tokens |" in report
+    assert f"| {PAIRS[1].instruction} | {PAIRS[1].response} | {PAIRS[1].response} (1.00) |" in report
+    assert {"eval.json", "eval.jsonl", "eval.md"} <= owned(tuned)  # recorded as jaxtune's files of the run
+
+    # --output elsewhere, the same model twice: labels stay apart
+    assert main(["eval", "--model", str(base), "--compare", str(base), "--data", str(data), "--max-new-tokens", "4",
+                 "--output", str(tmp_path / "report")]) == 0
+    models_ = json.loads((tmp_path / "report" / "eval.json").read_text())["models"]
+    assert [m["model"] for m in models_] == [str(base), f"{base} (2)"] and models_[0]["mean_tokens"] == 4
+
+
+def test_rouge_l_and_the_library_loss():
+    assert rouge_l("The price is $99.", "The price is $99.") == 1.0
+    assert rouge_l("the PRICE is 99", "The price is $99.") == 1.0  # rouge-score's tokens: lower case, no punctuation
+    assert rouge_l("price", "The price is $99.") == pytest.approx(2 * (1 * 0.25) / 1.25)
+    assert rouge_l("", "The price is $99.") == 0.0
+    model, tok = load("tiny")
+    assert validation_loss(model, tok, PAIRS[:2]) > 10  # untrained: about log(50257)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "{tmp}/absent", "--data", "{data}", "--output", "{tmp}/out"], "absent"),
+    (["--model", "{base}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+    (["--model", "tiny", "--data", "{data}"], "give --output DIR"),
+    (["--model", "{base}", "--data", "{data}", "--max-new-tokens", "0"], "max_new_tokens=0"),
+])
+def test_errors_are_clear(models, tmp_path, capsys, args, message):
+    _, base, _ = models
+    data = write_jsonl(tmp_path / "held_out.jsonl", PAIRS[:1])
+    args = [a.format(tmp=tmp_path, data=data, base=base) for a in args]
+    assert main(["eval", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
