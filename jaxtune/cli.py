@@ -16,6 +16,7 @@ from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
 from jaxtune.data import DataError
 from jaxtune.generate import generate
 from jaxtune.rundir import RunDirError
+from jaxtune.sharding import enable_compilation_cache
 from jaxtune.runs import execute
 from jaxtune.tracking import TrackingError
 from jaxtune.train import TrainingError
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
     _generate_parser(sub)
     _eval_parser(sub)
     args = parser.parse_args(argv)
+    enable_compilation_cache()  # a second launch on the same shapes skips compiling (JAXTUNE_COMPILATION_CACHE=0: off)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval}[args.command](args)
     except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, TrackingError, ValueError) as e:

@@ -14,6 +14,7 @@ the rows its own devices hold (`place_global`); results come back to every host 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -100,3 +101,23 @@ def to_host(tree):
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path | None:
+    """JAX's persistent compilation cache, so a second launch on the same shapes loads its programs instead of
+    compiling them again (7-12 s before the first step otherwise). The folder is `directory`, else
+    $JAXTUNE_COMPILATION_CACHE, else ~/.cache/jaxtune/xla (per user); JAXTUNE_COMPILATION_CACHE=0 turns it off.
+    Returns the folder in use, or None when off."""
+    setting = os.environ.get("JAXTUNE_COMPILATION_CACHE", "").strip()
+    if directory is None and setting.lower() in ("0", "off", "false", "no"):
+        return None
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jaxtune" / "xla"
+    path = Path(directory or setting or base).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a read-only home: run without the cache rather than fail
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # the train step is worth keeping on CPUs too
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

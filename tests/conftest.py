@@ -4,6 +4,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the command lines and apps the tests start share one compilation cache, kept out of the user's own
+os.environ.setdefault("JAXTUNE_COMPILATION_CACHE", __import__("tempfile").mkdtemp(prefix="jaxtune-test-xla-"))
 
 import numpy as np
 import pytest

@@ -200,3 +200,27 @@ def test_bad_option_values_are_refused_with_what_and_where(tmp_path):
     p = run("train", "--config", str(bad), "--data", str(data), "--output", str(tmp_path / "o"))
     assert p.returncode == 2 and "epochs='three' must be a whole number" in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_compiled_programs_are_cached_between_launches(tmp_path):
+    """The persistent compilation cache fills on the first launch and serves the second (JAX counts its hits; the
+    losses are the same); set to 0 it is off. (How much time it saves is the benchmark's to measure.)"""
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    argv = ["train", "--model", "tiny", "--data", str(data), "--epochs", "1", "--batch-size", "4", "--max-length", "48"]
+    code = ("import sys, jax; hits = []; jax.monitoring.register_event_listener(lambda e, **kw: hits.append(e) "
+            "if e == '/jax/compilation_cache/cache_hits' else None); from jaxtune.cli import main; "
+            "rc = main(sys.argv[1:]); print('cache hits', len(hits)); sys.exit(rc)")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", JAXTUNE_COMPILATION_CACHE=str(tmp_path / "xla"))
+
+    def launch(out, env):
+        p = subprocess.run([sys.executable, "-c", code, *argv, "--output", str(tmp_path / out)], capture_output=True,
+                           text=True, env=env, timeout=600)
+        assert p.returncode == 0, p.stderr
+        return int(p.stdout.split("cache hits ")[1])
+
+    assert launch("r1", env) == 0 and any((tmp_path / "xla").iterdir())
+    assert launch("r2", env) >= 1  # the train step (and the rest) came from the cache
+    loss = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert loss("r1") == loss("r2")
+    off = dict(env, JAXTUNE_COMPILATION_CACHE="0", XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    assert launch("r3", off) == 0 and not (tmp_path / "xdg").exists()
