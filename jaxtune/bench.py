@@ -288,6 +288,62 @@ def matched_torch_batch(args) -> int:
     return max(1, round(args.batch * len(lengths) / len(pack_rows(lengths, args.max_length))))
 
 
+def decode_latency(args) -> dict:
+    """Batch-1 greedy decoding as the app streams it: time to the first token and time per token after it, for
+    jaxtune's `stream` and PyTorch `generate` on the same weights and prompt, each the best of three after a
+    warm-up (jaxtune's warm-up compiles). PyTorch is held to exactly --new-tokens; jaxtune stops at EOS as the app
+    does (random weights rarely produce it), so the figure compared is the time per token produced."""
+    import jax
+    import torch
+    import transformers
+
+    from jaxtune.checkpoint import offline_tokenizer, save
+    from jaxtune.data import format_prompt
+    from jaxtune.generate import stream
+    from jaxtune.model import build
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tok, n = offline_tokenizer(), args.new_tokens
+    model = build(PRESETS[args.model], seed=0)
+    instruction = "Where is my order? It was due on Monday and the tracking page has not changed since."
+    prompt = format_prompt(instruction)
+    with tempfile.TemporaryDirectory() as d:
+        save(model, tok, d)
+        pt = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+    eos = tok.eos_token_id
+
+    def jax_run():
+        start, first, count = time.perf_counter(), None, 0
+        for _ in stream(model, tok, instruction, max_new_tokens=n):
+            count += 1
+            first = first or time.perf_counter() - start
+        return first, (time.perf_counter() - start - first) / max(count - 1, 1), count
+
+    ids = torch.tensor([tok(prompt).input_ids])
+
+    def torch_run():
+        with torch.no_grad():
+            start = time.perf_counter()
+            pt.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=eos)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            out = pt.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos)
+            total = time.perf_counter() - start
+        count = out.shape[1] - ids.shape[1]
+        return first, (total - first) / max(count - 1, 1), count
+
+    out = {}
+    for name, fn in (("jax", jax_run), ("torch", torch_run)):
+        fn()  # warm-up (jaxtune: compiles the prefill and the decode step)
+        runs = [fn() for _ in range(3)]
+        out[name] = {"time_to_first_token_ms": min(r[0] for r in runs) * 1000,
+                     "ms_per_token": min(r[1] for r in runs) * 1000, "tokens": runs[0][2]}
+    out["speedup_per_token"] = out["torch"]["ms_per_token"] / out["jax"]["ms_per_token"]
+    out["speedup_first_token"] = out["torch"]["time_to_first_token_ms"] / out["jax"]["time_to_first_token_ms"]
+    out["device"] = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    return out
+
+
 def _side(side: str, argv: list[str]) -> dict:
     """Run one side in a fresh process, so that neither side's threads, caches or memory touch the other's."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -326,6 +382,9 @@ def main(argv=None):
                    "over all devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=8 on a CPU)")
     p.add_argument("--no-dropout", action="store_true", help="train (or plan) both sides without dropout, as "
                    "pre-training benchmarks do; on a GPU this lets attention use the fused cuDNN kernel")
+    p.add_argument("--decode", action="store_true", help="instead of training: batch-1 greedy decoding latency "
+                   "(time to first token, time per token) against PyTorch generate on the same weights")
+    p.add_argument("--new-tokens", type=int, default=64, help="with --decode: tokens generated per answer")
     p.add_argument("--json", help="also write all figures to this file")
     p.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--side-output", help=argparse.SUPPRESS)
@@ -341,6 +400,18 @@ def main(argv=None):
 
     if args.plan_memory:
         return plan_memory(args)
+    if args.decode:
+        r = decode_latency(args)
+        j, t = r["jax"], r["torch"]
+        print(f"{args.model} shape, batch-1 greedy decoding of {args.new_tokens} tokens; {platform.machine()}, "
+              f"{os.cpu_count()} CPU cores")
+        for name, x in (("jaxtune", j), ("pytorch", t)):
+            print(f"{name:8s} first token {x['time_to_first_token_ms']:7.1f} ms   {x['ms_per_token']:6.2f} ms/token")
+        print(f"jaxtune / pytorch: {r['speedup_per_token']:.2f}x per token, {r['speedup_first_token']:.2f}x to the first token")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"config": vars(args), **r}, f, indent=2)
+        return r
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.torch_batch is None:
         args.torch_batch = matched_torch_batch(args)

@@ -37,3 +37,12 @@ def test_bench_plans_memory_without_training(tmp_path):
     plan = r["plan_gib"]
     assert plan["peak"] == pytest.approx(plan["arguments"] + plan["outputs"] + plan["temporaries"] - plan["aliased"])
     assert "XLA plans" in stdout and "GiB per device" in stdout and "dropout off" in stdout
+
+
+def test_bench_decoding_latency_against_pytorch(tmp_path):
+    stdout, r = bench(tmp_path, "--decode", "--new-tokens", "8")
+    j, t = r["jax"], r["torch"]
+    assert t["tokens"] == 8 and 1 <= j["tokens"] <= 8
+    assert all(x["time_to_first_token_ms"] > 0 and x["ms_per_token"] > 0 for x in (j, t))
+    assert r["speedup_per_token"] == pytest.approx(t["ms_per_token"] / j["ms_per_token"])
+    assert "ms/token" in stdout and "per token" in stdout
