@@ -26,7 +26,9 @@ from jaxtune.data import bucket_length, format_prompt, tokenize_text
 from jaxtune.model import init_cache
 
 _PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
-DEFAULT_BATCH_SIZE = 32  # rows answered together; batches of fewer prompts are padded to a power of two
+DEFAULT_BATCH_SIZE = 64  # rows answered together; batches of fewer prompts are padded to a power of two
+_CACHE_BYTES = 1 << 30  # a batch's key/value cache stays under this (fewer rows for long prompts and big models)
+_DECODE_CHUNK = 16  # decoding steps between looks at which rows have finished
 
 
 # ---------------------------------------------------------------------------------------------- the next token
@@ -53,15 +55,24 @@ def filtered_logits(logits_BV, temperature, top_k, top_p, *, use_top_k: bool = T
     return jnp.where(logits_BV >= threshold_B[:, None], logits_BV, -jnp.inf)
 
 
+def _argmax(x_BV):
+    """jnp.argmax over the last axis (the first index of the largest value), as a max and then a min: XLA's CPU
+    argmax is a scalar loop, and over a 50,257-token vocabulary it took longer than the head's matmul."""
+    top_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
+    V = x_BV.shape[-1]
+    return jnp.min(jnp.where(x_BV == top_B1, jnp.arange(V, dtype=jnp.int32), V), axis=-1).astype(jnp.int32)
+
+
 def _next_tokens(logits_BV, keys_B, step, values, sampling):
     """One token per row: argmax when greedy, else a draw from the filtered distribution with the row's key
     folded with the step. values: (temperature, top_k, top_p) on the device; sampling: the static flags."""
     (temperature, top_k, top_p), (greedy, use_top_k, use_top_p) = values, sampling
     if greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return _argmax(logits_BV)
     logits_BV = filtered_logits(logits_BV, temperature, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
-    step_keys = jax.vmap(lambda k: jax.random.fold_in(k, step))(keys_B)
-    return jax.vmap(jax.random.categorical)(step_keys, logits_BV).astype(jnp.int32)
+    # jax.random.categorical's draw (Gumbel noise per row, then the argmax), with the faster argmax
+    gumbel_BV = jax.vmap(lambda k: jax.random.gumbel(jax.random.fold_in(k, step), logits_BV.shape[-1:]))(keys_B)
+    return _argmax(logits_BV + gumbel_BV)
 
 
 def sample_logits(logits_V, key, temperature, top_k, top_p):
@@ -94,45 +105,53 @@ def _cache_dtype(params):
     return jax.tree.leaves(params)[0].dtype
 
 
+def _row_keys(seed, rows_B):
+    """Each answer's key: the seed folded with the answer's index in the caller's list."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda r: jax.random.fold_in(base, r))(rows_B)
+
+
 @partial(jax.jit, static_argnames=("graphdef", "sampling", "max_new_tokens"))
-def _generate_batch(graphdef, params, prompt_BP, pad_B, limit_B, keys_B, eos_id, values, *, sampling, max_new_tokens):
-    """Prefill, then a while loop that runs until every row has written EOS or reached its limit.
-    Returns (tokens [B, max_new_tokens], count [B]): row b's answer is tokens[b, :count[b]]."""
+def _start(graphdef, params, prompt_BP, pad_B, limit_B, rows_B, seed, eos_id, values, *, sampling, max_new_tokens):
+    """Prefill and pick each row's first token. Returns the batch's state: per-row arrays (the cache's are
+    [L, B, ...]) that `_decode_steps` carries on and `_take_rows` can shrink."""
     model = nnx.merge(graphdef, params)
     B, P = prompt_BP.shape
+    keys_B = _row_keys(seed, rows_B)
     logits_BV, cache, mask_BS = _prefill(model, prompt_BP, pad_B, P + max_new_tokens, _cache_dtype(params))
-    first_B = _next_tokens(logits_BV, keys_B, 0, values, sampling)
-    out_BN = jnp.full((B, max_new_tokens), eos_id, jnp.int32)
-
-    def cond(state):
-        i, _, _, _, done_B, _ = state
-        return (i < max_new_tokens) & ~jnp.all(done_B)
-
-    def body(state):
-        i, token_B, cache, out_BN, done_B, count_B = state
-        out_BN = out_BN.at[:, i].set(token_B)
-        count_B = count_B + (~done_B).astype(jnp.int32)
-        done_B = done_B | (token_B == eos_id) | (i + 1 >= limit_B)
-        logits_BV, cache = _decode(model, token_B, i, P, pad_B, mask_BS, cache)  # the last one's token goes unused
-        return i + 1, _next_tokens(logits_BV, keys_B, i + 1, values, sampling), cache, out_BN, done_B, count_B
-
-    state = (jnp.int32(0), first_B, cache, out_BN, limit_B <= 0, jnp.zeros((B,), jnp.int32))
-    _, _, _, out_BN, _, count_B = jax.lax.while_loop(cond, body, state)
-    return out_BN, count_B
+    return {"token": _next_tokens(logits_BV, keys_B, 0, values, sampling), "cache": cache, "mask": mask_BS,
+            "out": jnp.full((B, max_new_tokens), eos_id, jnp.int32), "done": limit_B <= 0,
+            "count": jnp.zeros((B,), jnp.int32), "pad": pad_B, "limit": limit_B, "keys": keys_B}
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampling", "cache_len"))
-def _stream_prefill(graphdef, params, prompt_BP, pad_B, keys_B, values, *, sampling, cache_len):
+@partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("rows",))
+def _decode_steps(graphdef, params, rows, i, steps, P, eos_id, values, *, sampling):
+    """From step i, up to `steps` steps of a while loop that ends early once every row has written EOS or reached
+    its limit. Step i writes each row's pending token (out[:, i]) and computes the next. Returns (next i, rows)."""
     model = nnx.merge(graphdef, params)
-    logits_BV, cache, mask_BS = _prefill(model, prompt_BP, pad_B, cache_len, _cache_dtype(params))
-    return _next_tokens(logits_BV, keys_B, 0, values, sampling), cache, mask_BS
+    end = jnp.minimum(i + steps, rows["out"].shape[1])
+
+    def cond(carry):
+        i, r = carry
+        return (i < end) & ~jnp.all(r["done"])
+
+    def body(carry):
+        i, r = carry
+        token_B = r["token"]
+        out_BN = r["out"].at[:, i].set(token_B)
+        count_B = r["count"] + (~r["done"]).astype(jnp.int32)  # a finished row's answer is out[b, :count[b]]
+        done_B = r["done"] | (token_B == eos_id) | (i + 1 >= r["limit"])
+        logits_BV, cache = _decode(model, token_B, i, P, r["pad"], r["mask"], r["cache"])
+        token_B = _next_tokens(logits_BV, r["keys"], i + 1, values, sampling)
+        return i + 1, {**r, "token": token_B, "cache": cache, "out": out_BN, "done": done_B, "count": count_B}
+
+    return jax.lax.while_loop(cond, body, (i, rows))
 
 
-@partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))
-def _stream_step(graphdef, params, token_B, step, P, pad_B, mask_BS, cache, keys_B, values, *, sampling):
-    model = nnx.merge(graphdef, params)
-    logits_BV, cache = _decode(model, token_B, step, P, pad_B, mask_BS, cache)
-    return _next_tokens(logits_BV, keys_B, step + 1, values, sampling), cache
+@jax.jit
+def _take_rows(rows, take_B):
+    """The batch state of rows `take_B` only (a smaller batch once most rows have finished)."""
+    return {k: ({n: a[:, take_B] for n, a in v.items()} if k == "cache" else v[take_B]) for k, v in rows.items()}
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -148,12 +167,6 @@ def _sampling(temperature, top_k, top_p, seed):
     greedy = temperature <= 0
     values = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p))
     return values, (greedy, top_k > 0, top_p < 1.0), seed  # the flags pick a program; the values are its inputs
-
-
-def _row_keys(seed: int, rows) -> jax.Array:
-    """Each answer's key: the seed folded with the answer's index in the caller's list."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda r: jax.random.fold_in(base, r))(jnp.asarray(rows, jnp.uint32))
 
 
 def _tokenize(model, tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -173,6 +186,15 @@ def _tokenize(model, tokenizer, prompts: list[str]) -> list[list[int]]:
 def _batch_rows(n: int, batch_size: int) -> int:
     """Rows of the compiled batch for n prompts: the next power of two, at most batch_size."""
     return min(1 << max(n - 1, 0).bit_length(), batch_size)
+
+
+def _cache_rows(model, prompt_len: int, max_new_tokens: int, batch_size: int) -> int:
+    """batch_size, lowered (to a power of two) until the batch's key/value cache fits in _CACHE_BYTES."""
+    c = model.config
+    row = 2 * c.n_layer * (prompt_len + max_new_tokens) * c.n_embd * 4
+    while batch_size > 1 and batch_size * row > _CACHE_BYTES:
+        batch_size = 1 << (batch_size - 1).bit_length() - 1
+    return batch_size
 
 
 def _left_padded(rows: list[list[int]], batch: int, pad_id: int, limit: int):
@@ -206,6 +228,8 @@ def generate_ids(model, tokenizer, prompts: str | Sequence[str], *, max_new_toke
     if steps > 0:
         graphdef, params = nnx.split(model)
         eos = tokenizer.eos_token_id
+        longest = bucket_length(max(len(r) for r in ids), _PROMPT_BUCKETS, limit)
+        batch_size = _cache_rows(model, longest, steps, batch_size)
         order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))  # similar lengths share a batch: little padding
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -215,13 +239,41 @@ def generate_ids(model, tokenizer, prompts: str | Sequence[str], *, max_new_toke
             limits[: len(chunk)] = [row_limits[k] for k in chunk]
             rows = np.zeros((B,), np.uint32)
             rows[: len(chunk)] = chunk
-            out, count = _generate_batch(graphdef, params, jnp.asarray(prompt), jnp.asarray(pad), jnp.asarray(limits),
-                                         _row_keys(seed, rows), eos, values, sampling=sampling,
-                                         max_new_tokens=steps)
-            out, count = np.asarray(out), np.asarray(count)
-            for b, k in enumerate(chunk):
-                answers[k] = [int(t) for t in out[b, : count[b]]]
+            state = _start(graphdef, params, jnp.asarray(prompt), jnp.asarray(pad), jnp.asarray(limits),
+                           jnp.asarray(rows), jnp.uint32(seed), jnp.int32(eos), values, sampling=sampling,
+                           max_new_tokens=steps)
+            for k, answer in _decode_all(graphdef, params, state, chunk + [-1] * (B - len(chunk)), prompt.shape[1],
+                                         eos, values, sampling):
+                answers[k] = answer
     return answers[0] if single else answers
+
+
+def _answers(state, index):
+    """(caller's index, new token ids) of every real row in the batch state."""
+    out, count = np.asarray(state["out"]), np.asarray(state["count"])
+    return [(k, [int(t) for t in out[b, : count[b]]]) for b, k in enumerate(index) if k >= 0]
+
+
+def _decode_all(graphdef, params, state, index: list[int], P: int, eos: int, values, sampling):
+    """Decode a started batch to the end, _DECODE_CHUNK steps at a time. Once at most half its rows are still
+    answering, those move to a batch half the size (or smaller), so finished rows stop costing compute.
+    Yields (caller's index, new token ids); index is -1 for padding rows."""
+    i, steps = 0, state["out"].shape[1]
+    while True:
+        i, state = _decode_steps(graphdef, params, state, jnp.int32(i), jnp.int32(_DECODE_CHUNK), jnp.int32(P),
+                                 jnp.int32(eos), values, sampling=sampling)
+        i, done = int(i), np.asarray(state["done"])
+        if done.all() or i >= steps:
+            break
+        live, B = np.flatnonzero(~done), len(done)
+        smaller = _batch_rows(len(live), B)
+        if smaller <= B // 2:
+            finished = [index[b] if done[b] else -1 for b in range(B)]
+            yield from _answers(state, finished)
+            take = np.concatenate([live, np.flatnonzero(done)[: smaller - len(live)]])  # filled up with finished rows
+            state = _take_rows(state, jnp.asarray(take, jnp.int32))
+            index = [-1 if done[b] else index[b] for b in take]
+    yield from _answers(state, index)
 
 
 def _response_text(tokenizer, ids: list[int]) -> str:
@@ -266,17 +318,18 @@ def stream(model, tokenizer, instruction: str, *, max_new_tokens: int = 64, temp
         return
     graphdef, params = nnx.split(model)
     prompt, pad = _left_padded([ids], 1, tokenizer.eos_token_id, limit)
-    P, pad, keys = prompt.shape[1], jnp.asarray(pad), _row_keys(seed, [0])
-    token, cache, mask = _stream_prefill(graphdef, params, jnp.asarray(prompt), pad, keys, values,
-                                         sampling=sampling, cache_len=P + max_new_tokens)
+    eos = jnp.int32(tokenizer.eos_token_id)
+    state = _start(graphdef, params, jnp.asarray(prompt), jnp.asarray(pad), jnp.asarray([max_new_tokens], jnp.int32),
+                   jnp.zeros((1,), jnp.uint32), jnp.uint32(seed), eos, values, sampling=sampling,
+                   max_new_tokens=max_new_tokens)
     answer: list[int] = []
     for i in range(max_new_tokens):
-        t = int(token[0])
+        t = int(state["token"][0])  # the token step i writes
         if t == tokenizer.eos_token_id:
             break
         answer.append(t)
         yield _response_text(tokenizer, answer)
         if i + 1 == max_new_tokens:
             break
-        token, cache = _stream_step(graphdef, params, token, i, P, pad, mask, cache, keys, values,
-                                     sampling=sampling)
+        _, state = _decode_steps(graphdef, params, state, jnp.int32(i), jnp.int32(1), jnp.int32(prompt.shape[1]), eos,
+                                 values, sampling=sampling)

@@ -1,5 +1,6 @@
 """Generation against transformers' generate; streaming, sampling and prompt limits."""
 
+import importlib
 from collections import Counter
 
 import pytest
@@ -7,9 +8,11 @@ import torch
 
 from jaxtune import generate, load, stream
 from jaxtune.data import format_prompt
-from jaxtune.generate import generate_ids
+from jaxtune.generate import _take_rows as take_rows, generate_ids
 
 from conftest import make_hf_model, torch_logits
+
+generate_module = importlib.import_module("jaxtune.generate")  # `jaxtune.generate` is the function
 
 
 @pytest.mark.parametrize("instruction", ["Answer politely", "Provide price", "Where is my order #4411? It was due"])
@@ -110,7 +113,7 @@ def varied(tmp_path_factory):
     return load(str(directory))[0], torch_model
 
 
-def test_batched_greedy_matches_transformers_batched_and_one_by_one(varied, tokenizer):
+def test_batched_greedy_matches_transformers_batched_and_one_by_one(varied, tokenizer, monkeypatch):
     model, torch_model = varied
     tok = tokenizer
     prompts = [format_prompt(i) for i in INSTRUCTIONS]
@@ -123,6 +126,12 @@ def test_batched_greedy_matches_transformers_batched_and_one_by_one(varied, toke
     lengths = {len(r) for r in batched}
     assert len(lengths) >= 3 and 20 in lengths and any(r[-1] == stop.eos_token_id for r in batched)
     assert generate_ids(model, stop, prompts, max_new_tokens=20) == batched  # one batch of 8 rows, 3 of them empty
+    shrunk = []
+    monkeypatch.setattr(generate_module, "_DECODE_CHUNK", 2)  # look at the rows every 2 steps: finished rows leave
+    monkeypatch.setattr(generate_module, "_take_rows", lambda s, take: shrunk.append(len(take)) or take_rows(s, take))
+    assert generate_ids(model, stop, prompts, max_new_tokens=20) == batched
+    assert shrunk and shrunk[0] == 4 and shrunk == sorted(shrunk, reverse=True)
+    monkeypatch.undo()
     assert generate_ids(model, stop, prompts, max_new_tokens=20, batch_size=2) == batched  # 2 + 2 + 1
     assert [generate_ids(model, stop, p, max_new_tokens=20) for p in prompts] == batched
     texts = generate(model, tok, INSTRUCTIONS, max_new_tokens=12)
@@ -131,17 +140,20 @@ def test_batched_greedy_matches_transformers_batched_and_one_by_one(varied, toke
 
 
 def test_batches_compile_a_handful_of_programs(hf_dir):
-    from jaxtune.generate import _generate_batch
+    from jaxtune.generate import _decode_steps, _start
+
+    def programs():
+        return _start._cache_size() + _decode_steps._cache_size()
 
     model, tok = load(str(hf_dir))
     prompts = [format_prompt("word " * n) for n in range(1, 12)]  # 11 prompts of 8 to 18 tokens
-    before = _generate_batch._cache_size()
+    before = programs()
     # longest first: 18, 17, 16, 15 (padded to 32), then 14 to 11 and 10 to 8 (16, the last 3 rows run as 4)
     answers = generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)
-    assert _generate_batch._cache_size() - before == 2 and [len(a) for a in answers] == [6] * 11
+    assert programs() - before == 2 * 2 and [len(a) for a in answers] == [6] * 11
     generate_ids(model, tok, prompts[:2], max_new_tokens=6, batch_size=4)  # 2 rows: a new batch size
     generate_ids(model, tok, prompts[3:6], max_new_tokens=6, batch_size=4)  # 3 rows of 16: run as 4, no new program
-    assert _generate_batch._cache_size() - before == 3
+    assert programs() - before == 3 * 2
 
 
 def test_batch_rows_and_limits_are_checked(hf_dir):
