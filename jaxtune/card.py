@@ -23,7 +23,8 @@ def hub_id(name: str | None) -> str | None:
     return name if _HUB_ID.match(name) and not Path(name).exists() else None
 
 
-def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None = None, repo_id: str | None = None) -> str:
+def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None = None, repo_id: str | None = None,
+               adapter: dict | None = None) -> str:
     """README.md text. `run` (optional) describes the training: base_model, config (a RunConfig dict), pairs,
     validation_pairs, steps, seconds, device, final_loss, val_loss, initial_val_loss, tokens_per_s, source.
     `evaluation` rows come from `python -m jaxtune eval` (model, rouge_l, exact_match, stop_rate, ...)."""
@@ -31,8 +32,10 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
     cfg = run.get("config") or {}
     base = hub_id(run.get("base_model"))
     data = hub_id(cfg.get("data"))
-    meta = {"library_name": "transformers", "pipeline_tag": "text-generation",
-            "tags": ["jaxtune", "gpt2", "instruction-tuned", "jax", "flax"]}
+    meta = {"library_name": "peft" if adapter else "transformers", "pipeline_tag": "text-generation",
+            "tags": ["jaxtune", "gpt2", "instruction-tuned", "jax", "flax"] + (["lora"] if adapter else [])}
+    if adapter:  # the base a PEFT adapter names, if it is a hub model
+        run = {**(run or {}), "base_model": (run or {}).get("base_model") or adapter.get("base_model_name_or_path")}
     if base:
         meta["base_model"] = base
         if base in _KNOWN_LICENSES:
@@ -44,9 +47,12 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
              f"# {repo_id.split('/')[-1] if repo_id else 'GPT-2 instruction-tuned with jaxtune'}", ""]
     what = f"a fine-tune of [{base}](https://huggingface.co/{base})" if base else (
         f"a fine-tune of {run.get('source') or run.get('base_model')}" if run.get("base_model") else "a GPT-2 model")
+    if adapter:
+        what = (f"a LoRA adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
+                f"{', '.join(adapter.get('target_modules') or [])}) for {what.removeprefix('a fine-tune of ')}")
     lines += [f"{name[0].upper() + name[1:]} is {what}, instruction-tuned with jaxtune in JAX "
               f"({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads, {config.n_positions} positions). "
-              "It loads in PyTorch `transformers` as it is.", "",
+              + ("It loads in PyTorch with PEFT." if adapter else "It loads in PyTorch `transformers` as it is."), "",
               "## Prompt format", "",
               "The model was trained on `Instruction: {instruction}\\nResponse: {response}` followed by the "
               "end-of-text token, so give it the instruction and let it complete the response; it stops by itself.", "",
@@ -55,7 +61,10 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
               "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
               f'path = "{repo_id or "path/to/this/folder"}"',
               "tokenizer = AutoTokenizer.from_pretrained(path)",
-              "model = GPT2LMHeadModel.from_pretrained(path)",
+              *([f'model = GPT2LMHeadModel.from_pretrained("{adapter.get("base_model_name_or_path")}")  # the base',
+                 "from peft import PeftModel",
+                 "model = PeftModel.from_pretrained(model, path)  # the LoRA adapter on top"] if adapter else
+                ["model = GPT2LMHeadModel.from_pretrained(path)"]),
               'inputs = tokenizer("Instruction: Where is my order?\\nResponse:", return_tensors="pt")',
               "out = model.generate(**inputs, max_new_tokens=64, pad_token_id=tokenizer.eos_token_id)",
               'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',

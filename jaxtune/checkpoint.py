@@ -22,6 +22,7 @@ from flax import nnx
 
 from jaxtune.card import model_card, tidy_tokenizer_config
 from jaxtune.config import PRESETS, ConfigError, GPT2Config
+from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter
 from jaxtune.model import GPT2LMHeadModel, abstract, build
 from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text
 
@@ -186,11 +187,13 @@ def hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=local_only))
 
 
-def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.float32, seed: int = 0):
+def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.float32, seed: int = 0,
+         base: str | None = None):
     """(model, tokenizer) for a hub id, a local Hugging Face directory, 'tiny' (embedded) or 'auto'.
 
     'auto' takes gpt2 from the cache or the hub when it can and otherwise the embedded model; `model.source`
-    says which was used. A named model that cannot be had raises ModelLoadError, never a substitute.
+    says which was used. A LoRA adapter folder (adapter_config.json, jaxtune's or PEFT's) loads with its base
+    model, from its config or `base`. A named model that cannot be had raises ModelLoadError, never a substitute.
     """
     name = str(name_or_path)
     if name == "auto":
@@ -214,6 +217,9 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
         model.source = EMBEDDED_LABEL
         return model, offline_tokenizer()
     path = Path(name).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and is_adapter_dir(path):  # a LoRA adapter (PEFT's format)
+        return load_adapter(path, base=base, load_base=lambda b: load(b, allow_pickle=allow_pickle, dtype=dtype, seed=seed),
+                            dtype=dtype)
     if path.is_dir():
         model, tok = load_directory(path, allow_pickle=allow_pickle, dtype=dtype)
         model.source = str(path)
@@ -246,7 +252,7 @@ def _cast(model, dtype):
 
 # ---------------------------------------------------------------------------------------------- saving
 def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
-         keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None) -> Path:
+         keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None, adapter_base: str | None = None) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json) that
     transformers.GPT2LMHeadModel and AutoTokenizer load as they are.
 
@@ -270,11 +276,15 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     moved: list[str] = []
     try:
         config = model.config
-        (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
-        gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id, "pad_token_id": config.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
         try:
-            save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            if has_lora(model):  # the adapters alone, as PEFT writes them; the base is named, not copied
+                save_adapter(model, tmp, base_model=adapter_base or getattr(model, "source", "gpt2"))
+            else:
+                (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+                gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                       "pad_token_id": config.eos_token_id}
+                (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+                save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         except Exception as e:  # safetensors reports a full disk as its own error type: make it the OSError it is
             code = re.search(r"os error (\d+)", str(e))
             if code is None:
@@ -282,7 +292,8 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from None
         tokenizer.save_pretrained(str(tmp))
         tidy_tokenizer_config(tmp, config.n_positions)
-        (tmp / "README.md").write_text(model_card(config, run=run_info), encoding="utf-8")
+        adapter = json.loads((tmp / "adapter_config.json").read_text()) if has_lora(model) else None
+        (tmp / "README.md").write_text(model_card(config, run=run_info, adapter=adapter), encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         kept = [name for name in keep if (directory / name).exists()]

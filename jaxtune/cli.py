@@ -33,7 +33,8 @@ _FLAGS = {
     "learning_rate": "train.learning_rate", "max_length": "train.max_length", "loss_on": "train.loss_on",
     "seed": "train.seed", "warmup_steps": "train.warmup_steps", "weight_decay": "train.weight_decay",
     "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype", "fsdp": "train.fsdp",
-    "no_dropout": "train.dropout", "pack": "train.pack", "report_to": "report_to",
+    "no_dropout": "train.dropout", "pack": "train.pack", "report_to": "report_to", "merge": "merge",
+    "lora_rank": "train.lora_rank", "lora_alpha": "train.lora_alpha", "lora_targets": "train.lora_targets",
 }
 
 
@@ -81,6 +82,13 @@ def _train_parser(sub):
     p.add_argument("--pack", action="store_true", help="pack several examples into each row of --max-length tokens "
                    "(attention stays inside each example): almost no padding; --batch-size then counts rows")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading pytorch_model.bin (a pickle: trusted files only)")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank, the base frozen (0, the default: "
+                   "full fine-tuning); the run folder holds PEFT's adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default 2 x rank)")
+    p.add_argument("--lora-targets", nargs="+", choices=("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj"),
+                   help="projections to adapt (default c_attn, PEFT's default for GPT-2; c_proj means both)")
+    p.add_argument("--merge", action="store_true", help="with --lora-rank: also write the merged full model into "
+                   "<output>/merged (Hugging Face layout)")
     p.add_argument("--report-to", nargs="+", choices=("none", "tensorboard", "trackio", "wandb"),
                    help="send metrics and the config to these trackers as steps finish (default none; each needs its "
                    "package: pip install tensorboard / trackio / wandb)")
@@ -126,7 +134,9 @@ def run_config(args) -> RunConfig:
 def _generate_parser(sub):
     p = sub.add_parser("generate", help="answer an instruction with a model",
                        description="Print a model's response to an instruction.")
-    p.add_argument("--model", required=True, help="a tuned model directory, a hub id, 'tiny' or 'auto'")
+    p.add_argument("--model", required=True, help="a tuned model directory (or LoRA adapter folder), a hub id, "
+                   "'tiny' or 'auto'")
+    p.add_argument("--base", help="for a LoRA adapter folder: the base model, instead of the one its config names")
     p.add_argument("--instruction", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -200,7 +210,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    model, tokenizer = load(args.model, allow_pickle=args.allow_pickle)
+    model, tokenizer = load(args.model, allow_pickle=args.allow_pickle, base=args.base)
     print(generate(model, tokenizer, args.instruction, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
     return 0

@@ -150,6 +150,9 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (None: run all epochs)
     fsdp: bool = False  # shard parameters and optimizer state over the devices (else replicate them)
     pack: bool = False  # several examples per row of max_length tokens (batch_size then counts rows)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets, the base frozen (see jaxtune.lora)
+    lora_alpha: float | None = None  # the adapters' scale is alpha / rank; default 2 * rank
+    lora_targets: tuple[str, ...] = ("c_attn",)  # PEFT's default for GPT-2; also c_proj, c_fc, attn.c_proj, mlp.c_proj
     buckets: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024))
 
     def __post_init__(self):
@@ -171,6 +174,14 @@ class TrainConfig:
         if isinstance(self.buckets, (str, bytes)) or not self.buckets:
             raise ValueError(f"buckets={self.buckets!r} must be a list of lengths, e.g. [32, 64, 128, 256]")
         self.buckets = tuple(sorted(checked_int("buckets", b, 1, 2**20) for b in self.buckets))
+        self.lora_rank = checked_int("lora_rank", self.lora_rank, 0, 4096)
+        if self.lora_alpha is not None:
+            self.lora_alpha = checked_float("lora_alpha", self.lora_alpha, positive=True)
+        targets = [self.lora_targets] if isinstance(self.lora_targets, str) else list(self.lora_targets or [])
+        known = ("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj")
+        if not targets or any(t not in known for t in targets):
+            raise ValueError(f"lora_targets={targets!r}: choose one or more of {', '.join(known)}")
+        self.lora_targets = tuple(targets)
         if self.pack and self.loss_on == "reference":
             raise ValueError("pack=True cannot be combined with loss_on='reference', which trains on padding; "
                              "use loss_on 'response' or 'all'")
@@ -200,6 +211,7 @@ class RunConfig:
     allow_pickle: bool = False
     distributed: str = "auto"  # several hosts: auto (when the environment says so), on, off; see jaxtune.sharding
     report_to: list = field(default_factory=lambda: ["none"])  # none, tensorboard, trackio, wandb (see jaxtune.tracking)
+    merge: bool = False  # a LoRA run also writes the merged full model into <output>/merged
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
@@ -223,6 +235,7 @@ class RunConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["train"]["buckets"] = list(self.train.buckets)
+        out["train"]["lora_targets"] = list(self.train.lora_targets)
         return out
 
     @classmethod

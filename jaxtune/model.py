@@ -120,8 +120,11 @@ _matmul_f32_accumulate.defvjp(_matmul_f32_accumulate_fwd, _matmul_f32_accumulate
 
 
 def linear(layer: nnx.Linear, x_BTK):
-    """layer(x) through `matmul`: the same parameters and result as nnx.Linear's own call."""
-    return matmul(x_BTK, layer.kernel[...], None if layer.bias is None else layer.bias[...])
+    """layer(x) through `matmul`: the same parameters and result as nnx.Linear's own call, plus the layer's LoRA
+    adapter where it has one (see `jaxtune.lora`)."""
+    y = matmul(x_BTK, layer.kernel[...], None if layer.bias is None else layer.bias[...])
+    adapter = getattr(layer, "lora", None)
+    return y if adapter is None else y + adapter(x_BTK)
 
 
 def attention_implementation(dtype) -> str | None:

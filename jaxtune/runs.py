@@ -27,6 +27,8 @@ import yaml
 
 from jaxtune.config import RunConfig
 from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, read_pairs
+from jaxtune.card import hub_id
+from jaxtune.lora import merge, without_adapters
 from jaxtune.tracking import Tracker, check_reporters
 from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_conflicts,
                             verify_checksums)
@@ -170,6 +172,10 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         log(f"warning: batch_size {tcfg.batch_size} is more than the {len(report.pairs)} training pairs; using {fits}")
         tcfg.batch_size = fits
     trainer = Trainer(model, tokenizer, encoded, tcfg, validation_pairs=val_pairs)
+    if tcfg.lora_rank:
+        adapters = sum(x.size for x in jax.tree.leaves(trainer.params))
+        log(f"LoRA: rank {tcfg.lora_rank} on {', '.join(tcfg.lora_targets)}, {adapters:,} trainable parameters "
+            f"({adapters / num_params(model):.2%} of the model); the base is frozen")
     log(f"data: {len(report.pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
         f"tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, {len(report.warnings)} warning(s))"
         f"{f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
@@ -244,11 +250,21 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
                 "seconds": result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
                 "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss}
+    lora = bool(tcfg.lora_rank)
+    # a LoRA folder names its base: a hub id or a folder as given, or, for the embedded or auto-chosen model, a
+    # copy written beside the adapter (base/), since its weights exist nowhere else
+    own_base = lora and not (hub_id(cfg.model) or Path(cfg.model).expanduser().is_dir())
     try:
-        save(model, tokenizer, out, keep=KEEP, run_info=run_info, extra_files={
-            "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
-            "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
-            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+        save(model, tokenizer, out, keep=KEEP + ("base", "merged"), run_info=run_info,
+             adapter_base="base" if own_base else cfg.model, extra_files={
+                 "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
+                 "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
+                 "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+        for name, wanted, make in (("base", own_base, without_adapters), ("merged", lora and cfg.merge, merge)):
+            if wanted:
+                claim(out, [name])
+                save(make(model), tokenizer, out / name, run_info=run_info)
+                log(f"{'the base model' if name == 'base' else 'the merged model'} written to {out / name}")
     except OSError as e:
         outcome.code, outcome.summary = 3, _save_failed(e, out, trainer, checkpoint, result, log)
         return outcome

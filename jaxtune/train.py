@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxtune.data import EncodedSet, Pair, batch_length, encode_pairs, epoch_batches, plan_epoch, targets_size
+from jaxtune.lora import LoRAParam, add_lora, has_lora
 from jaxtune.rundir import verify_checksums, write_checksums
 from jaxtune.sharding import batch_sharding, make_mesh, place, place_global, to_host, tree_shardings
 
@@ -65,10 +66,12 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 
 # ---------------------------------------------------------------------------------------------- step
-def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=None):
-    """(sum of target losses, target count) of a [batch, length] batch, computed in cfg.dtype from float32 params."""
+def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=None, frozen=None):
+    """(sum of target losses, target count) of a [batch, length] batch, computed in cfg.dtype from float32 params.
+    frozen: the weights that are not trained (a LoRA run's base model), merged in beside `params`."""
     compute_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    model = nnx.merge(graphdef, jax.tree.map(lambda p: p.astype(compute_dtype), params))
+    cast = lambda tree: jax.tree.map(lambda p: p.astype(compute_dtype), tree)  # noqa: E731
+    model = nnx.merge(graphdef, cast(params), *([] if frozen is None else [cast(frozen)]))
     # only the reference mode counts padded positions, so only it needs their attention masked as HF does
     mask = batch["attention_mask"] if cfg.loss_on == "reference" else None
     logits = model(batch["input_ids"], attention_mask_BS=mask, positions_BT=batch.get("positions"),
@@ -91,18 +94,18 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
     """
     mesh = jax.tree.leaves(state_shardings)[0].mesh if state_shardings is not None else None
 
-    def step(params, opt_state, batch, key, go):
+    def step(params, opt_state, batch, key, go, frozen=None):
         with _tracing_mesh(mesh):
-            return _step(params, opt_state, batch, key, go)
+            return _step(params, opt_state, batch, key, go, frozen)
 
-    def _step(params, opt_state, batch, key, go):
+    def _step(params, opt_state, batch, key, go, frozen):
         # the step's target count is known from the masks before any forward pass: dividing each micro-batch's
         # summed loss by it gives token-weighted gradients directly, with no pass over them afterwards
         count = jnp.sum(batch["loss_mask"][..., 1:]).astype(jnp.float32)
         denom = jnp.maximum(count, 1.0)
 
         def micro_loss(params, micro, k):
-            total, _ = summed_loss(graphdef, params, micro, cfg, dropout_rng=k if cfg.dropout else None)
+            total, _ = summed_loss(graphdef, params, micro, cfg, dropout_rng=k if cfg.dropout else None, frozen=frozen)
             return total / denom
 
         grad_fn = jax.value_and_grad(micro_loss)
@@ -136,9 +139,9 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
 
 
 def make_eval_step(graphdef, cfg: TrainConfig, mesh=None):
-    def evaluate(params, batch):
+    def evaluate(params, batch, frozen=None):
         with _tracing_mesh(mesh):
-            return summed_loss(graphdef, params, batch, cfg)
+            return summed_loss(graphdef, params, batch, cfg, frozen=frozen)
 
     return jax.jit(evaluate)
 
@@ -242,7 +245,13 @@ class Trainer:
             computed = sum(cfg.batch_size * self.batch_length(batch, lengths) for batch in self.plan(0))
             real = sum(lengths)
         self.planned_real_token_share = real / computed
-        self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
+        self.frozen = None
+        if cfg.lora_rank:  # LoRA: only the adapters are trained (and held by the optimizer); the base is frozen
+            if not has_lora(model):
+                add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+            self.graphdef, params, self.frozen = nnx.split(model, LoRAParam, ...)
+        else:
+            self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
         self.optimizer = make_optimizer(cfg, self.total_steps)
         # float32 master weights, copied: the step donates them, and the caller's arrays must survive
         self.params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
@@ -250,6 +259,8 @@ class Trainer:
         self.mesh, self.shardings = _layout(cfg, devices, self.params, self.opt_state)
         if self.mesh is not None:
             self.params, self.opt_state = place(self.params, self.shardings[0]), place(self.opt_state, self.shardings[1])
+            if self.frozen is not None:  # the base: replicated, or split like any parameter under fsdp
+                self.frozen = place(self.frozen, tree_shardings(self.mesh, self.frozen))
         self.schedule = make_schedule(cfg, self.total_steps)
         self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
         self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
@@ -340,7 +351,7 @@ class Trainer:
         for batch in self._epoch(self.val_examples, self.val_plan, self.val_targets):
             if self.mesh is not None:
                 batch = jax.tree.map(lambda a: place_global(a, NamedSharding(self.mesh, P(("data", "fsdp")))), batch)
-            t, c = self._eval(self.params, batch)
+            t, c = self._eval(self.params, batch, self.frozen)
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
 
@@ -496,7 +507,7 @@ class Trainer:
             self.key, step_key = jax.random.split(self.key)
             if self.mesh is not None:
                 batch = jax.tree.map(lambda a: place_global(a, batch_sharding(self.mesh)), batch)
-            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key, go)
+            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key, go, self.frozen)
             go = metrics["finite"]
             self.step += 1
             if pending:

@@ -1,0 +1,181 @@
+"""LoRA: low-rank adapters on GPT-2's projections, trained while the base weights stay frozen, saved and loaded in
+PyTorch PEFT's format (adapter_config.json + adapter_model.safetensors), and merged into a plain model.
+
+An adapted projection computes x @ W + b + (alpha / r) * (x @ A) @ B with A [in, r] and B [r, out]; B starts at
+zero, so training starts from the base model exactly. GPT-2's projections are Conv1D layers in PyTorch (weights
+[in, out], PEFT's `fan_in_fan_out`); PEFT stores lora_A.weight as [r, in] and lora_B.weight as [out, r], the
+transposes of A and B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# --lora-targets names: PEFT matches a module whose dotted name ends with the target, so "c_proj" adapts both the
+# attention's and the MLP's output projections, "mlp.c_proj" only the MLP's.
+TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj")
+_MODULES = {"c_attn": ("attn", "c_attn"), "attn.c_proj": ("attn", "c_proj"), "c_fc": ("mlp", "c_fc"),
+            "mlp.c_proj": ("mlp", "c_proj")}
+PEFT_PREFIX = "base_model.model.transformer."
+
+
+class LoRAParam(nnx.Variable):
+    """An adapter weight: trained, while nnx.Param (the base model) is frozen. Not an nnx.Param, so the Hugging
+    Face export of the base (`to_hf_state_dict`) never sees it."""
+
+
+class LoRA(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(d_in)  # PEFT's init of lora_A: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(in), ...)
+        self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (d_in, rank), jnp.float32, -bound, bound))
+        self.lora_b = LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
+        self.scale = float(alpha) / rank
+
+    def __call__(self, x_BTK):
+        from jaxtune.model import matmul
+
+        return matmul(matmul(x_BTK, self.lora_a[...]), self.lora_b[...]) * jnp.asarray(self.scale, x_BTK.dtype)
+
+
+def _modules(targets) -> list[tuple[str, str]]:
+    """('attn'|'mlp', attribute) pairs for the target names."""
+    out = []
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"lora_targets: unknown {t!r}; choose from {', '.join(TARGETS)}")
+        out += [_MODULES["attn.c_proj"], _MODULES["mlp.c_proj"]] if t == "c_proj" else [_MODULES[t]]
+    return list(dict.fromkeys(out))
+
+
+def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn",), *, seed: int = 0):
+    """Attach adapters to the target projections of every block (in place); returns the model."""
+    alpha = float(alpha if alpha is not None else 2 * rank)
+    rngs = nnx.Rngs(seed)
+    for block in model.h:
+        for parent, name in _modules(targets):
+            layer = getattr(getattr(block, parent), name)
+            d_in, d_out = layer.kernel[...].shape
+            layer.lora = LoRA(d_in, d_out, rank, alpha, rngs=rngs)
+    model.lora_info = (rank, alpha, tuple(targets))  # static: (r, alpha, target names)
+    return model
+
+
+def has_lora(model) -> bool:
+    return bool(getattr(model, "lora_info", None))
+
+
+def _adapted(model):
+    """(PEFT module name, LoRA module) for every adapted projection."""
+    for i, block in enumerate(model.h):
+        for parent in ("attn", "mlp"):
+            for name in ("c_attn", "c_proj", "c_fc"):
+                layer = getattr(getattr(block, parent), name, None)
+                if layer is not None and getattr(layer, "lora", None) is not None:
+                    yield f"h.{i}.{parent}.{name}", layer
+
+
+def adapter_state_dict(model) -> dict[str, np.ndarray]:
+    """PEFT's adapter_model.safetensors keys and arrays."""
+    out = {}
+    for name, layer in _adapted(model):
+        a = np.asarray(jax.device_get(layer.lora.lora_a[...]), np.float32)
+        b = np.asarray(jax.device_get(layer.lora.lora_b[...]), np.float32)
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    return out
+
+
+def adapter_config(model, base_model: str) -> dict:
+    rank, alpha, targets = model.lora_info
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+            "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets),
+            "fan_in_fan_out": True, "bias": "none", "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None, "use_rslora": False, "use_dora": False, "revision": None}
+
+
+def save_adapter(model, directory: Path, *, base_model: str) -> list[str]:
+    """Write adapter_config.json and adapter_model.safetensors into `directory`; returns the file names."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    (directory / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model), indent=2) + "\n")
+    save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def is_adapter_dir(path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jnp.float32):
+    """(model with adapters, tokenizer) from a PEFT LoRA folder (jaxtune's or one PEFT wrote in PyTorch): the base
+    comes from `base` or the config's base_model_name_or_path (a folder relative to the adapter's is tried too)."""
+    from jaxtune.checkpoint import ModelLoadError, load
+
+    directory = Path(directory)
+    try:
+        cfg = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{directory}/adapter_config.json cannot be read ({e})") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelLoadError(f"{directory}: a {cfg.get('peft_type')} adapter; jaxtune reads LoRA adapters only")
+    for key, wanted in (("use_dora", False), ("use_rslora", False), ("modules_to_save", None)):
+        if cfg.get(key) not in (wanted, None, [], False):
+            raise ModelLoadError(f"{directory}: {key}={cfg[key]!r} is not supported by jaxtune's LoRA")
+    base = base or cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{directory}: adapter_config.json names no base model; pass one (--base)")
+    if not os.path.isabs(base) and (directory / base).is_dir():
+        base = str(directory / base)
+    model, tokenizer = (load_base or load)(base)
+    targets = cfg.get("target_modules") or ["c_attn"]
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    add_lora(model, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), targets)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
+    for name, layer in _adapted(model):
+        key = f"{PEFT_PREFIX}{name}"
+        a, b = tensors.pop(f"{key}.lora_A.weight", None), tensors.pop(f"{key}.lora_B.weight", None)
+        if a is None or b is None:
+            raise ModelLoadError(f"{directory}: no adapter weights for {name} (lora_A/lora_B)")
+        layer.lora.lora_a[...] = jnp.asarray(a.T, dtype)
+        layer.lora.lora_b[...] = jnp.asarray(b.T, dtype)
+    if tensors:
+        raise ModelLoadError(f"{directory}: unexpected adapter tensors {', '.join(sorted(tensors)[:3])}")
+    model.source = f"{directory} (LoRA r={cfg['r']} on {base})"
+    return model, tokenizer
+
+
+def without_adapters(model):
+    """The base model alone: a copy with the adapters taken off, not merged."""
+    base = nnx.clone(model)
+    for _, layer in _adapted(base):
+        del layer.lora
+    if hasattr(base, "lora_info"):
+        del base.lora_info
+    return base
+
+
+def merge(model):
+    """A plain model (no adapters) whose projections hold W + (alpha / r) * A @ B: what PEFT's merge_and_unload gives."""
+    from jaxtune.model import GPT2LMHeadModel
+
+    merged = nnx.clone(model)
+    for _, layer in _adapted(merged):
+        lora = layer.lora
+        layer.kernel[...] = layer.kernel[...] + lora.scale * (lora.lora_a[...] @ lora.lora_b[...])
+        del layer.lora
+    if hasattr(merged, "lora_info"):
+        del merged.lora_info
+    assert isinstance(merged, GPT2LMHeadModel)
+    return merged

@@ -1,0 +1,109 @@
+"""LoRA against PyTorch PEFT: adapters trained by jaxtune load in PEFT with the same logits, adapters made by PEFT
+load in jaxtune with the same logits, merging changes nothing, and only the adapters train."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from jaxtune import Pair, TrainConfig, Trainer, load
+from jaxtune.lora import LoRAParam, merge
+
+from conftest import torch_logits
+from test_cli import PAIRS, run, write_jsonl
+
+IDS = np.array([[15496, 995, 11, 314, 716, 257, 1332]], np.int32)
+QA = [Pair(f"Where is order {n}?", f"Order {n} is on its way.") for n in range(16)]
+
+
+def peft_logits(base_dir, adapter_dir):
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base_dir), str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def test_only_the_adapters_train_and_the_optimizer_holds_only_them(hf_dir):
+    model, tok = load(str(hf_dir))
+    before = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    trainer = Trainer(model, tok, QA, TrainConfig(epochs=6, batch_size=4, max_length=48, learning_rate=1e-2,
+                                                  lora_rank=4, lora_targets=("c_attn", "c_fc"), dropout=False))
+    result = trainer.run()
+    assert result.history[-1].loss < result.history[0].loss - 0.3
+    after = {k: np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # the base is frozen
+    adapters = jax.tree.leaves(trainer.params)
+    assert len(adapters) == 2 * 2 * 2  # two layers x two targets x (A, B)
+    adapter_bytes = sum(x.nbytes for x in adapters)
+    moments = sum(x.nbytes for x in jax.tree.leaves(trainer.opt_state) if x.ndim >= 2)
+    assert moments == 2 * adapter_bytes  # AdamW's two moments, of the adapters only
+    assert sum(x.nbytes for x in jax.tree.leaves(trainer.opt_state)) < 2 * adapter_bytes + 64
+    trained = {k: v.get_value() for k, v in nnx.to_flat_state(nnx.state(model, LoRAParam))}
+    assert any(np.abs(np.asarray(v)).max() > 0 for k, v in trained.items() if k[-1] == "lora_b")
+
+
+def test_a_jaxtune_adapter_loads_in_peft_and_merges_to_the_same_model(tmp_path, hf_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    out = tmp_path / "run"
+    p = run("train", "--model", str(hf_dir), "--data", str(data), "--output", str(out), "--epochs", "3",
+            "--batch-size", "4", "--max-length", "48", "--learning-rate", "1e-2", "--lora-rank", "4",
+            "--lora-targets", "c_attn", "c_proj", "--merge")
+    assert p.returncode == 0, p.stderr
+    assert "LoRA: rank 4 on c_attn, c_proj" in p.stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] is True and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["base_model_name_or_path"] == str(hf_dir) and not (out / "model.safetensors").exists()
+    model, _ = load(str(out))
+    ours = np.asarray(model(jnp.asarray(IDS)))
+    assert np.abs(ours - np.asarray(load(str(hf_dir))[0](jnp.asarray(IDS)))).max() > 1e-3  # it learned something
+    assert np.abs(peft_logits(hf_dir, out) - ours).max() < 1e-4
+    merged = transformers.GPT2LMHeadModel.from_pretrained(out / "merged").eval()
+    assert np.abs(torch_logits(merged, IDS) - ours).max() < 1e-4
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "PeftModel.from_pretrained" in card
+    g = run("generate", "--model", str(out), "--instruction", PAIRS[0]["instruction"], "--max-new-tokens", "8")
+    assert g.returncode == 0, g.stderr
+
+
+def test_a_peft_adapter_loads_in_jaxtune_with_its_base_or_another(tmp_path, hf_dir):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pt = get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(hf_dir),
+                        LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "mlp.c_proj"], fan_in_fan_out=True,
+                                   init_lora_weights=False, task_type="CAUSAL_LM"))  # random A and B: a real delta
+    pt.save_pretrained(tmp_path / "adapter")
+    expected = peft_logits(hf_dir, tmp_path / "adapter")
+    model, _ = load(str(tmp_path / "adapter"))
+    assert np.abs(np.asarray(model(jnp.asarray(IDS))) - expected).max() < 1e-4
+    assert np.abs(np.asarray(merge(model)(jnp.asarray(IDS))) - expected).max() < 1e-4
+    shutil.copytree(hf_dir, tmp_path / "moved_base")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "somewhere/else"
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    model, _ = load(str(tmp_path / "adapter"), base=str(tmp_path / "moved_base"))  # --base overrides the config
+    assert np.abs(np.asarray(model(jnp.asarray(IDS))) - expected).max() < 1e-4
+
+
+def test_a_lora_run_resumes_exactly_and_on_the_embedded_model_keeps_its_base(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    common = ["--model", "tiny", "--data", str(data), "--epochs", "3", "--batch-size", "4", "--max-length", "48",
+              "--learning-rate", "1e-2", "--lora-rank", "4", "--seed", "3"]
+    full = run("train", *common, "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    cut = run("train", *common, "--output", str(tmp_path / "cut"), "--save-every", "4")
+    assert cut.returncode == 0, cut.stderr
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "8")
+    resumed = run("train", "--resume", str(tmp_path / "cut"))
+    assert resumed.returncode == 0 and "at step 4/9" in resumed.stderr, resumed.stderr
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("cut") == losses("full")
+    assert json.loads((tmp_path / "full" / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    model, _ = load(str(tmp_path / "full"))  # the embedded model's random base was written beside the adapter
+    assert np.abs(peft_logits(tmp_path / "full" / "base", tmp_path / "full") - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-4
