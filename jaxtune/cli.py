@@ -158,7 +158,8 @@ def _eval_parser(sub):
     p.add_argument("--data", required=True, help="held-out pairs (.jsonl, .json, .csv, .parquet or a data set)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens (default 64)")
     p.add_argument("--output", help="folder for eval.json, eval.jsonl and eval.md (default: the --model folder)")
-    p.add_argument("--batch-size", type=int, default=32, help="instructions answered together (default 32)")
+    p.add_argument("--batch-size", type=int, default=64, help="instructions answered together (default 64, fewer "
+                   "when their key/value cache would pass 1 GiB)")
     p.add_argument("--instruction-column", help="column holding the instruction")
     p.add_argument("--response-column", help="column holding the reference response")
     p.add_argument("--allow-pickle", action="store_true")
