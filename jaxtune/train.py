@@ -250,6 +250,8 @@ class Trainer:
             if not has_lora(model):
                 add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
             self.graphdef, params, self.frozen = nnx.split(model, LoRAParam, ...)
+            if cfg.dtype == "bfloat16":  # the frozen base is only ever read in bf16: hold it so (half the bytes)
+                self.frozen = jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.frozen)
         else:
             self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
         self.optimizer = make_optimizer(cfg, self.total_steps)

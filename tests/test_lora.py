@@ -107,3 +107,15 @@ def test_a_lora_run_resumes_exactly_and_on_the_embedded_model_keeps_its_base(tmp
     assert json.loads((tmp_path / "full" / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
     model, _ = load(str(tmp_path / "full"))  # the embedded model's random base was written beside the adapter
     assert np.abs(peft_logits(tmp_path / "full" / "base", tmp_path / "full") - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-4
+
+
+def test_lora_with_packing_and_accumulation_in_bfloat16_keeps_float32_adapters(hf_dir):
+    """Packed rows, two micro-batches a step, bf16 compute: the base is held in bf16 (half its bytes), the adapters
+    and their optimizer state stay float32, and the loss falls."""
+    model, tok = load(str(hf_dir))
+    trainer = Trainer(model, tok, QA, TrainConfig(epochs=10, batch_size=2, max_length=64, learning_rate=1e-2, pack=True,
+                                                  grad_accum=2, dtype="bfloat16", lora_rank=4, dropout=False))
+    assert {x.dtype for x in jax.tree.leaves(trainer.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {jnp.dtype(jnp.float32)}
+    result = trainer.run()
+    assert result.history[-1].loss < result.history[0].loss - 0.3

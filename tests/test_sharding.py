@@ -36,6 +36,16 @@ def test_fsdp_matches_one_device_and_shards_parameters(sharded):
     assert "fsdp" in sharded["fsdp_spec"] and sharded["fsdp_devices"] == 8  # each device holds 1/8 of the kernel
 
 
+def test_lora_data_parallel_and_fsdp_match_one_device(sharded):
+    """LoRA with gradient accumulation on 8 devices: the same losses and adapters as on one; under fsdp the frozen
+    base is split over the devices like any parameter."""
+    assert len(sharded["lora_one"]) == 2
+    for side in ("lora_data", "lora_fsdp"):
+        assert max(abs(a - b) for a, b in zip(sharded["lora_one"], sharded[side])) < 1e-5
+        assert sharded[f"{side}_max_diff"] < 1e-5
+    assert "fsdp" in sharded["lora_base_spec"]
+
+
 def test_fsdp_spreads_the_training_state_over_the_devices(sharded):
     """XLA's memory plan per device: with fsdp, each of the 8 devices holds an eighth of the parameters, the
     AdamW moments and the batch; replicated, each holds all of them."""
