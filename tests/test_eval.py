@@ -27,7 +27,7 @@ def models(tmp_path_factory):
     config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4)
     save(build(config, seed=0), tok, root / "base")
     model = build(config, seed=0)
-    cfg = TrainConfig(epochs=150, batch_size=6, learning_rate=3e-3, warmup_steps=10, max_length=32, dropout=False,
+    cfg = TrainConfig(epochs=60, batch_size=6, learning_rate=1e-2, warmup_steps=10, max_length=32, dropout=False,
                       buckets=(16, 32))
     trainer = Trainer(model, tok, PAIRS, cfg, validation_pairs=PAIRS)
     trainer.run()
