@@ -153,6 +153,7 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on lora_targets, the base frozen (see jaxtune.lora)
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank; default 2 * rank
     lora_targets: tuple[str, ...] = ("c_attn",)  # PEFT's default for GPT-2; also c_proj, c_fc, attn.c_proj, mlp.c_proj
+    lora_dropout: float = 0.0  # dropout on the adapters' input (PEFT's lora_dropout), with dropout on
     buckets: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024))
 
     def __post_init__(self):
@@ -182,6 +183,9 @@ class TrainConfig:
         if not targets or any(t not in known for t in targets):
             raise ValueError(f"lora_targets={targets!r}: choose one or more of {', '.join(known)}")
         self.lora_targets = tuple(targets)
+        self.lora_dropout = checked_float("lora_dropout", self.lora_dropout)
+        if self.lora_dropout >= 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout} must be below 1")
         if self.pack and self.loss_on == "reference":
             raise ValueError("pack=True cannot be combined with loss_on='reference', which trains on padding; "
                              "use loss_on 'response' or 'all'")

@@ -33,15 +33,17 @@ class LoRAParam(nnx.Variable):
 
 
 class LoRA(nnx.Module):
-    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, *, rngs: nnx.Rngs):
+    def __init__(self, d_in: int, d_out: int, rank: int, alpha: float, *, dropout: float = 0.0, rngs: nnx.Rngs):
         bound = 1.0 / math.sqrt(d_in)  # PEFT's init of lora_A: kaiming_uniform_(a=sqrt(5)) gives U(-1/sqrt(in), ...)
         self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), (d_in, rank), jnp.float32, -bound, bound))
         self.lora_b = LoRAParam(jnp.zeros((rank, d_out), jnp.float32))
-        self.scale = float(alpha) / rank
+        self.scale, self.dropout = float(alpha) / rank, float(dropout)
 
-    def __call__(self, x_BTK):
-        from jaxtune.model import matmul
+    def __call__(self, x_BTK, rng=None):
+        """(alpha / r) * (dropout(x) @ A) @ B; dropout (PEFT's lora_dropout) only with a key, i.e. in training."""
+        from jaxtune.model import _dropout, matmul
 
+        x_BTK = _dropout(x_BTK, self.dropout, rng)
         return matmul(matmul(x_BTK, self.lora_a[...]), self.lora_b[...]) * jnp.asarray(self.scale, x_BTK.dtype)
 
 
@@ -55,7 +57,7 @@ def _modules(targets) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn",), *, seed: int = 0):
+def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn",), *, dropout: float = 0.0, seed: int = 0):
     """Attach adapters to the target projections of every block (in place); returns the model."""
     alpha = float(alpha if alpha is not None else 2 * rank)
     rngs = nnx.Rngs(seed)
@@ -63,8 +65,8 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn",), 
         for parent, name in _modules(targets):
             layer = getattr(getattr(block, parent), name)
             d_in, d_out = layer.kernel[...].shape
-            layer.lora = LoRA(d_in, d_out, rank, alpha, rngs=rngs)
-    model.lora_info = (rank, alpha, tuple(targets))  # static: (r, alpha, target names)
+            layer.lora = LoRA(d_in, d_out, rank, alpha, dropout=dropout, rngs=rngs)
+    model.lora_info = (rank, alpha, tuple(targets), float(dropout))  # static: (r, alpha, target names, dropout)
     return model
 
 
@@ -94,9 +96,9 @@ def adapter_state_dict(model) -> dict[str, np.ndarray]:
 
 
 def adapter_config(model, base_model: str) -> dict:
-    rank, alpha, targets = model.lora_info
+    rank, alpha, targets, dropout = model.lora_info
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets),
+            "r": rank, "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets),
             "fan_in_fan_out": True, "bias": "none", "inference_mode": True, "init_lora_weights": True,
             "modules_to_save": None, "use_rslora": False, "use_dora": False, "revision": None}
 
@@ -138,7 +140,7 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
     model, tokenizer = (load_base or load)(base)
     targets = cfg.get("target_modules") or ["c_attn"]
     targets = [targets] if isinstance(targets, str) else list(targets)
-    add_lora(model, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), targets)
+    add_lora(model, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), targets, dropout=float(cfg.get("lora_dropout") or 0))
     from safetensors.numpy import load_file
 
     tensors = load_file(str(directory / "adapter_model.safetensors"))

@@ -66,7 +66,8 @@ class GPT2Attention(nnx.Module):
 
     def __call__(self, x_BTD, mask_B1TS, kv_cache=None, cache_index=None, dropout_rng=None):
         B, T, D = x_BTD.shape
-        q_BTNH, k_BTNH, v_BTNH = jnp.split(linear(self.c_attn, x_BTD).reshape(B, T, 3, self.n_head, self.head_dim), 3, axis=2)
+        qkv_BTD = linear(self.c_attn, x_BTD, _adapter_rng(dropout_rng, 0))
+        q_BTNH, k_BTNH, v_BTNH = jnp.split(qkv_BTD.reshape(B, T, 3, self.n_head, self.head_dim), 3, axis=2)
         q_BTNH, k_BTNH, v_BTNH = q_BTNH[:, :, 0], k_BTNH[:, :, 0], v_BTNH[:, :, 0]
         if kv_cache is not None:  # write this chunk at cache_index, attend over the whole cache
             k_cache, v_cache = kv_cache
@@ -83,7 +84,7 @@ class GPT2Attention(nnx.Module):
             y_BTNH = jnp.einsum("bnts,bsnh->btnh", w_BNTS, v_BTNH)
         else:
             y_BTNH = attention(q_BTNH, k_BTNH, v_BTNH, mask_B1TS, self.scale, fused=kv_cache is None)
-        y_BTD = linear(self.c_proj, y_BTNH.reshape(B, T, D))
+        y_BTD = linear(self.c_proj, y_BTNH.reshape(B, T, D), _adapter_rng(dropout_rng, 1))
         return _dropout(y_BTD, self.resid_pdrop, resid_rng), kv_cache
 
 
@@ -119,12 +120,17 @@ def _matmul_f32_accumulate_bwd(residuals, g_BTN):
 _matmul_f32_accumulate.defvjp(_matmul_f32_accumulate_fwd, _matmul_f32_accumulate_bwd)
 
 
-def linear(layer: nnx.Linear, x_BTK):
+def linear(layer: nnx.Linear, x_BTK, adapter_rng=None):
     """layer(x) through `matmul`: the same parameters and result as nnx.Linear's own call, plus the layer's LoRA
-    adapter where it has one (see `jaxtune.lora`)."""
+    adapter where it has one (see `jaxtune.lora`; `adapter_rng` is its dropout key)."""
     y = matmul(x_BTK, layer.kernel[...], None if layer.bias is None else layer.bias[...])
     adapter = getattr(layer, "lora", None)
-    return y if adapter is None else y + adapter(x_BTK)
+    return y if adapter is None else y + adapter(x_BTK, adapter_rng)
+
+
+def _adapter_rng(rng, i: int):
+    """A LoRA dropout key derived from a layer's key, leaving the model's own dropout keys as they were."""
+    return None if rng is None else jax.random.fold_in(rng, 1_000_003 + i)
 
 
 def attention_implementation(dtype) -> str | None:
@@ -156,7 +162,8 @@ class GPT2MLP(nnx.Module):
         self.resid_pdrop = config.resid_pdrop
 
     def __call__(self, x_BTD, dropout_rng=None):
-        return _dropout(linear(self.c_proj, self.act(linear(self.c_fc, x_BTD))), self.resid_pdrop, dropout_rng)
+        h_BTF = self.act(linear(self.c_fc, x_BTD, _adapter_rng(dropout_rng, 2)))
+        return _dropout(linear(self.c_proj, h_BTF, _adapter_rng(dropout_rng, 3)), self.resid_pdrop, dropout_rng)
 
 
 class GPT2Block(nnx.Module):

@@ -24,7 +24,7 @@ CHECKSUMS = "jaxtune-files.json"  # inside each checkpoint step's folder
 RESUME_FIXED = ("model", "split", "validation_data", "validation_fraction", "instruction_column", "response_column",
                 "train.max_length", "train.batch_size", "train.grad_accum", "train.pack", "train.seed", "train.loss_on",
                 "train.dtype", "train.fsdp", "train.buckets", "train.dropout", "train.lora_rank", "train.lora_alpha",
-                "train.lora_targets")
+                "train.lora_targets", "train.lora_dropout")
 
 
 class RunDirError(ValueError):

@@ -248,7 +248,7 @@ class Trainer:
         self.frozen = None
         if cfg.lora_rank:  # LoRA: only the adapters are trained (and held by the optimizer); the base is frozen
             if not has_lora(model):
-                add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+                add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
             self.graphdef, params, self.frozen = nnx.split(model, LoRAParam, ...)
             if cfg.dtype == "bfloat16":  # the frozen base is only ever read in bf16: hold it so (half the bytes)
                 self.frozen = jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.frozen)

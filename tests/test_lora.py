@@ -119,3 +119,22 @@ def test_lora_with_packing_and_accumulation_in_bfloat16_keeps_float32_adapters(h
     assert {x.dtype for x in jax.tree.leaves(trainer.params)} == {jnp.dtype(jnp.float32)}
     result = trainer.run()
     assert result.history[-1].loss < result.history[0].loss - 0.3
+
+
+def test_lora_dropout_acts_in_training_only_and_is_recorded(tmp_path, hf_dir):
+    from jaxtune.lora import add_lora, save_adapter
+
+    model, _ = load(str(hf_dir))
+    add_lora(model, 4, 8, ["c_attn", "c_fc"], dropout=0.5)
+    for path, v in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        if path[-1] == "lora_b":
+            v.set_value(jnp.full(v.get_value().shape, 0.1))
+    plain, _ = load(str(hf_dir))
+    add_lora(plain, 4, 8, ["c_attn", "c_fc"], dropout=0.0)
+    nnx.update(plain, nnx.state(model, LoRAParam))
+    ids = jnp.asarray(IDS)
+    assert np.array_equal(np.asarray(model(ids)), np.asarray(plain(ids)))  # no key: no dropout
+    key = jax.random.key(0)
+    assert np.abs(np.asarray(model(ids, dropout_rng=key)) - np.asarray(plain(ids, dropout_rng=key))).max() > 1e-3
+    save_adapter(model, tmp_path, base_model=str(hf_dir))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.5

@@ -258,7 +258,7 @@ def test_every_matrix_multiply_runs_in_the_compute_dtype(dtype):
     model = build(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4), seed=0)
     trainer = Trainer(model, load("tiny")[1], QA, TrainConfig(batch_size=2, max_length=64, pack=True, dtype=dtype))
     batch = next(trainer._batches())[1]
-    jaxpr = jax.make_jaxpr(trainer._step)(trainer.params, trainer.opt_state, batch, jax.random.key(0))
+    jaxpr = jax.make_jaxpr(trainer._step)(trainer.params, trainer.opt_state, batch, jax.random.key(0), jnp.asarray(True))
     dots = _dot_dtypes(jaxpr)
     assert len(dots) > 2 * 6 * 3 and set(dots) == {(dtype, dtype)}  # 6 products a layer, forward and backward
 
