@@ -222,6 +222,9 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
     from jaxtune.config import checked_int
 
     max_new_tokens = checked_int("max_new_tokens", max_new_tokens, 1, 2**20)
+    for name in models:  # a mistyped folder is said before any model is evaluated, not after the first
+        if str(name).startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
+            raise DataError(f"{name}: no such model folder")
     directory = report_directory(models, output)
     pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)
     if not pairs:

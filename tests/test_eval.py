@@ -91,7 +91,9 @@ def test_rouge_l_and_the_library_loss():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}/absent", "--data", "{data}", "--output", "{tmp}/out"], "absent"),
+    (["--model", "{tmp}/absent", "--data", "{data}", "--output", "{tmp}/out"], "absent: no such model folder"),
+    (["--model", "{base}", "--compare", "{tmp}/absent", "--data", "{data}"], "absent: no such model folder"),
+    (["--model", "{base}", "--compare", "no-such-model-xyz", "--data", "{data}"], "no-such-model-xyz"),  # a hub id
     (["--model", "{base}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["--model", "tiny", "--data", "{data}"], "give --output DIR"),
     (["--model", "{base}", "--data", "{data}", "--max-new-tokens", "0"], "max_new_tokens=0"),
@@ -102,4 +104,4 @@ def test_errors_are_clear(models, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, data=data, base=base) for a in args]
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
