@@ -22,10 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from jaxtune.data import DataError, Pair, encode_pairs, epoch_batches, format_prompt, read_pairs
-from jaxtune.generate import DEFAULT_BATCH_SIZE, _response_text, generate, generate_ids
+from jaxtune.generate import DEFAULT_BATCH_SIZE, _response_text, generate_ids
 
 FILES = ("eval.json", "eval.jsonl", "eval.md")
 SUMMARY_FIELDS = ("val_loss", "perplexity", "rouge_l", "exact_match", "stop_rate", "mean_tokens")
@@ -131,15 +129,19 @@ def table(results: list[ModelEval]) -> str:
     """The summary as aligned plain text, for the terminal."""
     rows = [[c for c, _ in _COLUMNS]] + [_cells(r) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    fmt = lambda row: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
-    return "\n".join([fmt(rows[0]), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows[1:]])
+    def line(row):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]])
 
 
 def _md(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>")
 
 
-def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_tokens: int, examples: int = 100) -> str:
+def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_tokens: int,
+             examples: int = 100) -> str:
+    """The report: the summary table, then the first `examples` answers beside their references."""
     lines = ["# Evaluation", "",
              f"{len(pairs)} held-out pairs from `{data}`; greedy answers of at most {max_new_tokens} new tokens. "
              "Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: whitespace-normalised. Stop rate: answers "
@@ -289,7 +291,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     for b in args.batch_size:
         r = bench(args.model, args.data, n=args.n, max_new_tokens=args.max_new_tokens, batch_size=b, repeat=args.repeat)
-        print(f"{r['answers']} answers, {r['model']}, {r['backend']}, batch {b}, at most {r['max_new_tokens']} new tokens "
+        print(f"{r['answers']} answers, {r['model']}, {r['backend']}, batch {b}, "
+              f"at most {r['max_new_tokens']} new tokens "
               f"({r['new_tokens']} written, {r['stopped']} stopped at EOS): "
               f"batched {r['batched_s']:.2f}s ({r['batched_tokens_per_s']:.0f} tok/s), "
               f"one by one {r['one_by_one_s']:.2f}s ({r['one_by_one_tokens_per_s']:.0f} tok/s): "

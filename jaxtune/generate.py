@@ -3,8 +3,8 @@
 Prompts are padded on the left, so every row's last prompt token sits in the same cache slot and all rows decode in
 step. Position ids count real tokens only and a per-slot mask hides the pads, as Hugging Face does with left padding
 and an attention_mask, so a row's answer does not depend on its neighbours. Prompt lengths and batch sizes come from
-small sets of buckets: a handful of compiled programs. Each row stops at its EOS (or its limit); the batch stops when
-every row has.
+small sets of buckets: a handful of compiled programs. Each row stops at its EOS (or its limit); once at most half the
+rows are still answering they move to a smaller batch, and the batch ends when every row has stopped.
 
 Sampling: temperature, then top-k, then top-p, exactly as transformers' TemperatureLogitsWarper, TopKLogitsWarper and
 TopPLogitsWarper. Each answer's random stream is seeded by (seed, its index in the list), so an answer does not depend
@@ -187,10 +187,10 @@ def _batch_rows(n: int, batch_size: int) -> int:
     return min(1 << max(n - 1, 0).bit_length(), batch_size)
 
 
-def _cache_rows(model, prompt_len: int, max_new_tokens: int, batch_size: int) -> int:
+def _cache_rows(model, prompt_len: int, max_new_tokens: int, batch_size: int, itemsize: int = 4) -> int:
     """batch_size, lowered (to a power of two) until the batch's key/value cache fits in _CACHE_BYTES."""
     c = model.config
-    row = 2 * c.n_layer * (prompt_len + max_new_tokens) * c.n_embd * 4
+    row = 2 * c.n_layer * (prompt_len + max_new_tokens) * c.n_embd * itemsize
     while batch_size > 1 and batch_size * row > _CACHE_BYTES:
         batch_size = 1 << (batch_size - 1).bit_length() - 1
     return batch_size
@@ -228,7 +228,7 @@ def generate_ids(model, tokenizer, prompts: str | Sequence[str], *, max_new_toke
         graphdef, params = nnx.split(model)
         eos = tokenizer.eos_token_id
         longest = bucket_length(max(len(r) for r in ids), _PROMPT_BUCKETS, limit)
-        batch_size = _cache_rows(model, longest, steps, batch_size)
+        batch_size = _cache_rows(model, longest, steps, batch_size, _cache_dtype(params).itemsize)
         order = sorted(range(len(ids)), key=lambda k: -len(ids[k]))  # similar lengths share a batch: little padding
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]

@@ -135,7 +135,7 @@ def test_batched_greedy_matches_transformers_batched_and_one_by_one(varied, toke
     assert generate_ids(model, stop, prompts, max_new_tokens=20, batch_size=2) == batched  # 2 + 2 + 1
     assert [generate_ids(model, stop, p, max_new_tokens=20) for p in prompts] == batched
     texts = generate(model, tok, INSTRUCTIONS, max_new_tokens=20)  # the same programs: EOS is an input
-    assert texts == [tok.decode([t for t in r if t != 50256]).strip() for r in torch_generate(torch_model, tok, prompts, 20, 50256)]
+    assert texts == [tok.decode([t for t in r if t != 50256]).strip() for r in free]
     assert generate(model, tok, INSTRUCTIONS[2], max_new_tokens=20) == texts[2] and generate(model, tok, []) == []
 
 
@@ -202,7 +202,7 @@ def test_filtered_distribution_matches_transformers_warpers(temperature, top_k, 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.4, 6, 0.8)])
 def test_sampled_tokens_follow_the_filtered_distribution(temperature, top_k, top_p):
-    """Draws as generation makes them (one row each, keys from the seed and the row) have the reference's frequencies."""
+    """Draws as generation makes them (a row each, keys from the seed and the row) have the reference's frequencies."""
     import numpy as np
 
     from jaxtune.generate import _next_tokens, _row_keys, _sampling
@@ -211,8 +211,8 @@ def test_sampled_tokens_follow_the_filtered_distribution(temperature, top_k, top
     n = 20000
     values, flags, seed = _sampling(temperature, top_k, top_p, 7)
     tokens = np.asarray(_next_tokens(np.repeat(logits, n, 0), _row_keys(seed, np.arange(n)), 3, values, flags))
-    np.testing.assert_allclose(np.bincount(tokens, minlength=12) / n, transformers_probs(logits, temperature, top_k, top_p)[0],
-                               atol=0.012)
+    expected = transformers_probs(logits, temperature, top_k, top_p)[0]
+    np.testing.assert_allclose(np.bincount(tokens, minlength=12) / n, expected, atol=0.012)
 
 
 def test_sampled_answers_stay_in_the_filter_and_do_not_depend_on_the_batch(varied, tokenizer):
