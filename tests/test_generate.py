@@ -235,3 +235,17 @@ def test_sampled_answers_stay_in_the_filter_and_do_not_depend_on_the_batch(varie
         assert all(t in top3[len(ids) - 1 + j] for j, t in enumerate(answer))
     text = generate(model, tok, INSTRUCTIONS[0], **kw)
     assert list(stream(model, tok, INSTRUCTIONS[0], **kw))[-1] == text
+
+
+def test_a_batch_key_value_cache_stays_under_its_budget():
+    from types import SimpleNamespace
+
+    from jaxtune.config import PRESETS
+    from jaxtune.generate import _CACHE_BYTES, _cache_rows
+
+    gpt2 = SimpleNamespace(config=PRESETS["gpt2"])  # 12 layers x 768: 73,728 bytes of float32 keys and values a slot
+    assert _cache_rows(gpt2, 32, 64, 64) == 64  # 96 slots a row: 453 MB for 64 rows
+    assert _cache_rows(gpt2, 1024, 64, 64) == 8  # 1,088 slots a row: 8 rows = 642 MB, 16 would pass 1 GiB
+    assert _cache_rows(gpt2, 1024, 64, 64, itemsize=2) == 16  # bfloat16 halves a row
+    rows = _cache_rows(gpt2, 1024, 1024, 64)
+    assert rows * 2 * 12 * 2048 * 768 * 4 <= _CACHE_BYTES < 2 * rows * 2 * 12 * 2048 * 768 * 4
