@@ -98,14 +98,16 @@ def score_answer(tokenizer, ids: list[int], reference: str) -> dict:
 
 
 def evaluate_model(model, tokenizer, pairs: list[Pair], *, name: str = "model", max_new_tokens: int = 64,
-                   batch_size: int = DEFAULT_BATCH_SIZE) -> ModelEval:
-    """The loss on the pairs, then every instruction answered greedily (in batches) and scored."""
+                   batch_size: int = DEFAULT_BATCH_SIZE,
+                   on_progress: Callable[[int, int], None] | None = None) -> ModelEval:
+    """The loss on the pairs, then every instruction answered greedily (in batches) and scored.
+    on_progress(answered, total) follows each batch of answers (for a progress bar)."""
     if not pairs:
         raise DataError("no held-out pairs to evaluate on")
     start = time.perf_counter()
     loss = validation_loss(model, tokenizer, pairs)
     ids = generate_ids(model, tokenizer, [format_prompt(p.instruction) for p in pairs],
-                       max_new_tokens=max_new_tokens, batch_size=batch_size)
+                       max_new_tokens=max_new_tokens, batch_size=batch_size, on_progress=on_progress)
     answers = [score_answer(tokenizer, a, p.response) for a, p in zip(ids, pairs)]
     n = len(answers)
     return ModelEval(

@@ -14,7 +14,7 @@ on the batch it lands in.
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -210,10 +210,11 @@ def _left_padded(rows: list[list[int]], batch: int, pad_id: int, limit: int):
 
 def generate_ids(model, tokenizer, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> list[int] | list[list[int]]:
+                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 on_progress: Callable[[int, int], None] | None = None) -> list[int] | list[list[int]]:
     """New token ids after each prompt (raw text, special tokens' strings read as text), each ending with EOS when
     the model stopped by itself. One prompt gives one list; a list of prompts gives a list of lists, answered
-    `batch_size` at a time (prompts of similar length together)."""
+    `batch_size` at a time (prompts of similar length together). on_progress(answered, total) follows each batch."""
     single = isinstance(prompts, str)
     prompts = [prompts] if single else list(prompts)
     max_new_tokens = checked_int("max_new_tokens", max_new_tokens, 0, 2**20)
@@ -244,6 +245,8 @@ def generate_ids(model, tokenizer, prompts: str | Sequence[str], *, max_new_toke
             for k, answer in _decode_all(graphdef, params, state, chunk + [-1] * (B - len(chunk)), prompt.shape[1],
                                          eos, values, sampling):
                 answers[k] = answer
+            if on_progress is not None:
+                on_progress(start + len(chunk), len(ids))
     return answers[0] if single else answers
 
 

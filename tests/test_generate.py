@@ -149,8 +149,11 @@ def test_batches_compile_a_handful_of_programs(hf_dir):
     prompts = [format_prompt("word " * n) for n in range(1, 12)]  # 11 prompts of 8 to 18 tokens
     before = programs()
     # longest first: 18, 17, 16, 15 (padded to 32), then 14 to 11 and 10 to 8 (16, the last 3 rows run as 4)
-    answers = generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=4)
+    progress = []
+    answers = generate_ids(model, tok, prompts, max_new_tokens=6, batch_size=4,
+                           on_progress=lambda done, total: progress.append((done, total)))
     assert programs() - before == 2 * 2 and [len(a) for a in answers] == [6] * 11
+    assert progress == [(4, 11), (8, 11), (11, 11)]
     generate_ids(model, tok, prompts[:2], max_new_tokens=6, batch_size=4)  # 2 rows: a new batch size
     generate_ids(model, tok, prompts[3:6], max_new_tokens=6, batch_size=4)  # 3 rows of 16: run as 4, no new program
     assert programs() - before == 3 * 2
