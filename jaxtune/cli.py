@@ -35,7 +35,7 @@ _FLAGS = {
     "grad_accum": "train.grad_accum", "max_steps": "train.max_steps", "dtype": "train.dtype", "fsdp": "train.fsdp",
     "no_dropout": "train.dropout", "pack": "train.pack", "report_to": "report_to", "merge": "merge",
     "lora_rank": "train.lora_rank", "lora_alpha": "train.lora_alpha", "lora_targets": "train.lora_targets",
-    "lora_dropout": "train.lora_dropout",
+    "lora_dropout": "train.lora_dropout", "remat": "train.remat",
 }
 
 
@@ -89,6 +89,9 @@ def _train_parser(sub):
     p.add_argument("--lora-targets", nargs="+", choices=("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj"),
                    help="projections to adapt (default c_attn, PEFT's default for GPT-2; c_proj means both)")
     p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input while training (default 0)")
+    p.add_argument("--remat", action="store_true", help="gradient checkpointing per block: keep only each block's "
+                   "input and recompute the rest in the backward pass (less activation memory on GPUs and TPUs; "
+                   "XLA's CPU compiler folds the recomputation away)")
     p.add_argument("--merge", action="store_true", help="with --lora-rank: also write the merged full model into "
                    "<output>/merged (Hugging Face layout)")
     p.add_argument("--report-to", nargs="+", choices=("none", "tensorboard", "trackio", "wandb"),

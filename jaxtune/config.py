@@ -154,6 +154,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank; default 2 * rank
     lora_targets: tuple[str, ...] = ("c_attn",)  # PEFT's default for GPT-2; also c_proj, c_fc, attn.c_proj, mlp.c_proj
     lora_dropout: float = 0.0  # dropout on the adapters' input (PEFT's lora_dropout), with dropout on
+    remat: bool = False  # gradient checkpointing per block: recompute each block's inside in the backward pass
     buckets: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024))
 
     def __post_init__(self):
@@ -169,7 +170,7 @@ class TrainConfig:
         self.learning_rate = checked_float("learning_rate", self.learning_rate, positive=True)
         self.weight_decay = checked_float("weight_decay", self.weight_decay)
         self.grad_clip = checked_float("grad_clip", self.grad_clip, positive=True)
-        for name in ("dropout", "fsdp", "pack"):
+        for name in ("dropout", "fsdp", "pack", "remat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
         if isinstance(self.buckets, (str, bytes)) or not self.buckets:

@@ -236,9 +236,13 @@ class GPT2LMHeadModel(nnx.Module):
         x_BTD = jnp.take(self.wte.embedding[...], input_ids_BT, axis=0) + jnp.take(self.wpe.embedding[...], positions_BT, axis=0)
         x_BTD = _rows_split(_dropout(x_BTD, self.config.embd_pdrop, embd_rng))
         new_k, new_v = [], []
+        remat = getattr(self, "remat", False) and cache is None
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
-            x_BTD, kv = block(x_BTD, mask_B1TS, kv, cache_index, layer_rngs[i])
+            if remat:  # gradient checkpointing: keep each block's input, recompute its inside in the backward pass
+                x_BTD, kv = nnx.remat(lambda b, x, m, r: b(x, m, None, None, r))(block, x_BTD, mask_B1TS, layer_rngs[i])
+            else:
+                x_BTD, kv = block(x_BTD, mask_B1TS, kv, cache_index, layer_rngs[i])
             x_BTD = _rows_split(x_BTD)
             if kv is not None:
                 new_k.append(kv[0])

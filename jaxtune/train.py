@@ -246,6 +246,7 @@ class Trainer:
             real = sum(lengths)
         self.planned_real_token_share = real / computed
         self.frozen = None
+        model.remat = cfg.remat  # static: part of the graph definition the step is traced from
         if cfg.lora_rank:  # LoRA: only the adapters are trained (and held by the optimizer); the base is frozen
             if not has_lora(model):
                 add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
@@ -592,7 +593,9 @@ def plan_step_memory(config, cfg: TrainConfig, *, targets: int | None = None, de
     """
     from jaxtune.model import abstract
 
-    graphdef, params = nnx.split(abstract(config))
+    model = abstract(config)
+    model.remat = cfg.remat
+    graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
     optimizer = make_optimizer(cfg, total_steps=1000)
     opt_state = jax.eval_shape(optimizer.init, params)

@@ -345,3 +345,23 @@ def test_bfloat16_loss_and_every_gradient_track_float32(pack):
             continue  # e.g. position rows no token reached
         cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)
         assert cosine > 0.99 and abs(np.linalg.norm(b) / np.linalg.norm(a) - 1) < 0.05, (path, cosine)
+
+
+def test_remat_recomputes_each_block_and_changes_nothing_else():
+    """--remat wraps every block in a checkpoint (one remat per block in the traced step) and the loss and every
+    gradient are those of the plain step. (On CPUs XLA folds the recomputation back into the forward pass, so the
+    memory plan is the same there; the README says so.)"""
+    model, tok = load("tiny")
+    batch = None
+    results = {}
+    for remat in (False, True):
+        trainer = Trainer(model, tok, QA, TrainConfig(batch_size=4, max_length=64, remat=remat))
+        batch = batch or next(iter(trainer._batches()))[1]
+        jaxpr = str(jax.make_jaxpr(trainer._step)(trainer.params, trainer.opt_state, batch, jax.random.key(0),
+                                                  jnp.asarray(True)))
+        assert jaxpr.count("remat") == (model.config.n_layer if remat else 0)
+        params, _, metrics = trainer._step(trainer.params, trainer.opt_state, batch, jax.random.key(0), jnp.asarray(True))
+        results[remat] = (float(metrics["loss"]), jax.tree.leaves(params))
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-6)
+    for a, b in zip(results[False][1], results[True][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
