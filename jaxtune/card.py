@@ -95,7 +95,7 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                       "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```"]
         lines.append("")
     if evaluation:
-        keys = [k for k in ("rouge_l", "exact_match", "stop_rate", "mean_length", "val_loss", "perplexity")
+        keys = [k for k in ("rouge_l", "exact_match", "stop_rate", "mean_tokens", "val_loss", "perplexity")
                 if any(k in row for row in evaluation)]
         lines += ["## Evaluation", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for row in evaluation:
@@ -106,6 +106,37 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
               "A small GPT-2 model repeats the style of its training pairs and can state wrong facts confidently; "
               "check its answers before showing them to customers.", ""]
     return "\n".join(lines)
+
+
+def add_evaluation(readme: Path, rows: list[dict], *, data: str) -> bool:
+    """Put an evaluation table (rows from `python -m jaxtune eval`) into a model card jaxtune wrote, replacing an
+    earlier one; returns False (and changes nothing) for a README that is not a jaxtune card."""
+    readme = Path(readme)
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except OSError:
+        return False
+    if "tags:" not in text or "- jaxtune" not in text.split("---")[1 if text.startswith("---") else 0]:
+        return False
+    stub = model_card(_NoConfig(), evaluation=rows)
+    section = stub[stub.index("## Evaluation"):stub.index("## Limitations")].rstrip() + "\n"
+    section = section.replace("## Evaluation\n", f"## Evaluation\n\nGreedy answers to the held-out pairs in `{data}`, "
+                              "scored against their references (`python -m jaxtune eval`):\n", 1)
+    if "## Evaluation" in text:
+        start = text.index("## Evaluation")
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+    elif "## Limitations" in text:
+        at = text.index("## Limitations")
+        text = text[:at] + section + "\n" + text[at:]
+    else:
+        text = text.rstrip() + "\n\n" + section
+    readme.write_text(text, encoding="utf-8")
+    return True
+
+
+class _NoConfig:  # model_card's architecture line, for a card built only for its evaluation section
+    n_layer = n_embd = n_head = n_positions = 0
 
 
 def tidy_tokenizer_config(directory: Path, n_positions: int) -> None:

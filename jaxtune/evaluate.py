@@ -176,6 +176,7 @@ def write_reports(results: list[ModelEval], pairs: list[Pair], directory, *, dat
                   max_new_tokens: int) -> list[Path]:
     """eval.json, eval.jsonl and eval.md in `directory`, each written whole (a temporary name, then renamed). In a
     jaxtune run directory they are recorded as jaxtune's files."""
+    from jaxtune.card import add_evaluation
     from jaxtune.rundir import MANIFEST, claim
 
     directory = Path(directory)
@@ -191,6 +192,7 @@ def write_reports(results: list[ModelEval], pairs: list[Pair], directory, *, dat
         _write_atomic(directory / name, text)
     if (directory / MANIFEST).exists():
         claim(directory, FILES)
+        add_evaluation(directory / "README.md", [r.summary() for r in results], data=data)  # the model card's table
     return [directory / name for name in FILES]
 
 

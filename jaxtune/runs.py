@@ -242,9 +242,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     result.history = history + result.history
     if not lead:
         return outcome
-    samples = [{"instruction": p.instruction, "reference": p.response,
-                "generated": generate(model, tokenizer, p.instruction, max_new_tokens=64)}
-               for p in (val_pairs or pairs)[: cfg.samples]]
+    held = (val_pairs or pairs)[: cfg.samples]
+    answers = generate(model, tokenizer, [p.instruction for p in held], max_new_tokens=64) if held else []
+    samples = [{"instruction": p.instruction, "reference": p.response, "generated": a} for p, a in zip(held, answers)]
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
     run_info = {"base_model": cfg.model, "source": getattr(model, "source", cfg.model), "config": cfg.to_dict(),
                 "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
