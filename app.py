@@ -2,8 +2,11 @@
 
     python app.py        # http://127.0.0.1:7860 ; on a Hugging Face Space it runs as it is
 
-Only the front end lives here: loading, training, generating and saving are jaxtune's public functions, the
-same ones the command line calls. Each browser session has its own data, models and results.
+Only the front end lives here. Runs belong to the server, not to a page: Start hands the run to a
+`jaxtune.runs.Registry` (the same `execute` as `python -m jaxtune train`), which trains it in its own worker and
+writes its folder (config.yaml, metrics.jsonl, train.log, checkpoints, the Hugging Face model). The browser keeps
+its run ids (`gr.BrowserState`) and a 1 s `gr.Timer` redraws the chosen run, so a reload or a closed tab loses
+nothing. A desktop lists every run in the folder; a public Space only the browser's own.
 
 Anyone can call a Space's API with gradio_client, bypassing the widgets, so every value is checked here, on the
 server, against `BOUNDS` and the limits below before anything is loaded or allocated. With `SPACE_ID` set (a
@@ -13,38 +16,47 @@ presets only, never a path on the server, and uploads are limited in size and ro
 
 from __future__ import annotations
 
-import atexit
-import functools
-import inspect
-import json
-import logging
-import math
 import os
-import queue
-import re
-import shutil
-import signal
-import tempfile
-import threading
-import time
-import uuid
-import weakref
-from dataclasses import dataclass, replace
-from pathlib import Path
 
-import gradio as gr
-import jax
-import numpy as np
-import pandas as pd
-from flax import nnx
+# transformers prints "PyTorch was not found..." when it is imported without torch (as on a Space): the app only
+# uses its tokenizers, so its warnings are left out of the server's output.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import jaxtune
-from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,
+import atexit  # noqa: E402
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import secrets  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+import weakref  # noqa: E402
+import zipfile  # noqa: E402
+from collections import OrderedDict  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import jax  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import jaxtune  # noqa: E402
+from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer)
-from jaxtune.config import LOSS_MODES, GPT2Config, TrainConfig
-from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode, inspect_rows, read_pairs,
-                          record_to_pair)
-from jaxtune.model import abstract, num_params
+from jaxtune.config import LOSS_MODES, GPT2Config, RunConfig, TrainConfig  # noqa: E402
+from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,  # noqa: E402
+                          inspect_rows, read_pairs, record_to_pair)
+from jaxtune.model import abstract, num_params  # noqa: E402
+from jaxtune.rundir import RunDirError  # noqa: E402
+from jaxtune.runs import ACTIVE, Registry, default_root  # noqa: E402
 
 log = logging.getLogger("jaxtune.app")
 
@@ -291,10 +303,72 @@ def _guarded(fn):
     return function
 
 
-# ---------------------------------------------------------------------------------------------- sessions
-_BASES: dict[str, tuple] = {}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+# Runs live in a folder on the server (JAXTUNE_RUNS_DIR; runs/ beside the app on a desktop; on a Space /data when
+# persistent storage is mounted, else a capped temporary folder). On a Space a run no page has polled for
+# JAXTUNE_ORPHAN_SECONDS is checkpointed and stopped; a desktop run goes on with no page open.
+RUNS_DIR, RUNS_SIZE_CAP = default_root(public=PUBLIC, app_dir=Path(__file__).parent)
+ORPHAN_SECONDS = _env_number("JAXTUNE_ORPHAN_SECONDS", 600, 1, 7 * 86400) if PUBLIC else None
+POLL_SECONDS = 1.0
+TUNED_CACHE = 3  # trained models kept loaded for Try
+
+
+@dataclass(frozen=True)
+class Defaults:
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    max_length: int
+    warmup_steps: int
+    why: str
+
+
+# The embedded model starts from random weights: it needs many steps at a high rate to learn anything (these are
+# configs/cpu-quick.yaml's, a few minutes on two CPU cores for the example data). Pretrained weights need only a
+# few passes at a low rate, or they forget what they knew.
+TINY_DEFAULTS = Defaults(20, 8, 5e-3, 96, 20, f"**{EMBEDDED}** starts from random weights, so it gets many steps at a "
+                         "high learning rate (configs/cpu-quick.yaml: 20 epochs, 5e-3; a few minutes on 2 CPU cores "
+                         "for the example data).")
+PRETRAINED_DEFAULTS = Defaults(3, 8, 5e-5, 128, 10, "**{name}** is pretrained, so it gets fine-tuning settings: 3 "
+                               "epochs at 5e-5, enough to learn the format without forgetting what it knew.")
+DEFAULT_FIELDS = ("epochs", "batch_size", "learning_rate", "max_length", "warmup_steps")
+
+
+@functools.lru_cache(maxsize=1)
+def _auto_model() -> str:
+    """What auto will load: gpt2 when it is cached or the hub can be reached, else the embedded model."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache("gpt2", "model.safetensors"), str):
+            return "gpt2"
+    except Exception:  # noqa: BLE001 - no cache
+        pass
+    return "gpt2" if hub_reachable(timeout=1.0) else EMBEDDED
+
+
+def model_defaults(name) -> Defaults:
+    resolved = _auto_model() if name in (None, "", "auto") else str(name)
+    if resolved == EMBEDDED:
+        why = TINY_DEFAULTS.why if name == EMBEDDED else (
+            f"auto means {EMBEDDED} here (gpt2 is neither cached nor reachable). {TINY_DEFAULTS.why}")
+        return Defaults(**{**TINY_DEFAULTS.__dict__, "why": why})
+    label = resolved if name == resolved else f"auto ({resolved})"
+    return Defaults(**{**PRETRAINED_DEFAULTS.__dict__, "why": PRETRAINED_DEFAULTS.why.format(name=label)})
+
+
+def _model_cache_key(name: str, seed: int):
+    """The embedded model's random weights depend on the seed (so does auto's fallback); hub models do not."""
+    return (name, seed) if name in ("auto", EMBEDDED) else (name, 0)
+
+
+_BASES: OrderedDict = OrderedDict()
 _BASES_LOCK = threading.Lock()
-_SESSIONS: weakref.WeakSet = weakref.WeakSet()  # every open session, to stop their runs at shutdown
+_TUNED: OrderedDict = OrderedDict()  # (run id, model file mtime) -> (model, tokenizer)
+_TUNED_LOCK = threading.Lock()
+_SESSIONS: weakref.WeakSet = weakref.WeakSet()
 _BY_HASH: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # Gradio's session hash -> Session
 _WORKDIRS: set[Path] = set()  # every session folder not yet removed
 
@@ -351,50 +425,87 @@ def _check_parameters(config: GPT2Config, name: str):
                        title="Model too large")
 
 
-def _shared_base(name: str):
-    """Base models are read-only (training copies the weights), so all sessions share one copy of each."""
+
+def _shared_base(name: str, seed: int = 0):
+    """Base models are read-only (training clones them), so all sessions and runs share one copy of each."""
+    key = _model_cache_key(name, seed)
     with _BASES_LOCK:
-        if name not in _BASES:
-            if len(_BASES) >= 2:  # keep memory bounded on a small Space: drop the oldest
-                _BASES.pop(next(iter(_BASES)))
-            model, tokenizer = _load_hub(name) if PUBLIC and name not in ("auto", EMBEDDED) else jaxtune.load(name)
+        if key not in _BASES:
+            while len(_BASES) >= 2:  # keep memory bounded on a small Space: drop the oldest
+                _BASES.popitem(last=False)
+            if PUBLIC and name not in ("auto", EMBEDDED):
+                model, tokenizer = _load_hub(name)
+            else:
+                model, tokenizer = jaxtune.load(name, seed=seed)
             _check_parameters(model.config, name)
-            _BASES[name] = model, tokenizer
-        return _BASES[name]
+            _BASES[key] = model, tokenizer
+        _BASES.move_to_end(key)
+        return _BASES[key]
+
+
+def _run_model(name: str, seed: int):
+    """The registry's model loader: a clone of the shared base (the trainer writes into the model it is given)."""
+    try:
+        model, tokenizer = _shared_base(name, seed)
+    except gr.Error as e:
+        raise ModelLoadError(e.message) from None
+    clone = nnx.clone(model)
+    clone.source = getattr(model, "source", name)
+    return clone, tokenizer
+
+
+def _browser_secret() -> str:
+    """The key that encrypts the browser's run ids in its localStorage: kept beside the runs, so that a restarted
+    server still reads the ids its pages stored."""
+    path = RUNS_DIR / ".jaxtune-app-secret"
+    try:
+        return path.read_text().strip() or secrets.token_hex(16)
+    except OSError:
+        value = secrets.token_hex(16)
+        try:
+            RUNS_DIR.mkdir(parents=True, exist_ok=True)
+            path.write_text(value)
+        except OSError:
+            pass
+        return value
+
+
+REGISTRY = Registry(RUNS_DIR, concurrent=CONCURRENT_RUNS, max_seconds=MAX_TRAIN_SECONDS,
+                    orphan_seconds=ORPHAN_SECONDS, size_cap=RUNS_SIZE_CAP, load_model=_run_model)
 
 
 class Session:
-    """One browser session's data, models and results. Closed (its run stopped, its folder removed) when the tab
-    closes, when its state expires and when the app stops."""
+    """One browser session: its data beyond the table, the runs it knows (the browser's, or those an API client
+    started), the run the train panel shows (`watch`) and the one Export, Resume and Delete act on (`pick`)."""
 
     def __init__(self):
-        self.model_name: str | None = None
-        self.base = self.tuned = self.tokenizer = None
-        self.stop = threading.Event()
-        self.history: list[dict] = []
         self.rest: list[list[str]] = []  # loaded pairs after the ones the table shows: kept here, not in the page
         self.source = ""  # the file they came from
+        self.ids: list[str] = []  # this browser's runs, oldest first
+        self.watch: str | None = None
+        self.pick: str | None = None
+        self.table_ids: list[str] = []  # the runs table's rows
+        self.sent: dict = {}  # what the page already shows, so a poll sends only what changed
+        self.attached = False  # this browser's stored run ids were read
         self._workdir: Path | None = None
         _SESSIONS.add(self)
 
     @property
     def workdir(self) -> Path:
-        """The session's folder, made when something is first written (an export). It is removed by close(),
-        and also when the session is garbage-collected (Gradio dropped its state without a callback) and at exit."""
+        """The session's folder (exported zips), made when first needed, removed by close(), when the session is
+        garbage-collected and at exit."""
         if self._workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="jaxtune-app-"))
             _WORKDIRS.add(self._workdir)
             self._remove = weakref.finalize(self, _remove_dir, self._workdir)
         return self._workdir
 
-    def base_model(self, name: str):
-        if self.base is None or self.model_name != name:
-            self.base, self.tokenizer = _shared_base(name)
-            self.model_name, self.tuned, self.history = name, None, []
-        return self.base, self.tokenizer
+    def adopt(self, run_ids):
+        for run_id in run_ids or ():
+            if isinstance(run_id, str) and run_id not in self.ids and REGISTRY.get(run_id) is not None:
+                self.ids.append(run_id)
 
     def close(self):
-        self.stop.set()
         if self._workdir is not None:
             self._remove()
 
@@ -413,8 +524,8 @@ def _session(session, request=None) -> Session:
 
 
 def _unload(request: gr.Request):
-    """The tab was closed: stop its run and remove its folder now (Gradio keeps a closed session's state, and calls
-    the state's delete callback, only an hour later)."""
+    """The tab was closed: its folder goes now (Gradio drops a closed session's state only an hour later). Its runs
+    go on: they belong to the server (on a Space the orphan limit stops them)."""
     session = _BY_HASH.pop(getattr(request, "session_hash", None) or "", None)
     if session is not None:
         session.close()
@@ -426,11 +537,16 @@ def _close(session):
 
 
 def shutdown():
-    """Stop every run, remove every session folder and Gradio's cached files of this app (uploads, exported zips):
-    atexit, and SIGTERM/SIGINT through `_on_signal`. (Gradio deletes its cache in the server's own shutdown too,
-    but that is cut short when the server does not stop within 5 s.)"""
-    for session in list(_SESSIONS):
-        session.stop.set()
+    """Stop every active run (each writes a checkpoint and its model, so Resume continues it), remove every session
+    folder and Gradio's cached files of this app (uploads, exported zips): atexit, and SIGTERM/SIGINT through
+    `_on_signal`. (Gradio deletes its cache in the server's own shutdown too, but that is cut short when the server
+    does not stop within 5 s.)"""
+    active = [run for run in REGISTRY.list() if run.status in ACTIVE]
+    for run in active:
+        REGISTRY.stop(run.id, "the server was shut down")
+    deadline = time.time() + 30
+    while any(run.status in ACTIVE for run in active) and time.time() < deadline:
+        time.sleep(0.2)
     for directory in list(_WORKDIRS):
         _remove_dir(directory)
     try:
@@ -447,7 +563,6 @@ atexit.register(shutdown)
 def _on_signal(signum, frame):
     shutdown()
     raise KeyboardInterrupt  # launch() then closes the server, whose shutdown deletes Gradio's cache, and returns
-
 
 # ---------------------------------------------------------------------------------------------- data
 def _table_rows(table) -> list[list[str]]:
@@ -611,33 +726,9 @@ def preview(table, row_number, max_length, loss_on, session):
     return spans, counts + f" · showing {pair.where}", problems
 
 
+
+
 # ---------------------------------------------------------------------------------------------- train
-def _progress_html(step=0, total=0, eta=None, tps=None, loss=None, note="") -> str:
-    pct = 100.0 * step / total if total else 0.0
-    bits = [f"step {step}/{total}" if total else "not started", f"{pct:.0f}%"]
-    if eta is not None:
-        bits.append(f"ETA {int(eta // 60)}m {int(eta % 60):02d}s")
-    if tps:
-        bits.append(f"{tps:,.0f} tokens/s")
-    if loss is not None:
-        bits.append(f"loss {loss:.4f}")
-    return (f'<div class="jt-progress"><div class="jt-bar" style="width:{pct:.1f}%"></div></div>'
-            f'<div class="jt-progress-text">{" · ".join(bits)}{(" — " + note) if note else ""}</div>')
-
-
-def _plot(history) -> pd.DataFrame:
-    rows = [(h["step"], h["loss"], "train") for h in history]
-    rows += [(h["step"], h["val_loss"], "validation") for h in history if h.get("val_loss") is not None]
-    df = pd.DataFrame(rows, columns=["step", "loss", "split"])  # typed, so the plot's axes are quantitative
-    return df.astype({"step": "int64", "loss": "float64", "split": "str"})
-
-
-def _time_limit(during: str, started: float) -> gr.Error:
-    return gr.Error(f"The time limit of {MAX_TRAIN_SECONDS:,} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached {during}, "
-                    f"after {time.monotonic() - started:.0f} s, before the first step. Use a smaller model or fewer "
-                    "pairs.", title="Time limit")
-
-
 def _check_run_size(epochs: int, pairs: int, batch_size: int):
     """Refuse a run that cannot finish in the time limit at the generous rates above, before anything is built."""
     per_epoch = math.ceil(pairs / batch_size)
@@ -662,11 +753,16 @@ def _check_memory(config: GPT2Config, name: str, batch_size: int, max_length: in
                        "or the max length, or pick a smaller model.", title="Too large for this machine")
 
 
-@_guarded
-def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-              precision, validation_fraction, pack, session, request: gr.Request = None):
-    started = time.monotonic()  # the time limit covers the whole request: loading, tokenizing, compiling, training
-    deadline = started + MAX_TRAIN_SECONDS
+def _time_limit(during: str, started: float) -> gr.Error:
+    return gr.Error(f"The time limit of {MAX_TRAIN_SECONDS:,} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached {during}, "
+                    f"after {time.monotonic() - started:.0f} s, before the first step. Use a smaller model or fewer "
+                    "pairs.", title="Time limit")
+
+
+def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
+           validation_fraction, pack, session: Session):
+    """Check every value, then hand the run to the registry (it queues at once and trains in its own worker)."""
+    started = time.monotonic()
     # every value first: nothing is loaded, tokenized or allocated for a request that cannot run
     name = _model_name(model_name)
     loss_on = _choice("Loss on", loss_on, LOSS_MODES)
@@ -677,128 +773,388 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
     validation_fraction = _number("validation_fraction", validation_fraction)
     pack = _flag("Pack examples", pack)
     try:
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
-                          loss_on=loss_on, seed=seed, warmup_steps=warmup_steps, dtype=precision, pack=pack,
-                          max_steps=MAX_STEPS)
+        tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
+                           loss_on=loss_on, seed=seed, warmup_steps=warmup_steps, dtype=precision, pack=pack,
+                           max_steps=MAX_STEPS)
     except ValueError as e:
         raise gr.Error(str(e), title="Cannot train with these settings")
-    session = _session(session, request)
     report = inspect_rows(_all_rows(table, session), TOKENIZER, max_length=max_length, loss_on=loss_on)
     if report.problems:
         raise gr.Error("Fix these rows first:\n" + "\n".join(report.problems[:10]), title="Data problems")
     if not report.pairs:
         raise gr.Error("The table has no pairs. Add rows or load the example data.", title="No data")
-    pairs, val_pairs = report.pairs, None
-    if validation_fraction and len(pairs) >= 4:
-        order = np.random.default_rng(seed).permutation(len(pairs))
-        n_val = max(1, int(round(len(pairs) * validation_fraction)))
-        val_pairs = [pairs[i] for i in order[:n_val]]
-        pairs = [pairs[i] for i in order[n_val:]]
-    _check_run_size(epochs, len(pairs), batch_size)
-    lines = [f"{report.summary()}"]
-    yield _progress_html(note="loading model"), None, "\n".join(lines), session
+    pairs = report.pairs
+    lines = [report.summary()]
+    if validation_fraction and len(pairs) < 4:
+        lines.append(f"validation: none (a validation fraction needs at least 4 pairs; there are {len(pairs)})")
+        validation_fraction = 0.0
+    n_val = max(1, round(len(pairs) * validation_fraction)) if validation_fraction else 0
+    _check_run_size(epochs, len(pairs) - n_val, batch_size)
     try:
-        base, tokenizer = session.base_model(name)
+        base, _ = _shared_base(name, seed)
     except (ModelLoadError, jaxtune.ConfigError) as e:
         raise gr.Error(str(e), title="Could not load the model")
-    cfg = replace(cfg, max_length=min(max_length, base.config.n_positions))
-    _check_memory(base.config, name, batch_size, cfg.max_length)
-    lines.append(f"model: {getattr(base, 'source', name)} ({jaxtune.model.num_params(base) / 1e6:.1f}M parameters)")
-    if val_pairs:
-        lines.append(f"validation: {len(val_pairs)} pairs held out")
-    if time.monotonic() > deadline:
+    if time.monotonic() - started > MAX_TRAIN_SECONDS:
         raise _time_limit("while loading the model", started)
+    tcfg.max_length = min(max_length, base.config.n_positions)
+    _check_memory(base.config, name, batch_size, tcfg.max_length)
+    steps = min(MAX_STEPS, epochs * math.ceil((len(pairs) - n_val) / batch_size))  # packed runs take fewer
+    cfg = RunConfig(model=name, validation_fraction=validation_fraction, train=tcfg, samples=2, keep_checkpoints=2,
+                    eval_every=max(1, steps // 10) if n_val else None,  # the validation curve: about 10 points
+                    save_every=max(25, math.ceil(steps / 5)))  # a checkpoint every fifth of the run (and on Stop)
+    if n_val:
+        lines.append(f"validation: {n_val} of {len(pairs)} pairs held out (seeded), evaluated every {cfg.eval_every} "
+                     "steps")
+    lines.append(f"time limit: {MAX_TRAIN_SECONDS:,} s for the whole run (JAXTUNE_MAX_TRAIN_SECONDS), from when it "
+                 "leaves the queue: loading, compiling and training")
+    run = REGISTRY.start(cfg, pairs, name=time.strftime("%m-%d %H:%M:%S ") + name, note="\n".join(lines))
+    session.ids.append(run.id)
+    session.watch = run.id
+    return run
+
+
+TRAIN_INPUTS = "table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, " \
+               "precision, validation_fraction, pack"
+
+
+@_guarded
+def start_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
+              precision, validation_fraction, pack, session, saved, request: gr.Request = None):
+    """The page's Start: the run goes to the registry and its id into this browser's storage; the poll draws it."""
+    session = _attached(session, saved, request)
+    _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
+           validation_fraction, pack, session)
+    saved = [i for i in (saved if isinstance(saved, list) else []) if isinstance(i, str)]
+    return [saved + [session.watch], session, *_view(session)]
+
+
+@_guarded
+def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
+              precision, validation_fraction, pack, session, request: gr.Request = None):
+    """The API's train: start a run and follow it to its end (progress, plot, log). Leaving early does not stop it."""
+    session = _session(session, request)
+    run = _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
+                 precision, validation_fraction, pack, session)
+    shown = None
+    while True:
+        REGISTRY.seen([run.id])
+        state = (run.status, run.step, len(run.log), len(run.history), REGISTRY.queue_text(run.id))
+        if state != shown:
+            shown = state
+            yield _progress_html(run), _plot(run), "\n".join(run.log), session
+        if run.status not in ACTIVE:
+            time.sleep(0.5)  # the last state again, after a pause: a client reading the stream then surely has it
+            yield _progress_html(run), _plot(run), "\n".join(run.log), session
+            return
+        time.sleep(0.3)
+
+
+def _target(session, run_id=None, *, what: str):
+    """A run this page may act on: on a public server only this browser's own."""
+    run_id = run_id if isinstance(run_id, str) and run_id else None
+    run = REGISTRY.get(run_id)
+    if run is None or (PUBLIC and run.id not in session.ids):
+        raise gr.Error(f"Pick a run to {what} in the runs table.", title="No run")
+    return run
+
+
+@_guarded
+def stop_run(session, request: gr.Request = None):
+    """Stop the run the train panel shows: a training run stops after its step (checkpointed, model written), a
+    waiting one leaves the queue."""
+    session = _session(session, request)
+    run = REGISTRY.get(session.watch)
+    if run is None or run.status not in ACTIVE:
+        return "No run of yours is queued or training."
+    waiting = run.status == "queued"
+    REGISTRY.stop(run.id)  # the run's message says when it stopped (or that it was cancelled while it waited)
+    return f"Cancelling {run.name}: it was waiting in the queue." if waiting else \
+        f"Stopping {run.name} after the current step (a checkpoint and the model are written)…"
+
+
+@_guarded
+def stop_by_id(run_id, session, request: gr.Request = None):
+    """The API's stop for any run this client may act on (on a desktop any run, on a Space its own)."""
+    session = _session(session, request)
+    run = _target(session, run_id, what="stop")
+    return "stopping" if REGISTRY.stop(run.id) else f"{run.name} is {run.status}"
+
+
+@_guarded
+def resume_run(run_id, session, request: gr.Request = None):
+    session = _session(session, request)
+    run = _target(session, run_id, what="resume")
     try:
-        model = nnx.clone(base)
-        trainer = jaxtune.Trainer(model, tokenizer, pairs, cfg, validation_pairs=val_pairs)
-    except (ValueError, jaxtune.TrainingError) as e:
-        raise gr.Error(str(e), title="Cannot train with these settings")
-    if time.monotonic() > deadline:
-        raise _time_limit("while preparing the data", started)
-    n = trainer.total_steps
-    lines.append(f"training {n} step{'s' * (n != 1)} on {jax.default_backend()} (the first compiles); real tokens "
-               f"fill {trainer.planned_real_token_share:.0%} of the computed positions{' (packed)' if pack else ''}")
-    lines.append(f"time limit: {MAX_TRAIN_SECONDS:,} s for the whole run (JAXTUNE_MAX_TRAIN_SECONDS), "
-               f"{deadline - time.monotonic():,.0f} s left")
-    session.stop.clear()
-    session.history = []
-    steps: queue.Queue = queue.Queue()
-    outcome: dict = {}
-    timed_out = threading.Event()
+        REGISTRY.resume(run.id)
+    except RunDirError as e:
+        raise gr.Error(str(e), title="Cannot resume")
+    session.watch = run.id
+    return f"Resuming {run.name} from its last checkpoint."
 
-    def should_stop() -> bool:
-        if session.stop.is_set():
-            return True
-        if time.monotonic() > deadline:
-            timed_out.set()
-            return True
-        return False
 
-    def work():
-        try:
-            outcome["result"] = trainer.run(on_step=steps.put, eval_every=max(1, trainer.total_steps // 10),
-                                            should_stop=should_stop)
-        except Exception as e:  # noqa: BLE001 - reported below
-            outcome["error"] = e
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    last = None
+@_guarded
+def delete_run(run_id, session, request: gr.Request = None):
+    session = _session(session, request)
+    run = _target(session, run_id, what="delete")
     try:
-        while thread.is_alive() or not steps.empty():
-            try:
-                last = steps.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            session.history.append(last.to_dict())
-            if last.step == 1 or last.step % 10 == 0 or last.val_loss is not None:
-                lines.append(f"step {last.step}: loss {last.loss:.4f}" +
-                           (f", validation {last.val_loss:.4f}" if last.val_loss is not None else ""))
-            yield (_progress_html(last.step, last.total_steps, last.eta, last.tokens_per_sec, last.loss),
-                   _plot(session.history), "\n".join(lines[-12:]), session)
-    finally:  # the client went away (tab closed, cancelled): stop the run so it does not hold the machine
-        if thread.is_alive():
-            session.stop.set()
-            thread.join()
-    if "error" in outcome:
-        error = outcome["error"]
-        if isinstance(error, MemoryError) or "RESOURCE_EXHAUSTED" in str(error):
-            log.warning("run ran out of memory: %s", error)
-            raise gr.Error("The run ran out of memory. Lower the batch size or the max length, or pick a smaller "
-                           "model.", title="Out of memory")
-        raise error  # logged with a reference by _guarded; the user gets no exception text
-    result = outcome["result"]
-    session.tuned = model
-    note = "done"
-    if result.diverged:
-        note = "stopped: the loss is not a number"
-        lines.append(f"⛔ {result.stopped}")
-        gr.Warning(result.stopped, title="Training stopped")
-    elif result.stopped and timed_out.is_set():
-        note = (f"stopped: the time limit of {MAX_TRAIN_SECONDS:,} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached after "
-                f"step {result.steps}; the model keeps what it learned")
-        lines.append(note)
-    elif result.stopped:
-        note = f"stopped after step {result.steps}; the model keeps what it learned"
-        lines.append(note)
+        REGISTRY.delete(run.id)
+    except RunDirError as e:
+        raise gr.Error(str(e), title="Cannot delete")
+    with _TUNED_LOCK:
+        for key in [k for k in _TUNED if k[0] == run.id]:
+            _TUNED.pop(key)
+    if run.id in session.ids:
+        session.ids.remove(run.id)
+    session.watch = None if session.watch == run.id else session.watch
+    session.pick = None if session.pick == run.id else session.pick
+    return f"Deleted {run.name} and its folder."
+
+
+@_guarded
+def pick_run(run_id, session, request: gr.Request = None):
+    """A run chosen in the runs list: the train panel shows it, and Export, Resume and Delete act on it."""
+    session = _session(session, request)
+    if isinstance(run_id, str) and REGISTRY.get(run_id) is not None and (not PUBLIC or run_id in session.ids):
+        session.pick = session.watch = run_id
+    return [session, *_view(session)]
+
+
+@_guarded
+def pick_row(session, evt: gr.SelectData, request: gr.Request = None):
+    session = _session(session, request)
+    row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+    if isinstance(row, int) and 0 <= row < len(session.table_ids):
+        session.pick = session.watch = session.table_ids[row]
+    return [session, *_view(session)]
+
+
+@_guarded
+def show_command(session, request: gr.Request = None):
+    """The run's config.yaml and the command line that repeats it."""
+    session = _session(session, request)
+    run = REGISTRY.get(session.watch) or REGISTRY.get(session.pick)
+    if run is None or (PUBLIC and run.id not in session.ids):
+        raise gr.Error("Start a run or pick one in the runs table first.", title="No run")
+    text = (run.dir / "config.yaml").read_text(encoding="utf-8")
+    command = f"python -m jaxtune train --config {run.dir / 'config.yaml'} --output runs-cli/{run.id}"
+    return gr.update(value=f"# {command}\n{text}", visible=True)
+
+
+@_guarded
+def runs_json(session, request: gr.Request = None):
+    """The API's runs list (what the runs table shows), with ids and folders."""
+    session = _session(session, request)
+    return [{**run.info(), "dir": str(run.dir)} for run in _visible(session)]
+
+
+# ---------------------------------------------------------------------------------------------- the view
+def _visible(session: Session):
+    return REGISTRY.list(session.ids) if PUBLIC else REGISTRY.list()
+
+
+def _ago(t) -> str:
+    if not t:
+        return ""
+    s = max(0.0, time.time() - t)
+    return f"{s:.0f} s ago" if s < 90 else f"{s / 60:.0f} min ago" if s < 5400 else f"{s / 3600:.0f} h ago"
+
+
+def _progress_html(run) -> str:
+    if run is None:
+        return ('<div class="jt-progress"><div class="jt-bar" style="width:0%"></div></div>'
+                '<div class="jt-progress-text">no run yet: press Start training</div>')
+    total, step = run.total_steps or 0, run.step or 0
+    pct = 100.0 * step / total if total else 0.0
+    if run.status == "queued":
+        bits = [f"{run.name}: waiting in the queue", REGISTRY.queue_text(run.id) or "starting…"]
+    elif run.status in ("stopped", "failed") and not total:  # cancelled while it waited, or failed before training
+        bits = [f"{run.name}: stopped: {run.message}"]
+    elif run.status == "training" and not total:
+        bits = [f"{run.name}: loading the model and the data"]
     else:
-        memory = "" if result.peak_memory is None else f", peak device memory {result.peak_memory / 2**30:.2f} GiB"
-        lines.append(f"finished {result.steps} step{'s' * (result.steps != 1)} in {result.seconds:.1f}s{memory}")
-    total = trainer.total_steps
-    yield (_progress_html(result.steps, total, 0 if not result.stopped else None,
-                          last.tokens_per_sec if last else None, last.loss if last else None, note),
-           _plot(session.history), "\n".join(lines[-12:]), session)
+        bits = [f"step {step}/{total}", f"{pct:.0f}%"]
+        if run.status == "training":
+            if run.eta is not None:
+                bits.append(f"ETA {int(run.eta // 60)}m {int(run.eta % 60):02d}s")
+            if run.tokens_per_sec:
+                bits.append(f"{run.tokens_per_sec:,.0f} tokens/s")
+        if run.train_loss is not None:
+            bits.append(f"loss {run.train_loss:.4f}")
+        bits.append(f"{run.name}: {run.status}" + (f": {run.message}" if run.status != "training" and run.message
+                                                    else ""))
+    return (f'<div class="jt-progress"><div class="jt-bar" style="width:{pct:.1f}%"></div></div>'
+            f'<div class="jt-progress-text">{" · ".join(_escape(b) for b in bits)}</div>')
 
 
-def stop_run(session):
-    if isinstance(session, Session):
-        session.stop.set()
-    return "Stopping after the current step…"
+def _escape(text: str) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _plot(run) -> pd.DataFrame:
+    """Both series from the first value on: the plot fixes its colour scale from the series in its first value, so a
+    validation series that appeared later would be drawn with no colour. Until the first validation point an empty
+    (NaN) one holds its place; it draws nothing."""
+    history = run.history if run is not None else []
+    rows = [(h["step"], h["loss"], "train") for h in history]
+    rows += [(h["step"], h["val_loss"], "validation") for h in history if h.get("val_loss") is not None]
+    if not any(r[2] == "validation" for r in rows):
+        rows.append((history[0]["step"] if history else 0, float("nan"), "validation"))
+    if not history:
+        rows.insert(0, (0, float("nan"), "train"))
+    df = pd.DataFrame(rows, columns=["step", "loss", "split"])  # typed, so the plot's axes are quantitative
+    return df.astype({"step": "int64", "loss": "float64", "split": "str"})
+
+
+RUN_COLUMNS = ["Name", "Model", "Pairs", "Steps", "Train loss", "Validation loss", "Status", "Started"]
+
+
+def _runs_frame(runs) -> pd.DataFrame:
+    def loss(x):
+        return "" if x is None else f"{x:.4f}"
+
+    rows = [[r.name, r.model, r.pairs, f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or ""),
+             loss(r.train_loss), loss(r.val_loss), r.status, time.strftime("%m-%d %H:%M", time.localtime(r.created))]
+            for r in runs]
+    return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"Pairs": "int64"}) if rows else \
+        pd.DataFrame([["(no runs yet)", "", 0, "", "", "", "", ""]], columns=RUN_COLUMNS)
+
+
+def _label(run) -> str:
+    return f"{run.name} · {run.status}"
+
+
+def _usable(run) -> bool:
+    """A run whose model Try and Export can use: written, and not being trained (a resumed run rewrites it)."""
+    return run is not None and run.saved and run.status not in ACTIVE and (run.dir / "model.safetensors").exists()
+
+
+def _zip(run, session: Session) -> str:
+    """The run's model as a zip (no checkpoints, no bookkeeping): made once per model file, kept for the session."""
+    stamp = (run.dir / "model.safetensors").stat().st_mtime_ns
+    key = ("zip", run.id, stamp)
+    path = session.sent.get(key)
+    if path and Path(path).exists():
+        return path
+    folder = session.workdir / run.id
+    folder.mkdir(exist_ok=True)
+    path = folder / f"jaxtune-{re.sub(r'[^A-Za-z0-9._-]+', '-', run.name).strip('-')}.zip"
+    skip = {"run.json", "data.jsonl", "checkpoints"}
+    with zipfile.ZipFile(path, "w") as z:
+        for f in sorted(run.dir.iterdir()):
+            if f.is_file() and f.name not in skip and not f.name.startswith("."):
+                z.write(f, f.name, compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else
+                        zipfile.ZIP_DEFLATED)
+    session.sent[key] = str(path)
+    return str(path)
+
+
+def _view(session: Session, force: bool = False) -> list:
+    """Everything the poll redraws, in VIEW's order; what the page already shows is skipped."""
+    runs = _visible(session)
+    by_id = {r.id: r for r in runs}
+    watched = REGISTRY.get(session.watch)
+    usable = [r for r in runs if _usable(r)]
+    if session.pick not in by_id:
+        session.pick = usable[0].id if usable else (runs[0].id if runs else None)
+    picked = by_id.get(session.pick)
+    training = [r for r in runs if r.status == "training" and r.id in session.ids or r.id == session.watch and
+                r.status in ACTIVE]
+    session.table_ids = [r.id for r in runs]
+    export = _zip(picked, session) if _usable(picked) else None
+    if picked is None:
+        note = "No runs yet."
+    elif _usable(picked):
+        note = f"Export, Resume and Delete act on **{picked.name}** ({picked.status} {_ago(picked.ended)})."
+    else:
+        note = f"**{picked.name}** is {picked.status}" + (" and has no model to export yet." if not picked.saved
+                                                           else "; its model is being trained, so Export waits.")
+    if training:
+        note += " " + "; ".join(f"**{r.name}** is {r.status}" for r in training) + \
+            "; Try and Export use finished runs only" + (f" (now **{picked.name}**)." if _usable(picked) else ".")
+    choices = [(_label(r), r.id) for r in runs]
+    try_choices = [(_label(r), r.id) for r in usable]
+    views = {
+        "progress": (_progress_html(watched), None),
+        "plot": ((session.watch, len(watched.history) if watched else 0), lambda: _plot(watched)),
+        "log": ((session.watch, len(watched.log) if watched else 0), lambda: "\n".join(watched.log) if watched else ""),
+        "table": ([(r.id, r.status, r.step, r.train_loss, r.val_loss) for r in runs], lambda: _runs_frame(runs)),
+        "pick": ((tuple(choices), session.pick), lambda: gr.update(choices=choices, value=session.pick)),
+        "try": (tuple(try_choices), lambda: (gr.update(choices=try_choices, value=usable[0].id if usable else None),
+                                             gr.update(choices=try_choices))),
+        "export": (export, lambda: gr.update(value=export, interactive=export is not None,
+                                             label=f"Download {picked.name} (.zip)" if export else
+                                             "Download the picked run (.zip)")),
+        "note": (note, None),
+    }
+    out = []
+    for key, (signature, make) in views.items():
+        same = not force and session.sent.get(key) == signature
+        session.sent[key] = signature
+        value = signature if make is None else None
+        if same:
+            out.extend([gr.skip()] * (2 if key == "try" else 1))
+        elif key == "try":
+            out.extend(make())
+        else:
+            out.append(value if make is None else make())
+    return out
+
+
+def _attached(session, saved, request) -> Session:
+    """The page's session, and on its first call this browser's runs: the train panel shows the live one, or the
+    newest. (The load event and the first poll may come in either order.)"""
+    session = _session(session, request)
+    if not session.attached:
+        session.attached = True
+        session.adopt(saved if isinstance(saved, list) else [])
+        mine = REGISTRY.list(session.ids)
+        live = [r for r in mine if r.status in ACTIVE]
+        session.watch = session.watch or ((live or mine)[0].id if (live or mine) else None)
+    return session
+
+
+@_guarded
+def attach(saved, session, request: gr.Request = None):
+    """Page load (and reload)."""
+    session = _attached(session, saved, request)
+    return [session, *_view(session, force=True)]
+
+
+@_guarded
+def poll(session, saved, request: gr.Request = None):
+    """Every second: tell the registry this page is open (the orphan rule) and redraw what changed."""
+    session = _attached(session, saved, request)
+    REGISTRY.seen(session.ids)
+    return [session, *_view(session)]
 
 
 # ---------------------------------------------------------------------------------------------- try
+def _tuned(run):
+    """A finished run's model, loaded from its folder (a few kept in memory)."""
+    key = (run.id, (run.dir / "model.safetensors").stat().st_mtime_ns)
+    with _TUNED_LOCK:
+        if key not in _TUNED:
+            while len(_TUNED) >= TUNED_CACHE:
+                _TUNED.popitem(last=False)
+            _TUNED[key] = load_directory(run.dir)
+        _TUNED.move_to_end(key)
+        return _TUNED[key]
+
+
+def _run_base(run) -> tuple[str, int]:
+    """The base model a run started from: its model name and seed (the embedded model's weights depend on it)."""
+    try:
+        cfg = yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        return str(cfg.get("model") or run.model), int((cfg.get("train") or {}).get("seed") or 0)
+    except (OSError, ValueError, yaml.YAMLError):
+        return run.model, 0
+
+
 @_guarded
-def try_models(instruction, temperature, top_p, max_new_tokens, model_name, session, request: gr.Request = None):
+def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_a=None, run_b=None, session=None,
+               request: gr.Request = None):
+    """The base model and up to two finished runs answer the same instruction side by side (streamed). With no run
+    chosen, run A is this session's newest finished run."""
     instruction = _text("Instruction", instruction, MAX_INSTRUCTION_CHARS)
     if not instruction.strip():
         raise gr.Error("Type an instruction first.", title="No instruction")
@@ -806,50 +1162,70 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, sess
               max_new_tokens=_number("max_new_tokens", max_new_tokens))
     name = _model_name(model_name)
     session = _session(session, request)
+    chosen = []
+    for value in (run_a, run_b):
+        run = REGISTRY.get(value) if isinstance(value, str) and value else None
+        if run is not None and PUBLIC and run.id not in session.ids:
+            run = None
+        chosen.append(run)
+    if chosen[0] is None and not (isinstance(run_a, str) and run_a):
+        mine = [r for r in REGISTRY.list(session.ids) if _usable(r)]
+        chosen[0] = mine[0] if mine else None
+    texts = ["", "", ""]
+    streams = []
+    base_name, seed = _run_base(chosen[0]) if chosen[0] is not None else (name, 0)
     try:
-        base, tokenizer = session.base_model(name) if session.base is None else (session.base, session.tokenizer)
+        base, tokenizer = _shared_base(base_name, seed)
     except (ModelLoadError, jaxtune.ConfigError) as e:
         raise gr.Error(str(e), title="Could not load the model")
-    base_text, tuned_text = "", "" if session.tuned is not None else "(train a model in step 2 first)"
-    streams = [("base", jaxtune.stream(base, tokenizer, instruction, **kw))]
-    if session.tuned is not None:
-        streams.append(("tuned", jaxtune.stream(session.tuned, tokenizer, instruction, **kw)))
-    while streams:  # alternate between the two models so both answers grow side by side
+    streams.append((0, jaxtune.stream(base, tokenizer, instruction, **kw)))
+    for i, run in enumerate(chosen, start=1):
+        if run is None:
+            texts[i] = "(train a model in step 2 first)" if i == 1 else ""
+        elif not _usable(run):
+            texts[i] = (f"({run.name} is {run.status}: pick a finished run; Try uses finished runs only)"
+                        if run.status in ACTIVE else f"({run.name} has no model)")
+        else:
+            model, tok = _tuned(run)
+            streams.append((i, jaxtune.stream(model, tok, instruction, **kw)))
+    while streams:  # take turns, so the answers grow side by side
         for item in list(streams):
-            which, it = item
+            i, it = item
             try:
-                text = next(it)
+                texts[i] = next(it)
             except StopIteration:
                 streams.remove(item)
                 continue
             except ValueError as e:  # the library's own message: the prompt does not fit the model
                 raise gr.Error(f"{e}.", title="Cannot generate")
-            if which == "base":
-                base_text = text
-            else:
-                tuned_text = text
-        yield base_text, tuned_text, session
-    yield base_text or "(empty response)", tuned_text or "(empty response)", session
+        yield tuple(texts)
+    yield tuple(t or "(empty response)" if i == 0 or chosen[i - 1] is not None and _usable(chosen[i - 1]) else t
+                for i, t in enumerate(texts))
 
 
 # ---------------------------------------------------------------------------------------------- export
-def _saved_dir(session) -> Path:
-    if not isinstance(session, Session) or session.tuned is None:
+def _export_dir(run_id, session) -> Path:
+    run = REGISTRY.get(run_id) if isinstance(run_id, str) and run_id else None
+    if run is None:
+        mine = [r for r in REGISTRY.list(session.ids) if _usable(r)]
+        run = mine[0] if mine else None
+    if run is None or (PUBLIC and run.id not in session.ids):
         raise gr.Error("There is no tuned model yet: train one in step 2.", title="Nothing to export")
-    out = session.workdir / "jaxtune-model"
-    jaxtune.save(session.tuned, session.tokenizer, out,
-                 extra_files={"metrics.jsonl": "".join(json.dumps(h) + "\n" for h in session.history)})
-    return out
+    if not _usable(run):
+        raise gr.Error(f"{run.name} is {run.status} and has no finished model yet; pick a finished run.",
+                       title="Nothing to export")
+    return run
 
 
 @_guarded
-def export_zip(session):
-    out = _saved_dir(session)
-    return gr.File(value=shutil.make_archive(str(session.workdir / "jaxtune-model"), "zip", out), visible=True)
+def export_zip(run_id=None, session=None, request: gr.Request = None):
+    """The API's export: the zip of a run's model (the picked run, or this session's newest finished one)."""
+    session = _session(session, request)
+    return _zip(_export_dir(run_id, session), session)
 
 
 @_guarded
-def push_to_hub(repo_id, token, private, session):
+def push_to_hub(repo_id, token, private, run_id=None, session=None, request: gr.Request = None):
     repo_id = _text("Hub repository", repo_id, 200).strip()
     token = _text("Token", token, 1000).strip()
     if "/" not in repo_id or not HUB_ID.fullmatch(repo_id):
@@ -857,7 +1233,8 @@ def push_to_hub(repo_id, token, private, session):
                        title="Repository name")
     if not token:
         raise gr.Error("Paste a Hugging Face token with write access.", title="Token needed")
-    out = _saved_dir(session)
+    session = _session(session, request)
+    run = _export_dir(run_id, session)
     if not hub_reachable():
         raise gr.Error("The Hugging Face hub cannot be reached from this machine; download the zip instead.",
                        title="No network")
@@ -866,7 +1243,8 @@ def push_to_hub(repo_id, token, private, session):
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=_flag("Private", private), exist_ok=True)
-        api.upload_folder(folder_path=str(out), repo_id=repo_id, commit_message="Upload model tuned with jaxtune")
+        api.upload_folder(folder_path=str(run.dir), repo_id=repo_id, commit_message="Upload model tuned with jaxtune",
+                          ignore_patterns=["checkpoints/*", "run.json", "data.jsonl", ".*"])
     except gr.Error:
         raise
     except Exception as e:  # noqa: BLE001 - said by its HTTP status only; the text is logged here
@@ -900,6 +1278,14 @@ def _limits_info() -> str:
             f"{MAX_STEPS:,} steps; models up to {MAX_PARAMETERS / 1e6:,.0f}M parameters.")
 
 
+def _runs_info() -> str:
+    where = "this browser's runs" if PUBLIC else "every run in the folder"
+    orphan = (f" A run whose page has been closed for {ORPHAN_SECONDS:,} s is checkpointed and stopped "
+              "(JAXTUNE_ORPHAN_SECONDS)." if ORPHAN_SECONDS else " Runs go on when the page is closed or reloaded.")
+    return (f"Runs are kept on the server{'' if PUBLIC else f' in `{RUNS_DIR}`'}; the table lists {where}. Pick one to "
+            f"watch it, export it, resume it from its last checkpoint or delete it.{orphan}")
+
+
 def _widget(name: str, **kw):
     b = BOUNDS[name]
     if name in ("validation_fraction", "temperature", "top_p", "max_new_tokens"):
@@ -907,9 +1293,24 @@ def _widget(name: str, **kw):
     return gr.Number(minimum=b.lo, maximum=b.hi, precision=0 if b.integer else None, **kw)
 
 
+def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps):
+    """A new model brings its defaults, unless the fields hold values the user typed (then they stay, and the line
+    says what the defaults would be)."""
+    new = model_defaults(model_name if isinstance(model_name, str) else "auto")
+    current = (epochs, batch_size, learning_rate, max_length, warmup_steps)
+    is_default = any(current == tuple(getattr(d, f) for f in DEFAULT_FIELDS) for d in (TINY_DEFAULTS, PRETRAINED_DEFAULTS))
+    if is_default:
+        return [*(getattr(new, f) for f in DEFAULT_FIELDS), new.why]
+    suggested = ", ".join(f"{f.replace('_', ' ')} {getattr(new, f):g}" for f in DEFAULT_FIELDS)
+    return [gr.skip()] * 5 + [f"{new.why} Your own settings were kept; the defaults would be: {suggested}."]
+
+
 def build_app() -> gr.Blocks:
+    defaults = model_defaults("auto")
     with gr.Blocks(title="jaxtune: instruction-tune GPT-2 in JAX", delete_cache=DELETE_CACHE) as demo:
         session = gr.State(None, time_to_live=4 * 3600, delete_callback=_close)
+        saved = gr.BrowserState([], storage_key="jaxtune-runs", secret=_browser_secret())
+        timer = gr.Timer(POLL_SECONDS)
         gr.Markdown("# jaxtune\nInstruction-tune a GPT-2 model on your own instruction/response pairs, in JAX. "
                     "Work through the four steps from top to bottom.")
 
@@ -940,7 +1341,7 @@ def build_app() -> gr.Blocks:
                     counts = gr.Markdown(elem_id="counts")
                     problems = gr.Markdown(elem_id="problems")
 
-        with gr.Column(variant="panel", elem_classes="jt-step"):
+        with gr.Column(variant="panel", elem_classes="jt-step", elem_id="train-step"):
             gr.Markdown("## ② Train")
             with gr.Row():
                 model_name = gr.Dropdown(MODEL_CHOICES, value="auto", allow_custom_value=True, label="Model",
@@ -949,30 +1350,49 @@ def build_app() -> gr.Blocks:
                 loss_on = gr.Radio(list(LOSS_MODES), value="response", label="Loss on",
                                    info="response: answer + EOS · all: every token · reference: the original recipe")
                 precision = gr.Radio(list(PRECISIONS), value="float32", label="Precision")
+            defaults_note = gr.Markdown(defaults.why, elem_id="defaults-note")
             with gr.Row():
-                epochs = _widget("epochs", value=3, label="Epochs")
-                batch_size = _widget("batch_size", value=8, label="Batch size")
-                learning_rate = _widget("learning_rate", value=5e-4, label="Learning rate")
-                max_length = _widget("max_length", value=128, label="Max length (tokens)")
-                warmup = _widget("warmup_steps", value=10, label="Warmup steps")
+                epochs = _widget("epochs", value=defaults.epochs, label="Epochs")
+                batch_size = _widget("batch_size", value=defaults.batch_size, label="Batch size")
+                learning_rate = _widget("learning_rate", value=defaults.learning_rate, label="Learning rate")
+                max_length = _widget("max_length", value=defaults.max_length, label="Max length (tokens)")
+            with gr.Row(equal_height=True):
+                warmup = _widget("warmup_steps", value=defaults.warmup_steps, label="Warmup steps")
                 seed = _widget("seed", value=0, label="Seed")
-                val_fraction = _widget("validation_fraction", value=0.0, step=0.05, label="Validation fraction")
-                pack = gr.Checkbox(value=False, label="Pack examples", elem_id="pack",
+                val_fraction = _widget("validation_fraction", value=0.0, step=0.05, label="Validation fraction",
+                                       elem_id="val-fraction", scale=2, min_width=240)
+                pack = gr.Checkbox(value=False, label="Pack examples", elem_id="pack", min_width=240,
                                    info="several examples per row: little padding, fewer and larger steps")
             gr.Markdown(backend_info(), elem_id="backend")
             with gr.Row():
                 train_btn = gr.Button("Start training", variant="primary", elem_id="train")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="stop")
-            progress = gr.HTML(_progress_html(), elem_id="progress")
+                command_btn = gr.Button("Show command", elem_id="command-btn")
+            progress = gr.HTML(_progress_html(None), elem_id="progress")
+            stop_note = gr.Markdown(elem_id="stop-note")
             with gr.Row():
-                # starts empty (None): an empty frame would fix the colour scale with no series in it
-                plot = gr.LinePlot(None, x="step", y="loss", color="split", label="Loss", height=280,
-                                   color_map={"train": "#f97316", "validation": "#2563eb"},
-                                   elem_id="loss-plot")
-                log_box = gr.Textbox(label="Log", lines=10, max_lines=12, elem_id="log", autoscroll=True)
+                plot = gr.LinePlot(_plot(None), x="step", y="loss", color="split", label="Loss", height=280,
+                                   color_map={"train": "#f97316", "validation": "#2563eb"}, elem_id="loss-plot")
+                log_box = gr.Textbox(label="Log (the whole run)", lines=12, max_lines=12, elem_id="log",
+                                     autoscroll=True)
+            command = gr.Code(label="The same run from the command line (config.yaml)", language="yaml",
+                              visible=False, elem_id="command", interactive=False)
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
-            gr.Markdown("## ③ Try")
+            gr.Markdown(f"## Runs\n{_runs_info()}")
+            runs_table = gr.Dataframe(_runs_frame([]), headers=RUN_COLUMNS, interactive=False, elem_id="runs",
+                                      max_height=300)
+            with gr.Row(equal_height=True):
+                run_pick = gr.Dropdown([], value=None, label="Run", elem_id="run-pick", scale=3)
+                resume_btn = gr.Button("Resume", elem_id="resume", scale=1)
+                delete_btn = gr.Button("Delete", variant="stop", elem_id="delete", scale=1)
+            run_note = gr.Markdown(elem_id="run-note")
+
+        with gr.Column(variant="panel", elem_classes="jt-step"):
+            gr.Markdown("## ③ Try\nThe base model and up to two finished runs answer side by side.")
+            with gr.Row():
+                try_a = gr.Dropdown([], value=None, label="Run A", elem_id="try-a")
+                try_b = gr.Dropdown([], value=None, label="Run B (optional)", elem_id="try-b")
             with gr.Row():
                 instruction = gr.Textbox(label="Instruction", value="Answer politely", scale=4, elem_id="instruction",
                                          max_length=MAX_INSTRUCTION_CHARS)
@@ -983,13 +1403,13 @@ def build_app() -> gr.Blocks:
                 max_new = _widget("max_new_tokens", value=64, label="Max new tokens")
             with gr.Row():
                 base_out = gr.Textbox(label="Base model", lines=4, elem_id="base-out")
-                tuned_out = gr.Textbox(label="Tuned model", lines=4, elem_id="tuned-out")
+                tuned_out = gr.Textbox(label="Run A", lines=4, elem_id="tuned-out")
+                tuned_b_out = gr.Textbox(label="Run B", lines=4, elem_id="tuned-b-out")
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
-            gr.Markdown("## ④ Export\nA zip of the Hugging Face directory: it loads in PyTorch `transformers` as it is.")
-            with gr.Row():
-                zip_btn = gr.Button("Download model (.zip)", elem_id="export", scale=1)
-                zip_file = gr.File(label="Model", elem_id="zip", visible=False, scale=2)
+            gr.Markdown("## ④ Export\nThe picked run's Hugging Face directory as a zip (no checkpoints): it loads in "
+                        "PyTorch `transformers` as it is.")
+            export_btn = gr.DownloadButton("Download the picked run (.zip)", elem_id="export", interactive=False)
             with gr.Row():
                 repo = gr.Textbox(label="Hub repository", placeholder="you/my-helpdesk-gpt2")
                 token = gr.Textbox(label="Hugging Face token", type="password")
@@ -997,13 +1417,26 @@ def build_app() -> gr.Blocks:
                 push_btn = gr.Button("Push to hub")
             push_status = gr.Markdown()
 
+        with gr.Row(visible=False):  # API-only endpoints: gradio_client calls them, the page does not show them
+            api_train = gr.Button(elem_id="api-train")
+            api_runs = gr.Button(elem_id="api-runs")
+            api_export = gr.Button(elem_id="api-export")
+            api_stop = gr.Button(elem_id="api-stop")
+            api_text = gr.Textbox()
+            api_json = gr.JSON()
+            api_file = gr.File()
+
         # preprocess=False: the functions get the values as sent, and check them themselves (see BOUNDS)
         raw = dict(preprocess=False)
+        view = [progress, plot, log_box, runs_table, run_pick, try_a, try_b, export_btn, run_note]
+        quiet = dict(show_progress="hidden", api_visibility="private")
         preview_inputs = [table, preview_row, max_length, loss_on, session]
         preview_outputs = [highlighted, counts, problems]
         private_preview = dict(fn=preview, inputs=preview_inputs, outputs=preview_outputs, api_visibility="private",
                                **raw)
         demo.load(preview, preview_inputs, preview_outputs, api_name="preview", **raw)  # first: it owns the name
+        demo.load(attach, [saved, session], [session, *view], **quiet, **raw)
+        timer.tick(poll, [session, saved], [session, *view], trigger_mode="once", **quiet, **raw)
         example_btn.click(load_example, session, [table, session], api_name="load_example", **raw) \
             .then(lambda s: (_data_note(s), _rest_button(s)), session, [data_note, table_only],
                   api_visibility="private").then(**private_preview)
@@ -1014,18 +1447,31 @@ def build_app() -> gr.Blocks:
             .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
             trigger(show_progress="hidden", **private_preview)
-        train_btn.click(train_run, [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup,
-                                    seed, precision, val_fraction, pack, session], [progress, plot, log_box, session],
-                        api_name="train", concurrency_limit=CONCURRENT_RUNS, concurrency_id="train",
-                        show_progress="minimal", **raw)
-        stop_btn.click(stop_run, session, log_box, api_name="stop", concurrency_limit=None, queue=False)
-        try_inputs = [instruction, temperature, top_p, max_new, model_name, session]
-        try_btn.click(try_models, try_inputs, [base_out, tuned_out, session], api_name="generate", concurrency_limit=2,
-                      **raw)
-        instruction.submit(try_models, try_inputs, [base_out, tuned_out, session], api_visibility="private",
-                           concurrency_limit=2, **raw)
-        zip_btn.click(export_zip, session, zip_file, api_name="export")
-        push_btn.click(push_to_hub, [repo, token, private, session], push_status, api_name="push", **raw)
+        model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup],
+                          [epochs, batch_size, learning_rate, max_length, warmup, defaults_note], **quiet)
+        train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,
+                        precision, val_fraction, pack, session]
+        train_btn.click(start_run, [*train_inputs, saved], [saved, session, *view], show_progress="minimal",
+                        api_name="start", concurrency_limit=None, **raw)
+        api_train.click(train_run, train_inputs, [progress, plot, log_box, session], api_name="train",
+                        concurrency_limit=None, **raw)
+        stop_btn.click(stop_run, session, stop_note, api_name="stop", concurrency_limit=None) \
+            .then(poll, [session, saved], [session, *view], **quiet)
+        command_btn.click(show_command, session, command, api_name="command")
+        run_pick.input(pick_run, [run_pick, session], [session, *view], **quiet, **raw)
+        runs_table.select(pick_row, session, [session, *view], **quiet)
+        resume_btn.click(resume_run, [run_pick, session], stop_note, api_name="resume", **raw) \
+            .then(poll, [session, saved], [session, *view], **quiet)
+        delete_btn.click(delete_run, [run_pick, session], stop_note, api_name="delete", **raw) \
+            .then(poll, [session, saved], [session, *view], **quiet)
+        api_runs.click(runs_json, session, api_json, api_name="runs")
+        api_stop.click(stop_by_id, [api_text, session], api_text, api_name="stop_run", concurrency_limit=None, **raw)
+        api_export.click(export_zip, [run_pick, session], api_file, api_name="export", **raw)
+        try_inputs = [instruction, temperature, top_p, max_new, model_name, try_a, try_b, session]
+        try_outputs = [base_out, tuned_out, tuned_b_out]
+        try_btn.click(try_models, try_inputs, try_outputs, api_name="generate", concurrency_limit=2, **raw)
+        instruction.submit(try_models, try_inputs, try_outputs, api_visibility="private", concurrency_limit=2, **raw)
+        push_btn.click(push_to_hub, [repo, token, private, run_pick, session], push_status, api_name="push", **raw)
         demo.unload(_unload)
     return demo
 

@@ -3,6 +3,7 @@ with small limits, driven through gradio_client. The last test stops it with SIG
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,9 +18,10 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 ROOT = Path(__file__).resolve().parents[1]
-TIME_LIMIT = 12  # JAXTUNE_MAX_TRAIN_SECONDS
+TIME_LIMIT = 20  # JAXTUNE_MAX_TRAIN_SECONDS
+ORPHAN_SECONDS = 3  # JAXTUNE_ORPHAN_SECONDS: a run no page has polled for this long is stopped
 LIMITS = dict(JAXTUNE_PUBLIC="1", JAXTUNE_MAX_ROWS="500", JAXTUNE_MAX_UPLOAD_MB="0.05",
-              JAXTUNE_MAX_TRAIN_SECONDS=str(TIME_LIMIT),
+              JAXTUNE_MAX_TRAIN_SECONDS=str(TIME_LIMIT), JAXTUNE_ORPHAN_SECONDS=str(ORPHAN_SECONDS),
               JAXTUNE_MAX_STEPS="1000000", JAXTUNE_MAX_EXAMPLES_SEEN="1000000")  # so that the time limit stops runs
 TRAIN_ARGS = dict(model_name="tiny", loss_on="response", epochs=1, batch_size=64, learning_rate=3e-3, max_length=64,
                   warmup_steps=0, seed=0, precision="float32", validation_fraction=0.0, pack=False)
@@ -27,8 +29,8 @@ TWO_ROWS = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["
 
 
 class App:
-    def __init__(self, proc, url, tmp, log):
-        self.proc, self.url, self.tmp, self.log = proc, url, tmp, log
+    def __init__(self, proc, url, tmp, log, runs):
+        self.proc, self.url, self.tmp, self.log, self.runs = proc, url, tmp, log, runs
 
     def client(self):
         return Client(self.url, verbose=False)
@@ -41,8 +43,10 @@ def space(tmp_path_factory):
         port = s.getsockname()[1]
     tmp = tmp_path_factory.mktemp("space-tmp")  # TMPDIR: session folders and Gradio's cache
     log = tmp_path_factory.mktemp("space") / "app.log"
+    runs = tmp_path_factory.mktemp("space-runs")
     env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), TMPDIR=str(tmp), **LIMITS)
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), TMPDIR=str(tmp), JAXTUNE_RUNS_DIR=str(runs),
+               GRADIO_HEARTBEAT_INTERVAL="1", **LIMITS)
     env.pop("SPACE_ID", None)
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -56,7 +60,7 @@ def space(tmp_path_factory):
         except OSError:
             assert time.time() < deadline, f"app.py did not start: {log.read_text()[-2000:]}"
             time.sleep(1)
-    yield App(proc, f"http://127.0.0.1:{port}", tmp, log)
+    yield App(proc, f"http://127.0.0.1:{port}", tmp, log, runs)
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=30)
@@ -92,8 +96,8 @@ def test_model_field_takes_hub_ids_and_presets_only(space, hf_dir):
         answers[name] = str(info.value).replace(repr(name), "NAME")
     assert len(set(answers.values())) == 1 and "not in this server's Hugging Face cache" in answers["examples"]
     # the presets work
-    _, _, log = client.predict(TWO_ROWS, **TRAIN_ARGS, api_name="/train")
-    assert "finished 1 step" in log
+    progress, _, log = client.predict(TWO_ROWS, **TRAIN_ARGS, api_name="/train")
+    assert "step 1/1" in progress and "finished" in progress and "model: tiny" in log
 
 
 def test_uploads_are_limited_in_rows_and_size(space, tmp_path):
@@ -140,7 +144,7 @@ def test_big_upload_stays_on_the_server(space, tmp_path):
     assert "showing row 250" in counts  # a pair the page does not hold, previewed by its number
     table["data"][0] = ["question zero", "answer zero"]  # an edit in the table applies; the rest stays
     _, _, log = client.predict(table, **TRAIN_ARGS, api_name="/train")
-    assert log.startswith("300 pairs") and "training 5 steps" in log  # 300 pairs in batches of 64
+    assert "300 pairs" in log.splitlines()[0] and "; 5 steps on cpu" in log  # 300 pairs in batches of 64
     assert client.predict(api_name="/use_table_only") == ""
     _, counts, _ = client.predict(table, 1, 64, "response", api_name="/preview")
     assert counts.startswith("**200 pairs")
@@ -161,6 +165,68 @@ def test_the_time_limit_covers_the_whole_run_and_says_so(space):
     steps = int(progress.split(note)[1].split(";")[0])
     assert 1 <= steps < 100_000 and f"step {steps}/100000" in progress
     assert TIME_LIMIT - 1 < elapsed < TIME_LIMIT + 10  # the limit counts from the request, compilation included
+
+
+def _runs(client) -> dict:
+    return {r["id"]: r for r in client.predict(api_name="/runs")}
+
+
+def test_a_space_lists_and_touches_only_this_browsers_runs(space):
+    mine, other = space.client(), space.client()
+    mine.predict(TWO_ROWS, **TRAIN_ARGS, api_name="/train")
+    [run] = _runs(mine).values()
+    assert run["status"] == "finished" and Path(run["dir"]).parent == space.runs
+    assert run["id"] not in _runs(other)  # another browser's runs are not listed, and not reachable by id either
+    for api_name in ("/stop_run", "/resume", "/delete", "/export"):
+        with pytest.raises(AppError, match="Pick a run|no tuned model"):
+            other.predict(run["id"], api_name=api_name)
+    _, tuned, _ = other.predict("Hi", 0.0, 0.95, 8, "tiny", run["id"], api_name="/generate")
+    assert "train a model" in tuned
+    assert mine.predict(api_name="/export").endswith(".zip")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+def test_a_run_whose_page_is_closed_is_stopped_after_the_orphan_limit(space, browser):
+    """On a Space an open page keeps its run alive (it polls every second); once the page is closed, the run is
+    checkpointed, its model written, and it is stopped after JAXTUNE_ORPHAN_SECONDS, saying so."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(space.url)
+    page.wait_for_function("() => document.querySelector('#counts') && document.querySelector('#counts').innerText.includes('pairs')")
+    model = page.get_by_role("combobox", name="Model")
+    model.click()
+    model.fill("tiny")
+    page.keyboard.press("Enter")
+    page.wait_for_function("() => document.querySelector('#defaults-note').innerText.startsWith('tiny ')")
+    page.get_by_label("Epochs").fill("100000")
+    page.get_by_label("Batch size").fill("1")
+    page.locator("#train").click()
+    page.wait_for_function("() => /step [2-9]\\d*\\//.test((document.querySelector('#progress .jt-progress-text') "
+                           "|| {innerText: ''}).innerText)", timeout=60_000)
+    page.wait_for_timeout((ORPHAN_SECONDS + 1.5) * 1000)  # longer than the limit: the open page keeps it going
+    [info] = [json.loads(p.read_text()) for p in space.runs.glob("*/run.json")
+              if json.loads(p.read_text())["status"] == "training"]
+    closed = time.time()
+    page.close()
+    folder = space.runs / info["id"]
+    while json.loads((folder / "run.json").read_text())["status"] == "training":
+        assert time.time() - closed < ORPHAN_SECONDS + 8, "the orphaned run was not stopped"
+        time.sleep(0.3)
+    info = json.loads((folder / "run.json").read_text())
+    assert info["status"] == "stopped" and info["saved"]
+    assert f"no page had this run open for {ORPHAN_SECONDS} s (JAXTUNE_ORPHAN_SECONDS)" in info["message"]
+    assert (folder / "model.safetensors").exists() and list((folder / "checkpoints").glob("[0-9]*"))
 
 
 def test_session_folders_and_cache_go_when_the_app_stops(space, tmp_path):
