@@ -531,6 +531,36 @@ def test_closed_tab_leaves_the_run_going_on_a_desktop(app_url, browser, stop_all
     assert "stopped by request" in _runs(client)[run["id"]]["message"]
 
 
+def test_resume_continues_a_stopped_run_and_delete_removes_it(app_url, stop_all):
+    client = Client(app_url, verbose=False)
+    job = _long_run(client, epochs=300)  # 300 steps of both pairs
+    _wait_for(job, r"step ([5-9]|\d\d+)/")
+    client.predict(api_name="/stop")
+    job.result(timeout=60)
+    run = next(r for r in _runs(client).values() if r["total_steps"] == 300)
+    folder = Path(run["dir"])
+    assert run["status"] == "stopped" and 5 <= run["step"] < 300 and list((folder / "checkpoints").glob("[0-9]*"))
+    assert "Resuming" in client.predict(run["id"], api_name="/resume")
+    # while it trains again, Try and Export say they use finished runs only, and Delete waits for a stop
+    _, a, _ = client.predict("Hi", 0.0, 0.95, 8, "tiny", run["id"], api_name="/generate")
+    assert "pick a finished run" in a
+    with pytest.raises(AppError, match="has no finished model yet; pick a finished run"):
+        client.predict(run["id"], api_name="/export")
+    with pytest.raises(AppError, match="stop it before deleting it"):
+        client.predict(run["id"], api_name="/delete")
+    deadline = time.time() + 120
+    while _runs(client)[run["id"]]["status"] in ("queued", "training"):
+        assert time.time() < deadline
+        time.sleep(0.5)
+    done = _runs(client)[run["id"]]
+    assert done["status"] == "finished" and done["step"] == 300
+    steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").open()]
+    assert steps == list(range(1, 301))  # the first part from the checkpoint, the rest resumed: one history
+    assert "resuming from the last checkpoint" in (folder / "train.log").read_text()
+    assert "Deleted" in client.predict(run["id"], api_name="/delete")
+    assert not folder.exists() and run["id"] not in _runs(client)
+
+
 def test_preview_lists_problems_with_row_numbers(app_url):
     client = Client(app_url, verbose=False)
     rows = [["Hi", "Hello"], ["", "orphan"], ["Hi", "Hello"], ["Long", "word " * 80]]
