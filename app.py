@@ -49,6 +49,7 @@ import yaml  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxtune  # noqa: E402
+from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer)
 from jaxtune.config import LOSS_MODES, GPT2Config, RunConfig, TrainConfig  # noqa: E402
@@ -470,6 +471,7 @@ def _browser_secret() -> str:
         return value
 
 
+enable_compilation_cache()  # a restarted app loads its compiled steps instead of compiling them again
 REGISTRY = Registry(RUNS_DIR, concurrent=CONCURRENT_RUNS, max_seconds=MAX_TRAIN_SECONDS,
                     orphan_seconds=ORPHAN_SECONDS, size_cap=RUNS_SIZE_CAP, load_model=_run_model)
 

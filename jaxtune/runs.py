@@ -476,7 +476,7 @@ class Registry:
             self.waiting.remove(run.id)
             if run.stop_event.is_set():
                 run.status, run.ended = "stopped", time.time()
-                run.message = run.stop_reason or "cancelled while it waited in the queue"
+                run.message = (run.stop_reason or "cancelled while it waited in the queue").replace("{step}", "0")
                 self.lock.notify_all()
             else:
                 self.training.add(run.id)
@@ -492,7 +492,7 @@ class Registry:
                 return True
             if deadline is not None and time.time() > deadline:
                 run.stop_reason = (f"the time limit of {self.max_seconds:.0f} s (JAXTUNE_MAX_TRAIN_SECONDS) was reached "
-                                   f"after step {run.step}")
+                                   "after step {step}")  # the step in flight still finishes: named at the end
                 return True
             return False
 
@@ -531,7 +531,7 @@ class Registry:
                 run.status, run.message = "failed", result.stopped
             elif result.stop_requested:
                 run.status = "stopped"
-                reason = run.stop_reason or f"stopped by request after step {result.steps}"
+                reason = (run.stop_reason or "stopped by request after step {step}").replace("{step}", str(result.steps))
                 run.message = f"{reason}; the model keeps what it learned" + (" and was saved" if outcome.saved else "")
             else:
                 run.status, run.message = "finished", outcome.summary
@@ -619,7 +619,7 @@ class Registry:
             for run in self.list():
                 if run.status in ACTIVE and now - run.last_seen > self.orphan_seconds:
                     self.stop(run.id, f"no page had this run open for {self.orphan_seconds:.0f} s "
-                                      f"(JAXTUNE_ORPHAN_SECONDS) after step {run.step}")
+                                      "(JAXTUNE_ORPHAN_SECONDS); stopped after step {step}")
 
     def _prune(self):
         """Keep the folder under its size cap: the oldest runs that are not active go first."""

@@ -86,13 +86,15 @@ def test_limits_stop_runs_and_say_which(tmp_path):
     timed = reg.start(config(epochs=400), QA)
     wait([timed])
     assert timed.status == "stopped" and "the time limit of 1 s (JAXTUNE_MAX_TRAIN_SECONDS) was reached" in timed.message
+    assert f"after step {timed.step};" in timed.message and len(timed.history) == timed.step
     orphans = Registry(tmp_path / "orphans", orphan_seconds=3)
     kept, left = orphans.start(config(epochs=400), QA), orphans.start(config(epochs=400), QA)
     deadline = time.time() + 300
     while left.status != "stopped" and time.time() < deadline:  # a page keeps asking about `kept` only
         orphans.seen([kept.id])
         time.sleep(0.5)
-    assert "no page had this run open for 3 s (JAXTUNE_ORPHAN_SECONDS)" in left.message
+    assert "no page had this run open for 3 s (JAXTUNE_ORPHAN_SECONDS); stopped after step" in left.message
+    assert left.message.split("stopped after step ")[1].startswith(f"{left.step};")  # the last step it ran
     assert kept.status in ("queued", "training")
     orphans.stop(kept.id)
     wait([kept])
