@@ -94,7 +94,8 @@ def test_limits_stop_runs_and_say_which(tmp_path):
         orphans.seen([kept.id])
         time.sleep(0.5)
     assert "no page had this run open for 3 s (JAXTUNE_ORPHAN_SECONDS); stopped after step" in left.message
-    assert left.message.split("stopped after step ")[1].startswith(f"{left.step};")  # the last step it ran
+    said = left.message.split("stopped after step ")[1]
+    assert said == str(left.step) or said.startswith(f"{left.step};")  # the last step it ran (0: it was still queued)
     assert kept.status in ("queued", "training")
     orphans.stop(kept.id)
     wait([kept])
