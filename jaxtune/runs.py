@@ -143,7 +143,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         out = prepare_output(out, overwrite=overwrite, resume=resume, subfolder=subfolder)
     if resume:  # before the model is loaded: a model of another shape is named here, not by orbax
         check_resume_options(resume, saved, cfg)
-    check_reporters(cfg.report_to)  # a tracker's missing package is said now, not after the model loaded
+    reporters = check_reporters(cfg.report_to)  # a tracker's missing package is said now, not after the model loaded
     tcfg = cfg.train
     cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
     pairs = read_pairs(cfg.data, split=cfg.split, **cols)  # data errors surface before the model is loaded or compiled
@@ -196,9 +196,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         claim(out, ["metrics.jsonl"])
         (out / "metrics.jsonl").write_text("".join(json.dumps(s.to_dict()) + "\n" for s in history))
     tracker = None
-    if lead and check_reporters(cfg.report_to):
-        claim(out, [name for name in ("tensorboard", "wandb") if name in cfg.report_to])
-        tracker = Tracker(cfg.report_to, run_dir=out, name=out.name, config=cfg.to_dict())
+    if lead and reporters:
+        claim(out, [name for name in ("tensorboard", "wandb") if name in reporters])
+        tracker = Tracker(reporters, run_dir=out, name=out.name, config=cfg.to_dict())
         for s in history:
             tracker.log(s.to_dict())
     if on_start:
