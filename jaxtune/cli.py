@@ -36,6 +36,7 @@ _FLAGS = {
     "no_dropout": "train.dropout", "pack": "train.pack", "report_to": "report_to", "merge": "merge",
     "lora_rank": "train.lora_rank", "lora_alpha": "train.lora_alpha", "lora_targets": "train.lora_targets",
     "lora_dropout": "train.lora_dropout", "remat": "train.remat",
+    "quantize": "train.quantize",
 }
 
 
@@ -89,6 +90,9 @@ def _train_parser(sub):
     p.add_argument("--lora-targets", nargs="+", choices=("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj"),
                    help="projections to adapt (default c_attn, PEFT's default for GPT-2; c_proj means both)")
     p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input while training (default 0)")
+    p.add_argument("--quantize", choices=("none", "int8", "nf4"), help="QLoRA, with --lora-rank: hold the frozen "
+                   "base's projections in 8 bits (int8, a scale per output) or 4 bits (nf4, a scale per 64 weights), "
+                   "dequantized inside each product (default none)")
     p.add_argument("--remat", action="store_true", help="gradient checkpointing per block: keep only each block's "
                    "input and recompute the rest in the backward pass (less activation memory on GPUs and TPUs; "
                    "XLA's CPU compiler folds the recomputation away)")

@@ -101,6 +101,7 @@ PRESETS: dict[str, GPT2Config] = {
     "gpt2-xl": GPT2Config(n_embd=1600, n_layer=48, n_head=25),
 }
 
+QUANTIZE = ("none", "int8", "nf4")
 LOSS_MODES = ("response", "all", "reference")
 
 
@@ -154,6 +155,7 @@ class TrainConfig:
     lora_alpha: float | None = None  # the adapters' scale is alpha / rank; default 2 * rank
     lora_targets: tuple[str, ...] = ("c_attn",)  # PEFT's default for GPT-2; also c_proj, c_fc, attn.c_proj, mlp.c_proj
     lora_dropout: float = 0.0  # dropout on the adapters' input (PEFT's lora_dropout), with dropout on
+    quantize: str = "none"  # QLoRA: hold the frozen base's projections in int8 or nf4 (needs lora_rank > 0)
     remat: bool = False  # gradient checkpointing per block: recompute each block's inside in the backward pass
     buckets: tuple[int, ...] = field(default=(32, 64, 128, 256, 512, 1024))
 
@@ -187,6 +189,11 @@ class TrainConfig:
         self.lora_dropout = checked_float("lora_dropout", self.lora_dropout)
         if self.lora_dropout >= 1:
             raise ValueError(f"lora_dropout={self.lora_dropout} must be below 1")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"quantize={self.quantize!r}: choose one of {', '.join(QUANTIZE)}")
+        if self.quantize != "none" and not self.lora_rank:
+            raise ValueError(f"quantize={self.quantize!r} holds the frozen base of a LoRA run in fewer bits: "
+                             "set lora_rank too (e.g. --lora-rank 16), or quantize 'none' for full fine-tuning")
         if self.pack and self.loss_on == "reference":
             raise ValueError("pack=True cannot be combined with loss_on='reference', which trains on padding; "
                              "use loss_on 'response' or 'all'")

@@ -24,7 +24,8 @@ CHECKSUMS = "jaxtune-files.json"  # inside each checkpoint step's folder
 RESUME_FIXED = ("model", "split", "validation_data", "validation_fraction", "instruction_column", "response_column",
                 "train.max_length", "train.batch_size", "train.grad_accum", "train.pack", "train.seed", "train.loss_on",
                 "train.dtype", "train.fsdp", "train.buckets", "train.dropout", "train.lora_rank", "train.lora_alpha",
-                "train.lora_targets", "train.lora_dropout")
+                "train.lora_targets", "train.lora_dropout", "train.quantize")
+_ADDED_LATER = {"train.quantize": "none"}  # a run folder written before the option existed used its default
 
 
 class RunDirError(ValueError):
@@ -140,7 +141,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
     """`option: saved -> now` for every fixed option (RESUME_FIXED) that differs between two run configs."""
-    a, b = _flat(saved), _flat(now)
+    a, b = {**_ADDED_LATER, **_flat(saved)}, {**_ADDED_LATER, **_flat(now)}
     return [f"{k.removeprefix('train.')}: {a.get(k)!r} -> {b.get(k)!r}" for k in RESUME_FIXED if a.get(k) != b.get(k)]
 
 
