@@ -55,6 +55,7 @@ from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_sna
 from jaxtune.config import LOSS_MODES, GPT2Config, RunConfig, TrainConfig  # noqa: E402
 from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,  # noqa: E402
                           inspect_rows, read_pairs, record_to_pair)
+from jaxtune.lora import is_adapter_dir, load_adapter, merge  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
 from jaxtune.rundir import RunDirError  # noqa: E402
 from jaxtune.runs import ACTIVE, Registry, default_root  # noqa: E402
@@ -64,6 +65,10 @@ log = logging.getLogger("jaxtune.app")
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "customer_service.jsonl"
 MODEL_CHOICES = ["auto", EMBEDDED, "gpt2", "distilgpt2", "gpt2-medium"]
 PRECISIONS = ("float32", "bfloat16")
+# Training methods: (TrainConfig.lora_rank is the rank or 0, TrainConfig.quantize). QLoRA holds the frozen base in
+# 4-bit NF4 and trains LoRA adapters on it, as the QLoRA paper does.
+METHODS = {"Full fine-tuning": (False, "none"), "LoRA": (True, "none"), "QLoRA": (True, "nf4")}
+LORA_RANK = 16  # the default rank (alpha defaults to 2 x rank in the library)
 HEADERS = ["Instruction", "Response"]
 UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".parquet")
 TOKENIZER = offline_tokenizer()  # GPT-2's vocabulary, for previews before any model is loaded
@@ -173,6 +178,8 @@ BOUNDS = {
     # each size compiles its own generation program, so sizes come in steps of 8
     "max_new_tokens": Bound("Max new tokens", 8, 256, True, "Use the slider's values.", step=8),
     "preview_row": Bound("Preview row", 1, MAX_ROWS, True, "Pick a row of the table."),
+    # above 256 an adapter of GPT-2's 768 x 2304 c_attn costs half as much as the projection itself: no longer "low"
+    "lora_rank": Bound("LoRA rank", 1, 256, True, "Pick a rank from 1 to 256 (8 to 64 is usual)."),
 }
 
 
@@ -489,6 +496,7 @@ class Session:
         self.table_ids: list[str] = []  # the runs table's rows
         self.sent: dict = {}  # what the page already shows, so a poll sends only what changed
         self.attached = False  # this browser's stored run ids were read
+        self.export_kind = "adapter"  # what Export gives for a LoRA run: the adapter, or the merged model
         self._workdir: Path | None = None
         _SESSIONS.add(self)
 
@@ -761,8 +769,15 @@ def _time_limit(during: str, started: float) -> gr.Error:
                     "pairs.", title="Time limit")
 
 
+def _method(method, lora_rank) -> tuple[int, str]:
+    """(TrainConfig.lora_rank, TrainConfig.quantize) for the picked method; the rank is checked only when it is used."""
+    method = _choice("Method", method, METHODS)
+    lora, quantize = METHODS[method]
+    return (_number("lora_rank", lora_rank) if lora else 0), quantize
+
+
 def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
-           validation_fraction, pack, session: Session):
+           validation_fraction, pack, method, lora_rank, session: Session):
     """Check every value, then hand the run to the registry (it queues at once and trains in its own worker)."""
     started = time.monotonic()
     # every value first: nothing is loaded, tokenized or allocated for a request that cannot run
@@ -774,10 +789,11 @@ def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_le
     warmup_steps, seed = _number("warmup_steps", warmup_steps), _number("seed", seed)
     validation_fraction = _number("validation_fraction", validation_fraction)
     pack = _flag("Pack examples", pack)
+    lora_rank, quantize = _method(method, lora_rank)
     try:
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
                            loss_on=loss_on, seed=seed, warmup_steps=warmup_steps, dtype=precision, pack=pack,
-                           max_steps=MAX_STEPS)
+                           max_steps=MAX_STEPS, lora_rank=lora_rank, quantize=quantize)
     except ValueError as e:
         raise gr.Error(str(e), title="Cannot train with these settings")
     report = inspect_rows(_all_rows(table, session), TOKENIZER, max_length=max_length, loss_on=loss_on)
@@ -816,27 +832,28 @@ def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_le
 
 
 TRAIN_INPUTS = "table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, " \
-               "precision, validation_fraction, pack"
+               "precision, validation_fraction, pack, method, lora_rank"
 
 
 @_guarded
 def start_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-              precision, validation_fraction, pack, session, saved, request: gr.Request = None):
+              precision, validation_fraction, pack, method, lora_rank, session, saved, request: gr.Request = None):
     """The page's Start: the run goes to the registry and its id into this browser's storage; the poll draws it."""
     session = _attached(session, saved, request)
     _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
-           validation_fraction, pack, session)
+           validation_fraction, pack, method, lora_rank, session)
     saved = [i for i in (saved if isinstance(saved, list) else []) if isinstance(i, str)]
     return [saved + [session.watch], session, *_view(session)]
 
 
 @_guarded
 def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-              precision, validation_fraction, pack, session, request: gr.Request = None):
+              precision, validation_fraction, pack, method="Full fine-tuning", lora_rank=LORA_RANK, session=None,
+              request: gr.Request = None):
     """The API's train: start a run and follow it to its end (progress, plot, log). Leaving early does not stop it."""
     session = _session(session, request)
     run = _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-                 precision, validation_fraction, pack, session)
+                 precision, validation_fraction, pack, method, lora_rank, session)
     shown = None
     while True:
         REGISTRY.seen([run.id])
@@ -938,7 +955,10 @@ def show_command(session, request: gr.Request = None):
     if run is None or (PUBLIC and run.id not in session.ids):
         raise gr.Error("Start a run or pick one in the runs table first.", title="No run")
     text = (run.dir / "config.yaml").read_text(encoding="utf-8")
-    command = f"python -m jaxtune train --config {run.dir / 'config.yaml'} --output runs-cli/{run.id}"
+    train = (yaml.safe_load(text) or {}).get("train") or {}
+    flags = (f" --lora-rank {train['lora_rank']}" if train.get("lora_rank") else "") + \
+        (f" --quantize {train['quantize']}" if train.get("quantize", "none") != "none" else "")
+    command = f"python -m jaxtune train --config {run.dir / 'config.yaml'} --output runs-cli/{run.id}{flags}"
     return gr.update(value=f"# {command}\n{text}", visible=True)
 
 
@@ -946,7 +966,7 @@ def show_command(session, request: gr.Request = None):
 def runs_json(session, request: gr.Request = None):
     """The API's runs list (what the runs table shows), with ids and folders."""
     session = _session(session, request)
-    return [{**run.info(), "dir": str(run.dir)} for run in _visible(session)]
+    return [{**run.info(), "method": _method_label(run), "dir": str(run.dir)} for run in _visible(session)]
 
 
 # ---------------------------------------------------------------------------------------------- the view
@@ -1007,47 +1027,145 @@ def _plot(run) -> pd.DataFrame:
     return df.astype({"step": "int64", "loss": "float64", "split": "str"})
 
 
-RUN_COLUMNS = ["Name", "Model", "Pairs", "Steps", "Train loss", "Validation loss", "Status", "Started"]
+RUN_COLUMNS = ["Name", "Model", "Method", "Pairs", "Steps", "Train loss", "Validation loss", "Status", "Started"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _train_options(path: str, stamp: int) -> dict:
+    try:
+        train = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("train") or {}
+        return train if isinstance(train, dict) else {}
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return {}
+
+
+def _run_method(run) -> tuple[int, str]:
+    """(lora_rank, quantize) of a run, from its config.yaml (0 and "none": full fine-tuning)."""
+    path = run.dir / "config.yaml"
+    try:
+        train = _train_options(str(path), path.stat().st_mtime_ns)
+    except OSError:
+        return 0, "none"
+    return int(train.get("lora_rank") or 0), str(train.get("quantize") or "none")
+
+
+def _method_label(run) -> str:
+    rank, quantize = _run_method(run)
+    if not rank:
+        return "full"
+    return f"QLoRA r{rank}" if quantize == "nf4" else f"LoRA r{rank}" + ("" if quantize == "none" else
+                                                                         f" ({quantize} base)")
 
 
 def _runs_frame(runs) -> pd.DataFrame:
     def loss(x):
         return "" if x is None else f"{x:.4f}"
 
-    rows = [[r.name, r.model, r.pairs, f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or ""),
+    rows = [[r.name, r.model, _method_label(r), r.pairs,
+             f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or ""),
              loss(r.train_loss), loss(r.val_loss), r.status, time.strftime("%m-%d %H:%M", time.localtime(r.created))]
             for r in runs]
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"Pairs": "int64"}) if rows else \
-        pd.DataFrame([["(no runs yet)", "", 0, "", "", "", "", ""]], columns=RUN_COLUMNS)
+        pd.DataFrame([["(no runs yet)", "", "", 0, "", "", "", "", ""]], columns=RUN_COLUMNS)
 
 
 def _label(run) -> str:
     return f"{run.name} · {run.status}"
 
 
+def _model_file(run) -> Path:
+    """The run's trained weights: model.safetensors, or a LoRA run's adapter_model.safetensors."""
+    adapter = run.dir / "adapter_model.safetensors"
+    return adapter if adapter.exists() else run.dir / "model.safetensors"
+
+
 def _usable(run) -> bool:
     """A run whose model Try and Export can use: written, and not being trained (a resumed run rewrites it)."""
-    return run is not None and run.saved and run.status not in ACTIVE and (run.dir / "model.safetensors").exists()
+    return run is not None and run.saved and run.status not in ACTIVE and _model_file(run).exists()
 
 
-def _zip(run, session: Session) -> str:
-    """The run's model as a zip (no checkpoints, no bookkeeping): made once per model file, kept for the session."""
-    stamp = (run.dir / "model.safetensors").stat().st_mtime_ns
-    key = ("zip", run.id, stamp)
+def _is_lora(run) -> bool:
+    return run is not None and is_adapter_dir(run.dir)
+
+
+EXPORT_KINDS = {"adapter": "Adapter (PEFT, a few MB)", "merged": "Merged full model"}
+ZIP_SKIP = {"run.json", "data.jsonl", "checkpoints"}
+
+
+def _own_base(run) -> bool:
+    """A LoRA run on the embedded (or auto-chosen) model names the copy of its base beside it, base/: that base
+    exists nowhere else, so it travels with the adapter."""
+    try:
+        cfg = json.loads((run.dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return cfg.get("base_model_name_or_path") == "base" and (run.dir / "base" / "model.safetensors").exists()
+
+
+def _run_info(run) -> dict:
+    """What a model card says about the run (see jaxtune.card.model_card), from its folder."""
+    try:
+        cfg = yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        cfg = {}
+    fraction = float(cfg.get("validation_fraction") or 0)
+    n_val = max(1, int(round(run.pairs * fraction))) if fraction else 0  # runs.split_validation's count
+    return {"base_model": cfg.get("model") or run.model, "config": cfg, "pairs": run.pairs - n_val,
+            "validation_pairs": n_val, "steps": run.step, "final_loss": run.train_loss, "val_loss": run.val_loss}
+
+
+def _merged_dir(run, session: Session) -> Path:
+    """A LoRA run's merged full model in Hugging Face layout: the run's merged/ when it was written with this
+    adapter (RunConfig.merge), else merged here once per adapter file (jaxtune.lora.merge) and saved with its card."""
+    adapter_time = _model_file(run).stat().st_mtime_ns
+    own = run.dir / "merged"
+    if (own / "model.safetensors").exists() and (own / "model.safetensors").stat().st_mtime_ns >= adapter_time:
+        return own
+    folder = session.workdir / run.id / f"merged-{adapter_time}"
+    if not (folder / "model.safetensors").exists():
+        model, tokenizer = _tuned(run)
+        jaxtune.save(merge(model), tokenizer, folder, run_info=_run_info(run))
+    return folder
+
+
+def _export_kind(kind) -> str:
+    return _choice("Export", kind, EXPORT_KINDS) if kind not in (None, "") else "adapter"
+
+
+def _zip(run, session: Session, kind: str = "adapter") -> str:
+    """The run's model as a zip (no checkpoints, no bookkeeping), made once per model file and kind, kept for the
+    session. A full fine-tune: its Hugging Face folder. A LoRA run: the adapter (adapter files, model card,
+    tokenizer; and base/ when its base is the embedded model), or the merged full model."""
+    kind = kind if _is_lora(run) else "model"
+    stamp = _model_file(run).stat().st_mtime_ns
+    key = ("zip", run.id, kind, stamp)
     path = session.sent.get(key)
     if path and Path(path).exists():
         return path
     folder = session.workdir / run.id
-    folder.mkdir(exist_ok=True)
-    path = folder / f"jaxtune-{re.sub(r'[^A-Za-z0-9._-]+', '-', run.name).strip('-')}.zip"
-    skip = {"run.json", "data.jsonl", "checkpoints"}
-    with zipfile.ZipFile(path, "w") as z:
-        for f in sorted(run.dir.iterdir()):
-            if f.is_file() and f.name not in skip and not f.name.startswith("."):
-                z.write(f, f.name, compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else
-                        zipfile.ZIP_DEFLATED)
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = {"adapter": "-adapter", "merged": "-merged"}.get(kind, "")
+    path = folder / f"jaxtune-{re.sub(r'[^A-Za-z0-9._-]+', '-', run.name).strip('-')}{suffix}.zip"
+    source = _merged_dir(run, session) if kind == "merged" else run.dir
+    files = [(f, f.name) for f in sorted(source.iterdir())
+             if f.is_file() and f.name not in ZIP_SKIP and not f.name.startswith(".")]
+    if kind == "adapter" and _own_base(run):
+        files += [(f, f"base/{f.name}") for f in sorted((run.dir / "base").iterdir())
+                  if f.is_file() and not f.name.startswith(".")]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w") as z:
+        for f, name in files:
+            z.write(f, name, compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
+    os.replace(tmp, path)
     session.sent[key] = str(path)
     return str(path)
+
+
+def _export_label(run, kind: str) -> str:
+    if not _is_lora(run):
+        return f"Download {run.name} (.zip)"
+    what = "merged model" if kind == "merged" else "adapter" + (" + its embedded base" if _own_base(run) else "")
+    return f"Download {run.name}: {what} (.zip)"
 
 
 def _view(session: Session, force: bool = False) -> list:
@@ -1062,7 +1180,7 @@ def _view(session: Session, force: bool = False) -> list:
     training = [r for r in runs if r.status == "training" and r.id in session.ids or r.id == session.watch and
                 r.status in ACTIVE]
     session.table_ids = [r.id for r in runs]
-    export = _zip(picked, session) if _usable(picked) else None
+    export = _zip(picked, session, session.export_kind) if _usable(picked) else None
     if picked is None:
         note = "No runs yet."
     elif _usable(picked):
@@ -1083,9 +1201,10 @@ def _view(session: Session, force: bool = False) -> list:
         "pick": ((tuple(choices), session.pick), lambda: gr.update(choices=choices, value=session.pick)),
         "try": (tuple(try_choices), lambda: (gr.update(choices=try_choices, value=usable[0].id if usable else None),
                                              gr.update(choices=try_choices))),
-        "export": (export, lambda: gr.update(value=export, interactive=export is not None,
-                                             label=f"Download {picked.name} (.zip)" if export else
-                                             "Download the picked run (.zip)")),
+        "export": ((export, _is_lora(picked)), lambda: (
+            gr.update(value=export, interactive=export is not None,
+                      label=_export_label(picked, session.export_kind) if export else "Download the picked run (.zip)"),
+            gr.update(visible=_is_lora(picked)))),
         "note": (note, None),
     }
     out = []
@@ -1094,8 +1213,8 @@ def _view(session: Session, force: bool = False) -> list:
         session.sent[key] = signature
         value = signature if make is None else None
         if same:
-            out.extend([gr.skip()] * (2 if key == "try" else 1))
-        elif key == "try":
+            out.extend([gr.skip()] * (2 if key in ("try", "export") else 1))
+        elif key in ("try", "export"):
             out.extend(make())
         else:
             out.append(value if make is None else make())
@@ -1133,14 +1252,23 @@ def poll(session, saved, request: gr.Request = None):
 # ---------------------------------------------------------------------------------------------- try
 def _tuned(run):
     """A finished run's model, loaded from its folder (a few kept in memory)."""
-    key = (run.id, (run.dir / "model.safetensors").stat().st_mtime_ns)
+    key = (run.id, _model_file(run).stat().st_mtime_ns)
     with _TUNED_LOCK:
         if key not in _TUNED:
             while len(_TUNED) >= TUNED_CACHE:
                 _TUNED.popitem(last=False)
-            _TUNED[key] = load_directory(run.dir)
+            _TUNED[key] = load_adapter(run.dir, load_base=_adapter_base) if _is_lora(run) else load_directory(run.dir)
         _TUNED.move_to_end(key)
         return _TUNED[key]
+
+
+def _adapter_base(name: str):
+    """The base a LoRA run's adapter names: its own base/ folder (an absolute path by then), a local folder on a
+    desktop, or a hub model, cloned from the shared copy (the adapters are attached to the model in place)."""
+    path = Path(name)
+    if path.is_absolute() and path.is_dir() or not PUBLIC and path.is_dir():
+        return load_directory(path)
+    return _run_model(name, 0)
 
 
 def _run_base(run) -> tuple[str, int]:
@@ -1220,14 +1348,24 @@ def _export_dir(run_id, session) -> Path:
 
 
 @_guarded
-def export_zip(run_id=None, session=None, request: gr.Request = None):
-    """The API's export: the zip of a run's model (the picked run, or this session's newest finished one)."""
+def export_zip(run_id=None, kind="adapter", session=None, request: gr.Request = None):
+    """The API's export: the zip of a run's model (the picked run, or this session's newest finished one); for a
+    LoRA run `kind` is adapter or merged."""
+    kind = _export_kind(kind)
     session = _session(session, request)
-    return _zip(_export_dir(run_id, session), session)
+    return _zip(_export_dir(run_id, session), session, kind)
 
 
 @_guarded
-def push_to_hub(repo_id, token, private, run_id=None, session=None, request: gr.Request = None):
+def pick_export(kind, session, request: gr.Request = None):
+    """Adapter or merged model: the download button gets that zip."""
+    session = _session(session, request)
+    session.export_kind = _export_kind(kind)
+    return [session, *_view(session)]
+
+
+@_guarded
+def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=None, request: gr.Request = None):
     repo_id = _text("Hub repository", repo_id, 200).strip()
     token = _text("Token", token, 1000).strip()
     if "/" not in repo_id or not HUB_ID.fullmatch(repo_id):
@@ -1235,6 +1373,7 @@ def push_to_hub(repo_id, token, private, run_id=None, session=None, request: gr.
                        title="Repository name")
     if not token:
         raise gr.Error("Paste a Hugging Face token with write access.", title="Token needed")
+    kind = _export_kind(kind)
     session = _session(session, request)
     run = _export_dir(run_id, session)
     if not hub_reachable():
@@ -1245,8 +1384,15 @@ def push_to_hub(repo_id, token, private, run_id=None, session=None, request: gr.
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=_flag("Private", private), exist_ok=True)
-        api.upload_folder(folder_path=str(run.dir), repo_id=repo_id, commit_message="Upload model tuned with jaxtune",
-                          ignore_patterns=["checkpoints/*", "run.json", "data.jsonl", ".*"])
+        if _is_lora(run) and kind == "merged":
+            folder, what = _merged_dir(run, session), "merged model"
+        else:
+            folder, what = run.dir, "LoRA adapter" if _is_lora(run) else "model"
+        ignore = ["checkpoints/*", "merged/*", "run.json", "data.jsonl", ".*", "*/.*"]
+        if not (_is_lora(run) and kind == "adapter" and _own_base(run)):
+            ignore.append("base/*")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"Upload {what} tuned with jaxtune",
+                          ignore_patterns=ignore)
     except gr.Error:
         raise
     except Exception as e:  # noqa: BLE001 - said by its HTTP status only; the text is logged here
@@ -1352,6 +1498,12 @@ def build_app() -> gr.Blocks:
                 loss_on = gr.Radio(list(LOSS_MODES), value="response", label="Loss on",
                                    info="response: answer + EOS · all: every token · reference: the original recipe")
                 precision = gr.Radio(list(PRECISIONS), value="float32", label="Precision")
+            with gr.Row(equal_height=True):
+                method = gr.Radio(list(METHODS), value="Full fine-tuning", label="Method", elem_id="method", scale=3,
+                                  info="LoRA: small adapters on a frozen base · QLoRA: LoRA on a base held in 4 bits "
+                                  "(NF4)")
+                lora_rank = _widget("lora_rank", value=LORA_RANK, label="LoRA rank", info="alpha = 2 x rank",
+                                    visible=False, elem_id="lora-rank", scale=1)
             defaults_note = gr.Markdown(defaults.why, elem_id="defaults-note")
             with gr.Row():
                 epochs = _widget("epochs", value=defaults.epochs, label="Epochs")
@@ -1409,9 +1561,14 @@ def build_app() -> gr.Blocks:
                 tuned_b_out = gr.Textbox(label="Run B", lines=4, elem_id="tuned-b-out")
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
-            gr.Markdown("## ④ Export\nThe picked run's Hugging Face directory as a zip (no checkpoints): it loads in "
-                        "PyTorch `transformers` as it is.")
-            export_btn = gr.DownloadButton("Download the picked run (.zip)", elem_id="export", interactive=False)
+            gr.Markdown("## ⑤ Export\nThe picked run's Hugging Face directory as a zip (no checkpoints): it loads in "
+                        "PyTorch `transformers` as it is. A LoRA or QLoRA run gives its adapter (PEFT's files: "
+                        "`PeftModel.from_pretrained` on its base) or the merged full model.")
+            with gr.Row(equal_height=True):
+                export_kind = gr.Radio([(label, key) for key, label in EXPORT_KINDS.items()], value="adapter",
+                                       label="Export a LoRA run as", visible=False, elem_id="export-kind", scale=2)
+                export_btn = gr.DownloadButton("Download the picked run (.zip)", elem_id="export", interactive=False,
+                                               scale=3)
             with gr.Row():
                 repo = gr.Textbox(label="Hub repository", placeholder="you/my-helpdesk-gpt2")
                 token = gr.Textbox(label="Hugging Face token", type="password")
@@ -1430,7 +1587,7 @@ def build_app() -> gr.Blocks:
 
         # preprocess=False: the functions get the values as sent, and check them themselves (see BOUNDS)
         raw = dict(preprocess=False)
-        view = [progress, plot, log_box, runs_table, run_pick, try_a, try_b, export_btn, run_note]
+        view = [progress, plot, log_box, runs_table, run_pick, try_a, try_b, export_btn, export_kind, run_note]
         quiet = dict(show_progress="hidden", api_visibility="private")
         preview_inputs = [table, preview_row, max_length, loss_on, session]
         preview_outputs = [highlighted, counts, problems]
@@ -1451,8 +1608,9 @@ def build_app() -> gr.Blocks:
             trigger(show_progress="hidden", **private_preview)
         model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup],
                           [epochs, batch_size, learning_rate, max_length, warmup, defaults_note], **quiet)
+        method.change(lambda m: gr.update(visible=m != "Full fine-tuning"), method, lora_rank, **quiet)
         train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,
-                        precision, val_fraction, pack, session]
+                        precision, val_fraction, pack, method, lora_rank, session]
         train_btn.click(start_run, [*train_inputs, saved], [saved, session, *view], show_progress="minimal",
                         api_name="start", concurrency_limit=None, **raw)
         api_train.click(train_run, train_inputs, [progress, plot, log_box, session], api_name="train",
@@ -1468,12 +1626,14 @@ def build_app() -> gr.Blocks:
             .then(poll, [session, saved], [session, *view], **quiet)
         api_runs.click(runs_json, session, api_json, api_name="runs")
         api_stop.click(stop_by_id, [api_text, session], api_text, api_name="stop_run", concurrency_limit=None, **raw)
-        api_export.click(export_zip, [run_pick, session], api_file, api_name="export", **raw)
+        api_export.click(export_zip, [run_pick, export_kind, session], api_file, api_name="export", **raw)
+        export_kind.input(pick_export, [export_kind, session], [session, *view], **quiet, **raw)
         try_inputs = [instruction, temperature, top_p, max_new, model_name, try_a, try_b, session]
         try_outputs = [base_out, tuned_out, tuned_b_out]
         try_btn.click(try_models, try_inputs, try_outputs, api_name="generate", concurrency_limit=2, **raw)
         instruction.submit(try_models, try_inputs, try_outputs, api_visibility="private", concurrency_limit=2, **raw)
-        push_btn.click(push_to_hub, [repo, token, private, run_pick, session], push_status, api_name="push", **raw)
+        push_btn.click(push_to_hub, [repo, token, private, run_pick, export_kind, session], push_status,
+                       api_name="push", **raw)
         demo.unload(_unload)
     return demo
 

@@ -83,7 +83,8 @@ def app_url(tmp_path_factory, app_tmp, runs_dir, app_log):
 
 
 TRAIN_ARGS = dict(model_name="tiny", loss_on="response", epochs=4, batch_size=4, learning_rate=3e-3, max_length=64,
-                  warmup_steps=2, seed=0, precision="float32", validation_fraction=0.25, pack=False)
+                  warmup_steps=2, seed=0, precision="float32", validation_fraction=0.25, pack=False,
+                  method="Full fine-tuning", lora_rank=16)
 
 
 def _runs(client) -> dict:
@@ -194,6 +195,66 @@ def test_two_runs_are_both_kept_listed_and_compared(app_url, runs_dir):
     assert first.predict(api_name="/export").endswith(".zip")
     _, tuned, _ = second.predict("Hi", 0.0, 0.95, 8, "tiny", api_name="/generate")
     assert "train a model" in tuned
+
+
+IDS = [[15496, 995, 11, 314, 716, 257, 1332]]
+
+
+def test_lora_run_tries_and_exports_its_adapter_and_its_merged_model(app_url, tmp_path):
+    """Method LoRA (rank 4) on the embedded model: the runs list says so, Show command passes --lora-rank, Try answers
+    with the adapter, the adapter zip (with the embedded base beside it) loads in PyTorch PEFT and the merged zip in
+    transformers, both with jaxtune's logits to 1e-4."""
+    import jax.numpy as jnp
+    from peft import PeftModel
+
+    import jaxtune
+
+    client = Client(app_url, verbose=False)
+    args = dict(TRAIN_ARGS, epochs=40, learning_rate=1e-2, validation_fraction=0, method="LoRA", lora_rank=4)
+    _, _, log = client.predict(TWO_ROWS, **args, api_name="/train")
+    assert "LoRA: rank 4 on c_attn" in log and "the base is frozen" in log
+    run = next(r for r in client.predict(api_name="/runs") if r["pairs"] == 2)  # newest first
+    folder = Path(run["dir"])
+    assert run["status"] == "finished" and run["method"] == "LoRA r4"
+    assert (folder / "adapter_model.safetensors").exists() and not (folder / "model.safetensors").exists()
+    shown = client.predict(api_name="/command")
+    command = (shown["value"] if isinstance(shown, dict) else shown).splitlines()[0]
+    assert command.endswith(" --lora-rank 4") and "--quantize" not in command
+    ours_model, tok = jaxtune.load(str(folder))
+    ours = np.asarray(ours_model(jnp.asarray(IDS)))
+    _, answer, _ = client.predict("Hi", 0.0, 0.95, 8, "tiny", run["id"], api_name="/generate")
+    assert answer == jaxtune.generate(ours_model, tok, "Hi", max_new_tokens=8)  # Try answers with the adapter
+
+    with zipfile.ZipFile(client.predict(run["id"], "adapter", api_name="/export")) as z:
+        names = set(z.namelist())
+        z.extractall(tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer_config.json",
+            "base/model.safetensors", "base/config.json"} <= names
+    assert "model.safetensors" not in names and not any(n.startswith(("checkpoints", "merged")) for n in names)
+    adapter_bytes = sum(f.stat().st_size for f in (tmp_path / "adapter").iterdir() if f.is_file())
+    assert adapter_bytes < 5 * 2**20  # the adapter and its files; the 27 MB base is beside them
+    base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "adapter" / "base")
+    peft = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        peft_logits = peft(torch.tensor(IDS)).logits.numpy()
+    assert np.abs(peft_logits - ours).max() < 1e-4
+    plain = np.asarray(jaxtune.load(str(folder / "base"))[0](jnp.asarray(IDS)))
+    assert np.abs(plain - ours).max() > 1e-3  # the adapter changed the model
+    assert "PeftModel.from_pretrained" in (tmp_path / "adapter" / "README.md").read_text()
+
+    with zipfile.ZipFile(client.predict(run["id"], "merged", api_name="/export")) as z:
+        z.extractall(tmp_path / "merged")
+    merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert np.abs(merged(torch.tensor(IDS)).logits.numpy() - ours).max() < 1e-4
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "library_name: transformers" in card and "| steps | 40 |" in card
+    with pytest.raises(AppError, match=r"Export must be one of adapter, merged; got 'weights'"):
+        client.predict(run["id"], "weights", api_name="/export")
+    with pytest.raises(AppError, match=r"LoRA rank must be a whole number from 1 to 256; got 0\. Pick a rank"):
+        client.predict(TWO_ROWS, **dict(args, lora_rank=0), api_name="/train")
+    with pytest.raises(AppError, match=r"Method must be one of Full fine-tuning, LoRA, QLoRA; got 'lora'"):
+        client.predict(TWO_ROWS, **dict(args, method="lora"), api_name="/train")
 
 
 def test_the_command_line_repeats_an_app_run_exactly(app_url, tmp_path):
