@@ -24,6 +24,7 @@ from jaxtune.card import model_card, tidy_tokenizer_config
 from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter
 from jaxtune.model import GPT2LMHeadModel, abstract, build
+from jaxtune.quantize import dequantized, is_quantized
 from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text
 
 log = logging.getLogger("jaxtune")
@@ -274,6 +275,8 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the model folder it becomes is an ordinary one
     moved: list[str] = []
+    if is_quantized(model):  # a QLoRA base: written (and merged) in float32, as the step computed with it
+        model = dequantized(model)
     try:
         config = model.config
         try:

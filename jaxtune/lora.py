@@ -64,7 +64,7 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn",), 
     for block in model.h:
         for parent, name in _modules(targets):
             layer = getattr(getattr(block, parent), name)
-            d_in, d_out = layer.kernel[...].shape
+            d_in, d_out = layer.quant[1] if getattr(layer, "quant", None) else layer.kernel[...].shape
             layer.lora = LoRA(d_in, d_out, rank, alpha, dropout=dropout, rngs=rngs)
     model.lora_info = (rank, alpha, tuple(targets), float(dropout))  # static: (r, alpha, target names, dropout)
     return model
@@ -169,10 +169,12 @@ def without_adapters(model):
 
 
 def merge(model):
-    """A plain model (no adapters) whose projections hold W + (alpha / r) * A @ B: what PEFT's merge_and_unload gives."""
+    """A plain model (no adapters) whose projections hold W + (alpha / r) * A @ B: what PEFT's merge_and_unload gives.
+    A quantized (QLoRA) base is dequantized first, as PEFT does when it merges into a 4-bit base."""
     from jaxtune.model import GPT2LMHeadModel
+    from jaxtune.quantize import dequantized
 
-    merged = nnx.clone(model)
+    merged = dequantized(model)
     for _, layer in _adapted(merged):
         lora = layer.lora
         layer.kernel[...] = layer.kernel[...] + lora.scale * (lora.lora_a[...] @ lora.lora_b[...])

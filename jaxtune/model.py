@@ -123,7 +123,12 @@ _matmul_f32_accumulate.defvjp(_matmul_f32_accumulate_fwd, _matmul_f32_accumulate
 def linear(layer: nnx.Linear, x_BTK, adapter_rng=None):
     """layer(x) through `matmul`: the same parameters and result as nnx.Linear's own call, plus the layer's LoRA
     adapter where it has one (see `jaxtune.lora`; `adapter_rng` is its dropout key)."""
-    y = matmul(x_BTK, layer.kernel[...], None if layer.bias is None else layer.bias[...])
+    if getattr(layer, "quant", None):  # QLoRA's frozen base, held in int8 or nf4 (see jaxtune.quantize)
+        from jaxtune.quantize import quantized_linear
+
+        y = quantized_linear(layer, x_BTK)
+    else:
+        y = matmul(x_BTK, layer.kernel[...], None if layer.bias is None else layer.bias[...])
     adapter = getattr(layer, "lora", None)
     return y if adapter is None else y + adapter(x_BTK, adapter_rng)
 
@@ -276,4 +281,6 @@ def abstract(config: GPT2Config) -> GPT2LMHeadModel:
 
 
 def num_params(model: GPT2LMHeadModel) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    """The base model's weights (adapters not counted), quantized kernels (QLoRA) counted at their float shape."""
+    quantized = sum(math.prod(m.quant[1]) for _, m in nnx.iter_graph(model) if getattr(m, "quant", None))
+    return quantized + sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

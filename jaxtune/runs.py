@@ -29,6 +29,7 @@ from jaxtune.config import RunConfig
 from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, read_pairs
 from jaxtune.card import hub_id
 from jaxtune.lora import merge, without_adapters
+from jaxtune.quantize import quantized_bytes
 from jaxtune.tracking import Tracker, check_reporters
 from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_conflicts,
                             verify_checksums)
@@ -175,7 +176,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     if tcfg.lora_rank:
         adapters = sum(x.size for x in jax.tree.leaves(trainer.params))
         log(f"LoRA: rank {tcfg.lora_rank} on {', '.join(tcfg.lora_targets)}, {adapters:,} trainable parameters "
-            f"({adapters / num_params(model):.2%} of the model); the base is frozen")
+            f"({adapters / num_params(model):.2%} of the model); the base is frozen"
+            + (f", its projections held in {tcfg.quantize} ({quantized_bytes(model) / 2**20:,.1f} MiB)"
+               if tcfg.quantize != "none" else ""))
     log(f"data: {len(report.pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
         f"tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, {len(report.warnings)} warning(s))"
         f"{f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.data import EncodedSet, Pair, batch_length, encode_pairs, epoch_batches, plan_epoch, targets_size
 from jaxtune.lora import LoRAParam, add_lora, has_lora
+from jaxtune.quantize import quantize_base
 from jaxtune.rundir import verify_checksums, write_checksums
 from jaxtune.sharding import batch_sharding, make_mesh, place, place_global, to_host, tree_shardings
 
@@ -70,7 +71,7 @@ def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=
     """(sum of target losses, target count) of a [batch, length] batch, computed in cfg.dtype from float32 params.
     frozen: the weights that are not trained (a LoRA run's base model), merged in beside `params`."""
     compute_dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
-    cast = lambda tree: jax.tree.map(lambda p: p.astype(compute_dtype), tree)  # noqa: E731
+    cast = lambda tree: jax.tree.map(lambda p: _as_float(p, compute_dtype), tree)  # noqa: E731
     model = nnx.merge(graphdef, cast(params), *([] if frozen is None else [cast(frozen)]))
     # only the reference mode counts padded positions, so only it needs their attention masked as HF does
     mask = batch["attention_mask"] if cfg.loss_on == "reference" else None
@@ -82,6 +83,11 @@ def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=
         mask = batch["logit_mask"].astype(jnp.float32)
         return jnp.sum(ce * mask), jnp.sum(mask)
     return masked_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def _as_float(x, dtype):
+    """A float array in `dtype`; integer arrays (a QLoRA base's codes) as they are."""
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
 
 
 def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None):
@@ -250,9 +256,11 @@ class Trainer:
         if cfg.lora_rank:  # LoRA: only the adapters are trained (and held by the optimizer); the base is frozen
             if not has_lora(model):
                 add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
+            if cfg.quantize != "none":  # QLoRA: the base's projections held in int8/nf4, in place (see quantize)
+                quantize_base(model, cfg.quantize)
             self.graphdef, params, self.frozen = nnx.split(model, LoRAParam, ...)
             if cfg.dtype == "bfloat16":  # the frozen base is only ever read in bf16: hold it so (half the bytes)
-                self.frozen = jax.tree.map(lambda p: p.astype(jnp.bfloat16), self.frozen)
+                self.frozen = jax.tree.map(lambda p: _as_float(p, jnp.bfloat16), self.frozen)
         else:
             self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
         self.optimizer = make_optimizer(cfg, self.total_steps)
