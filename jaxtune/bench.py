@@ -44,6 +44,17 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux's /proc; elsewhere NaN): what a user waits, imports included."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")  # field 22, starttime
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def bench_pairs(args):
     """The benchmark's pairs and the length their examples are cut at: the data file's pairs, or (--seq N) pairs of
     random vocabulary whose examples are cut to exactly N tokens."""
@@ -106,16 +117,24 @@ def run_jax(args) -> dict:
     from jaxtune.model import build
     from jaxtune.train import Trainer, memory_plan
 
+    if args.cache_dir:  # --first-step: JAX's persistent compilation cache in this folder (cold when empty)
+        from jaxtune.sharding import enable_compilation_cache
+
+        enable_compilation_cache(args.cache_dir)
     compile_events: list[float] = []
+    cache_hits: list[str] = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compile_events.append(secs) if event == "/jax/core/compile/backend_compile_duration"
         else None)
-    peak = measure_matmul_peak(args.dtype)
-    compile_events.clear()
+    jax.monitoring.register_event_listener(
+        lambda event, **kw: cache_hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+    peak = measure_matmul_peak(args.dtype) if not args.first_step else None  # --first-step: a user's path only
+    compile_events.clear(), cache_hits.clear()
     config = PRESETS[args.model]
     pairs, length = bench_pairs(args)
     cfg = TrainConfig(batch_size=args.batch, max_length=length, pack=not args.seq, dtype=args.dtype, epochs=100,
-                      warmup_steps=0, buckets=(length,), dropout=not args.no_dropout)
+                      warmup_steps=0, buckets=(length,), dropout=not args.no_dropout, remat=args.remat,
+                      **_adapter_fields(args))
     model = build(config, seed=0)
     trainer = Trainer(model, offline_tokenizer(), pairs, cfg)
     steps, deadline = [], [None]
@@ -125,6 +144,7 @@ def run_jax(args) -> dict:
         if len(steps) == 1:
             deadline[0] = time.perf_counter() + args.seconds
 
+    started = time.perf_counter()
     result = trainer.run(on_step=on_step, should_stop=lambda: deadline[0] is not None and time.perf_counter() > deadline[0]
                          and len(steps) >= 3)
     timed = steps[1:]  # the first step includes compiling
@@ -135,21 +155,41 @@ def run_jax(args) -> dict:
         "useful_tokens_per_s": tokens / seconds, "step_s": seconds / len(timed), "steps_timed": len(timed),
         "tokens_per_step": tokens / len(timed), "real_token_share": tokens / positions,
         "compile_s": sum(compile_events), "first_step_s": steps[0].elapsed,
+        "process_to_first_step_s": process_age_s() - (time.perf_counter() - started - steps[0].elapsed),
+        "compilation_cache_hits": len(cache_hits),
         "compiled_programs": result.compiled_programs,
         "shapes_after_first_epoch_not_in_first": _new_shapes_after_first_epoch(trainer),
         "loss_first_last": [steps[0].loss, steps[-1].loss], "matmul_peak_flops": peak,
         "batch": f"{args.batch} rows x {length} tokens" + (", packed" if cfg.pack else ""),
+        "trained_parameters": sum(x.size for x in jax.tree.leaves(trainer.params)),
+        "optimizer_state_gib": sum(x.nbytes for x in jax.tree.leaves(trainer.opt_state)) / 2**30,
     }
-    out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
-    compiled = trainer._step.lower(trainer.params, trainer.opt_state, next(iter(trainer._batches()))[1],
-                                   jax.random.key(0), jax.numpy.asarray(True)).compile()
-    out["planned_memory_gib"] = memory_plan(compiled)["peak"] / 2**30
-    out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
+    if trainer.frozen is not None:  # LoRA: the frozen base, as the step reads it (bf16, or quantized)
+        leaves = jax.tree.leaves(trainer.frozen)
+        out["frozen_base_gib"] = sum(x.nbytes for x in leaves) / 2**30
+        out["frozen_base_dtypes"] = sorted({str(x.dtype) for x in leaves})
+    if peak is not None and not cfg.lora_rank:  # the 6N-FLOPs formula is full fine-tuning's (LoRA skips weight grads)
+        out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
+    if not args.first_step:
+        compiled = trainer._step.lower(trainer.params, trainer.opt_state, next(iter(trainer._batches()))[1],
+                                       jax.random.key(0), jax.numpy.asarray(True), trainer.frozen).compile()
+        out["planned_memory_gib"] = memory_plan(compiled)["peak"] / 2**30
+        out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
     if result.peak_memory is not None:
         out["device_peak_memory_gib"] = result.peak_memory / 2**30
     out["process_peak_rss_gib"] = peak_rss_gib()
     out["device"] = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
     return out
+
+
+def _adapter_fields(args) -> dict:
+    """TrainConfig's LoRA / QLoRA fields from the command line (none: full fine-tuning)."""
+    if not args.lora_rank:
+        return {}
+    fields = {"lora_rank": args.lora_rank, "lora_targets": tuple(args.lora_targets)}
+    if args.quantize != "none":
+        fields["quantize"] = args.quantize
+    return fields
 
 
 def _new_shapes_after_first_epoch(trainer) -> int:
@@ -179,20 +219,44 @@ def measure_torch_matmul_peak(dtype: str, device: str) -> float:
     return _best_rate(run, 2 * n**3, reps)
 
 
-def run_torch(args) -> dict:
+def torch_model(args, device: str):
+    """transformers GPT2LMHeadModel holding the jaxtune side's weights (--weights, written by the `weights` side), in
+    training mode; dropout as jaxtune's (GPT-2's 0.1, or off with --no-dropout)."""
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()  # not its note that GPT2Config's loss_type=None means the default
+    transformers.logging.disable_progress_bar()
+    off = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if args.no_dropout else {}
+    if args.weights:
+        model = transformers.GPT2LMHeadModel.from_pretrained(args.weights, **off)
+    else:  # a side run on its own: PyTorch's random init
+        torch.manual_seed(0)
+        config = PRESETS[args.model].to_hf()
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**config, **off}))
+    return model.to(device).train()
+
+
+def peft_lora(model, args):
+    """PEFT LoRA on the same projections as jaxtune's (GPT-2's Conv1D: fan_in_fan_out); the base frozen by PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank, lora_dropout=0.0,
+                                            target_modules=list(args.lora_targets), fan_in_fan_out=True,
+                                            task_type="CAUSAL_LM"))
+
+
+def run_torch(args) -> dict:
+    import torch
+
     config = PRESETS[args.model]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
-    hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
-    if args.no_dropout:
-        hf.resid_pdrop = hf.embd_pdrop = hf.attn_pdrop = 0.0
     peak = measure_torch_matmul_peak(args.torch_dtype, device)
-    model = transformers.GPT2LMHeadModel(hf).to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.01)
+    model = torch_model(args, device)
+    if args.side == "peft":
+        model = peft_lora(model, args)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=5e-5, weight_decay=0.01)
     ids = encoded_examples(args)
     order = np.random.default_rng(0).permutation(len(ids))
     eos = 50256
@@ -213,7 +277,7 @@ def run_torch(args) -> dict:
         with autocast:
             loss = model(input_ids=x, attention_mask=mask, labels=x).loss  # the reference's loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -243,10 +307,106 @@ def run_torch(args) -> dict:
            "batch": f"{args.torch_batch} examples, padded to the longest" if not args.seq else
            f"{args.torch_batch} x {args.seq} tokens", "process_peak_rss_gib": peak_rss_gib(),
            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-           "matmul_peak_flops": peak}
+           "matmul_peak_flops": peak, "trained_parameters": sum(p.numel() for p in trained)}
     if device == "cuda":
         out["device_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     out["model_flops_per_token"] = model_flops_per_token(config, config_mean)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- trl
+TRL_MODES = ("packing", "padding_free", "padded", "grouped")  # grouped: padded, batches of similar lengths
+TRL_HINT = "the TRL baseline needs the trl package: pip install trl (or run --baseline naive)"
+
+
+def run_trl(args) -> dict:
+    """TRL's SFTTrainer on the same pairs, weights and optimizer as jaxtune's side, in one of its batching modes:
+    prompt-completion rows (`format_prompt(instruction)`, `" " + response`; TRL appends EOS), so its loss is on the
+    response and EOS only (completion_only_loss), as jaxtune's loss_on="response"; AdamW, jaxtune's learning rate,
+    weight decay, clipping, no warmup and its cosine decay to 10%.
+      packing       packing=True (best-fit decreasing): --batch sequences of --max-length, flattened padding-free
+      padding_free  padding_free=True: --torch-batch examples in one row, no padding (TRL then cuts nothing, so
+                    this mode needs every example within --max-length; the benchmark checks that)
+      padded        --torch-batch examples padded to the longest
+      grouped       as padded, batches of similar lengths (train_sampling_strategy="group_by_length")"""
+    import datasets
+    import torch
+    import transformers
+    from trl import SFTConfig, SFTTrainer
+
+    from jaxtune.checkpoint import offline_tokenizer
+    from jaxtune.data import format_prompt
+
+    datasets.disable_progress_bars()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = args.trl_mode
+    pairs, length = bench_pairs(args)
+    if mode == "padding_free":
+        from jaxtune.data import encode_pairs
+
+        cut = encode_pairs(offline_tokenizer(), pairs, max_length=length).truncated
+        if cut:
+            raise SystemExit(f"trl padding_free: {cut} example(s) exceed --max-length {length}, which this mode would "
+                             "not cut; raise --max-length or leave this mode out (--trl-modes)")
+    rows = datasets.Dataset.from_list([{"prompt": format_prompt(p.instruction), "completion": " " + p.response}
+                                       for p in pairs])
+    model = torch_model(args, device)
+    out_dir = tempfile.mkdtemp(prefix="jaxtune-bench-trl-")
+    cfg = SFTConfig(
+        output_dir=out_dir, per_device_train_batch_size=args.batch if mode == "packing" else args.torch_batch,
+        max_length=None if mode == "padding_free" else length, packing=mode == "packing",
+        padding_free=mode == "padding_free", completion_only_loss=True,
+        train_sampling_strategy="group_by_length" if mode == "grouped" else "random",
+        learning_rate=5e-5, weight_decay=0.01, max_grad_norm=1.0, warmup_steps=0, optim="adamw_torch",
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1}, num_train_epochs=100, seed=0, data_seed=0,
+        bf16=args.torch_dtype == "bfloat16", use_cpu=device == "cpu", report_to="none", save_strategy="no",
+        logging_steps=10**9, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=rows, processing_class=offline_tokenizer())
+
+    collate, batches = trainer.data_collator, []
+
+    def counting_collator(examples):  # real tokens and computed positions of every batch, in order
+        batch = collate(examples)
+        batches.append((sum(len(e["input_ids"]) for e in examples), batch["input_ids"].numel()))
+        return batch
+
+    trainer.data_collator = counting_collator
+    compute_loss, losses = trainer.compute_loss, []
+
+    def recorded_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        losses.append((out[0] if return_outputs else out).detach())
+        return out
+
+    trainer.compute_loss = recorded_loss
+    times: list[float] = []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, _args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+            if len(times) >= 3 and times[-1] - times[0] > args.seconds:
+                control.should_training_stop = True
+
+    trainer.add_callback(Clock())
+    started = time.perf_counter()
+    trainer.train()
+    n = len(times) - 1  # the first step (allocator, kernels, the data loader's start) is not timed
+    seconds = times[-1] - times[0]
+    tokens, positions = (sum(b[i] for b in batches[1:n + 1]) for i in (0, 1))
+    out = {"useful_tokens_per_s": tokens / seconds, "step_s": seconds / n, "steps_timed": n,
+           "tokens_per_step": tokens / n, "real_token_share": tokens / positions, "first_step_s": times[0] - started,
+           "loss_first_last": [float(losses[0]), float(losses[-1])], "threads": torch.get_num_threads(),
+           "batch": {"packing": f"{cfg.per_device_train_batch_size} packed sequences of {length}, padding-free",
+                     "padding_free": f"{args.torch_batch} examples in one row, padding-free",
+                     "padded": f"{args.torch_batch} examples, padded to the longest",
+                     "grouped": f"{args.torch_batch} examples of similar length, padded"}[mode],
+           "process_peak_rss_gib": peak_rss_gib(), "trl": __import__("trl").__version__, "mode": mode,
+           "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
+    if device == "cuda":
+        out["device_peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
@@ -344,22 +504,110 @@ def decode_latency(args) -> dict:
     return out
 
 
-def _side(side: str, argv: list[str]) -> dict:
+def write_weights(args) -> None:
+    """The `weights` side: jaxtune's random --model weights (seed 0, as its trainer builds them) as a Hugging Face
+    folder at --side-output, which every PyTorch side loads, so that all sides start from the same weights."""
+    from jaxtune.checkpoint import offline_tokenizer, save
+    from jaxtune.model import build
+
+    save(build(PRESETS[args.model], seed=0), offline_tokenizer(), args.side_output)
+
+
+def _side(side: str, argv: list[str], output: str | None = None) -> dict | None:
     """Run one side in a fresh process, so that neither side's threads, caches or memory touch the other's."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, "-m", "jaxtune.bench", *argv, "--side", side, "--side-output", f.name]
+        cmd = [sys.executable, "-m", "jaxtune.bench", *argv, "--side", side, "--side-output", output or f.name]
         subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-        with open(f.name) as r:
-            return json.load(r)
+        if output is None:
+            with open(f.name) as r:
+                return json.load(r)
+    return None
 
 
-def _line(name: str, r: dict) -> str:
+def _line(name: str, r: dict, width: int = 8) -> str:
     mem = r.get("device_peak_memory_gib")
     mem = f"peak {mem:.2f} GiB" if mem is not None else f"peak RSS {r['process_peak_rss_gib']:.2f} GiB"
     compile_ = f"compile {r['compile_s']:5.1f}s, {r['compiled_programs']} program(s)" if "compile_s" in r else "compile   n/a"
     mfu = f"MFU {r['mfu']:5.1%}" if "mfu" in r else ""
-    return (f"{name:8s} {r['useful_tokens_per_s']:9.1f} useful tok/s  {r['step_s'] * 1000:8.0f} ms/step  "
+    return (f"{name:{width}s} {r['useful_tokens_per_s']:9.1f} useful tok/s  {r['step_s'] * 1000:8.0f} ms/step  "
             f"{r['real_token_share']:5.1%} real  {compile_}  {mem}  {mfu}   [{r['batch']}]")
+
+
+def compare_lora(args, argv: list[str]) -> dict:
+    """--lora-rank: jaxtune full fine-tuning, jaxtune LoRA (and QLoRA with --quantize) and PyTorch PEFT LoRA, each
+    in its own process on the same weights and data; ratios LoRA / full and jaxtune LoRA / PEFT LoRA."""
+    results = {"config": vars(args)}
+    sides = [("jax", "jaxtune full", "jax", ["--lora-rank", "0", "--quantize", "none"]),
+             ("jax_lora", f"jaxtune LoRA r={args.lora_rank}", "jax", ["--quantize", "none"])]
+    if args.quantize != "none":
+        sides.append(("jax_qlora", f"jaxtune QLoRA {args.quantize}", "jax", []))
+    if not args.no_torch:
+        sides.append(("peft", f"PEFT LoRA r={args.lora_rank}", "peft", []))
+    for key, name, side, extra in sides:
+        results[key] = _side(side, argv + extra)
+    width = max(len(name) for _, name, _, _ in sides)
+    for key, name, _, _ in sides:
+        print(_line(name, results[key], width))
+    full, lora = results["jax"], results["jax_lora"]
+
+    def ratios(a: dict, b: dict) -> dict:
+        return {"useful_tokens": a["useful_tokens_per_s"] / b["useful_tokens_per_s"],
+                "peak_rss": a["process_peak_rss_gib"] / b["process_peak_rss_gib"]}
+
+    results["lora_vs_full"] = ratios(lora, full)
+    print(f"jaxtune LoRA / full: {results['lora_vs_full']['useful_tokens']:.2f}x useful tokens/s (goal >= 1.3x), "
+          f"{results['lora_vs_full']['peak_rss']:.0%} of the peak RSS (goal <= 60%); trained parameters "
+          f"{lora['trained_parameters']:,} of {full['trained_parameters']:,}")
+    if "jax_qlora" in results:
+        q = results["jax_qlora"]
+        results["qlora_vs_full"] = ratios(q, full)
+        print(f"jaxtune QLoRA {args.quantize} / full: {results['qlora_vs_full']['useful_tokens']:.2f}x useful tokens/s, "
+              f"{results['qlora_vs_full']['peak_rss']:.0%} of the peak RSS; frozen base {q['frozen_base_gib']:.3f} GiB "
+              f"({', '.join(q['frozen_base_dtypes'])}) against LoRA's {lora['frozen_base_gib']:.3f} GiB")
+        if not set(q["frozen_base_dtypes"]) - {"float32", "bfloat16"}:
+            print(f"note: the trainer held the QLoRA base in {', '.join(q['frozen_base_dtypes'])}: "
+                  f"quantize={args.quantize} did not take effect in this jaxtune")
+    if "peft" in results:
+        results["jax_lora_vs_peft"] = ratios(lora, results["peft"])
+        print(f"jaxtune LoRA / PEFT LoRA: {results['jax_lora_vs_peft']['useful_tokens']:.2f}x useful tokens/s, "
+              f"{results['jax_lora_vs_peft']['peak_rss']:.0%} of the peak RSS")
+    return results
+
+
+def compare_trl(args, argv: list[str]) -> dict:
+    """--baseline trl: TRL's SFTTrainer in each of its batching modes (each its own process and timed window); the
+    fastest is the ratio's denominator."""
+    results = {"config": vars(args), "jax": _side("jax", argv), "trl": {}}
+    for mode in args.trl_modes:
+        results["trl"][mode] = _side("trl", argv + ["--trl-mode", mode])
+    j = results["jax"]
+    print(_line("jaxtune", j, 18))
+    for mode, r in results["trl"].items():
+        print(_line(f"trl {mode}", r, 18))
+    best = max(results["trl"], key=lambda m: results["trl"][m]["useful_tokens_per_s"])
+    results["trl_best_mode"] = best
+    results["speedup_useful_tokens"] = j["useful_tokens_per_s"] / results["trl"][best]["useful_tokens_per_s"]
+    print(f"jaxtune / trl ({best}, its fastest mode here) useful tokens/s: {results['speedup_useful_tokens']:.2f}x; "
+          f"first losses: jaxtune {j['loss_first_last'][0]:.6f}, "
+          + ", ".join(f"trl {m} {r['loss_first_last'][0]:.6f}" for m, r in results["trl"].items()))
+    return results
+
+
+def first_step(args, argv: list[str]) -> dict:
+    """--first-step: the jaxtune side twice, each a fresh process, sharing one compilation cache folder that starts
+    empty: the first step's time cold (compiling) and warm (programs loaded from the cache)."""
+    with tempfile.TemporaryDirectory(prefix="jaxtune-bench-cache-") as cache:
+        runs = {name: _side("jax", argv + ["--cache-dir", cache, "--seconds", "0"]) for name in ("cold", "warm")}
+    print(f"{args.model} shape, {args.batch} rows x {args.max_length if not args.seq else args.seq} tokens, {args.dtype}"
+          + (f", LoRA r={args.lora_rank}" if args.lora_rank else ""))
+    for name, r in runs.items():
+        print(f"{name}: first step {r['first_step_s']:6.2f} s (a later step {r['step_s']:.2f} s, so "
+              f"{r['first_step_s'] - r['step_s']:5.2f} s of compiling or loading; XLA compiled for {r['compile_s']:.1f} s, "
+              f"{r['compilation_cache_hits']} cache hit(s)); {r['process_to_first_step_s']:6.2f} s from the process's start")
+    results = {"config": vars(args), **runs, "warm_first_step_s": runs["warm"]["first_step_s"],
+               "cold_first_step_s": runs["cold"]["first_step_s"]}
+    print(f"warm first step {'under' if results['warm_first_step_s'] < 2 else 'over'} the 2 s goal")
+    return results
 
 
 def main(argv=None):
@@ -385,15 +633,37 @@ def main(argv=None):
     p.add_argument("--decode", action="store_true", help="instead of training: batch-1 greedy decoding latency "
                    "(time to first token, time per token) against PyTorch generate on the same weights")
     p.add_argument("--new-tokens", type=int, default=64, help="with --decode: tokens generated per answer")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA figures: jaxtune full fine-tuning, jaxtune LoRA of "
+                   "this rank and PyTorch PEFT LoRA (alpha 2 x rank) on the same weights; with --plan-memory: plan LoRA")
+    p.add_argument("--lora-targets", nargs="+", default=["c_attn"], choices=("c_attn", "c_proj", "c_fc", "attn.c_proj",
+                   "mlp.c_proj"), help="with --lora-rank: the adapted projections (default c_attn, PEFT's for GPT-2)")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"), help="with --lora-rank: also a "
+                   "jaxtune QLoRA side (TrainConfig.quantize), or plan QLoRA with --plan-memory")
+    p.add_argument("--remat", action="store_true", help="jaxtune: gradient checkpointing per block (TrainConfig.remat)")
+    p.add_argument("--baseline", default="naive", choices=("naive", "trl"), help="the PyTorch side: naive, a "
+                   "transformers training loop batched the reference's way (default), or trl, TRL's SFTTrainer in each "
+                   "of its batching modes (--trl-modes), the fastest taken for the ratio (needs pip install trl)")
+    p.add_argument("--trl-modes", nargs="+", default=list(TRL_MODES), choices=TRL_MODES,
+                   help="with --baseline trl: the SFTTrainer batching modes to time")
+    p.add_argument("--first-step", action="store_true", help="the jaxtune side's first step, cold (an empty "
+                   "compilation cache) and warm (a second process reading that cache)")
     p.add_argument("--json", help="also write all figures to this file")
-    p.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--side", choices=("jax", "torch", "peft", "trl", "weights"), help=argparse.SUPPRESS)
     p.add_argument("--side-output", help=argparse.SUPPRESS)
+    p.add_argument("--weights", help=argparse.SUPPRESS)  # the PyTorch sides' Hugging Face folder (`write_weights`)
+    p.add_argument("--trl-mode", choices=TRL_MODES, help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", help=argparse.SUPPRESS)  # the jaxtune side's compilation cache (--first-step)
     args = p.parse_args(argv)
     args.torch_dtype = args.torch_dtype or args.dtype
+    if args.quantize != "none" and not args.lora_rank:
+        p.error("--quantize holds the frozen base of a LoRA run: give --lora-rank too (e.g. --lora-rank 16)")
     if args.seq:
         args.torch_batch = args.batch
+    if args.side == "weights":
+        return write_weights(args)
     if args.side:
-        result = run_jax(args) if args.side == "jax" else run_torch(args)
+        run = {"jax": run_jax, "torch": run_torch, "peft": run_torch, "trl": run_trl}[args.side]
+        result = run(args)
         with open(args.side_output, "w") as f:
             json.dump(result, f)
         return result
@@ -413,6 +683,14 @@ def main(argv=None):
                 json.dump({"config": vars(args), **r}, f, indent=2)
         return r
     argv = list(sys.argv[1:] if argv is None else argv)
+    if args.first_step:
+        return _written(args, first_step(args, argv))
+    if args.baseline == "trl" and not args.no_torch:
+        import importlib.util
+
+        if importlib.util.find_spec("trl") is None:
+            print(f"error: {TRL_HINT}", file=sys.stderr)
+            raise SystemExit(2)
     if args.torch_batch is None:
         args.torch_batch = matched_torch_batch(args)
         argv += ["--torch-batch", str(args.torch_batch)]
@@ -420,6 +698,26 @@ def main(argv=None):
     dtypes = args.dtype if args.torch_dtype == args.dtype or args.no_torch else f"jaxtune {args.dtype}, pytorch {args.torch_dtype}"
     print(f"{args.model} shape, {what}, {dtypes}, ~{args.seconds:.0f}s timed per side; "
           f"{platform.machine()}, {os.cpu_count()} CPU cores", flush=True)
+    with tempfile.TemporaryDirectory(prefix="jaxtune-bench-weights-") as tmp:
+        if not args.no_torch:  # every side starts from jaxtune's seed-0 weights
+            _side("weights", argv, output=f"{tmp}/gpt2")
+            argv += ["--weights", f"{tmp}/gpt2"]
+        if args.lora_rank:
+            return _written(args, compare_lora(args, argv))
+        if args.baseline == "trl" and not args.no_torch:
+            return _written(args, compare_trl(args, argv))
+        return _written(args, compare_naive(args, argv))
+
+
+def _written(args, results: dict) -> dict:
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+def compare_naive(args, argv: list[str]) -> dict:
+    """jaxtune against the naive PyTorch loop (`run_torch`), with MFU against a measured matrix-multiply peak."""
     results = {"config": vars(args), "jax": _side("jax", argv)}
     j = results["jax"]
     same_dtype = args.torch_dtype == args.dtype
@@ -442,9 +740,6 @@ def main(argv=None):
     print(f"devices: jax {j['device']}, attention {j['attention']}; matrix-multiply peak {peaks} "
           f"GFLOP/s (MFU is against {'the higher' if same_dtype else 'each its own'}); new batch shapes after the first epoch: "
           f"{j['shapes_after_first_epoch_not_in_first']}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
     return results
 
 
