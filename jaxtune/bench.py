@@ -329,10 +329,14 @@ def run_trl(args) -> dict:
                     this mode needs every example within --max-length; the benchmark checks that)
       padded        --torch-batch examples padded to the longest
       grouped       as padded, batches of similar lengths (train_sampling_strategy="group_by_length")"""
+    import warnings
+
     import datasets
     import torch
     import transformers
     from trl import SFTConfig, SFTTrainer
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renamed TrainingArguments fields
 
     from jaxtune.checkpoint import offline_tokenizer
     from jaxtune.data import format_prompt
@@ -391,6 +395,7 @@ def run_trl(args) -> dict:
                 control.should_training_stop = True
 
     trainer.add_callback(Clock())
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # its end-of-training summary dict
     started = time.perf_counter()
     trainer.train()
     n = len(times) - 1  # the first step (allocator, kernels, the data loader's start) is not timed
