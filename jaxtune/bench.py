@@ -417,7 +417,9 @@ def run_trl(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------- memory plan
 def plan_memory(args) -> dict:
-    """XLA's per-device memory plan for one training step (`train.plan_step_memory`), on this machine's backend."""
+    """XLA's per-device memory plan for one training step (`train.plan_step_memory`), on this machine's backend:
+    full fine-tuning, or with --lora-rank LoRA (the base frozen, bf16 with --dtype bfloat16) and with --quantize
+    QLoRA (the base's projections int8 or nf4); --remat checkpoints every block."""
     import jax
 
     from jaxtune.config import TrainConfig
@@ -425,23 +427,25 @@ def plan_memory(args) -> dict:
 
     length = args.seq or args.max_length
     cfg = TrainConfig(batch_size=args.batch, max_length=length, dtype=args.dtype, fsdp=args.fsdp,
-                      dropout=not args.no_dropout, buckets=(length,))
+                      dropout=not args.no_dropout, buckets=(length,), remat=args.remat, **_adapter_fields(args))
     plan = plan_step_memory(PRESETS[args.model], cfg)
     gib = {k: v / 2**30 for k, v in plan.items() if k != "compile_s"}
     layout = f"fsdp over {jax.device_count()} devices" if args.fsdp else f"replicated on {jax.device_count()} device(s)"
-    print(f"{args.model}, {args.batch} x {length} tokens a step, {args.dtype}, dropout {'off' if args.no_dropout else 'on'}, "
-          f"{layout}: XLA plans {gib['peak']:.2f} GiB per device (arguments {gib['arguments']:.2f}: parameters, "
-          f"optimizer state, batch; temporaries {gib['temporaries']:.2f}); {jax.devices()[0].device_kind} "
-          f"({jax.default_backend()}), compiled in {plan['compile_s']:.1f} s")
+    method = "full fine-tuning" if not args.lora_rank else (
+        f"LoRA r={args.lora_rank} on {'+'.join(args.lora_targets)}" if args.quantize == "none" else
+        f"QLoRA {args.quantize} r={args.lora_rank} on {'+'.join(args.lora_targets)}")
+    print(f"{args.model}, {method}{', remat' if args.remat else ''}, {args.batch} x {length} tokens a step, "
+          f"{args.dtype}, dropout {'off' if args.no_dropout else 'on'}, {layout}: XLA plans {gib['peak']:.2f} GiB per "
+          f"device (arguments {gib['arguments']:.2f}: parameters, optimizer state, batch; temporaries "
+          f"{gib['temporaries']:.2f}); {jax.devices()[0].device_kind} ({jax.default_backend()}), compiled in "
+          f"{plan['compile_s']:.1f} s")
     if jax.default_backend() == "cpu":
         print("(on a CPU, XLA's attention keeps every layer's score matrices; a GPU's fused attention, used when "
-              "dropout is off, keeps none)")
-    result = {"config": vars(args), "plan_gib": gib, "compile_s": plan["compile_s"], "devices": jax.device_count(),
-              "backend": jax.default_backend()}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+              "dropout is off, keeps none" + ("; and XLA's CPU compiler drops remat's barriers, so --remat saves "
+              "nothing here" if args.remat else "") + ")")
+    result = {"config": vars(args), "method": method, "plan_gib": gib, "compile_s": plan["compile_s"],
+              "devices": jax.device_count(), "backend": jax.default_backend()}
+    return _written(args, result)
 
 
 # ---------------------------------------------------------------------------------------------- main
