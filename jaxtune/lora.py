@@ -64,7 +64,7 @@ def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn",), 
     for block in model.h:
         for parent, name in _modules(targets):
             layer = getattr(getattr(block, parent), name)
-            d_in, d_out = layer.quant[1] if getattr(layer, "quant", None) else layer.kernel[...].shape
+            d_in, d_out = layer.quant[1] if getattr(layer, "quant", None) else layer.kernel.get_value().shape
             layer.lora = LoRA(d_in, d_out, rank, alpha, dropout=dropout, rngs=rngs)
     model.lora_info = (rank, alpha, tuple(targets), float(dropout))  # static: (r, alpha, target names, dropout)
     return model

@@ -8,8 +8,8 @@
 Only the projections of the blocks (c_attn, c_proj, c_fc, mlp.c_proj: 85% of GPT-2 124M's weights, 96% of gpt2-xl's)
 are quantized; embeddings, layer norms and biases stay as they are, as bitsandbytes leaves them.
 
-`quantized_linear` is `jax.checkpoint`ed: its backward pass dequantizes again instead of keeping the dequantized
-weight as a residual, so a training step holds full-width copies of at most one layer's weights at a time.
+`quantized_linear` has its own backward pass: it computes only the input's gradient, from the weight dequantized
+again when the gradient arrives, so a step keeps no dequantized weight between its forward and backward passes.
 Quantizing replaces a layer's `kernel` (nnx.Param) by `kernel_codes` and `kernel_scale` (QuantState); `dequantized`
 gives the float model back for export (what PEFT's merge of a 4-bit base does too).
 """
@@ -44,22 +44,22 @@ def nf4_levels() -> np.ndarray:
     return (levels / np.abs(levels).max()).astype(np.float32)
 
 
-def quantize_array(w, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(codes, scales) of a [in, out] float kernel."""
-    w = np.asarray(jax.device_get(w), np.float32)
+def quantize_array(w, kind: str):
+    """(codes, scales) of a [in, out] float kernel (traceable: `jax.eval_shape` plans it without the weights)."""
+    w = jnp.asarray(w, jnp.float32)
     if kind == "int8":
-        scale = np.abs(w).max(axis=0) / 127.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
+        scale = jnp.abs(w).max(axis=0) / 127.0
+        scale = jnp.where(scale > 0, scale, 1.0)
+        return jnp.clip(jnp.rint(w / scale), -127, 127).astype(jnp.int8), scale
     if kind == "nf4":
         flat = w.reshape(-1)
-        flat = np.pad(flat, (0, -flat.size % NF4_BLOCK)).reshape(-1, NF4_BLOCK)
-        absmax = np.abs(flat).max(axis=1, keepdims=True)
-        absmax = np.where(absmax > 0, absmax, 1.0).astype(np.float32)
+        flat = jnp.pad(flat, (0, -flat.size % NF4_BLOCK)).reshape(-1, NF4_BLOCK)
+        absmax = jnp.abs(flat).max(axis=1, keepdims=True)
+        absmax = jnp.where(absmax > 0, absmax, 1.0)
         levels = nf4_levels()
-        bounds = (levels[1:] + levels[:-1]) / 2  # nearest level: count the midpoints below each value
-        codes = np.searchsorted(bounds, flat / absmax).astype(np.uint8).reshape(-1)
-        return (codes[0::2] << 4 | codes[1::2]).astype(np.uint8), absmax[:, 0]
+        bounds = jnp.asarray((levels[1:] + levels[:-1]) / 2)  # nearest level: count the midpoints below each value
+        codes = jnp.searchsorted(bounds, flat / absmax).astype(jnp.uint8).reshape(-1)
+        return codes[0::2] << 4 | codes[1::2], absmax[:, 0]
     raise ValueError(f"quantize={kind!r}: choose one of {', '.join(KINDS)}")
 
 
@@ -72,11 +72,35 @@ def dequantize_array(codes, scale, kind: str, shape: tuple[int, int], dtype=jnp.
     return w.reshape(-1)[: shape[0] * shape[1]].reshape(shape).astype(dtype)
 
 
-@partial(jax.checkpoint, static_argnums=(3, 4))
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _quantized_product(x_BTK, codes, scale, kind, shape):
     from jaxtune.model import matmul
 
-    return matmul(x_BTK, dequantize_array(codes, scale, kind, shape, x_BTK.dtype))
+    return matmul(x_BTK, dequantize_array(codes, _tied(scale, x_BTK), kind, shape, x_BTK.dtype))
+
+
+def _tied(scale, x):
+    """`scale`, made to depend on `x` (adding x[0] * 0, which XLA does not fold for floats). Without it XLA's CPU
+    compiler drops optimization barriers and merges the backward pass's dequantization with the forward pass's,
+    so every layer's dequantized weight stays alive from one to the other: the whole base at full width (measured
+    in XLA's buffer assignment). Tied to this layer's input (forward) or gradient (backward), each stays local."""
+    return scale + (x.reshape(-1)[0] * 0).astype(scale.dtype)
+
+
+def _quantized_product_fwd(x_BTK, codes, scale, kind, shape):
+    return _quantized_product(x_BTK, codes, scale, kind, shape), (codes, scale)
+
+
+def _quantized_product_bwd(kind, shape, residuals, g_BTN):
+    """Only the input's gradient (the base is frozen), from the weight dequantized again once g arrives."""
+    codes, scale = residuals
+    dtype = g_BTN.dtype  # the product's output dtype: the input's
+    w_KN = dequantize_array(codes, _tied(scale, g_BTN), kind, shape, dtype)
+    dx_BTK = jnp.einsum("...n,kn->...k", g_BTN, w_KN, preferred_element_type=jnp.float32).astype(dtype)
+    return dx_BTK, np.zeros(codes.shape, jax.dtypes.float0), jnp.zeros_like(scale)
+
+
+_quantized_product.defvjp(_quantized_product_fwd, _quantized_product_bwd)
 
 
 def quantized_linear(layer, x_BTK):
@@ -106,10 +130,13 @@ def quantize_base(model, kind: str):
     for layer in _projections(model):
         if getattr(layer, "quant", None):
             continue
-        kernel = layer.kernel[...]
-        codes, scale = quantize_array(kernel, kind)
+        kernel = layer.kernel.get_value()
+        if isinstance(kernel, jax.ShapeDtypeStruct):  # an abstract model (memory plans): shapes only
+            codes, scale = jax.eval_shape(partial(quantize_array, kind=kind), kernel)
+        else:
+            codes, scale = jax.jit(quantize_array, static_argnums=1)(kernel, kind)
         layer.quant = (kind, tuple(kernel.shape))  # static: part of the graph definition
-        layer.kernel_codes, layer.kernel_scale = QuantState(jnp.asarray(codes)), QuantState(jnp.asarray(scale))
+        layer.kernel_codes, layer.kernel_scale = QuantState(codes), QuantState(scale)
         del layer.kernel
     return model
 

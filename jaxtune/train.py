@@ -86,8 +86,28 @@ def summed_loss(graphdef, params, batch: dict, cfg: TrainConfig, *, dropout_rng=
 
 
 def _as_float(x, dtype):
-    """A float array in `dtype`; integer arrays (a QLoRA base's codes) as they are."""
-    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    """A float array (or abstract array) in `dtype`; integer arrays (a QLoRA base's codes) as they are."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x
+    return jax.ShapeDtypeStruct(x.shape, dtype) if isinstance(x, jax.ShapeDtypeStruct) else x.astype(dtype)
+
+
+def split_trainable(model, cfg: TrainConfig):
+    """(graphdef, trained state, frozen state or None) of `model` for cfg. Full fine-tuning trains every nnx.Param.
+    LoRA (cfg.lora_rank) adds adapters in place and trains only them: the base is frozen, held in bfloat16 when
+    the step computes in it (it is only ever read so) and, for QLoRA (cfg.quantize), its projections in int8/nf4."""
+    model.remat = cfg.remat  # static: part of the graph definition the step is traced from
+    if not cfg.lora_rank:
+        graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
+        return graphdef, params, None
+    if not has_lora(model):
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
+    if cfg.quantize != "none":
+        quantize_base(model, cfg.quantize)
+    graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
+    if cfg.dtype == "bfloat16":
+        frozen = jax.tree.map(lambda p: _as_float(p, jnp.bfloat16), frozen)
+    return graphdef, params, frozen
 
 
 def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None):
@@ -251,18 +271,7 @@ class Trainer:
             computed = sum(cfg.batch_size * self.batch_length(batch, lengths) for batch in self.plan(0))
             real = sum(lengths)
         self.planned_real_token_share = real / computed
-        self.frozen = None
-        model.remat = cfg.remat  # static: part of the graph definition the step is traced from
-        if cfg.lora_rank:  # LoRA: only the adapters are trained (and held by the optimizer); the base is frozen
-            if not has_lora(model):
-                add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
-            if cfg.quantize != "none":  # QLoRA: the base's projections held in int8/nf4, in place (see quantize)
-                quantize_base(model, cfg.quantize)
-            self.graphdef, params, self.frozen = nnx.split(model, LoRAParam, ...)
-            if cfg.dtype == "bfloat16":  # the frozen base is only ever read in bf16: hold it so (half the bytes)
-                self.frozen = jax.tree.map(lambda p: _as_float(p, jnp.bfloat16), self.frozen)
-        else:
-            self.graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
+        self.graphdef, params, self.frozen = split_trainable(model, cfg)
         self.optimizer = make_optimizer(cfg, self.total_steps)
         # float32 master weights, copied: the step donates them, and the caller's arrays must survive
         self.params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
@@ -601,9 +610,7 @@ def plan_step_memory(config, cfg: TrainConfig, *, targets: int | None = None, de
     """
     from jaxtune.model import abstract
 
-    model = abstract(config)
-    model.remat = cfg.remat
-    graphdef, params = nnx.split(model)
+    graphdef, params, frozen = split_trainable(abstract(config), cfg)
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
     optimizer = make_optimizer(cfg, total_steps=1000)
     opt_state = jax.eval_shape(optimizer.init, params)
@@ -619,11 +626,13 @@ def plan_step_memory(config, cfg: TrainConfig, *, targets: int | None = None, de
         params, opt_state = jax.tree.map(with_sharding, params, shardings[0]), jax.tree.map(with_sharding, opt_state, shardings[1])
         batch = {k: jax.ShapeDtypeStruct(v, jnp.int32, sharding=batch_sharding(mesh)) for k, v in batch.items()}
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, P()))
+        if frozen is not None:
+            frozen = jax.tree.map(with_sharding, frozen, tree_shardings(mesh, frozen))
     else:
         batch = {k: jax.ShapeDtypeStruct(v, jnp.int32) for k, v in batch.items()}
     start = time.perf_counter()
     go = jax.ShapeDtypeStruct((), jnp.bool_)
-    compiled = make_train_step(graphdef, optimizer, cfg, shardings).lower(params, opt_state, batch, key, go).compile()
+    compiled = make_train_step(graphdef, optimizer, cfg, shardings).lower(params, opt_state, batch, key, go, frozen).compile()
     return {**memory_plan(compiled), "compile_s": time.perf_counter() - start}
 
 
