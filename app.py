@@ -49,6 +49,7 @@ import yaml  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxtune  # noqa: E402
+import jaxtune.evaluate  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer)
@@ -58,11 +59,12 @@ from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError
 from jaxtune.lora import is_adapter_dir, load_adapter, merge  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
 from jaxtune.rundir import RunDirError  # noqa: E402
-from jaxtune.runs import ACTIVE, Registry, default_root  # noqa: E402
+from jaxtune.runs import ACTIVE, Registry, default_root, split_validation  # noqa: E402
 
 log = logging.getLogger("jaxtune.app")
 
 EXAMPLE_DATA = Path(__file__).parent / "examples" / "customer_service.jsonl"
+HELD_OUT_DATA = Path(__file__).parent / "examples" / "customer_service_val.jsonl"  # other wording, never trained on
 MODEL_CHOICES = ["auto", EMBEDDED, "gpt2", "distilgpt2", "gpt2-medium"]
 PRECISIONS = ("float32", "bfloat16")
 # Training methods: (TrainConfig.lora_rank is the rank or 0, TrainConfig.quantize). QLoRA holds the frozen base in
@@ -132,6 +134,11 @@ MAX_UPLOAD_BYTES = int(MAX_UPLOAD_MB * 2**20) or None
 MAX_TEXT_CHARS = MAX_UPLOAD_BYTES or 2**30  # characters in all of a table's cells: no more than an upload may hold
 TABLE_ROWS = _env_number("JAXTUNE_TABLE_ROWS", 200, 1, 100_000)
 MAX_INSTRUCTION_CHARS = 8_000  # more than GPT-2's 1024-token context holds; longer prompts are refused
+# Evaluate: held-out pairs answered per request (the first ones beyond are left out, saying so), new tokens per
+# answer, and finished runs compared at once beside the base. A public server answers fewer, shorter.
+MAX_EVAL_PAIRS = _env_number("JAXTUNE_EVAL_MAX_PAIRS", 100 if PUBLIC else 10_000, 1, 10**7)
+MAX_EVAL_NEW_TOKENS = _env_number("JAXTUNE_EVAL_MAX_NEW_TOKENS", 64 if PUBLIC else 256, 8, 256)
+MAX_EVAL_RUNS = 4
 # Gradio's cache (uploads, exported zips): every 30 minutes, files older than an hour are deleted; all at shutdown.
 DELETE_CACHE = (1800, 3600)
 
@@ -178,6 +185,11 @@ BOUNDS = {
     # each size compiles its own generation program, so sizes come in steps of 8
     "max_new_tokens": Bound("Max new tokens", 8, 256, True, "Use the slider's values.", step=8),
     "preview_row": Bound("Preview row", 1, MAX_ROWS, True, "Pick a row of the table."),
+    # Evaluate's answers: the same programs as Try's (multiples of 8), fewer on a public server
+    "eval_max_new_tokens": Bound("Max new tokens", 8, MAX_EVAL_NEW_TOKENS // 8 * 8, True,
+                                 "Lower the max new tokens.", step=8,
+                                 why="JAXTUNE_EVAL_MAX_NEW_TOKENS" if os.environ.get("JAXTUNE_EVAL_MAX_NEW_TOKENS", "")
+                                 .strip() else "this server's limit" if PUBLIC else ""),
     # above 256 an adapter of GPT-2's 768 x 2304 c_attn costs half as much as the projection itself: no longer "low"
     "lora_rank": Bound("LoRA rank", 1, 256, True, "Pick a rank from 1 to 256 (8 to 64 is usual)."),
 }
@@ -675,11 +687,19 @@ def upload_file(file, instruction_column, response_column, table, session, reque
     session = _session(session, request)
     if file is None:
         return gr.skip(), gr.skip(), session
+    pairs, name = _read_upload(file, instruction_column, response_column, "Your table was left as it was.")
+    table, note = _loaded(session, [[p.instruction, p.response] for p in pairs], name)
+    gr.Info(f"Loaded {len(pairs):,} pairs from {name}")
+    return table, note, session
+
+
+def _read_upload(file, instruction_column, response_column, after: str):
+    """(pairs, the file's name) of an uploaded file, within this server's limits; `after` ends each error."""
     path, name = _upload_path(file)
     cols = dict(instruction_column=_text("Instruction column", instruction_column, 200).strip() or None,
                 response_column=_text("Response column", response_column, 200).strip() or None)
     if Path(path).suffix.lower() not in UPLOAD_TYPES:
-        raise gr.Error(f"{name}: upload a {', '.join(UPLOAD_TYPES)} file. Your table was left as it was.",
+        raise gr.Error(f"{name}: upload a {', '.join(UPLOAD_TYPES)} file. {after}",
                        title="Could not read the file")
     size = os.path.getsize(path)
     if MAX_UPLOAD_BYTES and size > MAX_UPLOAD_BYTES:
@@ -689,13 +709,11 @@ def upload_file(file, instruction_column, response_column, table, session, reque
         pairs = _read_parquet(path, name, cols) if path.lower().endswith(".parquet") else read_pairs(path, **cols)
     except DataError as e:  # its messages name the file by the server's path: name it by the user's file name
         message = str(e).replace(path, name).replace(str(Path(path).parent) + os.sep, "")
-        raise gr.Error(f"{message}. Your table was left as it was.", title="Could not read the file")
+        raise gr.Error(f"{message}. {after}", title="Could not read the file")
     if not pairs:
-        raise gr.Error(f"{name} holds no pairs. Your table was left as it was.", title="Could not read the file")
+        raise gr.Error(f"{name} holds no pairs. {after}", title="Could not read the file")
     _check_rows(len(pairs), f"{name} has")
-    table, note = _loaded(session, [[p.instruction, p.response] for p in pairs], name)
-    gr.Info(f"Loaded {len(pairs):,} pairs from {name}")
-    return table, note, session
+    return pairs, name
 
 
 @_guarded
@@ -1201,6 +1219,7 @@ def _view(session: Session, force: bool = False) -> list:
         "pick": ((tuple(choices), session.pick), lambda: gr.update(choices=choices, value=session.pick)),
         "try": (tuple(try_choices), lambda: (gr.update(choices=try_choices, value=usable[0].id if usable else None),
                                              gr.update(choices=try_choices))),
+        "eval": (tuple(try_choices), lambda: gr.update(choices=try_choices, value=[usable[0].id] if usable else [])),
         "export": ((export, _is_lora(picked)), lambda: (
             gr.update(value=export, interactive=export is not None,
                       label=_export_label(picked, session.export_kind) if export else "Download the picked run (.zip)"),
@@ -1333,6 +1352,171 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_
                 for i, t in enumerate(texts))
 
 
+
+# ---------------------------------------------------------------------------------------------- evaluate
+EVAL_SOURCES = {"split": "Validation split of the data", "held-out": "Bundled held-out pairs", "upload": "Upload"}
+SUMMARY_COLUMNS = ["Model", "Val loss", "Perplexity", "ROUGE-L", "Exact match", "Stop rate", "Mean length (tokens)"]
+
+
+def _eval_pairs(source, file, instruction_column, response_column, table, validation_fraction, seed, max_length,
+                loss_on, session) -> tuple[list, str]:
+    """(held-out pairs, what they are) for Evaluate: the split a run of these settings holds out (the same pairs,
+    fraction and seed `jaxtune.runs.split_validation` uses), the bundled file, or an upload (the data upload's rules)."""
+    if source == "split":
+        fraction = _number("validation_fraction", validation_fraction)
+        seed = _number("seed", seed)
+        if not fraction:
+            raise gr.Error("The validation fraction in step ② is 0, so the data has no validation split. Set it "
+                           "(a run with it never trains on those pairs), or pick the bundled held-out pairs or an "
+                           "upload.", title="No validation split")
+        report = inspect_rows(_all_rows(table, session), TOKENIZER, max_length=_number("max_length", max_length),
+                              loss_on=_choice("Loss on", loss_on, LOSS_MODES))
+        if report.problems:
+            raise gr.Error("Fix these rows first:\n" + "\n".join(report.problems[:10]), title="Data problems")
+        if len(report.pairs) < 4:
+            raise gr.Error(f"A validation split needs at least 4 pairs; the data has {len(report.pairs)}. Add pairs, "
+                           "or pick the bundled held-out pairs or an upload.", title="No validation split")
+        held = split_validation(report.pairs, fraction, seed)[1]
+        return held, (f"the validation split: {len(held)} of {len(report.pairs)} pairs (fraction {fraction:g}, seed "
+                      f"{seed}), the pairs a run with these settings holds out")
+    if source == "held-out":
+        return read_pairs(HELD_OUT_DATA), HELD_OUT_DATA.name
+    if file is None:
+        raise gr.Error("Upload a file of held-out pairs first (or pick another source).", title="No file")
+    pairs, name = _read_upload(file, instruction_column, response_column, "Pick another file.")
+    report = inspect_rows(pairs, TOKENIZER, max_length=1024)
+    if report.problems:
+        raise gr.Error(f"{name}: fix these rows first:\n" + "\n".join(report.problems[:10]), title="Data problems")
+    return report.pairs, name
+
+
+def _eval_models(include_base, run_ids, model_name, seed, session) -> tuple[list, str, int]:
+    """([(label, run or None)], base name, base seed): the base first, then the picked finished runs. The base is the
+    model the first picked run started from (the model field's otherwise)."""
+    include_base = _flag("Base model", include_base)
+    if run_ids is None:
+        run_ids = []
+    if isinstance(run_ids, str):
+        run_ids = [run_ids]
+    if not isinstance(run_ids, (list, tuple)) or not all(isinstance(i, str) for i in run_ids):
+        raise gr.Error(f"Runs must be a list of run ids; got {_shown(run_ids)}.", title="Runs")
+    run_ids = list(dict.fromkeys(run_ids))
+    if len(run_ids) > MAX_EVAL_RUNS:
+        raise gr.Error(f"{len(run_ids)} runs were picked; Evaluate compares at most {MAX_EVAL_RUNS} at once. Pick "
+                       "fewer.", title="Too many runs")
+    runs = []
+    for run_id in run_ids:
+        run = REGISTRY.get(run_id)
+        if run is None or (PUBLIC and run.id not in session.ids):
+            raise gr.Error("A picked run is not on this server any more; pick runs in the list again.", title="No run")
+        if not _usable(run):
+            raise gr.Error(f"{run.name} is {run.status} and has no finished model yet; pick finished runs.",
+                           title="Run not finished")
+        runs.append(run)
+    if not runs and not include_base:
+        raise gr.Error("Pick the base model, a finished run, or both.", title="Nothing to evaluate")
+    base_name, base_seed = _run_base(runs[0]) if runs else (_model_name(model_name), _number("seed", seed))
+    labels = jaxtune.evaluate._labels(([f"base: {base_name}"] if include_base else []) +
+                                      [f"{r.name}" + ("" if _method_label(r) == "full" else f" ({_method_label(r)})")
+                                       for r in runs])
+    models = list(zip(labels, ([None] if include_base else []) + runs))
+    return models, base_name, base_seed
+
+
+def _eval_progress_html(done: float, text: str) -> str:
+    return (f'<div class="jt-progress"><div class="jt-bar" style="width:{100 * done:.1f}%"></div></div>'
+            f'<div class="jt-progress-text">{_escape(text)}</div>')
+
+
+def _summary_frame(results) -> pd.DataFrame:
+    rows = [[r.model, f"{r.val_loss:.4f}", f"{r.perplexity:.4g}", f"{r.rouge_l:.3f}", f"{r.exact_match:.3f}",
+             f"{r.stop_rate:.3f}", f"{r.mean_tokens:.1f}"] for r in results]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def _examples_frame(results, pairs):
+    rows = [[p.instruction, p.response, *(r.answers[k]["answer"] for r in results)]
+            for k, p in enumerate(pairs[:TABLE_ROWS])]
+    frame = pd.DataFrame(rows, columns=["Instruction", "Reference", *(r.model for r in results)])
+    share = f"{60 / max(len(results), 1):.1f}%"  # the answers share the width, however long one of them is
+    return gr.update(value=frame, column_widths=["18%", "22%", *[share] * len(results)])
+
+
+@_guarded
+def evaluate(source, file, instruction_column, response_column, table, validation_fraction, seed, max_length, loss_on,
+             include_base, run_ids, max_new_tokens, model_name, session=None, request: gr.Request = None):
+    """The base model and finished runs answer held-out pairs (greedy, batched) and are scored side by side:
+    progress while they answer, then the summary, every answer, and the reports (eval.md, eval.json, eval.jsonl)."""
+    from jaxtune.evaluate import evaluate_model, write_reports
+
+    session = _session(session, request)
+    source = _choice("Held-out pairs", source, EVAL_SOURCES)
+    max_new_tokens = _number("eval_max_new_tokens", max_new_tokens)
+    models, base_name, base_seed = _eval_models(include_base, run_ids, model_name, seed, session)
+    pairs, what = _eval_pairs(source, file, instruction_column, response_column, table, validation_fraction, seed,
+                              max_length, loss_on, session)
+    notes = [f"{len(pairs):,} held-out pairs: {what}"]
+    if len(pairs) > MAX_EVAL_PAIRS:
+        notes = [f"the first {MAX_EVAL_PAIRS:,} of {len(pairs):,} held-out pairs ({what}): this server evaluates at "
+                 f"most {MAX_EVAL_PAIRS:,} a request (JAXTUNE_EVAL_MAX_PAIRS)"]
+        pairs = pairs[:MAX_EVAL_PAIRS]
+    notes.append(f"greedy answers of at most {max_new_tokens} new tokens")
+    if len(models) > 1 and models[0][1] is None and any(_run_base(run) != (base_name, base_seed)
+                                                        for _, run in models[1:]):
+        notes.append(f"the base is {base_name}, the first run's; other runs started from other models")
+    state = {"model": 0, "answered": 0, "phase": "loading", "results": [], "error": None, "done": False}
+
+    def work():
+        try:
+            for i, (label, run) in enumerate(models):
+                state.update(model=i, answered=0, phase="loading")
+                if run is None:
+                    model, tokenizer = _shared_base(base_name, base_seed)
+                else:
+                    model, tokenizer = _tuned(run)
+                state["phase"] = "loss"
+
+                def progress(answered, total):
+                    state.update(answered=answered, phase="answering")
+
+                state["results"].append(evaluate_model(model, tokenizer, pairs, name=label,
+                                                       max_new_tokens=max_new_tokens, on_progress=progress))
+        except Exception as e:  # noqa: BLE001 - raised again in the request's thread
+            state["error"] = e
+        finally:
+            state["done"] = True
+
+    worker = threading.Thread(target=work, daemon=True, name="jaxtune-evaluate")
+    worker.start()
+    heading = "; ".join(notes)
+    shown = None
+    while not state["done"]:
+        i, answered, phase = state["model"], state["answered"], state["phase"]
+        doing = {"loading": "loading", "loss": "validation loss", "answering": f"answered {answered} of {len(pairs)}"}
+        text = f"{models[i][0]} ({i + 1} of {len(models)}): {doing[phase]} · {heading}"
+        if text != shown:
+            shown = text
+            yield _eval_progress_html((i + answered / len(pairs)) / len(models), text), gr.skip(), gr.skip(), gr.skip()
+        time.sleep(0.25)
+    worker.join()
+    error = state["error"]
+    if isinstance(error, gr.Error):
+        raise error
+    if isinstance(error, (ModelLoadError, jaxtune.ConfigError)):
+        raise gr.Error(str(error), title="Could not load the model")
+    if isinstance(error, (DataError, ValueError)):  # the library's own message (e.g. a prompt longer than the model)
+        raise gr.Error(f"{error}.", title="Cannot evaluate")
+    if error is not None:
+        raise error
+    results = state["results"]
+    folder = session.workdir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    files = write_reports(results, pairs, folder, data=what, max_new_tokens=max_new_tokens)
+    seconds = sum(r.seconds for r in results)
+    done = f"{len(models)} model(s) answered {len(pairs):,} pairs in {seconds:.1f} s · {heading}"
+    yield (_eval_progress_html(1.0, done), _summary_frame(results), _examples_frame(results, pairs),
+           [str(f) for f in files])
+
+
 # ---------------------------------------------------------------------------------------------- export
 def _export_dir(run_id, session) -> Path:
     run = REGISTRY.get(run_id) if isinstance(run_id, str) and run_id else None
@@ -1412,6 +1596,7 @@ CSS = """
 .jt-bar { height: 100%; background: linear-gradient(90deg, #f97316, #fb923c); transition: width .3s; }
 .jt-progress-text { font-size: 0.9em; margin-top: 4px; color: var(--body-text-color-subdued); }
 .jt-step h2 { margin-bottom: 0; }
+#eval-examples [role=gridcell] span { overflow-wrap: anywhere; }
 """
 
 
@@ -1424,6 +1609,11 @@ def _limits_info() -> str:
     upload = f"files of up to {MAX_UPLOAD_MB:g} MB, " if MAX_UPLOAD_BYTES else ""
     return (f"Limits here: {upload}{MAX_ROWS:,} pairs; a run stops after {MAX_TRAIN_SECONDS:,} s and may plan up to "
             f"{MAX_STEPS:,} steps; models up to {MAX_PARAMETERS / 1e6:,.0f}M parameters.")
+
+
+def _eval_limits_info() -> str:
+    return (f"Limits here: the first {MAX_EVAL_PAIRS:,} pairs (JAXTUNE_EVAL_MAX_PAIRS), answers of up to "
+            f"{BOUNDS['eval_max_new_tokens'].hi} new tokens (JAXTUNE_EVAL_MAX_NEW_TOKENS), {MAX_EVAL_RUNS} runs at once.")
 
 
 def _runs_info() -> str:
@@ -1460,7 +1650,7 @@ def build_app() -> gr.Blocks:
         saved = gr.BrowserState([], storage_key="jaxtune-runs", secret=_browser_secret())
         timer = gr.Timer(POLL_SECONDS)
         gr.Markdown("# jaxtune\nInstruction-tune a GPT-2 model on your own instruction/response pairs, in JAX. "
-                    "Work through the four steps from top to bottom.")
+                    "Work through the five steps from top to bottom.")
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ① Data\nEdit the table, load the example help-desk data, or upload JSONL, JSON, CSV or "
@@ -1560,6 +1750,35 @@ def build_app() -> gr.Blocks:
                 tuned_out = gr.Textbox(label="Run A", lines=4, elem_id="tuned-out")
                 tuned_b_out = gr.Textbox(label="Run B", lines=4, elem_id="tuned-b-out")
 
+        with gr.Column(variant="panel", elem_classes="jt-step", elem_id="eval-step"):
+            gr.Markdown("## ④ Evaluate\nThe base model and finished runs answer held-out pairs (greedy), scored against "
+                        "the references: validation loss and perplexity, ROUGE-L (F1), exact match, stop rate (answers "
+                        "that ended by themselves) and mean length. " + _eval_limits_info())
+            with gr.Row(equal_height=True):
+                eval_source = gr.Radio([(label, key) for key, label in EVAL_SOURCES.items()], value="split",
+                                       label="Held-out pairs", elem_id="eval-source", scale=3,
+                                       info=f"the split: step ②'s validation fraction and seed · bundled: "
+                                       f"{HELD_OUT_DATA.name} · an upload is read like step ①'s")
+                eval_upload = gr.File(label=f"Held-out pairs ({', '.join(UPLOAD_TYPES)})", file_types=list(UPLOAD_TYPES),
+                                      elem_id="eval-upload", height=120, visible=False, scale=2)
+            with gr.Row(equal_height=True):
+                eval_base = gr.Checkbox(value=True, label="Base model", elem_id="eval-base", scale=1, min_width=160,
+                                        info="the model the first run started from")
+                eval_runs = gr.Dropdown([], value=[], multiselect=True, max_choices=MAX_EVAL_RUNS, elem_id="eval-runs",
+                                        label=f"Finished runs (up to {MAX_EVAL_RUNS})", scale=3)
+                eval_max_new = _widget("eval_max_new_tokens", value=min(64, BOUNDS["eval_max_new_tokens"].hi),
+                                       label="Max new tokens", scale=2)
+                eval_btn = gr.Button("Evaluate", variant="primary", elem_id="evaluate", scale=1)
+            eval_progress = gr.HTML(_eval_progress_html(0, "pick held-out pairs and models, then press Evaluate"),
+                                    elem_id="eval-progress")
+            eval_summary = gr.Dataframe(pd.DataFrame(columns=SUMMARY_COLUMNS), interactive=False, label="Summary",
+                                        elem_id="eval-summary")
+            eval_examples = gr.Dataframe(pd.DataFrame(columns=["Instruction", "Reference"]), interactive=False,
+                                         wrap=True, max_height=420, elem_id="eval-examples",
+                                         label=f"Answers side by side (the first {TABLE_ROWS}; all in eval.jsonl)")
+            eval_files = gr.File(label="Reports (eval.md, eval.json, eval.jsonl)", file_count="multiple",
+                                 interactive=False, elem_id="eval-files")
+
         with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ⑤ Export\nThe picked run's Hugging Face directory as a zip (no checkpoints): it loads in "
                         "PyTorch `transformers` as it is. A LoRA or QLoRA run gives its adapter (PEFT's files: "
@@ -1587,7 +1806,8 @@ def build_app() -> gr.Blocks:
 
         # preprocess=False: the functions get the values as sent, and check them themselves (see BOUNDS)
         raw = dict(preprocess=False)
-        view = [progress, plot, log_box, runs_table, run_pick, try_a, try_b, export_btn, export_kind, run_note]
+        view = [progress, plot, log_box, runs_table, run_pick, try_a, try_b, eval_runs, export_btn, export_kind,
+                run_note]
         quiet = dict(show_progress="hidden", api_visibility="private")
         preview_inputs = [table, preview_row, max_length, loss_on, session]
         preview_outputs = [highlighted, counts, problems]
@@ -1632,6 +1852,11 @@ def build_app() -> gr.Blocks:
         try_outputs = [base_out, tuned_out, tuned_b_out]
         try_btn.click(try_models, try_inputs, try_outputs, api_name="generate", concurrency_limit=2, **raw)
         instruction.submit(try_models, try_inputs, try_outputs, api_visibility="private", concurrency_limit=2, **raw)
+        eval_source.change(lambda s: gr.update(visible=s == "upload"), eval_source, eval_upload, **quiet)
+        eval_btn.click(evaluate, [eval_source, eval_upload, instruction_col, response_col, table, val_fraction, seed,
+                                  max_length, loss_on, eval_base, eval_runs, eval_max_new, model_name, session],
+                       [eval_progress, eval_summary, eval_examples, eval_files], api_name="evaluate",
+                       concurrency_limit=1, concurrency_id="evaluate", show_progress="hidden", **raw)
         push_btn.click(push_to_hub, [repo, token, private, run_pick, export_kind, session], push_status,
                        api_name="push", **raw)
         demo.unload(_unload)

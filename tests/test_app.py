@@ -485,6 +485,55 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
         time.sleep(0.5)
 
 
+EVAL_TEXTS_JS = """() => { window.evalTexts = []; const box = document.querySelector('#eval-progress');
+    new MutationObserver(() => window.evalTexts.push(box.innerText)).observe(box, {subtree: true, childList: true,
+    characterData: true}); }"""
+
+
+def _table_rows(page, elem_id):
+    """A Gradio 6 dataframe's rows as the page shows them (rows and cells are ARIA grid elements)."""
+    return page.evaluate(f"""() => [...document.querySelectorAll('#{elem_id} [role=row][data-index]')]
+        .map(r => [...r.querySelectorAll('[role=gridcell]')].map(c => c.innerText.replace('\u22ee', '').trim()))""")
+
+
+def test_browser_evaluate_compares_the_base_and_a_run(app_url, browser, tmp_path):
+    """A run trained on two pairs and its base answer an uploaded file of them: progress while they answer, then
+    both rows with their numbers (the run exact, the base not) and every answer side by side."""
+    client = Client(app_url, verbose=False)
+    client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=60, validation_fraction=0), api_name="/train")
+    run = next(r for r in client.predict(api_name="/runs") if r["pairs"] == 2)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"instruction": i, "response": r}) + "\n" for i, r in TWO_ROWS["data"]))
+    page = _open(browser, app_url)
+    page.wait_for_function("n => document.querySelector('#eval-runs').innerText.includes(n)", arg=run["name"])
+    page.locator("#eval-source").get_by_label("Upload", exact=True).check()
+    page.locator("#eval-upload input[type=file]").set_input_files(str(held))
+    page.wait_for_function("() => document.querySelector('#eval-upload').innerText.includes('held.jsonl')")
+    page.evaluate(EVAL_TEXTS_JS)
+    page.locator("#evaluate").click()
+    page.wait_for_function("() => document.querySelectorAll('#eval-summary [role=row][data-index]').length == 2",
+                           timeout=120_000)
+    texts = page.evaluate("() => window.evalTexts")
+    assert any(re.search(r"\(1 of 2\): answered \d of 2", t) for t in texts) or \
+        any("(1 of 2): validation loss" in t for t in texts), texts
+    assert "2 model(s) answered 2 pairs" in page.locator("#eval-progress").inner_text()
+    summary = _table_rows(page, "eval-summary")
+    assert [row[0] for row in summary] == ["base: tiny", run["name"]]
+    for row in summary:
+        assert len(row) == 7 and all(np.isfinite(float(c.replace(",", ""))) for c in row[1:])
+    base, tuned = ({"loss": float(r[1]), "rouge": float(r[3]), "exact": float(r[4]), "stop": float(r[5])}
+                   for r in summary)
+    assert tuned["loss"] < base["loss"] and tuned["rouge"] > base["rouge"] and base["exact"] == 0
+    examples = _table_rows(page, "eval-examples")
+    assert [row[:2] for row in examples] == TWO_ROWS["data"] and all(len(row) == 4 for row in examples)
+    assert [row[3].startswith(row[1]) for row in examples] == [True, True]  # the run answers with the references
+    assert tuned["exact"] == sum(row[3] == row[1] for row in examples) / 2  # the score is the table's answers'
+    page.wait_for_function("() => document.querySelector('#eval-files').innerText.includes('eval.md')")
+    assert all(name in page.locator("#eval-files").inner_text() for name in ("eval.json", "eval.jsonl"))
+    _shot(page, tmp_path, "6-evaluate")
+    page.close()
+
+
 def test_browser_plot_draws_both_series_in_their_colours(app_url, browser, tmp_path):
     """The validation points come after the first train points (every tenth of the run): the validation line still
     has its colour, because both series are in the plot from its first value."""
