@@ -1408,7 +1408,8 @@ def _eval_models(include_base, run_ids, model_name, seed, session) -> tuple[list
     for run_id in run_ids:
         run = REGISTRY.get(run_id)
         if run is None or (PUBLIC and run.id not in session.ids):
-            raise gr.Error("A picked run is not on this server any more; pick runs in the list again.", title="No run")
+            raise gr.Error(f"Run {_shown(run_id)} is not one of the runs listed here; pick finished runs in the list.",
+                           title="No run")
         if not _usable(run):
             raise gr.Error(f"{run.name} is {run.status} and has no finished model yet; pick finished runs.",
                            title="Run not finished")

@@ -534,6 +534,51 @@ def test_browser_evaluate_compares_the_base_and_a_run(app_url, browser, tmp_path
     page.close()
 
 
+EIGHT = {"headers": ["Instruction", "Response"], "data": [[f"Question {i}?", f"Answer number {i}."] for i in range(8)]}
+EVAL_ARGS = dict(source="split", file=None, instruction_column="", response_column="", table=EIGHT,
+                 validation_fraction=0.25, seed=3, max_length=64, loss_on="response", include_base=True, run_ids=[],
+                 max_new_tokens=16, model_name="tiny")
+
+
+def test_evaluate_holds_out_the_split_a_run_holds_out_and_refuses_bad_values(app_url, tmp_path):
+    """The validation split is the one `python -m jaxtune train` holds out with the same fraction and seed; the
+    reports are written; bad values are refused with what, where and what to do."""
+    from jaxtune.data import pairs_from_lists
+    from jaxtune.runs import split_validation
+
+    client = Client(app_url, verbose=False)
+    progress, summary, examples, files = client.predict(**EVAL_ARGS, api_name="/evaluate")
+    examples = examples.get("value", examples)  # sent as an update: the answers' columns get their widths
+    pairs = pairs_from_lists(*zip(*EIGHT["data"]))
+    held = split_validation(pairs, 0.25, 3)[1]
+    assert [row[:2] for row in examples["data"]] == [[p.instruction, p.response] for p in held]
+    assert examples["headers"] == ["Instruction", "Reference", "base: tiny"] and len(summary["data"]) == 1
+    assert "1 model(s) answered 2 pairs" in progress and "the validation split: 2 of 8 pairs (fraction 0.25, seed 3)" \
+        in progress and "at most 16 new tokens" in progress
+    report = json.loads(Path(next(f for f in files if f.endswith("eval.json"))).read_text())
+    assert report["examples"] == 2 and report["max_new_tokens"] == 16
+    assert [float(x) for x in summary["data"][0][1:3]] == pytest.approx(
+        [report["models"][0]["val_loss"], report["models"][0]["perplexity"]], rel=1e-3)
+    for args, message in [
+        (dict(validation_fraction=0), r"The validation fraction in step ② is 0, so the data has no validation split"),
+        (dict(table=TWO_ROWS), r"A validation split needs at least 4 pairs; the data has 2"),
+        (dict(include_base=False), r"Pick the base model, a finished run, or both"),
+        (dict(run_ids=["nope"]), r"Run 'nope' is not one of the runs listed here; pick finished runs in the list"),
+        (dict(run_ids=[f"r{i}" for i in range(5)]), r"5 runs were picked; Evaluate compares at most 4"),
+        (dict(max_new_tokens=1000), r"Max new tokens must be a multiple of 8 from 8 to 256; got 1,000"),
+        (dict(source="everything"), r"Held-out pairs must be one of split, held-out, upload; got 'everything'"),
+        (dict(source="upload"), r"Upload a file of held-out pairs first"),
+    ]:
+        with pytest.raises(AppError, match=message):
+            client.predict(**dict(EVAL_ARGS, **args), api_name="/evaluate")
+    from gradio_client import handle_file
+
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{oops\n')
+    with pytest.raises(AppError, match=r"held\.jsonl: line 2 is not valid JSON.*Pick another file"):
+        client.predict(**dict(EVAL_ARGS, source="upload", file=handle_file(str(bad))), api_name="/evaluate")
+
+
 def test_browser_plot_draws_both_series_in_their_colours(app_url, browser, tmp_path):
     """The validation points come after the first train points (every tenth of the run): the validation line still
     has its colour, because both series are in the plot from its first value."""

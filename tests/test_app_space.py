@@ -22,7 +22,8 @@ TIME_LIMIT = 20  # JAXTUNE_MAX_TRAIN_SECONDS
 ORPHAN_SECONDS = 3  # JAXTUNE_ORPHAN_SECONDS: a run no page has polled for this long is stopped
 LIMITS = dict(JAXTUNE_PUBLIC="1", JAXTUNE_MAX_ROWS="500", JAXTUNE_MAX_UPLOAD_MB="0.05",
               JAXTUNE_MAX_TRAIN_SECONDS=str(TIME_LIMIT), JAXTUNE_ORPHAN_SECONDS=str(ORPHAN_SECONDS),
-              JAXTUNE_MAX_STEPS="1000000", JAXTUNE_MAX_EXAMPLES_SEEN="1000000")  # so that the time limit stops runs
+              JAXTUNE_MAX_STEPS="1000000", JAXTUNE_MAX_EXAMPLES_SEEN="1000000",  # so that the time limit stops runs
+              JAXTUNE_EVAL_MAX_PAIRS="5")
 TRAIN_ARGS = dict(model_name="tiny", loss_on="response", epochs=1, batch_size=64, learning_rate=3e-3, max_length=64,
                   warmup_steps=0, seed=0, precision="float32", validation_fraction=0.0, pack=False)
 TWO_ROWS = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
@@ -185,6 +186,29 @@ def test_a_space_lists_and_touches_only_this_browsers_runs(space):
     _, tuned, _ = other.predict("Hi", 0.0, 0.95, 8, "tiny", run["id"], api_name="/generate")
     assert "train a model" in tuned
     assert mine.predict(api_name="/export").endswith(".zip")
+
+
+def test_evaluate_is_capped_on_a_space_and_sees_only_this_browsers_runs(space):
+    """Public: the first JAXTUNE_EVAL_MAX_PAIRS held-out pairs are evaluated, saying so; answers are at most 64 new
+    tokens; another browser's run cannot be evaluated."""
+    mine, other = space.client(), space.client()
+    mine.predict(TWO_ROWS, **TRAIN_ARGS, api_name="/train")
+    [run] = [r for r in _runs(mine).values() if r["status"] == "finished"][:1]
+    args = dict(source="held-out", file=None, instruction_column="", response_column="", table=TWO_ROWS,
+                validation_fraction=0, seed=0, max_length=64, loss_on="response", include_base=True,
+                run_ids=[run["id"]], max_new_tokens=64, model_name="tiny")
+    job = mine.submit(**args, api_name="/evaluate")
+    progress, summary, examples, files = job.result(timeout=300)
+    n = sum(1 for line in (ROOT / "examples" / "customer_service_val.jsonl").open() if line.strip())
+    assert (f"the first 5 of {n} held-out pairs (customer_service_val.jsonl): this server evaluates at most 5 a "
+            "request (JAXTUNE_EVAL_MAX_PAIRS)") in progress
+    assert len(examples["value"]["data"]) == 5 and [row[0] for row in summary["data"]] == ["base: tiny", run["name"]]
+    assert any("(1 of 2)" in out[0] for out in job.outputs()[:-1])  # progress came before the result
+    with pytest.raises(AppError, match=r"Max new tokens must be a multiple of 8 from 8 to 64 \(this server's limit\); "
+                                       r"got 128\. Lower the max new tokens"):
+        mine.predict(**dict(args, max_new_tokens=128), api_name="/evaluate")
+    with pytest.raises(AppError, match=r"is not one of the runs listed here"):
+        other.predict(**args, api_name="/evaluate")
 
 
 @pytest.fixture(scope="module")
