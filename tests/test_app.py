@@ -200,26 +200,29 @@ def test_two_runs_are_both_kept_listed_and_compared(app_url, runs_dir):
 IDS = [[15496, 995, 11, 314, 716, 257, 1332]]
 
 
-def test_lora_run_tries_and_exports_its_adapter_and_its_merged_model(app_url, tmp_path):
-    """Method LoRA (rank 4) on the embedded model: the runs list says so, Show command passes --lora-rank, Try answers
-    with the adapter, the adapter zip (with the embedded base beside it) loads in PyTorch PEFT and the merged zip in
-    transformers, both with jaxtune's logits to 1e-4."""
+@pytest.mark.parametrize("method, label, flags", [("LoRA", "LoRA r4", " --lora-rank 4"),
+                                                  ("QLoRA", "QLoRA r4", " --lora-rank 4 --quantize nf4")])
+def test_lora_run_tries_and_exports_its_adapter_and_its_merged_model(app_url, tmp_path, method, label, flags):
+    """Method LoRA or QLoRA (rank 4) on the embedded model: the runs list says so, Show command passes its flags, Try
+    answers with the adapter, the adapter zip (with the embedded base beside it) loads in PyTorch PEFT and the merged
+    zip in transformers, both with jaxtune's logits to 1e-4."""
     import jax.numpy as jnp
     from peft import PeftModel
 
     import jaxtune
 
     client = Client(app_url, verbose=False)
-    args = dict(TRAIN_ARGS, epochs=40, learning_rate=1e-2, validation_fraction=0, method="LoRA", lora_rank=4)
+    args = dict(TRAIN_ARGS, epochs=40, learning_rate=1e-2, validation_fraction=0, method=method, lora_rank=4)
     _, _, log = client.predict(TWO_ROWS, **args, api_name="/train")
-    assert "LoRA: rank 4 on c_attn" in log and "the base is frozen" in log
+    assert "LoRA: rank 4 on c_attn" in log and "the base is frozen" in log and ("held in nf4" in log) == (
+        method == "QLoRA")
     run = next(r for r in client.predict(api_name="/runs") if r["pairs"] == 2)  # newest first
     folder = Path(run["dir"])
-    assert run["status"] == "finished" and run["method"] == "LoRA r4"
+    assert run["status"] == "finished" and run["method"] == label
     assert (folder / "adapter_model.safetensors").exists() and not (folder / "model.safetensors").exists()
     shown = client.predict(api_name="/command")
     command = (shown["value"] if isinstance(shown, dict) else shown).splitlines()[0]
-    assert command.endswith(" --lora-rank 4") and "--quantize" not in command
+    assert command.endswith(flags)
     ours_model, tok = jaxtune.load(str(folder))
     ours = np.asarray(ours_model(jnp.asarray(IDS)))
     _, answer, _ = client.predict("Hi", 0.0, 0.95, 8, "tiny", run["id"], api_name="/generate")
