@@ -360,13 +360,23 @@ def _open(browser, app_url, context=None):
     return page
 
 
+CLIPPED_JS = """() => [...document.querySelectorAll(['#train-step', '#eval-step'].flatMap(s =>
+    [s + ' label', s + ' [data-testid="block-info"]', s + ' span']).join(', '))]
+    .filter(e => e.offsetParent && e.innerText.trim() && e.children.length === 0 && e.scrollWidth > e.clientWidth + 1)
+    .map(e => e.innerText)"""
+
+
 def test_browser_layout_at_1280_px_clips_no_label(app_url, browser):
-    """At 1280 px every label of the training settings is whole, and the validation slider shows its maximum."""
+    """At 1280 px every label of the training and evaluation settings is whole, with LoRA's rank shown too, and the
+    validation slider shows its maximum."""
     page = _open(browser, app_url)
-    clipped = page.evaluate("""() => [...document.querySelectorAll('#train-step label, #train-step [data-testid="block-info"], #train-step span')]
-        .filter(e => e.offsetParent && e.innerText.trim() && e.children.length === 0 && e.scrollWidth > e.clientWidth + 1)
-        .map(e => e.innerText)""")
-    assert clipped == []
+    assert page.evaluate(CLIPPED_JS) == [] and not page.locator("#lora-rank").is_visible()
+    for method in ("LoRA", "QLoRA"):
+        page.locator("#method").get_by_label(method, exact=True).check()
+        page.locator("#lora-rank").wait_for(state="visible")
+        assert page.get_by_label("LoRA rank").input_value() == "16" and page.evaluate(CLIPPED_JS) == []
+    page.locator("#method").get_by_label("Full fine-tuning").check()
+    page.locator("#lora-rank").wait_for(state="hidden")
     pack = page.locator("#pack label").first.bounding_box()
     text = page.get_by_text("Pack examples", exact=True).bounding_box()
     assert text["x"] >= pack["x"] and text["x"] + text["width"] <= pack["x"] + pack["width"] + 1
