@@ -498,6 +498,36 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
         time.sleep(0.5)
 
 
+def test_browser_exports_a_lora_run_as_adapter_or_merged_model(app_url, browser, tmp_path):
+    """Picking a LoRA run in the runs table shows the adapter/merged choice; each downloads in one click."""
+    client = Client(app_url, verbose=False)
+    client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=1, validation_fraction=0), api_name="/train")
+    full = next(r for r in client.predict(api_name="/runs") if r["pairs"] == 2)
+    client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=3, validation_fraction=0, method="LoRA", lora_rank=2),
+                   api_name="/train")
+    run = next(r for r in client.predict(api_name="/runs") if r["pairs"] == 2)
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = _open(browser, app_url, context)
+    page.locator("#runs [role=gridcell]", has_text=run["name"]).first.click()
+    page.locator("#export-kind").wait_for(state="visible")
+    button = page.locator("#export")
+    page.wait_for_function("n => document.querySelector('#export').innerText.includes(n + ': adapter + its embedded "
+                           "base')", arg=run["name"])
+    for kind, label, wanted in [("adapter", "Adapter (PEFT, a few MB)", "adapter_model.safetensors"),
+                                ("merged", "Merged full model", "model.safetensors")]:
+        if kind == "merged":
+            page.locator("#export-kind").get_by_label(label).check()
+            page.wait_for_function("() => document.querySelector('#export').innerText.includes('merged model (.zip)')")
+        with page.expect_download(timeout=30_000) as download:
+            button.click()
+        download.value.save_as(tmp_path / f"{kind}.zip")
+        with zipfile.ZipFile(tmp_path / f"{kind}.zip") as z:
+            assert wanted in z.namelist() and ("adapter_config.json" in z.namelist()) == (kind == "adapter")
+    page.locator("#runs [role=gridcell]", has_text=full["name"]).first.click()  # a full fine-tune: nothing to pick
+    page.locator("#export-kind").wait_for(state="hidden")
+    context.close()
+
+
 EVAL_TEXTS_JS = """() => { window.evalTexts = []; const box = document.querySelector('#eval-progress');
     new MutationObserver(() => window.evalTexts.push(box.innerText)).observe(box, {subtree: true, childList: true,
     characterData: true}); }"""
