@@ -68,14 +68,16 @@ def bench_pairs(args):
     return [Pair(f"Repeat {i}", tok.decode(rng.integers(0, 50256, 2 * args.seq))) for i in range(args.batch * 16)], args.seq
 
 
-def encoded_examples(args) -> list[np.ndarray]:
-    """Token ids of every example, EOS appended, exactly as jaxtune's trainer encodes them."""
+def encoded_examples(args, *, with_masks: bool = False) -> list:
+    """Token ids of every example, EOS appended, exactly as jaxtune's trainer encodes them (with_masks: the
+    `data.Encoded` rows, loss masks on the response and EOS included)."""
     from jaxtune.checkpoint import offline_tokenizer
     from jaxtune.data import encode
 
     tok = offline_tokenizer()
     pairs, length = bench_pairs(args)
-    return [encode(tok, p.instruction, p.response, max_length=length).input_ids for p in pairs]
+    rows = [encode(tok, p.instruction, p.response, max_length=length) for p in pairs]
+    return rows if with_masks else [r.input_ids for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------- jax
@@ -222,11 +224,14 @@ def measure_torch_matmul_peak(dtype: str, device: str) -> float:
 def torch_model(args, device: str):
     """transformers GPT2LMHeadModel holding the jaxtune side's weights (--weights, written by the `weights` side), in
     training mode; dropout as jaxtune's (GPT-2's 0.1, or off with --no-dropout)."""
+    import warnings
+
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()  # not its note that GPT2Config's loss_type=None means the default
     transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renamed gradient-checkpointing names
     off = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0} if args.no_dropout else {}
     if args.weights:
         model = transformers.GPT2LMHeadModel.from_pretrained(args.weights, **off)
@@ -257,7 +262,8 @@ def run_torch(args) -> dict:
         model = peft_lora(model, args)
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=5e-5, weight_decay=0.01)
-    ids = encoded_examples(args)
+    rows = encoded_examples(args, with_masks=True)
+    ids = [r.input_ids for r in rows]
     order = np.random.default_rng(0).permutation(len(ids))
     eos = 50256
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.torch_dtype == "bfloat16")
@@ -265,17 +271,21 @@ def run_torch(args) -> dict:
     def batches():
         while True:
             for start in range(0, len(order) - args.torch_batch + 1, args.torch_batch):
-                rows = [ids[i] for i in order[start:start + args.torch_batch]]
-                longest = max(len(r) for r in rows)  # the reference's padding=True: pad to the longest, with EOS
-                x = np.full((len(rows), longest), eos, np.int64)
-                mask = np.zeros_like(x)
-                for i, r in enumerate(rows):
-                    x[i, :len(r)], mask[i, :len(r)] = r, 1
-                yield torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+                batch = order[start:start + args.torch_batch]
+                longest = max(len(ids[k]) for k in batch)  # the reference's padding=True: pad to the longest, with EOS
+                x = np.full((len(batch), longest), eos, np.int64)
+                mask, labels = np.zeros_like(x), np.full_like(x, -100)
+                for i, k in enumerate(batch):
+                    n = len(ids[k])
+                    x[i, :n], mask[i, :n] = ids[k], 1
+                    labels[i, :n] = np.where(rows[k].loss_mask == 1, ids[k], -100)
+                if args.side != "peft":  # the reference's loss: every token, labels = input_ids
+                    labels = x
+                yield tuple(torch.from_numpy(a).to(device) for a in (x, mask, labels))
 
-    def step(x, mask):
+    def step(x, mask, labels):
         with autocast:
-            loss = model(input_ids=x, attention_mask=mask, labels=x).loss  # the reference's loss
+            loss = model(input_ids=x, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
@@ -287,15 +297,15 @@ def run_torch(args) -> dict:
             torch.cuda.synchronize()
 
     it = batches()
-    x, mask = next(it)
+    x, mask, labels = next(it)
     t0 = time.perf_counter()
-    first_loss = step(x, mask).item()  # warm-up (allocator, kernels)
+    first_loss = step(x, mask, labels).item()  # warm-up (allocator, kernels)
     first_step_s = time.perf_counter() - t0
     tokens = positions = n = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < args.seconds or n < 2:
-        x, mask = next(it)
-        loss = step(x, mask)
+        x, mask, labels = next(it)
+        loss = step(x, mask, labels)
         tokens, positions, n = tokens + int(mask.sum()), positions + x.numel(), n + 1
     last_loss = loss.item()
     sync()
@@ -329,14 +339,10 @@ def run_trl(args) -> dict:
                     this mode needs every example within --max-length; the benchmark checks that)
       padded        --torch-batch examples padded to the longest
       grouped       as padded, batches of similar lengths (train_sampling_strategy="group_by_length")"""
-    import warnings
-
     import datasets
     import torch
     import transformers
     from trl import SFTConfig, SFTTrainer
-
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5's renamed TrainingArguments fields
 
     from jaxtune.checkpoint import offline_tokenizer
     from jaxtune.data import format_prompt
@@ -695,11 +701,11 @@ def main(argv=None):
     if args.first_step:
         return _written(args, first_step(args, argv))
     if args.baseline == "trl" and not args.no_torch:
-        import importlib.util
-
-        if importlib.util.find_spec("trl") is None:
-            print(f"error: {TRL_HINT}", file=sys.stderr)
-            raise SystemExit(2)
+        try:
+            import trl  # noqa: F401
+        except ImportError as e:
+            print(f"error: {TRL_HINT} ({e})", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.torch_batch is None:
         args.torch_batch = matched_torch_batch(args)
         argv += ["--torch-batch", str(args.torch_batch)]

@@ -1,6 +1,7 @@
 """The benchmark, end to end on a tiny model: both sides train on the example data and every figure is written."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +9,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# XLA and PyTorch sum the same float32 losses in different orders: measured equal to 2e-6 on the tiny model (a loss
+# of ~10.86); 1e-4 is 50x that, and far below what a different batch, weight or mask would change (~1e-2)
+SAME_LOSS = 1e-4
 
 
-def bench(tmp_path, *args):
+def bench(tmp_path, *args, env=None):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, "-m", "jaxtune.bench", "--model", "tiny", *args, "--json", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout, json.loads(out.read_text())
+
+
+@pytest.fixture
+def four_pairs(tmp_path):
+    """Four help-desk pairs (149 tokens): one jaxtune step (a row of 256) and one PyTorch batch hold them all, so
+    every side's first loss is the loss of the same examples on the same weights."""
+    path = tmp_path / "four.jsonl"
+    path.write_text("".join((ROOT / "examples/customer_service.jsonl").read_text().splitlines(True)[:4]))
+    return ["--data", str(path), "--batch", "1", "--torch-batch", "4", "--max-length", "256", "--no-dropout"]
 
 
 def test_bench_compares_both_sides_on_the_same_data(tmp_path):
@@ -46,3 +59,77 @@ def test_bench_decoding_latency_against_pytorch(tmp_path):
     assert all(x["time_to_first_token_ms"] > 0 and x["ms_per_token"] > 0 for x in (j, t))
     assert r["speedup_per_token"] == pytest.approx(t["ms_per_token"] / j["ms_per_token"])
     assert "ms/token" in stdout and "per token" in stdout
+
+
+def test_bench_lora_against_full_and_peft_on_the_same_weights(tmp_path, four_pairs):
+    stdout, r = bench(tmp_path, *four_pairs, "--seconds", "1", "--lora-rank", "4", "--lora-targets", "c_attn", "c_proj",
+                      "--quantize", "nf4")
+    full, lora, qlora, peft = r["jax"], r["jax_lora"], r["jax_qlora"], r["peft"]
+    # adapters on c_attn and both c_proj of 2 blocks: (128 + 384) x 4 + 2 x (128 + 128) x 4 + (512 + 128) x 4 each
+    assert lora["trained_parameters"] == peft["trained_parameters"] == 2 * 4 * (128 + 384 + 128 + 128 + 512 + 128)
+    assert full["trained_parameters"] > 500 * lora["trained_parameters"]
+    assert lora["optimizer_state_gib"] < full["optimizer_state_gib"] / 500
+    assert "uint8" in qlora["frozen_base_dtypes"] and qlora["frozen_base_gib"] < lora["frozen_base_gib"]
+    # the adapters start at zero (B = 0): full, LoRA and PEFT LoRA take their first step from the same model and loss
+    first = full["loss_first_last"][0]
+    assert lora["loss_first_last"][0] == pytest.approx(first, abs=SAME_LOSS)
+    assert peft["loss_first_last"][0] == pytest.approx(first, abs=SAME_LOSS)
+    assert qlora["loss_first_last"][0] == pytest.approx(first, abs=0.05)  # NF4 rounds the base's projections
+    assert qlora["loss_first_last"][0] != pytest.approx(first, abs=1e-6)
+    assert r["lora_vs_full"]["useful_tokens"] == lora["useful_tokens_per_s"] / full["useful_tokens_per_s"]
+    assert r["lora_vs_full"]["peak_rss"] == lora["process_peak_rss_gib"] / full["process_peak_rss_gib"]
+    assert r["jax_lora_vs_peft"]["useful_tokens"] == lora["useful_tokens_per_s"] / peft["useful_tokens_per_s"]
+    assert "mfu" in full and "mfu" not in lora  # 6 x parameters FLOPs per token is full fine-tuning's count
+    for line in ("jaxtune full", "jaxtune LoRA r=4", "jaxtune QLoRA nf4", "PEFT LoRA r=4", "jaxtune LoRA / full",
+                 "jaxtune LoRA / PEFT LoRA"):
+        assert line in stdout
+
+
+def test_bench_trl_baseline_trains_the_same_loss(tmp_path, four_pairs):
+    pytest.importorskip("trl")
+    stdout, r = bench(tmp_path, *four_pairs, "--seconds", "0.5", "--baseline", "trl")
+    assert set(r["trl"]) == {"packing", "padding_free", "padded", "grouped"}
+    first = r["jax"]["loss_first_last"][0]
+    for mode, t in r["trl"].items():  # completion-only loss on the same examples and weights: jaxtune's loss
+        assert t["loss_first_last"][0] == pytest.approx(first, abs=SAME_LOSS), mode
+        assert t["steps_timed"] >= 2 and t["useful_tokens_per_s"] > 0
+    assert r["trl"]["packing"]["real_token_share"] == r["trl"]["padding_free"]["real_token_share"] == 1
+    assert r["trl"]["padded"]["real_token_share"] < 1
+    best = r["trl_best_mode"]
+    assert all(r["trl"][best]["useful_tokens_per_s"] >= t["useful_tokens_per_s"] for t in r["trl"].values())
+    assert r["speedup_useful_tokens"] == r["jax"]["useful_tokens_per_s"] / r["trl"][best]["useful_tokens_per_s"]
+    assert f"jaxtune / trl ({best}" in stdout and all(f"trl {m}" in stdout for m in r["trl"])
+
+
+def test_bench_trl_missing_says_how_to_install(tmp_path):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "trl.py").write_text("raise ImportError(\"No module named 'trl'\")\n")  # shadows an installed trl
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hide), str(ROOT)])}
+    p = subprocess.run([sys.executable, "-m", "jaxtune.bench", "--model", "tiny", "--baseline", "trl"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert p.returncode == 2 and "pip install trl" in p.stderr
+
+
+def test_bench_first_step_cold_then_warm_from_the_compilation_cache(tmp_path):
+    stdout, r = bench(tmp_path, "--first-step", "--batch", "2", "--max-length", "128")
+    cold, warm = r["cold"], r["warm"]
+    assert cold["compilation_cache_hits"] == 0 and cold["compile_s"] > 0
+    assert warm["compilation_cache_hits"] > 0  # the second process loads the first one's programs
+    assert warm["compiled_programs"] == cold["compiled_programs"] == 1
+    assert r["warm_first_step_s"] == warm["first_step_s"] and r["cold_first_step_s"] == cold["first_step_s"]
+    assert warm["process_to_first_step_s"] > warm["first_step_s"] > 0
+    assert "cold: first step" in stdout and "warm: first step" in stdout
+
+
+def test_bench_plans_adapter_memory(tmp_path):
+    plans = {}
+    for name, args in (("full", []), ("lora", ["--lora-rank", "8"]), ("nf4", ["--lora-rank", "8", "--quantize", "nf4"]),
+                       ("nf4_remat", ["--lora-rank", "8", "--quantize", "nf4", "--remat"])):
+        stdout, r = bench(tmp_path, "--plan-memory", "--seq", "64", "--batch", "1", "--dtype", "bfloat16", *args)
+        plans[name] = r["plan_gib"]
+        assert r["method"].split()[0] in stdout
+    # arguments: float32 weights and two AdamW moments (full); a bf16 base and tiny adapters (LoRA); nf4 codes (QLoRA)
+    assert plans["lora"]["arguments"] < plans["full"]["arguments"] / 2
+    assert plans["nf4"]["arguments"] < plans["lora"]["arguments"]
+    assert plans["nf4_remat"]["arguments"] == plans["nf4"]["arguments"]
