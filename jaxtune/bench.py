@@ -1,19 +1,29 @@
-"""Training throughput: jaxtune's training loop beside a PyTorch transformers baseline, on the same data.
+"""Training throughput: jaxtune's training loop beside PyTorch baselines, on the same data and the same weights.
 
     python -m jaxtune.bench                                   # GPT-2 124M shape, the customer-service data, CPU
     python -m jaxtune.bench --seq 1024 --batch 8 --dtype bfloat16 --json gpu.json    # e.g. on a GPU
+    python -m jaxtune.bench --lora-rank 16 [--quantize nf4]   # full vs LoRA (vs QLoRA) vs PyTorch PEFT LoRA
+    python -m jaxtune.bench --baseline trl                    # against TRL's SFTTrainer, each batching mode
+    python -m jaxtune.bench --first-step                      # first step cold, then warm from the compile cache
+    python -m jaxtune.bench --plan-memory --model gpt2-xl --seq 1024 [--lora-rank 16 --quantize nf4 --remat]
 
 Each side runs in its own fresh process, one after the other, for about --seconds of training after its first
-step, on the same examples (the same random GPT-2-shaped weights; the data's order is seeded):
+step, on the same examples (jaxtune's seed-0 random GPT-2-shaped weights, which the PyTorch sides load from a
+Hugging Face folder; the data's order is seeded):
   jaxtune  Trainer.run with --pack: rows of --max-length tokens, several examples a row, one compiled program.
-  pytorch  transformers GPT2LMHeadModel trained the way the reference batches: --torch-batch examples padded to the
-           longest in the batch, labels = input_ids, AdamW, gradient clipping.
-With --seq N both sides instead train on random rows of exactly N tokens (no padding anywhere).
+  pytorch  (--baseline naive, the default) transformers GPT2LMHeadModel trained the way the reference batches:
+           --torch-batch examples padded to the longest in the batch, labels = input_ids, AdamW, clipping.
+  peft     (--lora-rank) the same loop with PEFT LoRA (alpha 2 x rank, fan_in_fan_out) and jaxtune's loss on the
+           response, beside jaxtune full fine-tuning and jaxtune LoRA (and QLoRA with --quantize).
+  trl      (--baseline trl) TRL's SFTTrainer, completion-only loss, in each batching mode (`run_trl`); the fastest
+           mode is the ratio's denominator.
+With --seq N the sides instead train on random rows of exactly N tokens (no padding anywhere).
 
 Figures: useful tokens/s counts real (non-padding) tokens only; step time; compile time (XLA's, summed from JAX's
-own compile events); compiled programs; peak memory; and model-FLOPs utilisation against a matrix-multiply peak
-measured in the same run. Model FLOPs per real token = 6 x (parameters in matrix multiplies, the tied
-embedding/head included) + 12 x layers x width x attended length (the PaLM paper's formula).
+own compile events); compiled programs; peak memory (the process's peak RSS on a CPU); and model-FLOPs
+utilisation against a matrix-multiply peak measured in the same run (full fine-tuning only). Model FLOPs per real
+token = 6 x (parameters in matrix multiplies, the tied embedding/head included) + 12 x layers x width x attended
+length (the PaLM paper's formula).
 """
 
 from __future__ import annotations
