@@ -7,6 +7,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the command lines and apps the tests start share one compilation cache, kept out of the user's own
 os.environ.setdefault("JAXTUNE_COMPILATION_CACHE", __import__("tempfile").mkdtemp(prefix="jaxtune-test-xla-"))
 
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -52,3 +58,31 @@ def torch_logits(model, ids, attention_mask=None):
     with torch.no_grad():
         kwargs = {} if attention_mask is None else {"attention_mask": torch.tensor(np.asarray(attention_mask))}
         return model(torch.tensor(np.asarray(ids)), **kwargs).logits.numpy()
+
+
+def start_app(log: Path, drop=(), **env) -> tuple[subprocess.Popen, str]:
+    """`python app.py` on a free loopback port, offline, with `env` added to the environment (and the variables in
+    `drop` taken out) and its output in `log`; returns (process, url) once it listens. Fails the test, with the log's
+    end, if it exits or has not started within 180 s."""
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(root), **env)
+    for name in drop:
+        env.pop(name, None)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"app.py exited: {log.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, f"http://127.0.0.1:{port}"
+        except OSError:
+            if time.time() > deadline:
+                proc.kill()
+                pytest.fail(f"app.py did not start: {log.read_text()[-2000:]}")
+            time.sleep(1)

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -25,16 +24,12 @@ from gradio_client.exceptions import AppError
 
 from jaxtune.data import read_pairs
 
+from conftest import start_app
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,27 +51,9 @@ def app_log(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, app_tmp, runs_dir, app_log):
-    port = _free_port()
-    log = app_log
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), TMPDIR=str(app_tmp),
-               JAXTUNE_RUNS_DIR=str(runs_dir), GRADIO_HEARTBEAT_INTERVAL="1")  # a closed tab is noticed within a second
-    env.pop("JAXTUNE_CONCURRENT_RUNS", None)  # one run trains at a time, the next waits
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"app.py exited: {log.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail(f"app.py did not start: {log.read_text()[-2000:]}")
+    proc, url = start_app(app_log, drop=["JAXTUNE_CONCURRENT_RUNS"],  # one run trains at a time, the next waits
+                          TMPDIR=str(app_tmp), JAXTUNE_RUNS_DIR=str(runs_dir),
+                          GRADIO_HEARTBEAT_INTERVAL="1")  # a closed tab is noticed within a second
     yield url
     proc.terminate()
     proc.wait(timeout=30)

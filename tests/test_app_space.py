@@ -2,12 +2,8 @@
 with small limits, driven through gradio_client. The last test stops it with SIGTERM."""
 
 import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +12,8 @@ import pandas as pd
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+
+from conftest import start_app
 
 ROOT = Path(__file__).resolve().parents[1]
 TIME_LIMIT = 20  # JAXTUNE_MAX_TRAIN_SECONDS
@@ -39,29 +37,12 @@ class App:
 
 @pytest.fixture(scope="module")
 def space(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     tmp = tmp_path_factory.mktemp("space-tmp")  # TMPDIR: session folders and Gradio's cache
     log = tmp_path_factory.mktemp("space") / "app.log"
     runs = tmp_path_factory.mktemp("space-runs")
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1", HF_HUB_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", PYTHONPATH=str(ROOT), TMPDIR=str(tmp), JAXTUNE_RUNS_DIR=str(runs),
-               GRADIO_HEARTBEAT_INTERVAL="1", **LIMITS)
-    env.pop("SPACE_ID", None)
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"app.py exited: {log.read_text()[-2000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.time() < deadline, f"app.py did not start: {log.read_text()[-2000:]}"
-            time.sleep(1)
-    yield App(proc, f"http://127.0.0.1:{port}", tmp, log, runs)
+    proc, url = start_app(log, drop=["SPACE_ID"], TMPDIR=str(tmp), JAXTUNE_RUNS_DIR=str(runs),
+                          GRADIO_HEARTBEAT_INTERVAL="1", **LIMITS)
+    yield App(proc, url, tmp, log, runs)
     if proc.poll() is None:
         proc.kill()
         proc.wait(timeout=30)
