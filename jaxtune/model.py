@@ -8,6 +8,7 @@ which keeps the jitted train step a pure function of (params, batch, key).
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -138,6 +139,46 @@ def _adapter_rng(rng, i: int):
     return None if rng is None else jax.random.fold_in(rng, 1_000_003 + i)
 
 
+def checkpointed(block, x_BTD, extras):
+    """block(x_BTD, *extras) keeping only its input for the backward pass, which recomputes the block's inside.
+
+    jax.checkpoint does this with optimization barriers, which XLA's CPU compiler drops before merging the
+    recomputation back into the forward pass, so on CPUs it saved nothing (a memory plan equal to the plain
+    step's). Here the backward pass recomputes from the input tied to the incoming gradient (`tied`), which no
+    compiler can hoist into the forward pass."""
+    graphdef, state = nnx.split(block)
+    return _recomputed(graphdef, state, x_BTD, extras)
+
+
+def tied(x, g):
+    """x (floats or integers), made to depend on g: plus g's first element times zero, which XLA does not fold
+    for floats."""
+    return x + (g.reshape(-1)[0] * 0).astype(x.dtype)
+
+
+def _block_output(graphdef, state, x_BTD, extras):
+    mask_B1TS, rng = extras
+    return nnx.merge(graphdef, state)(x_BTD, mask_B1TS, None, None, rng)[0]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _recomputed(graphdef, state, x_BTD, extras):
+    return _block_output(graphdef, state, x_BTD, extras)
+
+
+def _recomputed_fwd(graphdef, state, x_BTD, extras):
+    return _block_output(graphdef, state, x_BTD, extras), (state, x_BTD, extras)
+
+
+def _recomputed_bwd(graphdef, residuals, g_BTD):
+    state, x_BTD, extras = residuals
+    _, vjp = jax.vjp(partial(_block_output, graphdef), state, tied(x_BTD, g_BTD), extras)
+    return vjp(g_BTD)
+
+
+_recomputed.defvjp(_recomputed_fwd, _recomputed_bwd)
+
+
 def attention_implementation(dtype) -> str | None:
     """cuDNN's fused (flash) attention on an NVIDIA GPU in bfloat16/float16; XLA's everywhere else (CPU, TPU,
     float32). jax.nn.dot_product_attention picks XLA's unless asked, so the GPU path asks."""
@@ -245,7 +286,7 @@ class GPT2LMHeadModel(nnx.Module):
         for i, block in enumerate(self.h):
             kv = None if cache is None else (cache["k"][i], cache["v"][i])
             if remat:  # gradient checkpointing: keep each block's input, recompute its inside in the backward pass
-                x_BTD, kv = nnx.remat(lambda b, x, m, r: b(x, m, None, None, r))(block, x_BTD, mask_B1TS, layer_rngs[i])
+                x_BTD, kv = checkpointed(block, x_BTD, (mask_B1TS, layer_rngs[i])), None
             else:
                 x_BTD, kv = block(x_BTD, mask_B1TS, kv, cache_index, layer_rngs[i])
             x_BTD = _rows_split(x_BTD)

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.model import matmul, tied
+
 KINDS = ("int8", "nf4")
 NF4_BLOCK = 64
 
@@ -74,17 +76,9 @@ def dequantize_array(codes, scale, kind: str, shape: tuple[int, int], dtype=jnp.
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _quantized_product(x_BTK, codes, scale, kind, shape):
-    from jaxtune.model import matmul
-
-    return matmul(x_BTK, dequantize_array(codes, _tied(scale, x_BTK), kind, shape, x_BTK.dtype))
-
-
-def _tied(scale, x):
-    """`scale`, made to depend on `x` (adding x[0] * 0, which XLA does not fold for floats). Without it XLA's CPU
-    compiler drops optimization barriers and merges the backward pass's dequantization with the forward pass's,
-    so every layer's dequantized weight stays alive from one to the other: the whole base at full width (measured
-    in XLA's buffer assignment). Tied to this layer's input (forward) or gradient (backward), each stays local."""
-    return scale + (x.reshape(-1)[0] * 0).astype(scale.dtype)
+    # tied to this layer's input (forward) or gradient (backward), each dequantization stays local: left free,
+    # XLA's CPU compiler merges the two and keeps every layer's dequantized weight alive between the passes
+    return matmul(x_BTK, dequantize_array(tied(codes, x_BTK), scale, kind, shape, x_BTK.dtype))
 
 
 def _quantized_product_fwd(x_BTK, codes, scale, kind, shape):
@@ -95,7 +89,7 @@ def _quantized_product_bwd(kind, shape, residuals, g_BTN):
     """Only the input's gradient (the base is frozen), from the weight dequantized again once g arrives."""
     codes, scale = residuals
     dtype = g_BTN.dtype  # the product's output dtype: the input's
-    w_KN = dequantize_array(codes, _tied(scale, g_BTN), kind, shape, dtype)
+    w_KN = dequantize_array(tied(codes, g_BTN), scale, kind, shape, dtype)
     dx_BTK = jnp.einsum("...n,kn->...k", g_BTN, w_KN, preferred_element_type=jnp.float32).astype(dtype)
     return dx_BTK, np.zeros(codes.shape, jax.dtypes.float0), jnp.zeros_like(scale)
 
