@@ -652,6 +652,50 @@ def _loaded(session: Session, rows: list[list[str]], source: str):
     return _frame(rows[:TABLE_ROWS]), _data_note(session)
 
 
+PAGE_CHARS = 1_000_000  # a table larger than this is not kept in the browser (localStorage holds a few MB)
+
+
+@_guarded
+def remember_page(table, model_name, session):
+    """What a reload brings back (kept in the browser, gr.BrowserState): the table's rows, the model field, and how
+    many loaded pairs beyond the table stayed on the server (a reload starts a new session without them)."""
+    try:
+        rows = _table_rows(table)
+    except gr.Error:
+        return gr.skip()
+    rest = len(session.rest) if isinstance(session, Session) else 0
+    source = session.source if isinstance(session, Session) else ""
+    page = {"model": model_name if isinstance(model_name, str) else "auto", "rest": rest, "source": source}
+    if sum(len(a) + len(b) for a, b in rows) <= PAGE_CHARS:
+        page["table"] = rows
+    return page
+
+
+@_guarded
+def restore_page(page):
+    """Page load: the table and the model field as they were before the reload. (The session is attach's to make.)"""
+    if not isinstance(page, dict) or not page:
+        return gr.skip(), gr.skip(), gr.skip()
+    rows = page.get("table")
+    table = gr.skip()
+    if isinstance(rows, list) and rows:
+        try:
+            table = _frame(_table_rows(rows)[:TABLE_ROWS])
+        except gr.Error:
+            pass
+    name = page.get("model")
+    model = name if isinstance(name, str) and len(name) <= 4096 else gr.skip()
+    rest, source = page.get("rest"), page.get("source")
+    note = ""
+    if isinstance(rest, int) and rest > 0:
+        note = (f"**The page was reloaded:** the table came back, but the other {rest:,} pairs loaded from "
+                f"{_escape(str(source or 'the file'))} stayed with the old page. Load or upload them again to train "
+                "on all of them.")
+    elif "table" not in page:
+        note = "**The page was reloaded:** the table was too large to keep in the browser; load your data again."
+    return table, model, note
+
+
 @_guarded
 def load_example(session, request: gr.Request = None):
     session = _session(session, request)
@@ -1649,6 +1693,7 @@ def build_app() -> gr.Blocks:
     with gr.Blocks(title="jaxtune: instruction-tune GPT-2 in JAX", delete_cache=DELETE_CACHE) as demo:
         session = gr.State(None, time_to_live=4 * 3600, delete_callback=_close)
         saved = gr.BrowserState([], storage_key="jaxtune-runs", secret=_browser_secret())
+        page_state = gr.BrowserState({}, storage_key="jaxtune-page", secret=_browser_secret())
         timer = gr.Timer(POLL_SECONDS)
         gr.Markdown("# jaxtune\nInstruction-tune a GPT-2 model on your own instruction/response pairs, in JAX. "
                     "Work through the five steps from top to bottom.")
@@ -1816,6 +1861,11 @@ def build_app() -> gr.Blocks:
                                **raw)
         demo.load(preview, preview_inputs, preview_outputs, api_name="preview", **raw)  # first: it owns the name
         demo.load(attach, [saved, session], [session, *view], **quiet, **raw)
+        demo.load(restore_page, page_state, [table, model_name, data_note], **quiet, **raw) \
+            .then(**private_preview)
+        for trigger in (table.change, model_name.change):
+            trigger(remember_page, [table, model_name, session], page_state, trigger_mode="always_last", **quiet,
+                    **raw)
         timer.tick(poll, [session, saved], [session, *view], trigger_mode="once", **quiet, **raw)
         example_btn.click(load_example, session, [table, session], api_name="load_example", **raw) \
             .then(lambda s: (_data_note(s), _rest_button(s)), session, [data_note, table_only],

@@ -626,6 +626,36 @@ def test_browser_plot_draws_both_series_in_their_colours(app_url, browser, tmp_p
     page.close()
 
 
+def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tmp_path):
+    """The table and the model field are kept in the browser: a reload shows them again; pairs that were kept on the
+    server beyond the table's 200 rows are not, and the page says so."""
+    page = _open(browser, app_url)
+    pairs = tmp_path / "three.jsonl"
+    pairs.write_text("".join(json.dumps({"instruction": f"Where is parcel {i}?", "response": f"Parcel {i} left."})
+                             + "\n" for i in range(3)))
+    page.locator("#upload input[type=file]").set_input_files(str(pairs))
+    page.wait_for_function("() => document.querySelector('#counts').innerText.includes('3 pairs')")
+    _pick_model(page, "tiny")
+    page.wait_for_timeout(1500)  # the browser stores the page's state after each change
+    page.reload()
+    page.wait_for_function("() => document.querySelector('#counts') && "
+                           "document.querySelector('#counts').innerText.includes('3 pairs')", timeout=30_000)
+    assert page.get_by_role("combobox", name="Model").input_value() == "tiny"
+    assert "Parcel 2 left." in page.locator("#pairs-table").inner_text()
+    assert "reloaded" not in page.locator("#data-note").inner_text()
+    n = len(read_pairs(ROOT / "examples" / "customer_service.jsonl"))
+    page.locator("#load-example").click()
+    page.wait_for_function("n => document.querySelector('#counts').innerText.includes(`${n} pairs`)", arg=n)
+    page.wait_for_timeout(1500)
+    page.reload()
+    page.wait_for_function("() => (document.querySelector('#data-note') || {innerText: ''}).innerText"
+                           ".includes('The page was reloaded')", timeout=30_000)
+    assert f"the other {n - 200} pairs loaded from customer_service.jsonl stayed with the old page" in \
+        page.locator("#data-note").inner_text()
+    page.wait_for_function("() => document.querySelector('#counts').innerText.includes('200 pairs')")
+    page.close()
+
+
 def test_browser_big_data_shows_its_first_rows(app_url, browser):
     """The example data (306 pairs): the page holds 200 and says so; 'Use the table only' drops the rest."""
     n = len(read_pairs(ROOT / "examples" / "customer_service.jsonl"))
