@@ -70,11 +70,13 @@ class GPT2Attention(nnx.Module):
         qkv_BTD = linear(self.c_attn, x_BTD, _adapter_rng(dropout_rng, 0))
         q_BTNH, k_BTNH, v_BTNH = jnp.split(qkv_BTD.reshape(B, T, 3, self.n_head, self.head_dim), 3, axis=2)
         q_BTNH, k_BTNH, v_BTNH = q_BTNH[:, :, 0], k_BTNH[:, :, 0], v_BTNH[:, :, 0]
-        if kv_cache is not None:  # write this chunk at cache_index, attend over the whole cache
-            k_cache, v_cache = kv_cache
-            k_BTNH = jax.lax.dynamic_update_slice(k_cache, k_BTNH.astype(k_cache.dtype), (0, cache_index, 0, 0))
-            v_BTNH = jax.lax.dynamic_update_slice(v_cache, v_BTNH.astype(v_cache.dtype), (0, cache_index, 0, 0))
-            kv_cache = (k_BTNH, v_BTNH)
+        if kv_cache is not None:  # write this chunk at cache_index of this layer's slot, attend over the layer's cache
+            k_LBSNH, v_LBSNH, layer = kv_cache  # every layer's cache, updated in place (no per-layer copy to restack)
+            at = (layer, 0, cache_index, 0, 0)
+            k_LBSNH = jax.lax.dynamic_update_slice(k_LBSNH, k_BTNH[None].astype(k_LBSNH.dtype), at)
+            v_LBSNH = jax.lax.dynamic_update_slice(v_LBSNH, v_BTNH[None].astype(v_LBSNH.dtype), at)
+            k_BTNH, v_BTNH = k_LBSNH[layer], v_LBSNH[layer]
+            kv_cache = (k_LBSNH, v_LBSNH)
         attn_rng, resid_rng = _split(dropout_rng, 2)
         if attn_rng is not None and self.attn_pdrop > 0:  # attention-probability dropout needs the explicit form
             w_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BTNH).astype(jnp.float32) * self.scale
@@ -281,18 +283,16 @@ class GPT2LMHeadModel(nnx.Module):
         # the tables are read as they are: nnx.Embed's call would cast bfloat16 tables back to its float32 dtype
         x_BTD = jnp.take(self.wte.embedding[...], input_ids_BT, axis=0) + jnp.take(self.wpe.embedding[...], positions_BT, axis=0)
         x_BTD = _rows_split(_dropout(x_BTD, self.config.embd_pdrop, embd_rng))
-        new_k, new_v = [], []
         remat = getattr(self, "remat", False) and cache is None
         for i, block in enumerate(self.h):
-            kv = None if cache is None else (cache["k"][i], cache["v"][i])
+            kv = None if cache is None else (cache["k"], cache["v"], i)
             if remat:  # gradient checkpointing: keep each block's input, recompute its inside in the backward pass
                 x_BTD, kv = checkpointed(block, x_BTD, (mask_B1TS, layer_rngs[i])), None
             else:
                 x_BTD, kv = block(x_BTD, mask_B1TS, kv, cache_index, layer_rngs[i])
             x_BTD = _rows_split(x_BTD)
             if kv is not None:
-                new_k.append(kv[0])
-                new_v.append(kv[1])
+                cache = {"k": kv[0], "v": kv[1]}
         x_BTD = self.ln_f(x_BTD)
         if logit_positions_BK is not None:
             x_BTD = jnp.take_along_axis(x_BTD, logit_positions_BK[:, :, None], axis=1)
@@ -302,7 +302,7 @@ class GPT2LMHeadModel(nnx.Module):
             logits_BTV = matmul(x_BTD, self.wte.embedding[...].T)
         if cache is None:
             return logits_BTV
-        return logits_BTV, {"k": jnp.stack(new_k), "v": jnp.stack(new_v)}
+        return logits_BTV, cache
 
 
 def init_cache(config: GPT2Config, batch: int, length: int, dtype=jnp.float32) -> dict:
