@@ -32,6 +32,7 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -1405,7 +1406,7 @@ SUMMARY_COLUMNS = ["Model", "Val loss", "Perplexity", "ROUGE-L", "Exact match", 
 def _eval_pairs(source, file, instruction_column, response_column, table, validation_fraction, seed, max_length,
                 loss_on, session) -> tuple[list, str]:
     """(held-out pairs, what they are) for Evaluate: the split a run of these settings holds out (the same pairs,
-    fraction and seed `jaxtune.runs.split_validation` uses), the bundled file, or an upload (the data upload's rules)."""
+    fraction and seed `jaxtune.runs.split_validation` uses), the bundled file, or an upload (read like the data's)."""
     if source == "split":
         fraction = _number("validation_fraction", validation_fraction)
         seed = _number("seed", seed)
@@ -1603,23 +1604,25 @@ def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=No
     if not token:
         raise gr.Error("Paste a Hugging Face token with write access.", title="Token needed")
     kind = _export_kind(kind)
+    private = _flag("Private", private)
     session = _session(session, request)
     run = _export_dir(run_id, session)
-    if not hub_reachable():
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None  # a mirror, or the hub itself
+    if not _hub_up(endpoint):
         raise gr.Error("The Hugging Face hub cannot be reached from this machine; download the zip instead.",
                        title="No network")
     from huggingface_hub import HfApi
 
+    if _is_lora(run) and kind == "merged":
+        folder, what = _merged_dir(run, session), "merged model"
+    else:
+        folder, what = run.dir, "LoRA adapter" if _is_lora(run) else "model"
+    ignore = ["checkpoints/*", "merged/*", "run.json", "data.jsonl", ".*", "*/.*"]
+    if not (_is_lora(run) and kind == "adapter" and _own_base(run)):
+        ignore.append("base/*")  # an adapter on the embedded model takes its base along: it exists nowhere else
     try:
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=_flag("Private", private), exist_ok=True)
-        if _is_lora(run) and kind == "merged":
-            folder, what = _merged_dir(run, session), "merged model"
-        else:
-            folder, what = run.dir, "LoRA adapter" if _is_lora(run) else "model"
-        ignore = ["checkpoints/*", "merged/*", "run.json", "data.jsonl", ".*", "*/.*"]
-        if not (_is_lora(run) and kind == "adapter" and _own_base(run)):
-            ignore.append("base/*")
+        api = HfApi(token=token, endpoint=endpoint)
+        api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"Upload {what} tuned with jaxtune",
                           ignore_patterns=ignore)
     except gr.Error:
@@ -1632,7 +1635,23 @@ def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=No
                                                    "the upload did not complete")
         raise gr.Error(f"Upload failed: {why}. Check the token (it needs write access) and the repository name, "
                        "or download the zip instead.", title="Upload failed")
-    return f"Uploaded to https://huggingface.co/{repo_id}"
+    return f"Uploaded the {what} to {endpoint or 'https://huggingface.co'}/{repo_id}"
+
+
+def _hub_up(endpoint: str | None) -> bool:
+    """The hub (or the HF_ENDPOINT mirror) answers a connection; never when HF_HUB_OFFLINE is set."""
+    if not endpoint:
+        return hub_reachable()
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    from urllib.parse import urlsplit
+
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -1658,7 +1677,8 @@ def _limits_info() -> str:
 
 def _eval_limits_info() -> str:
     return (f"Limits here: the first {MAX_EVAL_PAIRS:,} pairs (JAXTUNE_EVAL_MAX_PAIRS), answers of up to "
-            f"{BOUNDS['eval_max_new_tokens'].hi} new tokens (JAXTUNE_EVAL_MAX_NEW_TOKENS), {MAX_EVAL_RUNS} runs at once.")
+            f"{BOUNDS['eval_max_new_tokens'].hi} new tokens (JAXTUNE_EVAL_MAX_NEW_TOKENS), {MAX_EVAL_RUNS} runs at "
+            "once.")
 
 
 def _runs_info() -> str:
@@ -1797,16 +1817,16 @@ def build_app() -> gr.Blocks:
                 tuned_b_out = gr.Textbox(label="Run B", lines=4, elem_id="tuned-b-out")
 
         with gr.Column(variant="panel", elem_classes="jt-step", elem_id="eval-step"):
-            gr.Markdown("## ④ Evaluate\nThe base model and finished runs answer held-out pairs (greedy), scored against "
-                        "the references: validation loss and perplexity, ROUGE-L (F1), exact match, stop rate (answers "
-                        "that ended by themselves) and mean length. " + _eval_limits_info())
+            gr.Markdown("## ④ Evaluate\nThe base model and finished runs answer held-out pairs (greedy), scored "
+                        "against the references: validation loss and perplexity, ROUGE-L (F1), exact match, stop "
+                        "rate (answers that ended by themselves) and mean length. " + _eval_limits_info())
             with gr.Row(equal_height=True):
                 eval_source = gr.Radio([(label, key) for key, label in EVAL_SOURCES.items()], value="split",
                                        label="Held-out pairs", elem_id="eval-source", scale=3,
                                        info=f"the split: step ②'s validation fraction and seed · bundled: "
                                        f"{HELD_OUT_DATA.name} · an upload is read like step ①'s")
-                eval_upload = gr.File(label=f"Held-out pairs ({', '.join(UPLOAD_TYPES)})", file_types=list(UPLOAD_TYPES),
-                                      elem_id="eval-upload", height=120, visible=False, scale=2)
+                eval_upload = gr.File(label=f"Held-out pairs ({', '.join(UPLOAD_TYPES)})", elem_id="eval-upload",
+                                      file_types=list(UPLOAD_TYPES), height=120, visible=False, scale=2)
             with gr.Row(equal_height=True):
                 eval_base = gr.Checkbox(value=True, label="Base model", elem_id="eval-base", scale=1, min_width=160,
                                         info="the model the first run started from")

@@ -900,3 +900,51 @@ def test_unexpected_errors_are_logged_with_a_reference_not_shown(caplog, monkeyp
         assert message.startswith("Something went wrong on the server (reference ") and "secret" not in message
         reference = message.split("reference ")[1].split(")")[0]
         assert f"(reference {reference})" in caplog.text and "/srv/secret/model.safetensors" in caplog.text
+
+
+def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
+    """Push, to a local stand-in for the hub's upload routes (tests/hub_standin.py, at HF_ENDPOINT): a LoRA run's
+    adapter with the embedded base it needs, then its merged model; a refused token is said as such."""
+    import huggingface_hub.constants
+    from hub_standin import GOOD_TOKEN, HubStandIn
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import gradio as gr
+
+    import app
+    from jaxtune.config import RunConfig, TrainConfig
+    from jaxtune.data import Pair
+
+    cfg = RunConfig(model="tiny", samples=0, train=TrainConfig(epochs=2, batch_size=2, max_length=32, lora_rank=2,
+                                                                learning_rate=1e-2))
+    run = app.REGISTRY.start(cfg, [Pair("Hi", "Hello"), Pair("Bye", "Goodbye")])
+    deadline = time.time() + 120
+    while run.status in ("queued", "training"):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert run.status == "finished", run.message
+    session = app.Session()
+    session.ids.append(run.id)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # this "hub" is a loopback server
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    hub = HubStandIn()
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    try:
+        said = app.push_to_hub("me/adapter", GOOD_TOKEN, True, run.id, "adapter", session)
+        assert said == f"Uploaded the LoRA adapter to {hub.url}/me/adapter"
+        files = hub.repos["me/adapter"]["files"]
+        assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer_config.json",
+                "base/model.safetensors", "base/config.json"} <= set(files)
+        assert not any(f.startswith(("checkpoints", "merged")) or "/." in f or f.startswith(".") or
+                       f in ("run.json", "data.jsonl", "model.safetensors") for f in files)
+        assert files["adapter_model.safetensors"] == (run.dir / "adapter_model.safetensors").read_bytes()
+        assert "Uploaded the merged model" in app.push_to_hub("me/merged", GOOD_TOKEN, False, run.id, "merged",
+                                                               session)
+        files = hub.repos["me/merged"]["files"]
+        assert {"model.safetensors", "config.json", "README.md"} <= set(files) and "adapter_config.json" not in files
+        assert hub.repos["me/merged"]["private"] is False and hub.repos["me/adapter"]["private"] is True
+        with pytest.raises(gr.Error, match="Upload failed: the token was not accepted"):
+            app.push_to_hub("me/other", "hf_wrong", True, run.id, "adapter", session)
+    finally:
+        hub.close()
