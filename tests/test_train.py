@@ -348,6 +348,47 @@ def test_bfloat16_loss_and_every_gradient_track_float32(pack):
         assert cosine > 0.99 and abs(np.linalg.norm(b) / np.linalg.norm(a) - 1) < 0.05, (path, cosine)
 
 
+def test_bfloat16_loss_and_every_gradient_track_pytorch_autocast(hf_dir, torch_model, tokenizer):
+    """The bf16 step against PyTorch's bf16 autocast on the same weights and batch (the reference's loss). Both
+    round every product's inputs to bf16, in different places, so they are held to the float32 test's bounds:
+    loss within 1%, and every gradient with cosine > 0.99 and a norm within 5%. PyTorch autocast against PyTorch
+    float32 stays inside the same bounds, so they are not loose enough to pass a wrong gradient."""
+    texts = [f"Instruction: {i}\nResponse: {r}" for i, r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True)
+
+    def torch_grads(autocast):
+        torch_model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = torch_model(**enc, labels=enc.input_ids).loss
+        loss.backward()
+        return loss.item(), {n.removeprefix("transformer."): p.grad.numpy().astype(np.float64).ravel()
+                             for n, p in torch_model.named_parameters()}
+
+    model, tok = load(str(hf_dir))
+    batch = {k: jnp.asarray(v) for k, v in reference_batch(tok, REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES).items()}
+    batch["loss_mask"] = jnp.ones_like(batch["input_ids"])
+    graphdef, params = nnx.split(model)
+    cfg = TrainConfig(max_length=64, dropout=False, loss_on="reference", dtype="bfloat16")
+
+    def mean_loss(p):
+        total, count = summed_loss(graphdef, p, batch, cfg)
+        return total / count
+
+    loss, grads = jax.value_and_grad(mean_loss)(params)
+    ours = {hf_name(path): np.asarray(v.get_value(), np.float64).ravel() for path, v in nnx.to_flat_state(grads)}
+
+    def close(a_loss, a, b_loss, b):
+        assert abs(a_loss - b_loss) < 0.01 * abs(b_loss)
+        for name in b:
+            cosine = a[name] @ b[name] / (np.linalg.norm(a[name]) * np.linalg.norm(b[name]) + 1e-30)
+            assert cosine > 0.99 and abs(np.linalg.norm(a[name]) / np.linalg.norm(b[name]) - 1) < 0.05, (name, cosine)
+
+    (auto_loss, auto), (f32_loss, f32) = torch_grads(True), torch_grads(False)
+    assert set(ours) == set(auto)
+    close(float(loss), ours, auto_loss, auto)
+    close(auto_loss, auto, f32_loss, f32)
+
+
 def test_remat_recomputes_each_block_and_changes_nothing_else():
     """--remat keeps only each block's input for the backward pass: the loss and every gradient are those of the
     plain step, for full fine-tuning and for QLoRA, and XLA's memory plan of a LoRA step shrinks on this CPU (with
