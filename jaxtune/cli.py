@@ -88,7 +88,8 @@ def _train_parser(sub):
                    "full fine-tuning); the run folder holds PEFT's adapter_config.json and adapter_model.safetensors")
     p.add_argument("--lora-alpha", type=float, help="adapter scale alpha / rank (default 2 x rank)")
     p.add_argument("--lora-targets", nargs="+", choices=("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj"),
-                   help="projections to adapt (default c_attn, PEFT's default for GPT-2; c_proj means both)")
+                   help="projections to adapt (default c_attn c_proj: attention's qkv and both output projections, "
+                   "measured in benchmarks/lora_quality.py; c_proj means both; PEFT's GPT-2 default is c_attn)")
     p.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input while training (default 0)")
     p.add_argument("--quantize", choices=("none", "int8", "nf4"), help="QLoRA, with --lora-rank: hold the frozen "
                    "base's projections in 8 bits (int8, a scale per output) or 4 bits (nf4, a scale per 64 weights), "

@@ -57,7 +57,7 @@ def _modules(targets) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn",), *, dropout: float = 0.0, seed: int = 0):
+def add_lora(model, rank: int, alpha: float | None = None, targets=("c_attn", "c_proj"), *, dropout: float = 0.0, seed: int = 0):
     """Attach adapters to the target projections of every block (in place); returns the model."""
     alpha = float(alpha if alpha is not None else 2 * rank)
     rngs = nnx.Rngs(seed)
