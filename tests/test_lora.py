@@ -138,3 +138,35 @@ def test_lora_dropout_acts_in_training_only_and_is_recorded(tmp_path, hf_dir):
     assert np.abs(np.asarray(model(ids, dropout_rng=key)) - np.asarray(plain(ids, dropout_rng=key))).max() > 1e-3
     save_adapter(model, tmp_path, base_model=str(hf_dir))
     assert json.loads((tmp_path / "adapter_config.json").read_text())["lora_dropout"] == 0.5
+
+
+def test_an_unusual_gpt2_trains_an_adapter_peft_reads_and_reads_peft_adapters(tmp_path):
+    """Odd widths (36 wide, 3 heads of 12, MLP 80), relu, scaled attention and an untied head: a jaxtune adapter
+    trained through the command line (QLoRA nf4 too: c_attn's 36 x 108 weights are no whole number of NF4's
+    blocks of 64) reads in PEFT with jaxtune's logits, and an adapter PEFT trained on all four projections
+    loads in jaxtune and `generate` runs on it."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import make_hf_model
+
+    base = tmp_path / "odd"
+    make_hf_model(base, seed=5, n_embd=36, n_head=3, n_inner=80, activation_function="relu", n_layer=3,
+                  scale_attn_by_inverse_layer_idx=True, tie_word_embeddings=False, n_positions=96)
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    for quantize in ("none", "nf4"):
+        out = tmp_path / f"run-{quantize}"
+        p = run("train", "--model", str(base), "--data", str(data), "--output", str(out), "--epochs", "2",
+                "--batch-size", "4", "--max-length", "48", "--learning-rate", "1e-2", "--lora-rank", "2",
+                "--lora-targets", "c_attn", "c_fc", "mlp.c_proj", "--quantize", quantize)
+        assert p.returncode == 0, p.stderr
+        ours = np.asarray(load(str(out))[0](jnp.asarray(IDS)))
+        np.testing.assert_allclose(peft_logits(base, out), ours, atol=1e-4)
+    torch.manual_seed(1)
+    pt = get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(base),
+                        LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
+                                   init_lora_weights=False, task_type="CAUSAL_LM"))
+    pt.save_pretrained(tmp_path / "peft")
+    model, _ = load(str(tmp_path / "peft"))
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), peft_logits(base, tmp_path / "peft"), atol=1e-4)
+    g = run("generate", "--model", str(tmp_path / "peft"), "--instruction", "Where is my order?", "--max-new-tokens", "4")
+    assert g.returncode == 0, g.stderr
