@@ -29,15 +29,17 @@ def run(devices, fsdp):
     return [s.loss for s in result.history], params, str(getattr(kernel.sharding, "spec", "")), len(kernel.sharding.device_set)
 
 
-def run_lora(devices, fsdp):
-    """The same steps training LoRA adapters: the frozen base is replicated, or split under fsdp."""
+def run_lora(devices, fsdp, quantize="none"):
+    """The same steps training LoRA adapters: the frozen base is replicated, or split under fsdp (QLoRA: its
+    4-bit codes are)."""
     cfg = TrainConfig(epochs=2, batch_size=8, learning_rate=3e-3, max_length=32, seed=1, fsdp=fsdp, grad_accum=2,
-                      lora_rank=4, lora_targets=("c_attn", "c_fc"))
+                      lora_rank=4, lora_targets=("c_attn", "c_fc"), quantize=quantize)
     model = build(config, seed=0)
     trainer = Trainer(model, tok, pairs, cfg, devices=devices)
     result = trainer.run()
     adapters = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, LoRAParam))}
-    kernel = trainer.frozen["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
+    fc = trainer.frozen["h"][0]["mlp"]["c_fc"]
+    kernel = (fc["kernel"] if quantize == "none" else fc["kernel_codes"]).get_value()
     return [s.loss for s in result.history], adapters, str(getattr(kernel.sharding, "spec", ""))
 
 
@@ -54,7 +56,13 @@ fsdp, pf, fsdp_spec, fsdp_devices = run(jax.devices(), True)
 lora_one, l1, _ = run_lora(jax.devices()[:1], False)
 lora_data, l8, _ = run_lora(jax.devices(), False)
 lora_fsdp, lf, lora_base_spec = run_lora(jax.devices(), True)
+qlora_one, q1, _ = run_lora(jax.devices()[:1], False, "nf4")
+qlora_data, q8, _ = run_lora(jax.devices(), False, "nf4")
+qlora_fsdp, qf, qlora_codes_spec = run_lora(jax.devices(), True, "nf4")
 print(json.dumps({
+    "qlora_one": qlora_one, "qlora_data": qlora_data, "qlora_fsdp": qlora_fsdp, "qlora_codes_spec": qlora_codes_spec,
+    "qlora_data_max_diff": max(float(np.abs(q1[k] - q8[k]).max()) for k in q1),
+    "qlora_fsdp_max_diff": max(float(np.abs(q1[k] - qf[k]).max()) for k in q1),
     "one": one, "data": data, "fsdp": fsdp,
     "data_max_diff": max(float(np.abs(p1[k] - p8[k]).max()) for k in p1),
     "fsdp_max_diff": max(float(np.abs(p1[k] - pf[k]).max()) for k in p1),

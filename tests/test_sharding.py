@@ -46,6 +46,14 @@ def test_lora_data_parallel_and_fsdp_match_one_device(sharded):
     assert "fsdp" in sharded["lora_base_spec"]
 
 
+def test_qlora_data_parallel_and_fsdp_match_one_device(sharded):
+    """QLoRA (nf4 base) on 8 devices: the same losses and adapters as on one; under fsdp the codes are split."""
+    for side in ("qlora_data", "qlora_fsdp"):
+        assert max(abs(a - b) for a, b in zip(sharded["qlora_one"], sharded[side])) < 1e-5
+        assert sharded[f"{side}_max_diff"] < 1e-5
+    assert "fsdp" in sharded["qlora_codes_spec"]
+
+
 def test_fsdp_spreads_the_training_state_over_the_devices(sharded):
     """XLA's memory plan per device: with fsdp, each of the 8 devices holds an eighth of the parameters, the
     AdamW moments and the batch; replicated, each holds all of them."""
