@@ -292,7 +292,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, nargs="+", default=[DEFAULT_BATCH_SIZE])
     p.add_argument("--repeat", type=int, default=3, help="rounds of each; the best is kept")
+    p.add_argument("--json", help="also write the figures (one entry per batch size) to this file")
     args = p.parse_args(argv)
+    results = []
     for b in args.batch_size:
         r = bench(args.model, args.data, n=args.n, max_new_tokens=args.max_new_tokens, batch_size=b, repeat=args.repeat)
         print(f"{r['answers']} answers, {r['model']}, {r['backend']}, batch {b}, "
@@ -301,6 +303,9 @@ def main(argv=None) -> int:
               f"batched {r['batched_s']:.2f}s ({r['batched_tokens_per_s']:.0f} tok/s), "
               f"one by one {r['one_by_one_s']:.2f}s ({r['one_by_one_tokens_per_s']:.0f} tok/s): "
               f"{r['speedup']:.1f}x; same answers: {r['same_answers']}", flush=True)
+        results.append({**r, "batch_size": b})
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -108,3 +108,18 @@ def test_errors_are_clear(models, tmp_path, capsys, args, message):
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_the_batched_answer_benchmark_writes_its_figures(tmp_path):
+    """`python -m jaxtune.evaluate --bench`: held-out answers batched against one by one, the same answers either
+    way (greedy), figures in JSON (benchmarks/gpu.sh collects them). Speed itself is not asserted."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "b.json"
+    p = subprocess.run([sys.executable, "-m", "jaxtune.evaluate", "--bench", "--n", "6", "--max-new-tokens", "6",
+                        "--repeat", "1", "--batch-size", "8", "--json", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    (r,) = json.loads(out.read_text())
+    assert r["answers"] == 6 and r["batch_size"] == 8 and r["same_answers"] is True
+    assert r["batched_s"] > 0 and r["one_by_one_s"] > 0 and r["speedup"] == pytest.approx(r["one_by_one_s"] / r["batched_s"], rel=1e-3)
