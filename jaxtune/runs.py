@@ -420,10 +420,10 @@ class Registry:
 
     def _add_log(self, run: Run, line: str):
         stamp = time.strftime("%H:%M:%S")
-        for part in str(line).splitlines() or [""]:
-            run.log.append(f"{stamp} {part}")
+        lines = [f"{stamp} {part}" for part in str(line).splitlines() or [""]]
+        run.log.extend(lines)
         with open(run.dir / "train.log", "a", encoding="utf-8") as f:
-            f.write("".join(f"{stamp} {part}\n" for part in str(line).splitlines() or [""]))
+            f.write("".join(f"{x}\n" for x in lines))
 
     # ------------------------------------------------------------------------------------------ starting
     def start(self, cfg: RunConfig, pairs: list[Pair], *, name: str | None = None, note: str | None = None) -> Run:
