@@ -248,15 +248,22 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
 
 # ---------------------------------------------------------------------------------------------- benchmark
 def bench(model_name: str = "tiny", data: str = "examples/customer_service_val.jsonl", *, n: int = 64,
-          max_new_tokens: int = 64, batch_size: int = DEFAULT_BATCH_SIZE, repeat: int = 3) -> dict:
+          max_new_tokens: int = 64, batch_size: int = DEFAULT_BATCH_SIZE, repeat: int = 3, preset: str | None = None) -> dict:
     """Seconds to answer n held-out instructions (the file repeated to n) greedily, batched and one by one, after a
-    first, compiling pass of each; the best of `repeat` alternating rounds (the machine may be shared)."""
+    first, compiling pass of each; the best of `repeat` alternating rounds (the machine may be shared). preset:
+    instead of `model_name`, random weights of this architecture (no download: e.g. gpt2 on a machine offline)."""
     import jax
 
-    from jaxtune.checkpoint import load
+    from jaxtune.checkpoint import load, offline_tokenizer
+    from jaxtune.config import PRESETS
     from jaxtune.data import tokenize_text
+    from jaxtune.model import build
 
-    model, tokenizer = load(model_name)
+    if preset:
+        model, tokenizer = build(PRESETS[preset]), offline_tokenizer()
+        model.source = f"{preset} shape, random weights"
+    else:
+        model, tokenizer = load(model_name)
     pairs = read_pairs(data)
     prompts = [format_prompt(pairs[k % len(pairs)].instruction) for k in range(n)]
     kw = dict(max_new_tokens=max_new_tokens)
@@ -287,6 +294,7 @@ def main(argv=None) -> int:
                                             "use python -m jaxtune eval.")
     p.add_argument("--bench", action="store_true", required=True)
     p.add_argument("--model", default="tiny")
+    p.add_argument("--preset", help="instead of --model: random weights of this architecture (gpt2, gpt2-medium, ...)")
     p.add_argument("--data", default="examples/customer_service_val.jsonl")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -296,7 +304,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     results = []
     for b in args.batch_size:
-        r = bench(args.model, args.data, n=args.n, max_new_tokens=args.max_new_tokens, batch_size=b, repeat=args.repeat)
+        r = bench(args.model, args.data, n=args.n, max_new_tokens=args.max_new_tokens, batch_size=b, repeat=args.repeat,
+                  preset=args.preset)
         print(f"{r['answers']} answers, {r['model']}, {r['backend']}, batch {b}, "
               f"at most {r['max_new_tokens']} new tokens "
               f"({r['new_tokens']} written, {r['stopped']} stopped at EOS): "

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Everything that needs an NVIDIA GPU, in one call of at most about 8 minutes:
+#
+#   bash benchmarks/gpu.sh [OUT]          # OUT defaults to benchmarks/gpu-<UTC date and time>
+#
+# It writes JSON (and each command's log) under OUT:
+#   train-seq1024-bf16.json   training at 1024-token rows, bf16, no dropout: tokens/s, MFU against a matrix-multiply
+#                             peak measured in the same run, the attention kernel that ran (cuDNN's fused one is
+#                             expected), against PyTorch on the same GPU when PyTorch sees it
+#   memory-gpt2-xl.json       gpt2-xl, one 1024-token row, bf16, --remat: device peak memory measured against XLA's
+#                             plan, for full fine-tuning, LoRA r=16 and QLoRA (nf4 base)
+#   decode.json               batch-1 greedy decoding: time to first token and per token, against PyTorch generate
+#   answers-batched.json      64 held-out answers batched against one by one
+# It stops at once, with exit code 2 and a message, when JAX sees no GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+backend=$(timeout 120 python -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -n 1)
+if [ "$backend" != "gpu" ]; then
+  echo "benchmarks/gpu.sh: JAX sees no GPU here (its backend is '${backend:-unknown}'). Run it on a machine with an" \
+       "NVIDIA GPU and JAX's CUDA build: pip install -U 'jax[cuda12]' -r requirements.txt" >&2
+  exit 2
+fi
+OUT="${1:-benchmarks/gpu-$(date -u +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>/dev/null || true
+torch=$(timeout 60 python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null | tail -n 1)
+[ "$torch" = "1" ] && baseline=() || baseline=(--no-torch)  # a CPU-only PyTorch would compare nothing
+failed=0
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its log, go on if it fails
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  if ! timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
+    echo "   $name failed or ran past ${limit}s; see $OUT/$name.log"
+    failed=1
+  fi
+  tail -n 4 "$OUT/$name.log"
+}
+
+step train-seq1024-bf16 150 python -m jaxtune.bench --seq 1024 --batch 8 --dtype bfloat16 --torch-dtype bfloat16 \
+  --no-dropout --seconds 20 "${baseline[@]}" --json "$OUT/train-seq1024-bf16.json"
+step memory-gpt2-xl 210 python -m jaxtune.bench --model gpt2-xl --seq 1024 --batch 1 --dtype bfloat16 --no-dropout \
+  --remat --lora-rank 16 --quantize nf4 --no-torch --seconds 5 --json "$OUT/memory-gpt2-xl.json"
+step decode 60 python -m jaxtune.bench --decode --new-tokens 64 --json "$OUT/decode.json"
+step answers-batched 60 python -m jaxtune.evaluate --bench --preset gpt2 --n 64 --max-new-tokens 64 --repeat 2 \
+  --json "$OUT/answers-batched.json"
+echo "figures in $OUT"
+exit $failed
