@@ -510,6 +510,7 @@ class Session:
         self.sent: dict = {}  # what the page already shows, so a poll sends only what changed
         self.attached = False  # this browser's stored run ids were read
         self.export_kind = "adapter"  # what Export gives for a LoRA run: the adapter, or the merged model
+        self.eval_reports: list[str] = []  # the last evaluation's report files
         self._workdir: Path | None = None
         _SESSIONS.add(self)
 
@@ -1542,7 +1543,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
         text = f"{models[i][0]} ({i + 1} of {len(models)}): {doing[phase]} · {heading}"
         if text != shown:
             shown = text
-            yield _eval_progress_html((i + answered / len(pairs)) / len(models), text), gr.skip(), gr.skip(), gr.skip()
+            yield _eval_progress_html((i + answered / len(pairs)) / len(models), text), gr.skip(), gr.skip(), session
         time.sleep(0.25)
     worker.join()
     error = state["error"]
@@ -1556,11 +1557,19 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
         raise error
     results = state["results"]
     folder = session.workdir / f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    files = write_reports(results, pairs, folder, data=what, max_new_tokens=max_new_tokens)
+    session.eval_reports = [str(f) for f in write_reports(results, pairs, folder, data=what,
+                                                          max_new_tokens=max_new_tokens)]
     seconds = sum(r.seconds for r in results)
     done = f"{len(models)} model(s) answered {len(pairs):,} pairs in {seconds:.1f} s · {heading}"
-    yield (_eval_progress_html(1.0, done), _summary_frame(results), _examples_frame(results, pairs),
-           [str(f) for f in files])
+    yield _eval_progress_html(1.0, done), _summary_frame(results), _examples_frame(results, pairs), session
+
+
+@_guarded
+def eval_reports(session, request: gr.Request = None):
+    """The last evaluation's eval.md, eval.json and eval.jsonl. (Its own event: Gradio 6 does not track files a
+    generator returns, so they would outlive the app in its cache.)"""
+    session = _session(session, request)
+    return list(session.eval_reports)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -1926,8 +1935,9 @@ def build_app() -> gr.Blocks:
         eval_source.change(lambda s: gr.update(visible=s == "upload"), eval_source, eval_upload, **quiet)
         eval_btn.click(evaluate, [eval_source, eval_upload, instruction_col, response_col, table, val_fraction, seed,
                                   max_length, loss_on, eval_base, eval_runs, eval_max_new, model_name, session],
-                       [eval_progress, eval_summary, eval_examples, eval_files], api_name="evaluate",
-                       concurrency_limit=1, concurrency_id="evaluate", show_progress="hidden", **raw)
+                       [eval_progress, eval_summary, eval_examples, session], api_name="evaluate",
+                       concurrency_limit=1, concurrency_id="evaluate", show_progress="hidden", **raw) \
+            .success(eval_reports, session, eval_files, api_name="eval_reports", show_progress="hidden")
         push_btn.click(push_to_hub, [repo, token, private, run_pick, export_kind, session], push_status,
                        api_name="push", **raw)
         demo.unload(_unload)

@@ -567,7 +567,8 @@ def test_evaluate_holds_out_the_split_a_run_holds_out_and_refuses_bad_values(app
     from jaxtune.runs import split_validation
 
     client = Client(app_url, verbose=False)
-    progress, summary, examples, files = client.predict(**EVAL_ARGS, api_name="/evaluate")
+    progress, summary, examples = client.predict(**EVAL_ARGS, api_name="/evaluate")
+    files = client.predict(api_name="/eval_reports")
     examples = examples.get("value", examples)  # sent as an update: the answers' columns get their widths
     pairs = pairs_from_lists(*zip(*EIGHT["data"]))
     held = split_validation(pairs, 0.25, 3)[1]

@@ -179,12 +179,14 @@ def test_evaluate_is_capped_on_a_space_and_sees_only_this_browsers_runs(space):
                 validation_fraction=0, seed=0, max_length=64, loss_on="response", include_base=True,
                 run_ids=[run["id"]], max_new_tokens=64, model_name="tiny")
     job = mine.submit(**args, api_name="/evaluate")
-    progress, summary, examples, files = job.result(timeout=300)
+    progress, summary, examples = job.result(timeout=300)
     n = sum(1 for line in (ROOT / "examples" / "customer_service_val.jsonl").open() if line.strip())
     assert (f"the first 5 of {n} held-out pairs (customer_service_val.jsonl): this server evaluates at most 5 a "
             "request (JAXTUNE_EVAL_MAX_PAIRS)") in progress
     assert len(examples["value"]["data"]) == 5 and [row[0] for row in summary["data"]] == ["base: tiny", run["name"]]
     assert any("(1 of 2)" in out[0] for out in job.outputs()[:-1])  # progress came before the result
+    files = mine.predict(api_name="/eval_reports")  # the reports, in Gradio's cache: removed when the app stops
+    assert sorted(Path(f).name for f in files) == ["eval.json", "eval.jsonl", "eval.md"]
     with pytest.raises(AppError, match=r"Max new tokens must be a multiple of 8 from 8 to 64 \(this server's limit\); "
                                        r"got 128\. Lower the max new tokens"):
         mine.predict(**dict(args, max_new_tokens=128), api_name="/evaluate")
