@@ -140,6 +140,9 @@ MAX_INSTRUCTION_CHARS = 8_000  # more than GPT-2's 1024-token context holds; lon
 MAX_EVAL_PAIRS = _env_number("JAXTUNE_EVAL_MAX_PAIRS", 100 if PUBLIC else 10_000, 1, 10**7)
 MAX_EVAL_NEW_TOKENS = _env_number("JAXTUNE_EVAL_MAX_NEW_TOKENS", 64 if PUBLIC else 256, 8, 256)
 MAX_EVAL_RUNS = 4
+# Answers in batches of 16, not the library's 64, so progress moves every 16 answers: on 2 CPU cores the untrained
+# tiny model answered the 58 bundled pairs in 4.49 s so, against 4.31 s in one batch (compiled, 64 new tokens).
+EVAL_BATCH_SIZE = 16
 # Gradio's cache (uploads, exported zips): every 30 minutes, files older than an hour are deleted; all at shutdown.
 DELETE_CACHE = (1800, 3600)
 
@@ -1526,7 +1529,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
                 def progress(answered, total):
                     state.update(answered=answered, phase="answering")
 
-                state["results"].append(evaluate_model(model, tokenizer, pairs, name=label,
+                state["results"].append(evaluate_model(model, tokenizer, pairs, name=label, batch_size=EVAL_BATCH_SIZE,
                                                        max_new_tokens=max_new_tokens, on_progress=progress))
         except Exception as e:  # noqa: BLE001 - raised again in the request's thread
             state["error"] = e

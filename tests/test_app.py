@@ -580,6 +580,11 @@ def test_evaluate_holds_out_the_split_a_run_holds_out_and_refuses_bad_values(app
     assert report["examples"] == 2 and report["max_new_tokens"] == 16
     assert [float(x) for x in summary["data"][0][1:3]] == pytest.approx(
         [report["models"][0]["val_loss"], report["models"][0]["perplexity"]], rel=1e-3)
+    job = client.submit(**dict(EVAL_ARGS, source="held-out", max_new_tokens=64), api_name="/evaluate")
+    n = len(read_pairs(ROOT / "examples" / "customer_service_val.jsonl"))
+    assert f"1 model(s) answered {n} pairs" in job.result(timeout=300)[0]
+    said = [out[0] for out in job.outputs()]
+    assert any(re.search(rf"base: tiny \(1 of 1\): answered (16|32|48) of {n} ", text) for text in said), said
     for args, message in [
         (dict(validation_fraction=0), r"The validation fraction in step ② is 0, so the data has no validation split"),
         (dict(table=TWO_ROWS), r"A validation split needs at least 4 pairs; the data has 2"),
