@@ -857,6 +857,8 @@ def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_le
     validation_fraction = _number("validation_fraction", validation_fraction)
     pack = _flag("Pack examples", pack)
     lora_rank, quantize = _method(method, lora_rank)
+    if lora_rank and name == "auto":  # an adapter names its base: gpt2 by its hub id, not a copy of it beside the run
+        name = _auto_model()
     try:
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
                            loss_on=loss_on, seed=seed, warmup_steps=warmup_steps, dtype=precision, pack=pack,

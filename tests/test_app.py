@@ -480,9 +480,10 @@ def test_browser_exports_a_lora_run_as_adapter_or_merged_model(app_url, browser,
     client = Client(app_url, verbose=False)
     client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=1, validation_fraction=0), api_name="/train")
     full = next(r for r in client.predict(api_name="/runs") if r["pairs"] == 2)
-    client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=3, validation_fraction=0, method="LoRA", lora_rank=2),
-                   api_name="/train")
+    client.predict(TWO_ROWS, **dict(TRAIN_ARGS, model_name="auto", epochs=3, validation_fraction=0, method="LoRA",
+                                    lora_rank=2), api_name="/train")
     run = next(r for r in client.predict(api_name="/runs") if r["pairs"] == 2)
+    assert run["model"] == "tiny"  # auto, resolved when the run starts: the adapter names the model it was trained on
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = _open(browser, app_url, context)
     page.locator("#runs [role=gridcell]", has_text=run["name"]).first.click()
