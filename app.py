@@ -194,7 +194,7 @@ BOUNDS = {
                                  "Lower the max new tokens.", step=8,
                                  why="JAXTUNE_EVAL_MAX_NEW_TOKENS" if os.environ.get("JAXTUNE_EVAL_MAX_NEW_TOKENS", "")
                                  .strip() else "this server's limit" if PUBLIC else ""),
-    # above 256 an adapter of GPT-2's 768 x 2304 c_attn costs half as much as the projection itself: no longer "low"
+    # at rank 256 an adapter of GPT-2's 768 x 2304 c_attn has 44% of the projection's parameters: no longer "low"
     "lora_rank": Bound("LoRA rank", 1, 256, True, "Pick a rank from 1 to 256 (8 to 64 is usual)."),
 }
 
