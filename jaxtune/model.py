@@ -30,10 +30,23 @@ _ACT = {
 
 
 def _dropout(x, rate: float, rng):
+    """Inverted dropout: each element kept with probability 1 - rate (to 1/65536) and scaled by 1 / that."""
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    keep, kept = keep_mask(rng, rate, x.shape)
+    return jnp.where(keep, x / kept, 0).astype(x.dtype)
+
+
+def keep_mask(rng, rate: float, shape) -> tuple[jax.Array, float]:
+    """(mask, keep probability): each element True with probability 1 - rate, rounded to a multiple of 1/65536.
+    Two elements share one 32-bit random word (16 bits each): the masks took a sixth of a CPU training step with
+    one threefry word per element (jax.random.bernoulli), and this halves that. Leading axes keep their shape, so
+    a row-split batch gets row-split masks."""
+    threshold = min(max(round((1.0 - rate) * 65536), 1), 65535)
+    *lead, last = shape
+    words = jax.random.bits(rng, (*lead, (last + 1) // 2), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(*lead, -1)[..., :last]
+    return halves < jnp.uint16(threshold), threshold / 65536
 
 
 def _rows_split(x):

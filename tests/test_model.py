@@ -1,5 +1,6 @@
 """The Flax GPT-2 against PyTorch transformers with the same weights, across the config options GPT-2s use."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -87,3 +88,21 @@ def test_fused_attention_is_asked_for_on_gpus_and_falls_back_where_it_cannot_run
         xla = attention(q, k, v, m, 0.125, implementation=None)
         asked = jax.jit(lambda q, k, v: attention(q, k, v, m, 0.125, implementation="cudnn"))(q, k, v)
         np.testing.assert_allclose(np.asarray(asked, np.float32), np.asarray(xla, np.float32), atol=1e-2)
+
+
+def test_dropout_keeps_the_asked_share_and_scales_to_the_same_mean():
+    """Two mask elements share a 32-bit random word: each element still keeps with probability 1 - rate (to
+    1/65536), the two halves of a word are independent, and the kept values are scaled so the mean is unchanged."""
+    from jaxtune.model import _dropout, keep_mask
+
+    for rate in (0.1, 0.5, 0.003):
+        mask, kept = keep_mask(jax.random.key(3), rate, (32, 64, 129))  # an odd last axis: one half word unused
+        mask = np.asarray(mask)
+        assert mask.shape == (32, 64, 129) and abs(kept - (1 - rate)) < 1 / 65536
+        assert abs(mask.mean() - kept) < 4 * np.sqrt(kept * (1 - kept) / mask.size)
+        even, odd = mask[..., 0:128:2].ravel(), mask[..., 1:129:2].ravel()
+        assert abs(np.corrcoef(even, odd)[0, 1]) < 0.02
+    x = jnp.ones((512, 1024))
+    assert float(_dropout(x, 0.25, jax.random.key(0)).mean()) == pytest.approx(1.0, abs=0.005)
+    assert not np.array_equal(np.asarray(keep_mask(jax.random.key(0), 0.1, (8, 64))[0]),
+                              np.asarray(keep_mask(jax.random.key(1), 0.1, (8, 64))[0]))
