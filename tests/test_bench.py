@@ -133,3 +133,13 @@ def test_bench_plans_adapter_memory(tmp_path):
     assert plans["lora"]["arguments"] < plans["full"]["arguments"] / 2
     assert plans["nf4"]["arguments"] < plans["lora"]["arguments"]
     assert plans["nf4_remat"]["arguments"] == plans["nf4"]["arguments"]
+
+
+def test_repeats_keep_each_sides_fastest_run():
+    from jaxtune.bench import _faster
+
+    kept = None
+    for rate, loss in ((10.0, 3.0), (30.0, 2.0), (20.0, 1.0)):
+        kept = _faster(kept, {"useful_tokens_per_s": rate, "loss_first_last": [loss, loss]})
+    assert kept["useful_tokens_per_s"] == 30.0 and kept["loss_first_last"] == [2.0, 2.0]  # one run's figures, whole
+    assert kept["runs_useful_tokens_per_s"] == [10.0, 30.0, 20.0]
