@@ -126,3 +126,22 @@ def test_quantize_needs_a_lora_rank_and_a_known_kind():
         TrainConfig(lora_rank=4, quantize="fp4")
     p = run("train", "--model", "tiny", "--data", "x.jsonl", "--quantize", "nf4")
     assert p.returncode != 0 and "lora_rank" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_qlora_run_resumes_exactly_and_refuses_another_quantization(tmp_path, hf_dir):
+    import shutil
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    common = ["--model", str(hf_dir), "--data", str(data), "--epochs", "3", "--batch-size", "4", "--max-length", "48",
+              "--learning-rate", "1e-2", "--lora-rank", "4", "--quantize", "int8", "--seed", "3"]
+    full = run("train", *common, "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+    cut = run("train", *common, "--output", str(tmp_path / "cut"), "--save-every", "4")
+    assert cut.returncode == 0, cut.stderr
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "8")
+    other = run("train", "--resume", str(tmp_path / "cut"), "--quantize", "nf4")
+    assert other.returncode != 0 and "quantize: 'int8' -> 'nf4'" in other.stderr, other.stderr
+    resumed = run("train", "--resume", str(tmp_path / "cut"))
+    assert resumed.returncode == 0 and "at step 4/9" in resumed.stderr, resumed.stderr
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses("cut") == losses("full")
