@@ -458,8 +458,7 @@ def plan_memory(args) -> dict:
           f"{plan['compile_s']:.1f} s")
     if jax.default_backend() == "cpu":
         print("(on a CPU, XLA's attention keeps every layer's score matrices; a GPU's fused attention, used when "
-              "dropout is off, keeps none" + ("; and XLA's CPU compiler drops remat's barriers, so --remat saves "
-              "nothing here" if args.remat else "") + ")")
+              "dropout is off, keeps none)")
     result = {"config": vars(args), "method": method, "plan_gib": gib, "compile_s": plan["compile_s"],
               "devices": jax.device_count(), "backend": jax.default_backend()}
     return _written(args, result)
