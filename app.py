@@ -54,7 +54,7 @@ import jaxtune.evaluate  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer)
-from jaxtune.config import LOSS_MODES, GPT2Config, RunConfig, TrainConfig  # noqa: E402
+from jaxtune.config import LOSS_MODES, PRESETS, GPT2Config, RunConfig, TrainConfig  # noqa: E402
 from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,  # noqa: E402
                           inspect_rows, read_pairs, record_to_pair)
 from jaxtune.lora import is_adapter_dir, load_adapter, merge  # noqa: E402
@@ -127,7 +127,11 @@ MAX_EXAMPLES_SEEN = _env_number("JAXTUNE_MAX_EXAMPLES_SEEN", MAX_TRAIN_SECONDS *
 MEMORY_BYTES = int(_env_number("JAXTUNE_MEMORY_GB", _machine_memory() / 2**30, 0.1, 1e6, float) * 2**30)
 RUN_MEMORY = int(0.8 * MEMORY_BYTES / CONCURRENT_RUNS)
 BYTES_PER_PARAMETER = 24  # the shared base, the trained copy, its float32 master, gradients, AdamW's two moments
+# LoRA and QLoRA: the shared base and the run's frozen float32 copy (QLoRA quantizes that copy once it is made); the
+# adapters, their gradients and AdamW's moments are counted apart (16 bytes each).
+LORA_BYTES_PER_PARAMETER = 8
 MAX_PARAMETERS = RUN_MEMORY // BYTES_PER_PARAMETER  # 16 GB (a cpu-basic Space): 572M, gpt2-medium but not gpt2-large
+MAX_LORA_PARAMETERS = RUN_MEMORY // LORA_BYTES_PER_PARAMETER  # 16 GB: 1.7B, gpt2-xl (1.56B) with small batches
 # Data: rows in one session's data, upload size (0: no limit), rows of the table sent to the browser.
 MAX_ROWS = _env_number("JAXTUNE_MAX_ROWS", 20_000 if PUBLIC else 1_000_000, 1, 10**8)
 MAX_UPLOAD_MB = _env_number("JAXTUNE_MAX_UPLOAD_MB", 20.0 if PUBLIC else 0.0, 0.0, 1e6, float)
@@ -199,12 +203,17 @@ BOUNDS = {
 }
 
 
-def run_bytes(config: GPT2Config, batch_size: int, max_length: int) -> int:
-    """A training run's memory by this app's estimate: BYTES_PER_PARAMETER for each parameter, and activations of
-    68 x width + 10 x heads x length bytes per token and layer (Korthikanti et al.'s count, in float32) plus 12 x vocab
-    per token for the logits, times 1.5: that matches XLA's plan for gpt2-xl on CPU (27 GiB a 1024-token row)."""
+def run_bytes(config: GPT2Config, batch_size: int, max_length: int, lora_rank: int = 0) -> int:
+    """A training run's memory by this app's estimate: BYTES_PER_PARAMETER for each parameter (LoRA and QLoRA:
+    LORA_BYTES_PER_PARAMETER, and 16 for each adapter parameter on c_attn), and activations of 68 x width + 10 x heads
+    x length bytes per token and layer (Korthikanti et al.'s count, in float32) plus 12 x vocab per token for the
+    logits, times 1.5: that matches XLA's plan for gpt2-xl on CPU (27 GiB a 1024-token row)."""
     per_token = (config.n_layer * (68 * config.n_embd + 10 * config.n_head * max_length) + 12 * config.vocab_size) * 1.5
-    return int(BYTES_PER_PARAMETER * _parameters(config) + batch_size * max_length * per_token)
+    if lora_rank:  # c_attn's adapters: A [width, r] and B [r, 3 x width] in every layer
+        weights = LORA_BYTES_PER_PARAMETER * _parameters(config) + 16 * config.n_layer * lora_rank * 4 * config.n_embd
+    else:
+        weights = BYTES_PER_PARAMETER * _parameters(config)
+    return int(weights + batch_size * max_length * per_token)
 
 
 @functools.lru_cache(maxsize=64)
@@ -441,11 +450,13 @@ def _load_hub(name: str):
 
 
 def _check_parameters(config: GPT2Config, name: str):
+    """Refuse a model no method can train here (the method's own check comes when a run starts: `_check_memory`)."""
     n = _parameters(config)
-    if n > MAX_PARAMETERS:
+    if n > MAX_LORA_PARAMETERS:
         raise gr.Error(f"{name} has {n / 1e6:,.0f}M parameters; this server trains models of up to "
-                       f"{MAX_PARAMETERS / 1e6:,.0f}M ({RUN_MEMORY / 2**30:.1f} GiB for a run, "
-                       f"{BYTES_PER_PARAMETER} bytes a parameter). Pick a smaller model, e.g. gpt2 or distilgpt2.",
+                       f"{MAX_LORA_PARAMETERS / 1e6:,.0f}M with LoRA or QLoRA ({LORA_BYTES_PER_PARAMETER} bytes a "
+                       f"parameter) and {MAX_PARAMETERS / 1e6:,.0f}M with full fine-tuning ({BYTES_PER_PARAMETER}), "
+                       f"{RUN_MEMORY / 2**30:.1f} GiB for a run. Pick a smaller model, e.g. gpt2 or distilgpt2.",
                        title="Model too large")
 
 
@@ -822,12 +833,16 @@ def _check_run_size(epochs: int, pairs: int, batch_size: int):
                        f"{max(MAX_EXAMPLES_SEEN // pairs, 1):,}.", title="Run too long")
 
 
-def _check_memory(config: GPT2Config, name: str, batch_size: int, max_length: int):
-    need = run_bytes(config, batch_size, max_length)
+def _check_memory(config: GPT2Config, name: str, batch_size: int, max_length: int, lora_rank: int = 0):
+    need = run_bytes(config, batch_size, max_length, lora_rank)
     if need > RUN_MEMORY:
-        raise gr.Error(f"Batch size {batch_size} x max length {max_length} on {name} needs about {need / 2**30:.1f} GiB "
-                       f"by this server's estimate; a run has {RUN_MEMORY / 2**30:.1f} GiB here. Lower the batch size "
-                       "or the max length, or pick a smaller model.", title="Too large for this machine")
+        how = f"LoRA rank {lora_rank}" if lora_rank else "Full fine-tuning"
+        lora = not lora_rank and run_bytes(config, batch_size, max_length, LORA_RANK) <= RUN_MEMORY
+        raise gr.Error(f"{how} with batch size {batch_size} x max length {max_length} on {name} needs about "
+                       f"{need / 2**30:.1f} GiB by this server's estimate; a run has {RUN_MEMORY / 2**30:.1f} GiB here. "
+                       + ("Pick LoRA or QLoRA (8 bytes a parameter instead of 24), or lower" if lora else
+                          "Lower") + " the batch size or the max length, or pick a smaller model.",
+                       title="Too large for this machine")
 
 
 def _time_limit(during: str, started: float) -> gr.Error:
@@ -877,6 +892,8 @@ def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_le
         validation_fraction = 0.0
     n_val = max(1, round(len(pairs) * validation_fraction)) if validation_fraction else 0
     _check_run_size(epochs, len(pairs) - n_val, batch_size)
+    if name in PRESETS:  # a known architecture: a run too large for this machine is refused before it is downloaded
+        _check_memory(PRESETS[name], name, batch_size, min(max_length, PRESETS[name].n_positions), lora_rank)
     try:
         base, _ = _shared_base(name, seed)
     except (ModelLoadError, jaxtune.ConfigError) as e:
@@ -884,7 +901,7 @@ def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_le
     if time.monotonic() - started > MAX_TRAIN_SECONDS:
         raise _time_limit("while loading the model", started)
     tcfg.max_length = min(max_length, base.config.n_positions)
-    _check_memory(base.config, name, batch_size, tcfg.max_length)
+    _check_memory(base.config, name, batch_size, tcfg.max_length, lora_rank)
     steps = min(MAX_STEPS, epochs * math.ceil((len(pairs) - n_val) / batch_size))  # packed runs take fewer
     cfg = RunConfig(model=name, validation_fraction=validation_fraction, train=tcfg, samples=2, keep_checkpoints=2,
                     eval_every=max(1, steps // 10) if n_val else None,  # the validation curve: about 10 points
@@ -1686,7 +1703,8 @@ def backend_info() -> str:
 def _limits_info() -> str:
     upload = f"files of up to {MAX_UPLOAD_MB:g} MB, " if MAX_UPLOAD_BYTES else ""
     return (f"Limits here: {upload}{MAX_ROWS:,} pairs; a run stops after {MAX_TRAIN_SECONDS:,} s and may plan up to "
-            f"{MAX_STEPS:,} steps; models up to {MAX_PARAMETERS / 1e6:,.0f}M parameters.")
+            f"{MAX_STEPS:,} steps; models up to {MAX_PARAMETERS / 1e6:,.0f}M parameters ("
+            f"{MAX_LORA_PARAMETERS / 1e6:,.0f}M with LoRA or QLoRA).")
 
 
 def _eval_limits_info() -> str:

@@ -955,3 +955,27 @@ def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
             app.push_to_hub("me/other", "hf_wrong", True, run.id, "adapter", session)
     finally:
         hub.close()
+
+
+def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
+    """On a cpu-basic Space (16 GB, 80% for a run) gpt2-large cannot be fully fine-tuned (24 bytes a parameter) but
+    can be trained with LoRA (8, its base frozen); the refusal says which method would fit."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import gradio as gr
+
+    import app
+    from jaxtune.config import PRESETS
+
+    monkeypatch.setattr(app, "RUN_MEMORY", int(0.8 * 16 * 2**30))
+    large = PRESETS["gpt2-large"]
+    with pytest.raises(gr.Error, match=r"Full fine-tuning with batch size 4 x max length 128 on gpt2-large needs about "
+                                       r"2\d\.\d GiB by this server's estimate; a run has 12\.8 GiB here\. Pick LoRA or "
+                                       r"QLoRA"):
+        app._check_memory(large, "gpt2-large", 4, 128)
+    app._check_memory(large, "gpt2-large", 4, 128, lora_rank=16)  # about 10 GiB
+    with pytest.raises(gr.Error, match=r"LoRA rank 16 with batch size 64 x max length 1024 on gpt2-large .* Lower the "
+                                       r"batch size"):
+        app._check_memory(large, "gpt2-large", 64, 1024, lora_rank=16)
+    full, lora = app.run_bytes(large, 4, 128), app.run_bytes(large, 4, 128, lora_rank=16)
+    assert full - lora == pytest.approx(16 * app._parameters(large), rel=0.01)  # 24 - 8 bytes a parameter
