@@ -32,7 +32,6 @@ import re  # noqa: E402
 import secrets  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -51,6 +50,7 @@ from flax import nnx  # noqa: E402
 
 import jaxtune  # noqa: E402
 import jaxtune.evaluate  # noqa: E402
+from jaxtune.card import push  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer)
@@ -1639,25 +1639,19 @@ def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=No
     session = _session(session, request)
     run = _export_dir(run_id, session)
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None  # a mirror, or the hub itself
-    if not _hub_up(endpoint):
+    if not hub_reachable(endpoint=endpoint):
         raise gr.Error("The Hugging Face hub cannot be reached from this machine; download the zip instead.",
                        title="No network")
-    from huggingface_hub import HfApi
-
     if _is_lora(run) and kind == "merged":
         folder, what = _merged_dir(run, session), "merged model"
     else:
         folder, what = run.dir, "LoRA adapter" if _is_lora(run) else "model"
-    ignore = ["checkpoints/*", "merged/*", "run.json", "data.jsonl", ".*", "*/.*"]
+    ignore = ["merged/*"]
     if not (_is_lora(run) and kind == "adapter" and _own_base(run)):
         ignore.append("base/*")  # an adapter on the embedded model takes its base along: it exists nowhere else
     try:
-        api = HfApi(token=token, endpoint=endpoint)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=f"Upload {what} tuned with jaxtune",
-                          ignore_patterns=ignore)
-    except gr.Error:
-        raise
+        push(folder, repo_id, token=token, private=private, endpoint=endpoint, ignore=tuple(ignore),
+             commit_message=f"Upload {what} tuned with jaxtune")
     except Exception as e:  # noqa: BLE001 - said by its HTTP status only; the text is logged here
         status = getattr(getattr(e, "response", None), "status_code", None)
         log.warning("push to %s failed: %r", repo_id, e)
@@ -1667,22 +1661,6 @@ def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=No
         raise gr.Error(f"Upload failed: {why}. Check the token (it needs write access) and the repository name, "
                        "or download the zip instead.", title="Upload failed")
     return f"Uploaded the {what} to {endpoint or 'https://huggingface.co'}/{repo_id}"
-
-
-def _hub_up(endpoint: str | None) -> bool:
-    """The hub (or the HF_ENDPOINT mirror) answers a connection; never when HF_HUB_OFFLINE is set."""
-    if not endpoint:
-        return hub_reachable()
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    from urllib.parse import urlsplit
-
-    url = urlsplit(endpoint)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
-        return True
-    except (OSError, ValueError):
-        return False
 
 
 # ---------------------------------------------------------------------------------------------- page

@@ -149,19 +149,23 @@ def tidy_tokenizer_config(directory: Path, n_positions: int) -> None:
 
 
 def push(directory, repo_id: str, *, token: str, private: bool = True, commit_message: str | None = None,
-         endpoint: str | None = None) -> str:
-    """Upload a model folder (its model card included, its checkpoints and run files left out) to the hub;
-    returns the repository's URL. Errors come from the hub, as `huggingface_hub` raises them."""
+         endpoint: str | None = None, ignore: tuple[str, ...] = ()) -> str:
+    """Upload a model or LoRA adapter folder (its model card included; its checkpoints, run files and `ignore`
+    patterns left out) to the hub; returns the repository's URL. Errors come from the hub, as `huggingface_hub`
+    raises them."""
     from huggingface_hub import HfApi
 
     if not _HUB_ID.match(repo_id or "") or "/" not in repo_id:
         raise ValueError(f"repository {repo_id!r}: give it as user/name or org/name")
     directory = Path(directory)
-    if not (directory / "model.safetensors").exists():
-        raise ValueError(f"{directory} holds no model.safetensors: there is nothing to push yet")
+    adapter = (directory / "adapter_model.safetensors").exists()
+    if not adapter and not (directory / "model.safetensors").exists():
+        raise ValueError(f"{directory} holds no model.safetensors or adapter_model.safetensors: there is nothing to "
+                         "push yet")
     api = HfApi(token=token, endpoint=endpoint)  # endpoint: None is the hub ($HF_ENDPOINT)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=commit_message or
-                      "Upload a model instruction-tuned with jaxtune",
-                      ignore_patterns=["checkpoints/*", "checkpoints/**", ".*", "data.jsonl", "train.log", "run.json"])
+                      f"Upload a {'LoRA adapter' if adapter else 'model'} instruction-tuned with jaxtune",
+                      ignore_patterns=["checkpoints/*", "checkpoints/**", ".*", "*/.*", "data.jsonl", "train.log",
+                                       "run.json", *ignore])
     return str(url)

@@ -171,13 +171,18 @@ def _load_tokenizer(directory: Path, config: GPT2Config):
     raise ModelLoadError(f"{directory}: no tokenizer files and vocab_size={config.vocab_size} is not GPT-2's 50257")
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0, endpoint: str | None = None) -> bool:
+    """Whether the hub answers a connection: `endpoint`, else $HF_ENDPOINT (a mirror), else huggingface.co; never
+    when HF_HUB_OFFLINE is set."""
+    from urllib.parse import urlsplit
+
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return False
+    url = urlsplit((endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/"))
     try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
         return True
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 

@@ -249,17 +249,20 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     answers = generate(model, tokenizer, [p.instruction for p in held], max_new_tokens=64) if held else []
     samples = [{"instruction": p.instruction, "reference": p.response, "generated": a} for p, a in zip(held, answers)]
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
-    run_info = {"base_model": cfg.model, "source": getattr(model, "source", cfg.model), "config": cfg.to_dict(),
+    base_name = cfg.model  # 'auto' is named by what it chose: gpt2 when it found it (its source says so)
+    if base_name == "auto" and str(getattr(model, "source", "")).startswith("gpt2"):
+        base_name = "gpt2"
+    run_info = {"base_model": base_name, "source": getattr(model, "source", cfg.model), "config": cfg.to_dict(),
                 "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
                 "seconds": result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
                 "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss}
     lora = bool(tcfg.lora_rank)
     # a LoRA folder names its base: a hub id or a folder as given, or, for the embedded or auto-chosen model, a
     # copy written beside the adapter (base/), since its weights exist nowhere else
-    own_base = lora and not (hub_id(cfg.model) or Path(cfg.model).expanduser().is_dir())
+    own_base = lora and not (hub_id(base_name) or Path(base_name).expanduser().is_dir())
     try:
         save(model, tokenizer, out, keep=KEEP + ("base", "merged"), run_info=run_info,
-             adapter_base="base" if own_base else cfg.model, extra_files={
+             adapter_base="base" if own_base else base_name, extra_files={
                  "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
                  "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
                  "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})

@@ -93,3 +93,40 @@ def test_push_uploads_the_model_and_its_card_and_reports_a_refusal(tmp_path, hf_
             push(out, "no-owner", token=GOOD_TOKEN, endpoint=hub.url)
     finally:
         hub.close()
+
+
+def test_push_uploads_a_lora_adapter_and_hub_reachable_follows_hf_endpoint(tmp_path, hf_dir, monkeypatch):
+    """An adapter folder (PEFT files, card) pushes like a model; `hub_reachable` asks $HF_ENDPOINT when it is set
+    (the stand-in answers; a port nothing listens on does not)."""
+    import huggingface_hub.constants
+
+    from jaxtune.checkpoint import hub_reachable
+    from jaxtune.lora import add_lora
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    model, tok = load(str(hf_dir))
+    out = save(add_lora(model, 2), tok, tmp_path / "adapter", adapter_base=str(hf_dir))
+    hub = HubStandIn()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert hub_reachable(timeout=2)
+        push(out, "me/adapter", token=GOOD_TOKEN, endpoint=hub.url, ignore=("tokenizer*",))
+        files = hub.repos["me/adapter"]["files"]
+        assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
+        assert not any(f.startswith("tokenizer") for f in files)
+        assert hub.cards[-1]["library_name"] == "peft"
+    finally:
+        hub.close()
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{free.getsockname()[1]}"
+    monkeypatch.setenv("HF_ENDPOINT", closed)
+    assert not hub_reachable(timeout=2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not hub_reachable(timeout=2, endpoint=hub.url)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="nothing to push"):
+        push(tmp_path / "empty", "me/x", token=GOOD_TOKEN, endpoint=hub.url)
