@@ -205,12 +205,12 @@ BOUNDS = {
 
 def run_bytes(config: GPT2Config, batch_size: int, max_length: int, lora_rank: int = 0) -> int:
     """A training run's memory by this app's estimate: BYTES_PER_PARAMETER for each parameter (LoRA and QLoRA:
-    LORA_BYTES_PER_PARAMETER, and 16 for each adapter parameter on c_attn), and activations of 68 x width + 10 x heads
+    LORA_BYTES_PER_PARAMETER, and 16 for each adapter parameter on the default targets), and activations of 68 x width + 10 x heads
     x length bytes per token and layer (Korthikanti et al.'s count, in float32) plus 12 x vocab per token for the
     logits, times 1.5: that matches XLA's plan for gpt2-xl on CPU (27 GiB a 1024-token row)."""
     per_token = (config.n_layer * (68 * config.n_embd + 10 * config.n_head * max_length) + 12 * config.vocab_size) * 1.5
-    if lora_rank:  # c_attn's adapters: A [width, r] and B [r, 3 x width] in every layer
-        weights = LORA_BYTES_PER_PARAMETER * _parameters(config) + 16 * config.n_layer * lora_rank * 4 * config.n_embd
+    if lora_rank:  # adapters on c_attn (width + 3 x width), attn.c_proj (2 x width), mlp.c_proj (4 x width + width)
+        weights = LORA_BYTES_PER_PARAMETER * _parameters(config) + 16 * config.n_layer * lora_rank * 11 * config.n_embd
     else:
         weights = BYTES_PER_PARAMETER * _parameters(config)
     return int(weights + batch_size * max_length * per_token)
