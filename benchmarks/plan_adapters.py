@@ -35,7 +35,7 @@ def main():
                 subprocess.run(cmd, check=True, cwd=ROOT)
                 rows.append({"method": method, "remat": remat, **json.loads(Path(f.name).read_text())})
     Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
-    print(f"\n| method | remat | planned per device | arguments (weights, optimizer state, batch) | temporaries |")
+    print("\n| method | remat | planned per device | arguments (weights, optimizer state, batch) | temporaries |")
     print("|---|---|---|---|---|")
     for r in rows:
         g = r["plan_gib"]
