@@ -186,8 +186,10 @@ def _recomputed_fwd(graphdef, state, x_BTD, extras):
 
 
 def _recomputed_bwd(graphdef, residuals, g_BTD):
-    state, x_BTD, extras = residuals
-    _, vjp = jax.vjp(partial(_block_output, graphdef), state, tied(x_BTD, g_BTD), extras)
+    state, x_BTD, (mask_B1TS, rng) = residuals
+    if rng is not None:  # the dropout masks too: drawn from the same key, XLA would merge them with the forward's
+        rng = jax.random.wrap_key_data(tied(jax.random.key_data(rng), g_BTD), impl=jax.random.key_impl(rng))
+    _, vjp = jax.vjp(partial(_block_output, graphdef), state, tied(x_BTD, g_BTD), (mask_B1TS, rng))
     return vjp(g_BTD)
 
 
