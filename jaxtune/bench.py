@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from jaxtune.config import PRESETS, GPT2Config
+from jaxtune.config import PRESETS, GPT2Config, TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -671,8 +671,9 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64, help="with --decode: tokens generated per answer")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA figures: jaxtune full fine-tuning, jaxtune LoRA of "
                    "this rank and PyTorch PEFT LoRA (alpha 2 x rank) on the same weights; with --plan-memory: plan LoRA")
-    p.add_argument("--lora-targets", nargs="+", default=["c_attn"], choices=("c_attn", "c_proj", "c_fc", "attn.c_proj",
-                   "mlp.c_proj"), help="with --lora-rank: the adapted projections (default c_attn, PEFT's for GPT-2)")
+    p.add_argument("--lora-targets", nargs="+", default=list(TrainConfig.lora_targets), choices=("c_attn", "c_proj",
+                   "c_fc", "attn.c_proj", "mlp.c_proj"), help="with --lora-rank: the adapted projections (default "
+                   "TrainConfig's: c_attn c_proj)")
     p.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"), help="with --lora-rank: also a "
                    "jaxtune QLoRA side (TrainConfig.quantize), or plan QLoRA with --plan-memory")
     p.add_argument("--remat", action="store_true", help="jaxtune: gradient checkpointing per block (TrainConfig.remat)")
