@@ -143,3 +143,14 @@ def test_repeats_keep_each_sides_fastest_run():
         kept = _faster(kept, {"useful_tokens_per_s": rate, "loss_first_last": [loss, loss]})
     assert kept["useful_tokens_per_s"] == 30.0 and kept["loss_first_last"] == [2.0, 2.0]  # one run's figures, whole
     assert kept["runs_useful_tokens_per_s"] == [10.0, 30.0, 20.0]
+
+
+def test_gpu_script_stops_at_once_without_a_gpu(tmp_path):
+    """benchmarks/gpu.sh on a machine whose JAX has no GPU: exit 2 within seconds, saying why and what to install,
+    and no output folder written."""
+    out = tmp_path / "gpu-figures"
+    p = subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"), str(out)],
+                       capture_output=True, text=True, timeout=180, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert "JAX sees no GPU here" in p.stderr and "jax[cuda12]" in p.stderr
+    assert not out.exists()
