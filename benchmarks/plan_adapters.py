@@ -21,9 +21,11 @@ def main():
     p.add_argument("--batch", default="1")
     p.add_argument("--lora-rank", default="16")
     p.add_argument("--quantize", default="nf4")
+    p.add_argument("--no-dropout", action="store_true", help="plan without dropout")
     p.add_argument("--json", required=True)
     args = p.parse_args()
-    common = ["--plan-memory", "--model", args.model, "--seq", args.seq, "--batch", args.batch, "--dtype", "bfloat16"]
+    common = ["--plan-memory", "--model", args.model, "--seq", args.seq, "--batch", args.batch, "--dtype", "bfloat16",
+              *(["--no-dropout"] if args.no_dropout else [])]
     methods = {"full": [], "lora": ["--lora-rank", args.lora_rank],
                f"qlora-{args.quantize}": ["--lora-rank", args.lora_rank, "--quantize", args.quantize]}
     rows = []
