@@ -110,13 +110,15 @@ def split_trainable(model, cfg: TrainConfig):
     return graphdef, params, frozen
 
 
-def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None):
+def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None, schedule=None):
     """jit(step)(params, opt_state, batch, key, go) -> (params, opt_state, metrics), params and opt_state donated.
 
     `batch` arrays are [grad_accum, batch, length]; micro-batch gradients of summed token losses are added and
     divided by the total target count, so accumulation weighs every token equally. A step whose loss, gradient or
     update is not finite, or that follows such a step (`go` is the previous step's `finite`), leaves the state
-    unchanged (the loop then stops and says so).
+    unchanged (the loop then stops and says so). With `schedule` (the optimizer's), the metrics include the step's
+    learning rate, computed on the device from the optimizer's own step count: the host then reads metrics only,
+    and never queues a computation of its own behind the next step (which would stall the loop until it finished).
     """
     mesh = jax.tree.leaves(state_shardings)[0].mesh if state_shardings is not None else None
 
@@ -146,6 +148,7 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
         grad_norm = optax.tree.norm(grads)
+        learning_rate = schedule(_schedule_count(opt_state)) if schedule is not None else None
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         # the update is checked too (a non-finite learning rate gives finite gradients and NaN weights), and so is
         # the previous step (`go`, still on the device): once one step failed, the steps dispatched after it
@@ -157,11 +160,19 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
                                          lambda: (params, opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count,
                    "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}  # tokens: real ones, not padding
+        if schedule is not None:
+            metrics["learning_rate"] = learning_rate
         return params, opt_state, metrics
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None))  # keep params where they live
+
+
+def _schedule_count(opt_state):
+    """The optimizer's step count before this update: what its learning-rate schedule is evaluated at."""
+    is_state = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
+    return next(s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)).count
 
 
 def make_eval_step(graphdef, cfg: TrainConfig, mesh=None):
@@ -282,7 +293,7 @@ class Trainer:
             if self.frozen is not None:  # the base: replicated, or split like any parameter under fsdp
                 self.frozen = place(self.frozen, tree_shardings(self.mesh, self.frozen))
         self.schedule = make_schedule(cfg, self.total_steps)
-        self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
+        self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings, self.schedule)
         self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
         self.step = 0
         self.key = jax.random.key(cfg.seed)
@@ -508,7 +519,7 @@ class Trainer:
                                   f"{' (the starting weights)' if step == 1 else ''}. Lower the learning rate or check the data.")
                 return
             sm = StepMetrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=float(m["loss"]),
-                             learning_rate=float(self.schedule(step - 1)), grad_norm=float(m["grad_norm"]),
+                             learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]),
                              tokens=int(m["tokens"]), positions=positions, loss_tokens=int(m["loss_tokens"]),
                              tokens_per_sec=float(m["tokens"]) / max(dt, 1e-9), elapsed=now - start,
                              eta=pace * (self.total_steps - step), val_loss=val_loss)

@@ -16,7 +16,7 @@ from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, collate, 
                           pack_rows, reference_batch)
 from jaxtune.generate import generate_ids
 from jaxtune.model import build, num_params
-from jaxtune.train import batch_loss, plan_step_memory, summed_loss
+from jaxtune.train import batch_loss, make_schedule, plan_step_memory, summed_loss
 
 
 def reference_loss_and_grads(torch_model, tokenizer):
@@ -112,6 +112,10 @@ def test_training_drives_the_response_loss_down(trained):
     assert steps[0].loss > 9.0 and np.mean([s.loss for s in steps[-8:]]) < 0.6
     assert all(s.tokens > 0 and s.tokens_per_sec > 0 and np.isfinite(s.grad_norm) for s in steps)
     assert steps[0].learning_rate < steps[9].learning_rate  # warmup
+    # reported from the device (no host-side schedule call queued behind the next step): step n used schedule(n - 1)
+    schedule = make_schedule(trained[2].cfg, len(steps))
+    np.testing.assert_allclose([s.learning_rate for s in steps], [float(schedule(n)) for n in range(len(steps))],
+                               rtol=1e-6)
 
 
 def test_bucketing_compiles_a_handful_of_programs(trained):
