@@ -22,6 +22,10 @@ import os
 # uses its tokenizers, so its warnings are left out of the server's output.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from jaxtune.launch import restart_with_huge_pages  # noqa: E402  (the standard library only)
+
+restart_with_huge_pages()  # `python app.py` starts once more with huge pages for XLA's buffers, before any import
+
 import atexit  # noqa: E402
 import functools  # noqa: E402
 import inspect  # noqa: E402

@@ -1,5 +1,13 @@
 """jaxtune: instruction-tune GPT-2 models in JAX."""
 
+import warnings
+
+from jaxtune.launch import restart_with_huge_pages
+
+restart_with_huge_pages()  # only jaxtune's own programs, once, before JAX is imported: see jaxtune/launch.py
+# `python -m jaxtune.launch` (its check) runs a module this file has just imported, which runpy warns about
+warnings.filterwarnings("ignore", "'jaxtune.launch' found in sys.modules", RuntimeWarning)
+
 from jaxtune.checkpoint import EMBEDDED, ModelLoadError, load, offline_tokenizer, save
 from jaxtune.config import HUB_MODELS, LOSS_MODES, PRESETS, ConfigError, GPT2Config, RunConfig, TrainConfig
 from jaxtune.data import DataError, Pair, encode, format_example, format_prompt, pairs_from_lists, read_pairs

@@ -41,6 +41,7 @@ import time
 import numpy as np
 
 from jaxtune.config import PRESETS, GPT2Config, TrainConfig
+from jaxtune.launch import TUNABLE
 
 
 # ---------------------------------------------------------------------------------------------- shared
@@ -703,6 +704,8 @@ def main(argv=None):
     if args.side:
         run = {"jax": run_jax, "torch": run_torch, "peft": run_torch, "trl": run_trl}[args.side]
         result = run(args)
+        # every side, PyTorch's too, started as `python -m jaxtune.bench` with malloc on huge pages (jaxtune.launch)
+        result["host_huge_pages"] = TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
         with open(args.side_output, "w") as f:
             json.dump(result, f)
         return result

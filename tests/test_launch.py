@@ -1,0 +1,53 @@
+"""jaxtune's own programs start once more with glibc's malloc on transparent huge pages (jaxtune/launch.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxtune.launch import TUNABLE, _own_program, huge_pages_status
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check(env_extra: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXTUNE_HUGE_PAGES")}
+    return subprocess.run([sys.executable, "-m", "jaxtune.launch"], cwd=ROOT, env={**env, **env_extra},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_jaxtune_program_restarts_once_with_huge_pages():
+    p = check({})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "RuntimeWarning" not in p.stderr
+    wanted, why = huge_pages_status()
+    if not wanted:
+        pytest.skip(f"this machine cannot give huge pages: {why}")
+    # the restarted process has the tunable (set once, not twice) and a block like XLA's lies on huge pages
+    assert f"GLIBC_TUNABLES='{TUNABLE}=1'" in p.stdout and "huge pages for XLA's buffers: on" in p.stdout
+    assert "64 MiB malloc block has 0 MiB" not in p.stdout
+
+
+def test_huge_pages_can_be_turned_off_and_a_set_tunable_is_kept():
+    off = check({"JAXTUNE_HUGE_PAGES": "0"})
+    assert off.returncode == 0 and "off (turned off by JAXTUNE_HUGE_PAGES)" in off.stdout
+    assert "GLIBC_TUNABLES=''" in off.stdout and "has 0 MiB on huge pages" in off.stdout
+    kept = check({"GLIBC_TUNABLES": f"{TUNABLE}=0"})  # the user's own setting wins: no restart
+    assert f"GLIBC_TUNABLES='{TUNABLE}=0'" in kept.stdout and "has 0 MiB on huge pages" in kept.stdout
+
+
+@pytest.mark.parametrize("argv, own", [
+    (["python", "-m", "jaxtune", "train", "--data", "x.jsonl"], True),
+    (["python", "-u", "-m", "jaxtune.bench", "--seq", "1024"], True),
+    (["/usr/bin/python3", "/usr/local/bin/jaxtune", "generate"], True),  # the console script
+    (["python", str(ROOT / "app.py")], True),
+    (["python", "my_script.py"], False),  # a user's program that imports jaxtune starts as it was started
+    (["python", "/elsewhere/app.py"], False),
+    (["python", "-c", "import jaxtune"], False),
+    (["python", "-m", "pytest", "tests"], False),
+    (["python"], False),
+])
+def test_only_jaxtunes_own_programs_restart(argv, own):
+    assert _own_program(argv) is own
