@@ -539,11 +539,21 @@ def write_weights(args) -> None:
     save(build(PRESETS[args.model], seed=0), offline_tokenizer(), args.side_output)
 
 
+def side_environment(side: str, environ) -> dict:
+    """A side's environment. jaxtune's sides run as jaxtune's programs do, with malloc on huge pages
+    (jaxtune.launch); PyTorch's (torch, peft, trl) run as their users run them, without."""
+    env = {**environ, "TOKENIZERS_PARALLELISM": "false"}
+    if side in ("torch", "peft", "trl"):
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith(TUNABLE + "=")]
+        env.update(GLIBC_TUNABLES=":".join(tunables), JAXTUNE_HUGE_PAGES="0")
+    return env
+
+
 def _side(side: str, argv: list[str], output: str | None = None) -> dict | None:
     """Run one side in a fresh process, so that neither side's threads, caches or memory touch the other's."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "jaxtune.bench", *argv, "--side", side, "--side-output", output or f.name]
-        subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        subprocess.run(cmd, check=True, env=side_environment(side, os.environ))
         if output is None:
             with open(f.name) as r:
                 return json.load(r)
@@ -704,7 +714,6 @@ def main(argv=None):
     if args.side:
         run = {"jax": run_jax, "torch": run_torch, "peft": run_torch, "trl": run_trl}[args.side]
         result = run(args)
-        # every side, PyTorch's too, started as `python -m jaxtune.bench` with malloc on huge pages (jaxtune.launch)
         result["host_huge_pages"] = TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
         with open(args.side_output, "w") as f:
             json.dump(result, f)

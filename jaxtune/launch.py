@@ -7,7 +7,7 @@ every 4 KiB page of them again, every step: a quarter of a bf16 step's time went
 glibc.malloc.hugetlb=1 (glibc 2.35 and later) asks for transparent huge pages on those blocks, 2 MiB a fault. On the
 2-core machine the README's figures come from, page faults in 10 s of training fell from 2.4 million to 14
 thousand, and a step took 14% (bf16) to 20% (float32) less time at the same peak memory
-(`python -m jaxtune.bench` runs every side, PyTorch's included, this way).
+(`python -m jaxtune.bench`: its jaxtune side runs this way, its PyTorch sides as their users run them).
 
 glibc reads its tunables only when a process starts, so the command line, the app, the benchmark and the
 evaluation start themselves once more with the tunable set (`os.execv`, the same process id, before anything is

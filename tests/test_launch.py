@@ -51,3 +51,14 @@ def test_huge_pages_can_be_turned_off_and_a_set_tunable_is_kept():
 ])
 def test_only_jaxtunes_own_programs_restart(argv, own):
     assert _own_program(argv) is own
+
+
+def test_the_benchmark_runs_pytorch_sides_without_jaxtunes_huge_pages():
+    from jaxtune.bench import side_environment
+
+    environ = {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{TUNABLE}=1", "PATH": "/bin"}
+    assert side_environment("jax", environ)["GLIBC_TUNABLES"] == environ["GLIBC_TUNABLES"]
+    for side in ("torch", "peft", "trl"):
+        env = side_environment(side, environ)
+        assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2" and env["JAXTUNE_HUGE_PAGES"] == "0"
+        assert env["PATH"] == "/bin" and env["TOKENIZERS_PARALLELISM"] == "false"
