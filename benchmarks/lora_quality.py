@@ -10,7 +10,11 @@ trains the same steps on the same batches; the table gives its validation loss o
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone: the jaxtune beside it
 
 import jax
 
