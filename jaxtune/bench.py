@@ -152,15 +152,19 @@ def run_jax(args) -> dict:
     trainer = Trainer(model, offline_tokenizer(), pairs, cfg)
     steps, deadline = [], [None]
 
+    usage = []  # the process's CPU time and page faults over the timed steps
+
     def on_step(s):
         steps.append(s)
         if len(steps) == 1:
             deadline[0] = time.perf_counter() + args.seconds
+            usage.append(resource.getrusage(resource.RUSAGE_SELF))
 
     started = time.perf_counter()
     result = trainer.run(on_step=on_step, should_stop=lambda: deadline[0] is not None and time.perf_counter() > deadline[0]
                          and len(steps) >= 3)
     rss = peak_rss_gib()  # training's peak, before the memory plan below compiles the step once more
+    usage.append(resource.getrusage(resource.RUSAGE_SELF))
     timed = steps[1:]  # the first step includes compiling
     seconds = timed[-1].elapsed - steps[0].elapsed
     tokens, positions = sum(s.tokens for s in timed), sum(s.positions for s in timed)
@@ -169,6 +173,10 @@ def run_jax(args) -> dict:
         "useful_tokens_per_s": tokens / seconds, "step_s": seconds / len(timed), "steps_timed": len(timed),
         "tokens_per_step": tokens / len(timed), "real_token_share": tokens / positions,
         "compile_s": sum(compile_events), "first_step_s": steps[0].elapsed,
+        # where the host's time went (a CPU's kernel time is mostly page faults on fresh buffers: jaxtune.launch)
+        "cpu_user_s_per_step": (usage[1].ru_utime - usage[0].ru_utime) / len(timed),
+        "cpu_system_s_per_step": (usage[1].ru_stime - usage[0].ru_stime) / len(timed),
+        "page_faults_per_step": (usage[1].ru_minflt - usage[0].ru_minflt) / len(timed),
         "process_to_first_step_s": process_age_s() - (time.perf_counter() - started - steps[0].elapsed),
         "compilation_cache_hits": len(cache_hits),
         "compiled_programs": result.compiled_programs,
@@ -573,6 +581,9 @@ def _line(name: str, r: dict, width: int = 8) -> str:
     mem = f"peak {mem:.2f} GiB" if mem is not None else f"peak RSS {r['process_peak_rss_gib']:.2f} GiB"
     compile_ = f"compile {r['compile_s']:5.1f}s, {r['compiled_programs']} program(s)" if "compile_s" in r else "compile   n/a"
     mfu = f"MFU {r['mfu']:5.1%}" if "mfu" in r else ""
+    if "cpu_system_s_per_step" in r:
+        mfu += (f"  CPU s/step {r['cpu_user_s_per_step']:.2f} user + {r['cpu_system_s_per_step']:.2f} system, "
+                f"{r['page_faults_per_step']:,.0f} page faults")
     return (f"{name:{width}s} {r['useful_tokens_per_s']:9.1f} useful tok/s  {r['step_s'] * 1000:8.0f} ms/step  "
             f"{r['real_token_share']:5.1%} real  {compile_}  {mem}  {mfu}   [{r['batch']}]")
 
