@@ -56,13 +56,18 @@ def make_schedule(cfg: TrainConfig, total_steps: int):
                                               end_value=cfg.learning_rate * 0.1)
 
 
-def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Clipping, then AdamW at a unit learning rate: the train step multiplies the update by the step's rate, an
+    argument of the step, so that the compiled step does not depend on the rate, its warmup or the run's length (a
+    launch with other epochs or another rate loads the cached program instead of compiling it). adamw's update is
+    -lr x (Adam's direction + weight_decay x param), so scaling afterwards is the same update; the unit rate is a
+    schedule so that the optimizer state keeps its step count, as checkpoints written before hold it."""
     # Decay matrices only, as GPT-2 trainers do: not biases, LayerNorm scales or position tables... only ndim >= 2.
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    unit_rate = lambda count: jnp.ones((), jnp.float32)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(make_schedule(cfg, total_steps), b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
-                    mask=decay_mask),
+        optax.adamw(unit_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay, mask=decay_mask),
     )
 
 
@@ -110,23 +115,23 @@ def split_trainable(model, cfg: TrainConfig):
     return graphdef, params, frozen
 
 
-def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None, schedule=None):
-    """jit(step)(params, opt_state, batch, key, go) -> (params, opt_state, metrics), params and opt_state donated.
+def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None):
+    """jit(step)(params, opt_state, batch, key, go, frozen, learning_rate) -> (params, opt_state, metrics), params and
+    opt_state donated.
 
     `batch` arrays are [grad_accum, batch, length]; micro-batch gradients of summed token losses are added and
     divided by the total target count, so accumulation weighs every token equally. A step whose loss, gradient or
     update is not finite, or that follows such a step (`go` is the previous step's `finite`), leaves the state
-    unchanged (the loop then stops and says so). With `schedule` (the optimizer's), the metrics include the step's
-    learning rate, computed on the device from the optimizer's own step count: the host then reads metrics only,
-    and never queues a computation of its own behind the next step (which would stall the loop until it finished).
+    unchanged (the loop then stops and says so). `learning_rate` is this step's rate (the Trainer's host-side
+    schedule; cfg.learning_rate when not given, for memory plans and tests); the metrics return it.
     """
     mesh = jax.tree.leaves(state_shardings)[0].mesh if state_shardings is not None else None
 
-    def step(params, opt_state, batch, key, go, frozen=None):
+    def step(params, opt_state, batch, key, go, frozen=None, learning_rate=cfg.learning_rate):
         with _tracing_mesh(mesh):
-            return _step(params, opt_state, batch, key, go, frozen)
+            return _step(params, opt_state, batch, key, go, frozen, jnp.asarray(learning_rate, jnp.float32))
 
-    def _step(params, opt_state, batch, key, go, frozen):
+    def _step(params, opt_state, batch, key, go, frozen, learning_rate):
         # the step's target count is known from the masks before any forward pass: dividing each micro-batch's
         # summed loss by it gives token-weighted gradients directly, with no pass over them afterwards
         count = jnp.sum(batch["loss_mask"][..., 1:]).astype(jnp.float32)
@@ -148,8 +153,8 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None,
             zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
             (loss, grads), _ = jax.lax.scan(accumulate, zeros, (batch, keys))
         grad_norm = optax.tree.norm(grads)
-        learning_rate = schedule(_schedule_count(opt_state)) if schedule is not None else None
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        updates = jax.tree.map(lambda u: (learning_rate * u).astype(u.dtype), updates)  # see make_optimizer
         # the update is checked too (a non-finite learning rate gives finite gradients and NaN weights), and so is
         # the previous step (`go`, still on the device): once one step failed, the steps dispatched after it
         # before the host saw that change nothing, so the state stays that of the last finite step
@@ -159,20 +164,13 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None,
         params, opt_state = jax.lax.cond(ok, lambda: (optax.apply_updates(params, updates), new_opt_state),
                                          lambda: (params, opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "loss_tokens": count,
-                   "tokens": jnp.sum(batch["attention_mask"]), "finite": ok}  # tokens: real ones, not padding
-        if schedule is not None:
-            metrics["learning_rate"] = learning_rate
+                   "tokens": jnp.sum(batch["attention_mask"]), "finite": ok,  # tokens: real ones, not padding
+                   "learning_rate": learning_rate}
         return params, opt_state, metrics
 
     if state_shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None))  # keep params where they live
-
-
-def _schedule_count(opt_state):
-    """The optimizer's step count before this update: what its learning-rate schedule is evaluated at."""
-    is_state = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
-    return next(s for s in jax.tree.leaves(opt_state, is_leaf=is_state) if is_state(s)).count
 
 
 def make_eval_step(graphdef, cfg: TrainConfig, mesh=None):
@@ -283,7 +281,7 @@ class Trainer:
             real = sum(lengths)
         self.planned_real_token_share = real / computed
         self.graphdef, params, self.frozen = split_trainable(model, cfg)
-        self.optimizer = make_optimizer(cfg, self.total_steps)
+        self.optimizer = make_optimizer(cfg)
         # float32 master weights, copied: the step donates them, and the caller's arrays must survive
         self.params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
         self.opt_state = self.optimizer.init(self.params)
@@ -293,10 +291,20 @@ class Trainer:
             if self.frozen is not None:  # the base: replicated, or split like any parameter under fsdp
                 self.frozen = place(self.frozen, tree_shardings(self.mesh, self.frozen))
         self.schedule = make_schedule(cfg, self.total_steps)
-        self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings, self.schedule)
+        self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
+        self._rates: dict[int, np.ndarray] = {}
         self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
         self.step = 0
         self.key = jax.random.key(cfg.seed)
+
+    def learning_rate(self, step: int) -> np.float32:
+        """The schedule's rate for the step after `step` finished ones, evaluated 1024 steps at a time on the host
+        side of the loop (one small device computation per 1024 steps, not one per step behind the step in flight)."""
+        chunk, i = divmod(step, 1024)
+        if chunk not in self._rates:
+            self._rates = {chunk: np.asarray(jax.vmap(self.schedule)(jnp.arange(chunk * 1024, (chunk + 1) * 1024)),
+                                             np.float32)}
+        return self._rates[chunk][i]
 
     def encoded(self, pairs, cfg: TrainConfig) -> EncodedSet:
         """Pairs tokenized once (`data.encode_pairs`); an EncodedSet (e.g. from `inspect_rows`) is taken as it is."""
@@ -538,7 +546,8 @@ class Trainer:
             self.key, step_key = jax.random.split(self.key)
             if self.mesh is not None:
                 batch = jax.tree.map(lambda a: place_global(a, batch_sharding(self.mesh)), batch)
-            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key, go, self.frozen)
+            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key, go, self.frozen,
+                                                              jnp.asarray(self.learning_rate(self.step), jnp.float32))
             go = metrics["finite"]
             self.step += 1
             if pending:
@@ -623,7 +632,7 @@ def plan_step_memory(config, cfg: TrainConfig, *, targets: int | None = None, de
 
     graphdef, params, frozen = split_trainable(abstract(config), cfg)
     params = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
-    optimizer = make_optimizer(cfg, total_steps=1000)
+    optimizer = make_optimizer(cfg)
     opt_state = jax.eval_shape(optimizer.init, params)
     mesh, shardings = _layout(cfg, devices, params, opt_state)
     shape = (cfg.grad_accum, cfg.batch_size, cfg.max_length)

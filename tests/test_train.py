@@ -415,3 +415,18 @@ def test_remat_recomputes_each_block_and_changes_nothing_else():
     plans = [plan_step_memory(config, TrainConfig(batch_size=2, max_length=256, buckets=(256,), lora_rank=8,
                                                   dropout=False, remat=remat))["temporaries"] for remat in (False, True)]
     assert plans[1] < 0.6 * plans[0], plans
+
+
+def test_the_compiled_step_does_not_depend_on_the_rate_or_the_run_length():
+    """The step takes its learning rate as an argument: runs that differ in rate, warmup and epochs lower to the same
+    program, so the persistent compilation cache serves a second launch with other settings."""
+    model, tok = load("tiny")
+    texts = []
+    for lr, warmup, epochs in ((3e-3, 0, 1), (5e-5, 7, 9)):
+        cfg = TrainConfig(batch_size=4, max_length=64, learning_rate=lr, warmup_steps=warmup, epochs=epochs)
+        trainer = Trainer(nnx.clone(model), tok, QA, cfg)
+        batch = next(iter(trainer._batches()))[1]
+        texts.append(trainer._step.lower(trainer.params, trainer.opt_state, batch, jax.random.key(0), jnp.asarray(True),
+                                         None, jnp.asarray(trainer.learning_rate(0), jnp.float32)).as_text())
+        assert trainer.learning_rate(0) == pytest.approx(float(trainer.schedule(0)))
+    assert texts[0] == texts[1]
