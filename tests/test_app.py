@@ -401,6 +401,7 @@ def _edit_table(page, rows):
 def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_path, stop_all):
     """Start a run, reload the page mid-run (the step count goes on, the plot and the whole log come back, both loss
     series in their colours), stop it, try it beside the base, download it in one click."""
+    others = set(app_tmp.glob("jaxtune-app-*"))  # earlier tests' sessions: not this page's to remove
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = _open(browser, app_url, context)
     rows = [("Where is my parcel?", "It ships tomorrow and arrives on Friday."),
@@ -458,7 +459,6 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
                            timeout=60_000)
     _shot(page, tmp_path, "4-try")
 
-    folders = set(app_tmp.glob("jaxtune-app-*"))
     with page.expect_download(timeout=30_000) as download:
         page.locator("#export").click()  # one click: the zip was made when the run was picked
     saved = tmp_path / "model.zip"
@@ -466,7 +466,8 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
     with zipfile.ZipFile(saved) as z:
         assert "model.safetensors" in z.namelist() and not any(n.startswith("checkpoints") for n in z.namelist())
     _shot(page, tmp_path, "5-export")
-    mine = folders or set(app_tmp.glob("jaxtune-app-*"))
+    mine = set(app_tmp.glob("jaxtune-app-*")) - others
+    assert mine, "the export left no session folder to check"
     page.close()  # the session ends: its folders go (Gradio itself would call the state's callback an hour later)
     context.close()
     deadline = time.time() + 30
