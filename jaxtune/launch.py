@@ -3,14 +3,14 @@ before JAX is imported.
 
 On a CPU, XLA allocates each execution's temporaries afresh (about 2 GB a step for GPT-2 124M at 4 rows of 256
 tokens) and glibc maps such blocks with mmap and unmaps them when they are freed, so the kernel faults in and zeroes
-every 4 KiB page of them again, every step: a quarter of a bf16 step's time went to the kernel. glibc's tunable
-glibc.malloc.hugetlb=1 (glibc 2.35 and later) asks for transparent huge pages on those blocks, 2 MiB a fault. On the
-2-core machine the README's figures come from, page faults in 10 s of training fell from 2.4 million to 14
-thousand, and a step took 14% (bf16) to 20% (float32) less time at the same peak memory
-(`python -m jaxtune.bench`: its jaxtune side runs this way, its PyTorch sides as their users run them).
+every 4 KiB page of them again, every step. glibc's tunable glibc.malloc.hugetlb=1 (glibc 2.35 and later) asks for
+transparent huge pages on those blocks, 2 MiB a fault. Measured with `python -m jaxtune.bench --no-torch` on the
+2-core machine of the README, with and without: page faults fell from 470,000 to 1,600 a step and a float32 step
+took 13% less time at the same peak memory; bf16 steps gained nothing measurable (their fresh pages are still
+zeroed). The benchmark runs its jaxtune side this way and its PyTorch sides as their users run them, without.
 
 glibc reads its tunables only when a process starts, so the command line, the app, the benchmark and the
-evaluation start themselves once more with the tunable set (`os.execv`, the same process id, before anything is
+evaluation start themselves once more with the tunable set (`os.execve`, the same process id, before anything is
 imported). A Python program of your own that imports jaxtune can get the same with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py`. JAXTUNE_HUGE_PAGES=0 turns it off.
 `python -m jaxtune.launch` says whether this machine gets them.
