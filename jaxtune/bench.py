@@ -581,11 +581,10 @@ def _line(name: str, r: dict, width: int = 8) -> str:
     mem = f"peak {mem:.2f} GiB" if mem is not None else f"peak RSS {r['process_peak_rss_gib']:.2f} GiB"
     compile_ = f"compile {r['compile_s']:5.1f}s, {r['compiled_programs']} program(s)" if "compile_s" in r else "compile   n/a"
     mfu = f"MFU {r['mfu']:5.1%}" if "mfu" in r else ""
-    if "cpu_system_s_per_step" in r:
-        mfu += (f"  CPU s/step {r['cpu_user_s_per_step']:.2f} user + {r['cpu_system_s_per_step']:.2f} system, "
-                f"{r['page_faults_per_step']:,.0f} page faults")
+    host = (f"  CPU s/step {r['cpu_user_s_per_step']:.2f} user + {r['cpu_system_s_per_step']:.2f} system, "
+            f"{r['page_faults_per_step']:,.0f} page faults") if "cpu_system_s_per_step" in r else ""
     return (f"{name:{width}s} {r['useful_tokens_per_s']:9.1f} useful tok/s  {r['step_s'] * 1000:8.0f} ms/step  "
-            f"{r['real_token_share']:5.1%} real  {compile_}  {mem}  {mfu}   [{r['batch']}]")
+            f"{r['real_token_share']:5.1%} real  {compile_}  {mem}  {mfu}{host}   [{r['batch']}]")
 
 
 def compare_lora(args, argv: list[str]) -> dict:

@@ -292,7 +292,7 @@ class Trainer:
                 self.frozen = place(self.frozen, tree_shardings(self.mesh, self.frozen))
         self.schedule = make_schedule(cfg, self.total_steps)
         self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
-        self._rates: dict[int, np.ndarray] = {}
+        self._rates: tuple[int, np.ndarray] | None = None  # (chunk, its 1024 rates): see learning_rate
         self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
         self.step = 0
         self.key = jax.random.key(cfg.seed)
@@ -301,10 +301,10 @@ class Trainer:
         """The schedule's rate for the step after `step` finished ones, evaluated 1024 steps at a time on the host
         side of the loop (one small device computation per 1024 steps, not one per step behind the step in flight)."""
         chunk, i = divmod(step, 1024)
-        if chunk not in self._rates:
-            self._rates = {chunk: np.asarray(jax.vmap(self.schedule)(jnp.arange(chunk * 1024, (chunk + 1) * 1024)),
-                                             np.float32)}
-        return self._rates[chunk][i]
+        if self._rates is None or self._rates[0] != chunk:
+            steps = jnp.arange(chunk * 1024, (chunk + 1) * 1024)
+            self._rates = chunk, np.asarray(jax.vmap(self.schedule)(steps), np.float32)
+        return self._rates[1][i]
 
     def encoded(self, pairs, cfg: TrainConfig) -> EncodedSet:
         """Pairs tokenized once (`data.encode_pairs`); an EncodedSet (e.g. from `inspect_rows`) is taken as it is."""
