@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs an NVIDIA GPU, in one call of at most about 8 minutes:
+# Everything that needs an NVIDIA GPU, in one call of at most about 8.5 minutes:
 #
 #   bash benchmarks/gpu.sh [OUT]          # OUT defaults to benchmarks/gpu-<UTC date and time>
 #
@@ -15,7 +15,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-backend=$(timeout 120 python -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -n 1)
+PY=$(command -v python || command -v python3)  # images with CUDA often have only python3
+backend=$(timeout 120 "$PY" -c "import jax; print(jax.default_backend())" 2>/dev/null | tail -n 1)
 if [ "$backend" != "gpu" ]; then
   echo "benchmarks/gpu.sh: JAX sees no GPU here (its backend is '${backend:-unknown}'). Run it on a machine with an" \
        "NVIDIA GPU and JAX's CUDA build: pip install -U 'jax[cuda12]' -r requirements.txt" >&2
@@ -24,7 +25,9 @@ fi
 OUT="${1:-benchmarks/gpu-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv" 2>/dev/null || true
-torch=$(timeout 60 python -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null | tail -n 1)
+"$PY" -c "import sys, jax, jaxlib, flax, optax; print('python', sys.version.split()[0], 'jax', jax.__version__, 'jaxlib',
+jaxlib.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())" | tee "$OUT/versions.txt"
+torch=$(timeout 60 "$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null | tail -n 1)
 [ "$torch" = "1" ] && baseline=() || baseline=(--no-torch)  # a CPU-only PyTorch would compare nothing
 failed=0
 
@@ -39,12 +42,12 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its log, g
   tail -n 4 "$OUT/$name.log"
 }
 
-step train-seq1024-bf16 150 python -m jaxtune.bench --seq 1024 --batch 8 --dtype bfloat16 --torch-dtype bfloat16 \
-  --no-dropout --seconds 20 "${baseline[@]}" --json "$OUT/train-seq1024-bf16.json"
-step memory-gpt2-xl 210 python -m jaxtune.bench --model gpt2-xl --seq 1024 --batch 1 --dtype bfloat16 --no-dropout \
-  --remat --lora-rank 16 --quantize nf4 --no-torch --seconds 5 --json "$OUT/memory-gpt2-xl.json"
-step decode 60 python -m jaxtune.bench --decode --new-tokens 64 --json "$OUT/decode.json"
-step answers-batched 60 python -m jaxtune.evaluate --bench --preset gpt2 --n 64 --max-new-tokens 64 --repeat 2 \
+step train-seq1024-bf16 130 "$PY" -m jaxtune.bench --seq 1024 --batch 8 --dtype bfloat16 --torch-dtype bfloat16 \
+  --no-dropout --seconds 10 "${baseline[@]}" --json "$OUT/train-seq1024-bf16.json"
+step memory-gpt2-xl 250 "$PY" -m jaxtune.bench --model gpt2-xl --seq 1024 --batch 1 --dtype bfloat16 --no-dropout \
+  --remat --lora-rank 16 --quantize nf4 --no-torch --seconds 3 --json "$OUT/memory-gpt2-xl.json"
+step decode 60 "$PY" -m jaxtune.bench --decode --new-tokens 64 --json "$OUT/decode.json"
+step answers-batched 60 "$PY" -m jaxtune.evaluate --bench --preset gpt2 --n 64 --max-new-tokens 64 --repeat 2 \
   --json "$OUT/answers-batched.json"
 echo "figures in $OUT"
 exit $failed

@@ -193,8 +193,11 @@ def run_jax(args) -> dict:
     if peak is not None and not cfg.lora_rank:  # the 6N-FLOPs formula is full fine-tuning's (LoRA skips weight grads)
         out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
     if not args.first_step:
+        # the arguments typed as the trainer passes them (a float32 rate, not a Python float), so that this is the
+        # program that trained, taken from jit's cache, rather than a second compilation of the step
         compiled = trainer._step.lower(trainer.params, trainer.opt_state, next(iter(trainer._batches()))[1],
-                                       jax.random.key(0), jax.numpy.asarray(True), trainer.frozen).compile()
+                                       jax.random.key(0), jax.numpy.asarray(True), trainer.frozen,
+                                       jax.numpy.asarray(cfg.learning_rate, jax.numpy.float32)).compile()
         out["planned_memory_gib"] = memory_plan(compiled)["peak"] / 2**30
         out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
     if result.peak_memory is not None:
@@ -501,9 +504,10 @@ def decode_latency(args) -> dict:
     model = build(PRESETS[args.model], seed=0)
     instruction = "Where is my order? It was due on Monday and the tracking page has not changed since."
     prompt = format_prompt(instruction)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # PyTorch on the GPU that JAX uses, where it sees one
     with tempfile.TemporaryDirectory() as d:
         save(model, tok, d)
-        pt = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
+        pt = transformers.GPT2LMHeadModel.from_pretrained(d).to(device).eval()
     eos = tok.eos_token_id
 
     def jax_run():
@@ -513,15 +517,16 @@ def decode_latency(args) -> dict:
             first = first or time.perf_counter() - start
         return first, (time.perf_counter() - start - first) / max(count - 1, 1), count
 
-    ids = torch.tensor([tok(prompt).input_ids])
+    ids = torch.tensor([tok(prompt).input_ids], device=device)
 
     def torch_run():
         with torch.no_grad():
             start = time.perf_counter()
-            pt.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=eos)
+            first_out = pt.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=eos)
+            first_out.cpu()  # waits for the GPU, as a streamed token must reach the host
             first = time.perf_counter() - start
             start = time.perf_counter()
-            out = pt.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos)
+            out = pt.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos).cpu()
             total = time.perf_counter() - start
         count = out.shape[1] - ids.shape[1]
         return first, (total - first) / max(count - 1, 1), count
@@ -535,6 +540,7 @@ def decode_latency(args) -> dict:
     out["speedup_per_token"] = out["torch"]["ms_per_token"] / out["jax"]["ms_per_token"]
     out["speedup_first_token"] = out["torch"]["time_to_first_token_ms"] / out["jax"]["time_to_first_token_ms"]
     out["device"] = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
+    out["torch_device"] = device
     return out
 
 
@@ -578,7 +584,8 @@ def _faster(kept: dict | None, new: dict) -> dict:
 
 def _line(name: str, r: dict, width: int = 8) -> str:
     mem = r.get("device_peak_memory_gib")
-    mem = f"peak {mem:.2f} GiB" if mem is not None else f"peak RSS {r['process_peak_rss_gib']:.2f} GiB"
+    plan = f" (XLA planned {r['planned_memory_gib']:.2f})" if mem is not None and "planned_memory_gib" in r else ""
+    mem = f"peak {mem:.2f} GiB{plan}" if mem is not None else f"peak RSS {r['process_peak_rss_gib']:.2f} GiB"
     compile_ = f"compile {r['compile_s']:5.1f}s, {r['compiled_programs']} program(s)" if "compile_s" in r else "compile   n/a"
     mfu = f"MFU {r['mfu']:5.1%}" if "mfu" in r else ""
     host = (f"  CPU s/step {r['cpu_user_s_per_step']:.2f} user + {r['cpu_system_s_per_step']:.2f} system, "
@@ -605,19 +612,22 @@ def compare_lora(args, argv: list[str]) -> dict:
         print(_line(name, results[key], width))
     full, lora = results["jax"], results["jax_lora"]
 
+    # memory: the accelerator's peak where there is one, else the process's peak RSS
+    memory, ratio_key, memory_name = (("device_peak_memory_gib", "device_peak_memory", "the device's peak memory")
+                                if "device_peak_memory_gib" in full else ("process_peak_rss_gib", "peak_rss", "the peak RSS"))
+
     def ratios(a: dict, b: dict) -> dict:
-        return {"useful_tokens": a["useful_tokens_per_s"] / b["useful_tokens_per_s"],
-                "peak_rss": a["process_peak_rss_gib"] / b["process_peak_rss_gib"]}
+        return {"useful_tokens": a["useful_tokens_per_s"] / b["useful_tokens_per_s"], ratio_key: a[memory] / b[memory]}
 
     results["lora_vs_full"] = ratios(lora, full)
     print(f"jaxtune LoRA / full: {results['lora_vs_full']['useful_tokens']:.2f}x useful tokens/s (goal >= 1.3x), "
-          f"{results['lora_vs_full']['peak_rss']:.0%} of the peak RSS (goal <= 60%); trained parameters "
+          f"{results['lora_vs_full'][ratio_key]:.0%} of {memory_name} (goal <= 60%); trained parameters "
           f"{lora['trained_parameters']:,} of {full['trained_parameters']:,}")
     if "jax_qlora" in results:
         q = results["jax_qlora"]
         results["qlora_vs_full"] = ratios(q, full)
         print(f"jaxtune QLoRA {args.quantize} / full: {results['qlora_vs_full']['useful_tokens']:.2f}x useful tokens/s, "
-              f"{results['qlora_vs_full']['peak_rss']:.0%} of the peak RSS; frozen base {q['frozen_base_gib']:.3f} GiB "
+              f"{results['qlora_vs_full'][ratio_key]:.0%} of {memory_name}; frozen base {q['frozen_base_gib']:.3f} GiB "
               f"({', '.join(q['frozen_base_dtypes'])}) against LoRA's {lora['frozen_base_gib']:.3f} GiB")
         if not set(q["frozen_base_dtypes"]) - {"float32", "bfloat16"}:
             print(f"note: the trainer held the QLoRA base in {', '.join(q['frozen_base_dtypes'])}: "
@@ -625,7 +635,7 @@ def compare_lora(args, argv: list[str]) -> dict:
     if "peft" in results:
         results["jax_lora_vs_peft"] = ratios(lora, results["peft"])
         print(f"jaxtune LoRA / PEFT LoRA: {results['jax_lora_vs_peft']['useful_tokens']:.2f}x useful tokens/s, "
-              f"{results['jax_lora_vs_peft']['peak_rss']:.0%} of the peak RSS")
+              f"{results['jax_lora_vs_peft'][ratio_key]:.0%} of {memory_name}")
     return results
 
 
