@@ -42,12 +42,13 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep its log, g
   tail -n 4 "$OUT/$name.log"
 }
 
-step train-seq1024-bf16 130 "$PY" -m jaxtune.bench --seq 1024 --batch 8 --dtype bfloat16 --torch-dtype bfloat16 \
+step train-seq1024-bf16 120 "$PY" -m jaxtune.bench --seq 1024 --batch 8 --dtype bfloat16 --torch-dtype bfloat16 \
   --no-dropout --seconds 10 "${baseline[@]}" --json "$OUT/train-seq1024-bf16.json"
-step memory-gpt2-xl 250 "$PY" -m jaxtune.bench --model gpt2-xl --seq 1024 --batch 1 --dtype bfloat16 --no-dropout \
-  --remat --lora-rank 16 --quantize nf4 --no-torch --seconds 3 --json "$OUT/memory-gpt2-xl.json"
-step decode 60 "$PY" -m jaxtune.bench --decode --new-tokens 64 --json "$OUT/decode.json"
-step answers-batched 60 "$PY" -m jaxtune.evaluate --bench --preset gpt2 --n 64 --max-new-tokens 64 --repeat 2 \
+step decode 50 "$PY" -m jaxtune.bench --decode --new-tokens 64 --json "$OUT/decode.json"
+step answers-batched 50 "$PY" -m jaxtune.evaluate --bench --preset gpt2 --n 64 --max-new-tokens 64 --repeat 2 \
   --json "$OUT/answers-batched.json"
+# last, as the longest: three processes that each compile a 48-block step; each side's line is logged as it ends
+step memory-gpt2-xl 270 "$PY" -m jaxtune.bench --model gpt2-xl --seq 1024 --batch 1 --dtype bfloat16 --no-dropout \
+  --remat --lora-rank 16 --quantize nf4 --no-torch --seconds 3 --json "$OUT/memory-gpt2-xl.json"
 echo "figures in $OUT"
 exit $failed

@@ -604,11 +604,13 @@ def compare_lora(args, argv: list[str]) -> dict:
         sides.append(("jax_qlora", f"jaxtune QLoRA {args.quantize}", "jax", []))
     if not args.no_torch:
         sides.append(("peft", f"PEFT LoRA r={args.lora_rank}", "peft", []))
+    width = max(len(name) for _, name, _, _ in sides)
     for _ in range(args.repeats):  # rounds over all sides: a burst of other load hits one round, not one side
         for key, name, side, extra in sides:
             results[key] = _faster(results.get(key), _side(side, argv + extra))
-    width = max(len(name) for _, name, _, _ in sides)
-    for key, name, _, _ in sides:
+            if args.repeats == 1:  # each side's line as it finishes: a run stopped part-way keeps what it measured
+                print(_line(name, results[key], width), flush=True)
+    for key, name, _, _ in sides if args.repeats > 1 else ():
         print(_line(name, results[key], width))
     full, lora = results["jax"], results["jax_lora"]
 
