@@ -430,3 +430,65 @@ def test_the_compiled_step_does_not_depend_on_the_rate_or_the_run_length():
                                          None, jnp.asarray(trainer.learning_rate(0), jnp.float32)).as_text())
         assert trainer.learning_rate(0) == pytest.approx(float(trainer.schedule(0)))
     assert texts[0] == texts[1]
+
+
+def _model_arrays(model) -> dict:
+    return {path: node.get_value() for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Variable)}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_an_offloaded_model_waits_in_host_memory_and_returns_with_what_it_learned(hf_dir, method):
+    """On a GPU or TPU the trainer's copies are the only weights on the device during a run (`offload_model`; forced
+    on here, on a CPU, where jax's live arrays stand for the device's memory). While it trains, no jax array holds
+    the model's own weights: the device holds exactly their size less than without offloading. The run learns
+    exactly what a run without offloading learns, and afterwards the model holds it on the device again, a LoRA base
+    bit for bit as it was; the trainer's frozen base is built again when asked."""
+    import gc
+
+    extra = {"full": {}, "lora": dict(lora_rank=4, dtype="bfloat16"),
+             "qlora": dict(lora_rank=4, quantize="nf4", dtype="bfloat16")}[method]
+    cfg = TrainConfig(epochs=2, batch_size=4, max_length=48, learning_rate=1e-2, dropout=False, **extra)
+    pairs = [Pair(f"Where is order {n}?", f"Order {n} is on its way.") for n in range(16)]
+    runs = {}
+    for offload in (False, True):
+        gc.collect()
+        model, tok = load(str(hf_dir))
+        trainer = Trainer(model, tok, pairs, cfg, offload_model=offload)
+        assert trainer.offloaded == offload
+        before = {k: np.array(v) for k, v in _model_arrays(model).items()}
+        frozen_before = jax.tree.map(np.array, trainer.frozen)
+        model_bytes = sum(v.nbytes for v in before.values())
+        live, held = [], []
+
+        def on_step(s):
+            live.append(sum(a.nbytes for a in jax.live_arrays()))
+            held.append({type(v).__name__ for v in _model_arrays(model).values()})
+
+        result = trainer.run(on_step=on_step)
+        after = _model_arrays(model)
+        assert all(isinstance(v, jax.Array) for v in after.values())  # back on the device
+        assert held == [{"ndarray"} if offload else {"ArrayImpl"}] * len(held)
+        runs[offload] = dict(live=max(live), bytes=model_bytes, losses=[h.loss for h in result.history],
+                             after={k: np.array(v) for k, v in after.items()}, before=before)  # copies: a view keeps a buffer
+        if method != "full":
+            base = [k for k in before if "lora_" not in str(k)]
+            assert all(np.array_equal(before[k], runs[offload]["after"][k]) for k in base)
+            jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trainer.frozen), frozen_before)
+        del model, trainer, result, after
+    kept, offloaded = runs[False], runs[True]
+    assert kept["losses"] == offloaded["losses"]
+    for k in kept["after"]:
+        np.testing.assert_array_equal(kept["after"][k], offloaded["after"][k])
+    assert kept["live"] - offloaded["live"] == pytest.approx(offloaded["bytes"], rel=0.02)
+
+
+def test_an_offloaded_model_keeps_its_weights_when_the_run_fails(hf_dir):
+    model, tok = load(str(hf_dir))
+    trainer = Trainer(model, tok, [Pair("Hi?", "Hello.")] * 8, TrainConfig(epochs=1, batch_size=4, max_length=32),
+                      offload_model=True)
+    before = {k: np.array(v) for k, v in _model_arrays(model).items()}
+    with pytest.raises(ZeroDivisionError):
+        trainer.run(should_stop=lambda: 1 / 0)
+    after = _model_arrays(model)
+    assert all(isinstance(v, jax.Array) for v in after.values()) and not trainer.offloaded
+    assert all(np.array_equal(before[k], np.asarray(after[k])) for k in before)
