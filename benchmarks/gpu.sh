@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything that needs an NVIDIA GPU, in one call of at most about 8.5 minutes:
+# Everything that needs an NVIDIA GPU, in one call of about 6 to 10 minutes:
 #
 #   bash benchmarks/gpu.sh [OUT]          # OUT defaults to benchmarks/gpu-<UTC date and time>
 #
@@ -11,6 +11,8 @@
 #                             plan, for full fine-tuning, LoRA r=16 and QLoRA (nf4 base)
 #   decode.json               batch-1 greedy decoding: time to first token and per token, against PyTorch generate
 #   answers-batched.json      64 held-out answers batched against one by one
+#   trl-help-desk-bf16.json   where TRL is installed: jaxtune bf16 against TRL's SFTTrainer (packing, grouped)
+#   tests.log                 the model's and generation's tests, run on the GPU
 # It stops at once, with exit code 2 and a message, when JAX sees no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,5 +54,13 @@ step answers-batched 50 "$PY" -m jaxtune.evaluate --bench --preset gpt2 --n 64 -
 # last, as the longest: three processes that each compile a 48-block step; each side's line is logged as it ends
 step memory-gpt2-xl 270 "$PY" -m jaxtune.bench --model gpt2-xl --seq 1024 --batch 1 --dtype bfloat16 --no-dropout \
   --remat --lora-rank 16 --quantize nf4 --no-torch --seconds 3 --json "$OUT/memory-gpt2-xl.json"
+if "$PY" -c "import trl, datasets" 2>/dev/null; then  # TRL's SFTTrainer on the GPU, where it is installed
+  step trl-help-desk-bf16 150 "$PY" -m jaxtune.bench --dtype bfloat16 --baseline trl --trl-modes packing grouped \
+    --seconds 8 --json "$OUT/trl-help-desk-bf16.json"
+else
+  echo "== trl-help-desk-bf16: skipped (TRL or datasets is not installed; benchmarks/gpu-wheels.sh fetches them)"
+fi
+# the tests that differ on a GPU: the model against PyTorch, cuDNN's attention, training, generation
+step tests 120 "$PY" -m pytest -q -p no:cacheprovider -x tests/test_model.py tests/test_generate.py
 echo "figures in $OUT"
 exit $failed
