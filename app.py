@@ -1795,7 +1795,8 @@ def build_app() -> gr.Blocks:
             progress = gr.HTML(_progress_html(None), elem_id="progress")
             stop_note = gr.Markdown(elem_id="stop-note")
             with gr.Row():
-                plot = gr.LinePlot(_plot(None), x="step", y="loss", color="split", label="Loss", height=280,
+                plot = gr.LinePlot(_plot(None), x="step", y="loss", color="split", colors_in_legend=[],
+                                   label="Loss: train (orange), validation (blue)",
                                    color_map={"train": "#f97316", "validation": "#2563eb"}, elem_id="loss-plot")
                 log_box = gr.Textbox(label="Log (the whole run)", lines=12, max_lines=12, elem_id="log",
                                      autoscroll=True)
