@@ -1738,7 +1738,7 @@ def build_app() -> gr.Blocks:
             table = gr.Dataframe(value=_frame(list(zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES))),
                                  headers=HEADERS, column_count=(2, "fixed"), row_count=(2, "dynamic"),
                                  datatype=["str", "str"], interactive=True, wrap=True, label="Pairs",
-                                 elem_id="pairs-table", max_height=360)
+                                 elem_id="pairs-table", max_height=360, column_widths=["35%", "65%"])
             with gr.Row():
                 data_note = gr.Markdown(elem_id="data-note")
                 table_only = gr.Button("Use the table only", elem_id="table-only", visible=False, size="sm", scale=0)

@@ -680,6 +680,11 @@ def test_browser_big_data_shows_its_first_rows(app_url, browser):
     page.wait_for_function("n => document.querySelector('#data-note').innerText.includes(`Showing 200 of ${n} pairs`)",
                            arg=n)
     page.wait_for_function("n => document.querySelector('#counts').innerText.includes(`${n} pairs`)", arg=n)
+    # long responses wrap inside the table's width rather than run off its right edge
+    page.wait_for_function("() => document.querySelectorAll('#pairs-table .body-cell').length >= 8")
+    right = page.locator("#pairs-table").bounding_box()
+    cells = page.locator("#pairs-table .body-cell").evaluate_all("els => els.map(e => e.getBoundingClientRect().right)")
+    assert len(cells) >= 8 and max(cells) <= right["x"] + right["width"] + 1
     page.locator("#table-only").click()
     page.wait_for_function("() => document.querySelector('#counts').innerText.includes('200 pairs')")
     assert not page.locator("#table-only").is_visible() and "Showing" not in page.locator("#data-note").inner_text()
