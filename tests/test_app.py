@@ -631,7 +631,7 @@ def test_browser_plot_draws_both_series_in_their_colours(app_url, browser, tmp_p
     assert sorted(strokes) == ["#2563eb", "#f97316"]
     points = page.locator('#loss-plot [aria-roledescription="point"]').evaluate_all("els => els.map(e => e.getAttribute('aria-label'))")
     assert sum("split: validation" in p for p in points) >= 5
-    # every axis label and title lies inside the plot's box (a legend below the axis used to push them out of it)
+    # no label falls below the plot's box (a legend under the x axis used to be pushed out of it)
     box = page.locator("#loss-plot").bounding_box()
     labels = page.locator("#loss-plot svg text").evaluate_all(
         "els => els.filter(e => e.textContent.trim()).map(e => [e.textContent, e.getBoundingClientRect().bottom])")
