@@ -193,11 +193,7 @@ def run_jax(args) -> dict:
     if peak is not None and not cfg.lora_rank:  # the 6N-FLOPs formula is full fine-tuning's (LoRA skips weight grads)
         out["mfu"] = out["useful_tokens_per_s"] * model_flops_per_token(config, mean_len) / peak
     if not args.first_step:
-        # the arguments typed as the trainer passes them (a float32 rate, not a Python float), so that this is the
-        # program that trained, taken from jit's cache, rather than a second compilation of the step
-        compiled = trainer._step.lower(trainer.params, trainer.opt_state, next(iter(trainer._batches()))[1],
-                                       jax.random.key(0), jax.numpy.asarray(True), trainer.frozen,
-                                       jax.numpy.asarray(cfg.learning_rate, jax.numpy.float32)).compile()
+        compiled = trainer.lower_step().compile()  # the program that trained, from jit's cache: no second compile
         out["planned_memory_gib"] = memory_plan(compiled)["peak"] / 2**30
         out["attention"] = "cudnn (fused)" if "cudnn$fmha" in compiled.as_text() else "xla"
     if result.peak_memory is not None:

@@ -101,20 +101,24 @@ def split_trainable(model, cfg: TrainConfig):
     """(graphdef, trained state, frozen state or None) of `model` for cfg. Full fine-tuning trains every nnx.Param.
     LoRA (cfg.lora_rank) adds adapters in place and trains only them: the base is frozen, held in bfloat16 when
     the step computes in it (it is only ever read so) and, for QLoRA (cfg.quantize), its projections in int8/nf4."""
-    model.remat = cfg.remat  # static: part of the graph definition the step is traced from
+    prepare_model(model, cfg)
     if not cfg.lora_rank:
         graphdef, params = nnx.split(model)  # the model holds only nnx.Param state
         return graphdef, params, None
-    if not has_lora(model):
-        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
-    if cfg.quantize != "none":
-        quantize_base(model, cfg.quantize)
     graphdef, params, frozen = nnx.split(model, LoRAParam, ...)
-    return graphdef, params, _frozen_dtype(frozen, cfg)
+    if cfg.dtype == "bfloat16":
+        frozen = jax.tree.map(lambda p: _as_float(p, jnp.bfloat16), frozen)
+    return graphdef, params, frozen
 
 
-def _frozen_dtype(frozen, cfg: TrainConfig):
-    return jax.tree.map(lambda p: _as_float(p, jnp.bfloat16), frozen) if cfg.dtype == "bfloat16" else frozen
+def prepare_model(model, cfg: TrainConfig):
+    """What cfg changes in the model itself, in place (once: a prepared model is left as it is): the remat flag, and
+    for LoRA the adapters and (QLoRA) the quantized base."""
+    model.remat = cfg.remat  # static: part of the graph definition the step is traced from
+    if cfg.lora_rank and not has_lora(model):
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
+    if cfg.lora_rank and cfg.quantize != "none":
+        quantize_base(model, cfg.quantize)
 
 
 def _movable(x) -> bool:
@@ -320,7 +324,7 @@ class Trainer:
         self.offloaded = False  # whether the model's own arrays are in host memory now (until `run` ends)
         self._frozen_given_back = False  # whether `run` gave the device copy of the base back (see `frozen`)
         if offload_model and jax.process_count() == 1:
-            split_trainable(model, cfg)  # first adapters and quantized base, in place on the device
+            prepare_model(model, cfg)  # adapters and quantized base first, in place on the device
             self.offloaded = move_model(model, _to_host) > 0
         self.graphdef, params, frozen = split_trainable(model, cfg)
         self._frozen = None if frozen is None else jax.tree.map(_to_device, frozen)
@@ -350,8 +354,7 @@ class Trainer:
         """The frozen base the step reads (None: full fine-tuning). When `run` ends, an offloaded trainer gives its
         device copy back as the model's own base returns to the device, and builds it again from the model if asked."""
         if self._frozen is None and self._frozen_given_back:
-            _, _, frozen = nnx.split(self.model, LoRAParam, ...)
-            self._frozen, self._frozen_given_back = self._placed(_frozen_dtype(frozen, self.cfg)), False
+            self._frozen, self._frozen_given_back = self._placed(split_trainable(self.model, self.cfg)[2]), False
         return self._frozen
 
     def learning_rate(self, step: int) -> np.float32:
@@ -362,6 +365,17 @@ class Trainer:
             steps = jnp.arange(chunk * 1024, (chunk + 1) * 1024)
             self._rates = chunk, np.asarray(jax.vmap(self.schedule)(steps), np.float32)
         return self._rates[1][i]
+
+    def _step_args(self, batch, key, go) -> tuple:
+        return (self.params, self.opt_state, batch, key, go, self.frozen,
+                jnp.asarray(self.learning_rate(self.step), jnp.float32))
+
+    def lower_step(self, batch=None):
+        """The train step lowered with its arguments typed exactly as `run` passes them, so that `.compile()` gives
+        the program `run` executes (from jit's cache once it ran) and `.as_text()` the program it traced. batch:
+        the first of the run's batches when not given."""
+        batch = next(iter(self._batches()))[1] if batch is None else batch
+        return self._step.lower(*self._step_args(batch, jax.random.key(0), jnp.asarray(True)))
 
     def encoded(self, pairs, cfg: TrainConfig) -> EncodedSet:
         """Pairs tokenized once (`data.encode_pairs`); an EncodedSet (e.g. from `inspect_rows`) is taken as it is."""
@@ -622,8 +636,7 @@ class Trainer:
             self.key, step_key = jax.random.split(self.key)
             if self.mesh is not None:
                 batch = jax.tree.map(lambda a: place_global(a, batch_sharding(self.mesh)), batch)
-            self.params, self.opt_state, metrics = self._step(self.params, self.opt_state, batch, step_key, go, self.frozen,
-                                                              jnp.asarray(self.learning_rate(self.step), jnp.float32))
+            self.params, self.opt_state, metrics = self._step(*self._step_args(batch, step_key, go))
             go = metrics["finite"]
             self.step += 1
             if pending:

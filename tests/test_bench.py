@@ -159,8 +159,6 @@ def test_gpu_script_stops_at_once_without_a_gpu(tmp_path):
 def test_product_rate_counts_the_step_products_xla_counts(tmp_path):
     """benchmarks/product_rate.py's FLOP count of a step's products against XLA's own cost analysis of the compiled
     step: equal up to the element-wise work XLA also counts (a few percent at this width)."""
-    import jax
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from product_rate import product_flops
 
@@ -174,8 +172,7 @@ def test_product_rate_counts_the_step_products_xla_counts(tmp_path):
     cfg = TrainConfig(batch_size=2, max_length=128, pack=True, buckets=(128,), dropout=False, warmup_steps=0)
     trainer = Trainer(build(config, seed=0), offline_tokenizer(), read_pairs(ROOT / "examples/customer_service.jsonl"), cfg)
     _, batch = next(trainer._batches(0))
-    compiled = trainer._step.lower(trainer.params, trainer.opt_state, batch, jax.random.key(0), jax.numpy.asarray(True),
-                                   None).compile()
+    compiled = trainer.lower_step(batch).compile()
     xla = compiled.cost_analysis()["flops"]
     ours = product_flops(config, batch)
     assert ours <= xla <= 1.15 * ours, (ours, xla)

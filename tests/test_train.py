@@ -425,9 +425,7 @@ def test_the_compiled_step_does_not_depend_on_the_rate_or_the_run_length():
     for lr, warmup, epochs in ((3e-3, 0, 1), (5e-5, 7, 9)):
         cfg = TrainConfig(batch_size=4, max_length=64, learning_rate=lr, warmup_steps=warmup, epochs=epochs)
         trainer = Trainer(nnx.clone(model), tok, QA, cfg)
-        batch = next(iter(trainer._batches()))[1]
-        texts.append(trainer._step.lower(trainer.params, trainer.opt_state, batch, jax.random.key(0), jnp.asarray(True),
-                                         None, jnp.asarray(trainer.learning_rate(0), jnp.float32)).as_text())
+        texts.append(trainer.lower_step().as_text())
         assert trainer.learning_rate(0) == pytest.approx(float(trainer.schedule(0)))
     assert texts[0] == texts[1]
 
