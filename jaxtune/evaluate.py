@@ -51,17 +51,18 @@ class ModelEval:
 
 # ---------------------------------------------------------------------------------------------- scores
 def validation_loss(model, tokenizer, pairs: list[Pair], *, batch_size: int = 8) -> float:
-    """Mean next-token loss over the pairs' response tokens and EOS, as the trainer reports it (`make_eval_step`),
-    pairs truncated at the model's positions (at most 1024)."""
+    """Mean next-token loss over the pairs' response tokens and EOS, as the trainer reports it (its eval step, which
+    the process keeps for the next model of this architecture), pairs truncated at the model's positions (at most
+    1024)."""
     from flax import nnx
 
     from jaxtune.config import TrainConfig
-    from jaxtune.train import make_eval_step
+    from jaxtune.train import jitted_steps
 
     cfg = TrainConfig(batch_size=batch_size, max_length=min(model.config.n_positions, 1024), dropout=False)
     encoded = encode_pairs(tokenizer, pairs, loss_on=cfg.loss_on, max_length=cfg.max_length)
     graphdef, params = nnx.split(model)
-    step = make_eval_step(graphdef, cfg)
+    step = jitted_steps(graphdef, cfg)[2]
     total, count = 0.0, 0.0
     for batch in epoch_batches(encoded.examples, batch_size=cfg.batch_size, buckets=cfg.buckets,
                                max_length=cfg.max_length, pad_id=tokenizer.eos_token_id, seed=0, epoch=0,

@@ -6,9 +6,11 @@ import contextlib
 import errno
 import math
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import jax
@@ -206,6 +208,34 @@ def make_train_step(graphdef, optimizer, cfg: TrainConfig, state_shardings=None)
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(*state_shardings, None))  # keep params where they live
 
 
+_STEPS: OrderedDict = OrderedDict()  # (graphdef, settings) -> (optimizer, train step, eval step), latest last
+_STEPS_LOCK = threading.Lock()
+
+
+def jitted_steps(graphdef, cfg: TrainConfig, shardings=None, mesh=None):
+    """(optimizer, train step, eval step) for a model structure and cfg, shared by the process's Trainers on one
+    device: a Trainer built again on the same model and settings (the app's next Start, a sweep over learning rates)
+    gets the same jitted functions, so its first step runs the programs jit already traced and compiled instead of
+    tracing again and loading them from the persistent cache. The step reads no learning rate, schedule, epoch count,
+    step limit or seed (the rate is an argument, the key too), so runs that differ only in those share it; anything
+    else in cfg, the model's structure, or the batch shapes (jit's own cache) gives other programs. On a mesh the
+    shardings are part of the program: built afresh."""
+    if shardings is not None:
+        optimizer = make_optimizer(cfg)
+        return optimizer, make_train_step(graphdef, optimizer, cfg, shardings), make_eval_step(graphdef, cfg, mesh)
+    traced = replace(cfg, learning_rate=1.0, epochs=1, warmup_steps=0, max_steps=None, seed=0)
+    key = (graphdef, tuple(sorted(asdict(traced).items())))
+    with _STEPS_LOCK:
+        if key in _STEPS:
+            _STEPS.move_to_end(key)
+            return _STEPS[key]
+        optimizer = make_optimizer(cfg)
+        _STEPS[key] = steps = (optimizer, make_train_step(graphdef, optimizer, cfg), make_eval_step(graphdef, cfg))
+        while len(_STEPS) > 8:  # each holds its compiled programs
+            _STEPS.popitem(last=False)
+        return steps
+
+
 def make_eval_step(graphdef, cfg: TrainConfig, mesh=None):
     def evaluate(params, batch, frozen=None):
         with _tracing_mesh(mesh):
@@ -328,18 +358,17 @@ class Trainer:
             self.offloaded = move_model(model, _to_host) > 0
         self.graphdef, params, frozen = split_trainable(model, cfg)
         self._frozen = None if frozen is None else jax.tree.map(_to_device, frozen)
-        self.optimizer = make_optimizer(cfg)
         # float32 master weights, copied: the step donates them, and the caller's arrays must survive
         self.params = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
-        self.opt_state = self.optimizer.init(self.params)
+        self.opt_state = make_optimizer(cfg).init(self.params)
         self.mesh, self.shardings = _layout(cfg, devices, self.params, self.opt_state)
+        self.optimizer, self._step, self._eval = jitted_steps(self.graphdef, cfg, self.shardings, self.mesh)
         if self.mesh is not None:
             self.params, self.opt_state = place(self.params, self.shardings[0]), place(self.opt_state, self.shardings[1])
             self._frozen = self._placed(self._frozen)
         self.schedule = make_schedule(cfg, self.total_steps)
-        self._step = make_train_step(self.graphdef, self.optimizer, cfg, self.shardings)
         self._rates: tuple[int, np.ndarray] | None = None  # (chunk, its 1024 rates): see learning_rate
-        self._eval = make_eval_step(self.graphdef, cfg, self.mesh)
+        self._shapes: set[tuple] = set()  # the batch shapes this trainer's steps ran on: one program each
         self.step = 0
         self.key = jax.random.key(cfg.seed)
 
@@ -559,7 +588,9 @@ class Trainer:
         return bool(multihost_utils.broadcast_one_to_all(np.asarray(should_stop())))
 
     def compiled_programs(self) -> int:
-        return self._step._cache_size()
+        """The step programs this trainer ran: one per batch shape (jit's cache, shared with other Trainers of the
+        same model and settings, may hold more)."""
+        return len(self._shapes)
 
     def sync_model(self):
         """Write the trained parameters back into the model object (on several hosts: a full local copy on each)."""
@@ -637,6 +668,7 @@ class Trainer:
             if self.mesh is not None:
                 batch = jax.tree.map(lambda a: place_global(a, batch_sharding(self.mesh)), batch)
             self.params, self.opt_state, metrics = self._step(*self._step_args(batch, step_key, go))
+            self._shapes.add(tuple(sorted((k, a.shape) for k, a in batch.items())))
             go = metrics["finite"]
             self.step += 1
             if pending:

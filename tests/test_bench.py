@@ -119,7 +119,12 @@ def test_bench_first_step_cold_then_warm_from_the_compilation_cache(tmp_path):
     assert warm["compiled_programs"] == cold["compiled_programs"] == 1
     assert r["warm_first_step_s"] == warm["first_step_s"] and r["cold_first_step_s"] == cold["first_step_s"]
     assert warm["process_to_first_step_s"] > warm["first_step_s"] > 0
-    assert "cold: first step" in stdout and "warm: first step" in stdout
+    for side in (cold, warm):  # the first step splits into the time until its program was ready and its execution
+        assert 0 < side["first_step_ready_s"] < side["first_step_s"]
+        assert side["first_execution_s"] == pytest.approx(side["first_step_s"] - side["first_step_ready_s"])
+    assert warm["first_step_ready_s"] < cold["first_step_ready_s"]  # loading the program beats compiling it
+    assert r["fresh_memory_gib_per_s"] > 0 and r["reused_memory_gib_per_s"] > 0
+    assert "cold: first step" in stdout and "warm: first step" in stdout and "fresh memory at" in stdout
 
 
 def test_bench_plans_adapter_memory(tmp_path):

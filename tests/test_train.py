@@ -1,6 +1,7 @@
 """The loss and the train step against PyTorch; training a tiny model until it answers and stops."""
 
 import dataclasses
+import importlib
 import math
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, collate, 
 from jaxtune.generate import generate_ids
 from jaxtune.model import build, num_params
 from jaxtune.train import batch_loss, make_schedule, plan_step_memory, summed_loss
+
+jaxtune_train = importlib.import_module("jaxtune.train")  # the module (jaxtune.train is also the function)
 
 
 def reference_loss_and_grads(torch_model, tokenizer):
@@ -424,10 +427,39 @@ def test_the_compiled_step_does_not_depend_on_the_rate_or_the_run_length():
     texts = []
     for lr, warmup, epochs in ((3e-3, 0, 1), (5e-5, 7, 9)):
         cfg = TrainConfig(batch_size=4, max_length=64, learning_rate=lr, warmup_steps=warmup, epochs=epochs)
+        jaxtune_train._STEPS.clear()  # each trainer traces its own step (not the one the process keeps: see below)
         trainer = Trainer(nnx.clone(model), tok, QA, cfg)
         texts.append(trainer.lower_step().as_text())
         assert trainer.learning_rate(0) == pytest.approx(float(trainer.schedule(0)))
     assert texts[0] == texts[1]
+
+
+def test_a_trainer_on_the_same_model_and_settings_reuses_the_compiled_step():
+    """The app's next Start: a Trainer built again on the same model structure and settings, with another rate, run
+    length and seed, runs the step program the first one compiled (no tracing, no compiling, no cache load), and
+    learns exactly what a trainer with a step of its own learns. A setting the step reads gives another step."""
+    model, tok = load("tiny")
+    base = dict(batch_size=4, max_length=64, dropout=False, warmup_steps=0, buckets=(64,))
+    first = Trainer(nnx.clone(model), tok, QA, TrainConfig(**base, learning_rate=3e-3, epochs=1))
+    first.run()
+    programs = first._step._cache_size()
+    cfg = TrainConfig(**{**base, "warmup_steps": 3}, learning_rate=1e-3, epochs=2, seed=5)
+    runs = []
+    for fresh in (False, True):
+        if fresh:
+            jaxtune_train._STEPS.clear()
+        trainer = Trainer(m := nnx.clone(model), tok, QA, cfg)
+        assert (trainer._step is first._step) == (not fresh) and (trainer._eval is first._eval) == (not fresh)
+        result = trainer.run()
+        assert result.compiled_programs == 1 and result.steps == 2 * math.ceil(len(QA) / 4)
+        runs.append(([s.loss for s in result.history], _model_arrays(m)))
+    assert first._step._cache_size() == programs  # the second run added no program: it ran the first one's
+    assert runs[0][0] == runs[1][0]  # the same losses, bit for bit, and the same weights
+    for path, value in runs[0][1].items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(runs[1][1][path]), err_msg=str(path))
+    reused = Trainer(nnx.clone(model), tok, QA, cfg)._step
+    for other in (dict(dropout=True), dict(dtype="bfloat16"), dict(loss_on="all"), dict(grad_clip=0.5)):
+        assert Trainer(nnx.clone(model), tok, QA, dataclasses.replace(cfg, **other))._step is not reused, other
 
 
 def _model_arrays(model) -> dict:
