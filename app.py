@@ -757,6 +757,17 @@ def upload_file(file, instruction_column, response_column, table, session, reque
     return table, note, session
 
 
+def upload_in_page(file, instruction_column, response_column, table, session, request: gr.Request = None):
+    """The page's upload: as `upload_file`, and the upload box is emptied either way, so the next file (dropped on the
+    box or on the table) is taken. A refused file is a warning rather than an error: an error would also mark the
+    table, an output, as failed, and cover its rows with a badge."""
+    try:
+        return (*upload_file(file, instruction_column, response_column, table, session, request), None)
+    except gr.Error as e:
+        gr.Warning(e.message, title=e.title or "Could not read the file")
+        return gr.skip(), gr.skip(), session, None
+
+
 def _read_upload(file, instruction_column, response_column, after: str):
     """(pairs, the file's name) of an uploaded file, within this server's limits; `after` ends each error."""
     path, name = _upload_path(file)
@@ -1677,6 +1688,34 @@ CSS = """
 """
 
 
+# The pairs table would import a CSV dropped on it by itself: replacing the rows without a word, headers included, and
+# past every check the upload makes. A file dropped there goes to the upload box instead, the one path that reads,
+# checks and reports files (and leaves the table as it was when a file is refused).
+HEAD = """<script>
+(() => {
+  const onTable = (e) => e.target instanceof Element && e.target.closest("#pairs-table");
+  for (const type of ["dragenter", "dragover"]) {
+    document.addEventListener(type, (e) => {
+      if (!onTable(e)) return;
+      e.preventDefault(); e.stopPropagation();
+      if (e.dataTransfer) e.dataTransfer.dropEffect = "copy";
+    }, true);
+  }
+  document.addEventListener("drop", (e) => {
+    if (!onTable(e)) return;
+    e.preventDefault(); e.stopPropagation();
+    const input = document.querySelector("#upload input[type=file]");
+    const files = e.dataTransfer ? e.dataTransfer.files : [];
+    if (!input || !files.length) return;
+    const moved = new DataTransfer();
+    moved.items.add(files[0]);
+    input.files = moved.files;
+    input.dispatchEvent(new Event("change", {bubbles: true}));
+  }, true);
+})();
+</script>"""
+
+
 def backend_info() -> str:
     devices = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
     return f"JAX {jax.__version__} · backend **{jax.default_backend()}** · {jax.device_count()} device(s): {devices}"
@@ -1749,6 +1788,7 @@ def build_app() -> gr.Blocks:
                     response_col = gr.Textbox(label="Response column", placeholder="response / output (auto)")
                 upload = gr.File(label=f"Upload pairs ({', '.join(UPLOAD_TYPES)})", file_types=list(UPLOAD_TYPES),
                                  elem_id="upload", height=190, scale=2)
+                upload_api = gr.Button(visible=False)  # the /upload endpoint for API clients: errors raise there
             with gr.Row():
                 with gr.Column(scale=3):
                     highlighted = gr.HighlightedText(label="What the model sees (highlighted tokens carry loss)",
@@ -1905,9 +1945,10 @@ def build_app() -> gr.Blocks:
         example_btn.click(load_example, session, [table, session], api_name="load_example", **raw) \
             .then(lambda s: (_data_note(s), _rest_button(s)), session, [data_note, table_only],
                   api_visibility="private").then(**private_preview)
-        upload.upload(upload_file, [upload, instruction_col, response_col, table, session], [table, data_note, session],
-                      api_name="upload", **raw) \
+        upload_inputs = [upload, instruction_col, response_col, table, session]
+        upload.upload(upload_in_page, upload_inputs, [table, data_note, session, upload], **quiet, **raw) \
             .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
+        upload_api.click(upload_file, upload_inputs, [table, data_note, session], api_name="upload", **raw)
         table_only.click(use_table_only, session, [data_note, session], api_name="use_table_only") \
             .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
@@ -1960,5 +2001,5 @@ if __name__ == "__main__":
     demo.queue(default_concurrency_limit=4).launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-        css=CSS, theme=gr.themes.Soft(primary_hue="orange"), show_error=False,  # gr.Error messages only
+        css=CSS, head=HEAD, theme=gr.themes.Soft(primary_hue="orange"), show_error=False,  # gr.Error messages only
         max_file_size=MAX_UPLOAD_BYTES)

@@ -670,6 +670,35 @@ def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tm
     page.close()
 
 
+DROP_JS = """([name, text]) => {
+    const moved = new DataTransfer();
+    moved.items.add(new File([text], name, {type: "text/csv"}));
+    const cell = document.querySelector("#pairs-table .body-cell") || document.querySelector("#pairs-table");
+    for (const type of ["dragenter", "dragover", "drop"])
+        cell.dispatchEvent(new DragEvent(type, {dataTransfer: moved, bubbles: true, cancelable: true}));
+}"""
+
+
+def test_browser_a_file_dropped_on_the_table_is_read_as_an_upload(app_url, browser):
+    """The table would import a dropped CSV by itself, replacing its rows and headers without a check or a word. A
+    file dropped on it goes through the upload's checks instead: a good one is loaded and named, a bad one is
+    refused with the table left as it was, and the upload box is ready for the next file either way."""
+    page = _open(browser, app_url)
+    page.evaluate(DROP_JS, ["dropped.csv", "question,answer\nHi,Hello\nBye,Goodbye\nThanks,You are welcome\n"])
+    page.wait_for_function("() => document.querySelector('#counts').innerText.includes('3 pairs')")
+    page.wait_for_function("() => document.body.innerText.includes('Loaded 3 pairs from dropped.csv')")
+    headers = page.locator("#pairs-table thead").inner_text()
+    assert "Instruction" in headers and "Response" in headers and "question" not in headers
+    assert "You are welcome" in page.locator("#pairs-table").inner_text()
+    page.wait_for_function("() => !document.querySelector('#upload').innerText.includes('dropped')")  # emptied
+    page.evaluate(DROP_JS, ["bad.csv", "question,notes\nHi,1\n"])  # no response column
+    page.wait_for_function("() => /no response column.*Your table was left as it was/.test(document.body.innerText)")
+    page.wait_for_function("() => !document.querySelector('#upload').innerText.includes('bad')")  # emptied again
+    assert "You are welcome" in page.locator("#pairs-table").inner_text()
+    assert "3 pairs" in page.locator("#counts").inner_text()
+    page.close()
+
+
 def test_browser_big_data_shows_its_first_rows(app_url, browser):
     """The example data (306 pairs): the page holds 200 and says so; 'Use the table only' drops the rest."""
     n = len(read_pairs(ROOT / "examples" / "customer_service.jsonl"))
