@@ -28,6 +28,7 @@ restart_with_huge_pages()  # `python app.py` starts once more with huge pages fo
 
 import atexit  # noqa: E402
 import functools  # noqa: E402
+import hashlib  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -873,8 +874,44 @@ def _method(method, lora_rank) -> tuple[int, str]:
     return (_number("lora_rank", lora_rank) if lora else 0), quantize
 
 
-def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
-           validation_fraction, pack, method, lora_rank, session: Session):
+_STARTS: dict[tuple, str] = {}  # (page, fingerprint of its data and settings) -> the run they started
+_START_LOCKS: dict[tuple, threading.Lock] = {}
+_STARTS_LOCK = threading.Lock()
+
+
+def _start(table, *settings, session: Session, owner: str | None):
+    """Start a run, once: a second Start from the same page with the same data and settings while the first run is
+    queued or training (a double click, say) shows that run rather than queueing a twin, which would repeat it to the
+    bit. Requests are taken one at a time per page and fingerprint, so two clicks in flight at once start one run."""
+    rows = _all_rows(table, session)
+    digest = hashlib.sha256(json.dumps([settings, rows], default=str).encode()).hexdigest()
+    key = (owner, digest)
+    with _STARTS_LOCK:
+        for k in [k for k, run_id in _STARTS.items() if not _active(REGISTRY.get(run_id))]:
+            _STARTS.pop(k)
+            if k != key:
+                _START_LOCKS.pop(k, None)
+        lock = _START_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        run = REGISTRY.get(_STARTS.get(key))
+        if _active(run):
+            gr.Info(f"{run.name} is already {run.status} on exactly "
+                    "these data and settings, so it was not started twice. Change a setting to start another run.")
+        else:
+            run = _start_new(table, *settings, session=session)
+            _STARTS[key] = run.id
+        if run.id not in session.ids:
+            session.ids.append(run.id)
+        session.watch = run.id
+        return run
+
+
+def _active(run) -> bool:
+    return run is not None and run.status in ACTIVE
+
+
+def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
+               precision, validation_fraction, pack, method, lora_rank, session: Session):
     """Check every value, then hand the run to the registry (it queues at once and trains in its own worker)."""
     started = time.monotonic()
     # every value first: nothing is loaded, tokenized or allocated for a request that cannot run
@@ -887,7 +924,7 @@ def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_le
     validation_fraction = _number("validation_fraction", validation_fraction)
     pack = _flag("Pack examples", pack)
     lora_rank, quantize = _method(method, lora_rank)
-    if lora_rank and name == "auto":  # an adapter names its base: gpt2 by its hub id, not a copy of it beside the run
+    if name == "auto":  # the run records the model auto chose, so that its config.yaml repeats it on any machine
         name = _auto_model()
     try:
         tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, max_length=max_length,
@@ -926,10 +963,18 @@ def _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_le
                      "steps")
     lines.append(f"time limit: {MAX_TRAIN_SECONDS:,} s for the whole run (JAXTUNE_MAX_TRAIN_SECONDS), from when it "
                  "leaves the queue: loading, compiling and training")
-    run = REGISTRY.start(cfg, pairs, name=time.strftime("%m-%d %H:%M:%S ") + name, note="\n".join(lines))
-    session.ids.append(run.id)
-    session.watch = run.id
-    return run
+    return REGISTRY.start(cfg, pairs, name=_unique_name(time.strftime("%m-%d %H:%M:%S ") + name),
+                          note="\n".join(lines))
+
+
+def _unique_name(name: str) -> str:
+    """A run name no other run in the registry has: two runs started in one second get "(2)", "(3)"..."""
+    taken = {run.name for run in REGISTRY.list()}
+    n = 2
+    while name in taken:
+        name = f"{name.rsplit(' (', 1)[0]} ({n})"
+        n += 1
+    return name
 
 
 TRAIN_INPUTS = "table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, " \
@@ -942,7 +987,7 @@ def start_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
     """The page's Start: the run goes to the registry and its id into this browser's storage; the poll draws it."""
     session = _attached(session, saved, request)
     _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
-           validation_fraction, pack, method, lora_rank, session)
+           validation_fraction, pack, method, lora_rank, session=session, owner=_owner(request))
     saved = [i for i in (saved if isinstance(saved, list) else []) if isinstance(i, str)]
     return [saved + [session.watch], session, *_view(session)]
 
@@ -954,7 +999,7 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
     """The API's train: start a run and follow it to its end (progress, plot, log). Leaving early does not stop it."""
     session = _session(session, request)
     run = _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-                 precision, validation_fraction, pack, method, lora_rank, session)
+                 precision, validation_fraction, pack, method, lora_rank, session=session, owner=_owner(request))
     shown = None
     while True:
         REGISTRY.seen([run.id])
@@ -967,6 +1012,11 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
             yield _progress_html(run), _plot(run), "\n".join(run.log), session
             return
         time.sleep(0.3)
+
+
+def _owner(request: gr.Request | None) -> str | None:
+    """The page a request comes from (Gradio's session hash): two Starts from one page are one user's."""
+    return getattr(request, "session_hash", None) if request is not None else None
 
 
 def _target(session, run_id=None, *, what: str):

@@ -763,6 +763,23 @@ def test_runs_queue_say_their_place_and_stop_cancels_a_waiting_run(app_url, stop
     assert cancelled and all(r["status"] == "stopped" and r["step"] == 0 for r in cancelled)
 
 
+def test_a_double_start_starts_one_run(app_url, stop_all):
+    """Two Starts from one page with the same data and settings, both in flight at once (a double click), start one
+    run and both follow it; another setting starts another run, with a name of its own."""
+    client = Client(app_url, verbose=False)
+    before = set(_runs(client))
+    jobs = [_long_run(client, epochs=50_000) for _ in range(2)]
+    for job in jobs:
+        _wait_for(job, r"step [1-9]\d*/")
+    new = [r for i, r in _runs(client).items() if i not in before]
+    assert len(new) == 1 and new[0]["status"] == "training", new
+    other = client.submit({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]},
+                          *dict(TRAIN_ARGS, epochs=50_000, validation_fraction=0, seed=1).values(), api_name="/train")
+    _wait_for(other, "queued|ahead of yours|step")
+    new = [r for i, r in _runs(client).items() if i not in before]
+    assert len(new) == 2 and len({r["name"] for r in new}) == 2 and {r["model"] for r in new} == {"tiny"}, new
+
+
 def test_closed_tab_leaves_the_run_going_on_a_desktop(app_url, browser, stop_all):
     page = _open(browser, app_url)
     _pick_model(page, "tiny")
