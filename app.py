@@ -1290,9 +1290,22 @@ def _zip(run, session: Session, kind: str = "adapter") -> str:
     kind = kind if _is_lora(run) else "model"
     stamp = _model_file(run).stat().st_mtime_ns
     key = ("zip", run.id, kind, stamp)
-    path = session.sent.get(key)
-    if path and Path(path).exists():
+    with _ZIP_LOCKS_LOCK:  # the page's poll and a pick can ask for the same zip at once: one builds it, one waits
+        lock = _ZIP_LOCKS.setdefault((id(session), run.id, kind), threading.Lock())
+    with lock:
+        path = session.sent.get(key)
+        if path and Path(path).exists():
+            return path
+        path = _build_zip(run, session, kind)
+        session.sent[key] = path
         return path
+
+
+_ZIP_LOCKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_ZIP_LOCKS_LOCK = threading.Lock()
+
+
+def _build_zip(run, session: Session, kind: str) -> str:
     folder = session.workdir / run.id
     folder.mkdir(parents=True, exist_ok=True)
     suffix = {"adapter": "-adapter", "merged": "-merged"}.get(kind, "")
@@ -1303,12 +1316,15 @@ def _zip(run, session: Session, kind: str = "adapter") -> str:
     if kind == "adapter" and _own_base(run):
         files += [(f, f"base/{f.name}") for f in sorted((run.dir / "base").iterdir())
                   if f.is_file() and not f.name.startswith(".")]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with zipfile.ZipFile(tmp, "w") as z:
-        for f, name in files:
-            z.write(f, name, compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
-    os.replace(tmp, path)
-    session.sent[key] = str(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w") as z:
+            for f, name in files:
+                z.write(f, name, compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     return str(path)
 
 

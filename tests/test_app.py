@@ -3,12 +3,14 @@
 Screenshots of each browser step land in the test's temporary directory (and in $JAXTUNE_SCREENSHOTS if set).
 """
 
+import concurrent.futures
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -1038,3 +1040,37 @@ def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
     full, lora = app.run_bytes(large, 4, 128), app.run_bytes(large, 4, 128, lora_rank=16)
     adapters = 16 * large.n_layer * 16 * 11 * large.n_embd  # 16 bytes each: c_attn, attn.c_proj, mlp.c_proj at r=16
     assert full - lora == pytest.approx(16 * app._parameters(large) - adapters, rel=1e-6)  # 24 - 8 bytes a parameter
+
+
+def test_zips_asked_for_at_once_are_built_once(monkeypatch, tmp_path):
+    """The page's poll and a pick can ask for a run's zip at the same moment: both get the one zip, whole, and no
+    temporary file is left (they used to share one temporary name, and one rename failed: 'Something went wrong')."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+    from jaxtune.config import RunConfig, TrainConfig
+    from jaxtune.data import Pair
+
+    cfg = RunConfig(model="tiny", samples=0, train=TrainConfig(epochs=1, batch_size=2, max_length=32, lora_rank=2))
+    run = app.REGISTRY.start(cfg, [Pair("Hi", "Hello"), Pair("Bye", "Goodbye")])
+    deadline = time.time() + 120
+    while run.status in ("queued", "training"):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert run.status == "finished", run.message
+    session = app.Session()
+    barrier = threading.Barrier(8)
+
+    def ask(kind):
+        barrier.wait()
+        return app._zip(run, session, kind)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(ask, ["adapter"] * 4 + ["merged"] * 4))
+    assert len(set(paths[:4])) == 1 and len(set(paths[4:])) == 1 and paths[0] != paths[4]
+    with zipfile.ZipFile(paths[0]) as z:
+        assert {"adapter_config.json", "adapter_model.safetensors", "base/model.safetensors"} <= set(z.namelist())
+        assert z.testzip() is None
+    with zipfile.ZipFile(paths[4]) as z:
+        assert "model.safetensors" in z.namelist() and z.testzip() is None
+    assert not [p for p in Path(paths[0]).parent.iterdir() if p.name.endswith(".tmp")]
