@@ -254,10 +254,16 @@ def _number(name: str, value):
         refuse(str(value), "Enter a finite number.")
     if b.integer and isinstance(value, float):
         if not value.is_integer():
-            refuse(_shown(value))
+            refuse(_shown(value), f"Enter {kind}.")
         value = int(value)
-    if value < b.lo or value > b.hi or (b.lo_open and value <= b.lo) or (b.integer and value % b.step):
-        refuse(_fmt(value) if abs(value) < 10**15 else _shown(value))
+    got = _fmt(value) if abs(value) < 10**15 else _shown(value)
+    if value > b.hi:
+        refuse(got)
+    if value < b.lo or (b.lo_open and value <= b.lo):  # the advice is for values above the range ("Lower the ...")
+        refuse(got, b.advice if not b.advice.startswith("Lower") else
+               f"Enter {'a value above' if b.lo_open else 'at least'} {_fmt(b.lo)}.")
+    if b.integer and value % b.step:
+        refuse(got, f"Enter {kind}.")
     return value if b.integer else float(value)
 
 
