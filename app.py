@@ -698,11 +698,36 @@ def remember_page(table, model_name, session):
     return page
 
 
+SETTINGS = ("loss_on", "precision", "method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_length",
+            "warmup_steps", "seed", "validation_fraction", "pack")  # the training settings a reload brings back
+
+
+def remember_settings(*values) -> dict:
+    """The training settings as they are now, kept in the browser (gr.BrowserState) for a reload."""
+    return dict(zip(SETTINGS, values))
+
+
+def _restored_setting(name: str, value):
+    """A kept setting if it is still a value the server accepts, else gr.skip() (the field keeps its default)."""
+    choices = {"loss_on": LOSS_MODES, "precision": PRECISIONS, "method": METHODS}
+    try:
+        if name in choices:
+            return _choice(name, value, choices[name])
+        if name == "pack":
+            return _flag(name, value)
+        return _number(name, value)
+    except gr.Error:
+        return gr.skip()
+
+
 @_guarded
-def restore_page(page):
-    """Page load: the table and the model field as they were before the reload. (The session is attach's to make.)"""
+def restore_page(page, settings=None):
+    """Page load: the table, the model field and the training settings as they were before the reload. (The session
+    is attach's to make.)"""
+    kept = [_restored_setting(n, settings[n]) if isinstance(settings, dict) and n in settings else gr.skip()
+            for n in SETTINGS]
     if not isinstance(page, dict) or not page:
-        return gr.skip(), gr.skip(), gr.skip()
+        return gr.skip(), gr.skip(), gr.skip(), *kept
     rows = page.get("table")
     table = gr.skip()
     if isinstance(rows, list) and rows:
@@ -720,7 +745,7 @@ def restore_page(page):
                 "on all of them.")
     elif "table" not in page:
         note = "**The page was reloaded:** the table was too large to keep in the browser; load your data again."
-    return table, model, note
+    return table, model, note, *kept
 
 
 @_guarded
@@ -1839,6 +1864,7 @@ def build_app() -> gr.Blocks:
         session = gr.State(None, time_to_live=4 * 3600, delete_callback=_close)
         saved = gr.BrowserState([], storage_key="jaxtune-runs", secret=_browser_secret())
         page_state = gr.BrowserState({}, storage_key="jaxtune-page", secret=_browser_secret())
+        settings_state = gr.BrowserState({}, storage_key="jaxtune-settings", secret=_browser_secret())
         timer = gr.Timer(POLL_SECONDS)
         gr.Markdown("# jaxtune\nInstruction-tune a GPT-2 model on your own instruction/response pairs, in JAX. "
                     "Work through the five steps from top to bottom.")
@@ -2008,8 +2034,12 @@ def build_app() -> gr.Blocks:
                                **raw)
         demo.load(preview, preview_inputs, preview_outputs, api_name="preview", **raw)  # first: it owns the name
         demo.load(attach, [saved, session], [session, *view], **quiet, **raw)
-        demo.load(restore_page, page_state, [table, model_name, data_note], **quiet, **raw) \
-            .then(**private_preview)
+        settings = [loss_on, precision, method, lora_rank, epochs, batch_size, learning_rate, max_length, warmup,
+                    seed, val_fraction, pack]  # in SETTINGS' order
+        demo.load(restore_page, [page_state, settings_state], [table, model_name, data_note, *settings], **quiet,
+                  **raw).then(**private_preview)
+        for widget in settings:
+            widget.change(remember_settings, settings, settings_state, trigger_mode="always_last", **quiet, **raw)
         for trigger in (table.change, model_name.change):
             trigger(remember_page, [table, model_name, session], page_state, trigger_mode="always_last", **quiet,
                     **raw)

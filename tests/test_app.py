@@ -643,8 +643,8 @@ def test_browser_plot_draws_both_series_in_their_colours(app_url, browser, tmp_p
 
 
 def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tmp_path):
-    """The table and the model field are kept in the browser: a reload shows them again; pairs that were kept on the
-    server beyond the table's 200 rows are not, and the page says so."""
+    """The table, the model field and the training settings are kept in the browser: a reload shows them again;
+    pairs that were kept on the server beyond the table's 200 rows are not, and the page says so."""
     page = _open(browser, app_url)
     pairs = tmp_path / "three.jsonl"
     pairs.write_text("".join(json.dumps({"instruction": f"Where is parcel {i}?", "response": f"Parcel {i} left."})
@@ -652,11 +652,20 @@ def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tm
     page.locator("#upload input[type=file]").set_input_files(str(pairs))
     page.wait_for_function("() => document.querySelector('#counts').innerText.includes('3 pairs')")
     _pick_model(page, "tiny")
+    page.get_by_label("Epochs").fill("3")
+    page.get_by_label("Epochs").press("Tab")
+    page.locator("#val-fraction input[type=number]").fill("0.15")
+    page.locator("#val-fraction input[type=number]").press("Tab")
+    page.get_by_label("bfloat16").check()
     page.wait_for_timeout(1500)  # the browser stores the page's state after each change
     page.reload()
     page.wait_for_function("() => document.querySelector('#counts') && "
                            "document.querySelector('#counts').innerText.includes('3 pairs')", timeout=30_000)
     assert page.get_by_role("combobox", name="Model").input_value() == "tiny"
+    # the training settings came back too: a Start after a reload trains what was set, not the defaults
+    page.wait_for_function("() => document.querySelector('#val-fraction input[type=number]').value === '0.15'")
+    assert page.get_by_label("Epochs").input_value() == "3" and page.get_by_label("bfloat16").is_checked()
+    assert page.get_by_label("Learning rate").input_value() == "0.005"  # tiny's default, as it was
     assert "Parcel 2 left." in page.locator("#pairs-table").inner_text()
     assert "reloaded" not in page.locator("#data-note").inner_text()
     n = len(read_pairs(ROOT / "examples" / "customer_service.jsonl"))
