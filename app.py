@@ -536,6 +536,7 @@ class Session:
         self.attached = False  # this browser's stored run ids were read
         self.export_kind = "adapter"  # what Export gives for a LoRA run: the adapter, or the merged model
         self.eval_reports: list[str] = []  # the last evaluation's report files
+        self.delete_asked: tuple[str, float] | None = None  # (run id, when): the page's Delete, pressed once
         self._workdir: Path | None = None
         _SESSIONS.add(self)
 
@@ -1111,6 +1112,23 @@ def delete_run(run_id, session, request: gr.Request = None):
     return f"Deleted {run.name} and its folder."
 
 
+DELETE_CONFIRM_SECONDS = 10
+
+
+@_guarded
+def delete_in_page(run_id, session, request: gr.Request = None):
+    """The page's Delete takes two presses: the first says what would go, the second (on the same run, within
+    DELETE_CONFIRM_SECONDS) deletes it. (The API's /delete deletes at once: its caller names the run.)"""
+    session = _session(session, request)
+    run = _target(session, run_id, what="delete")
+    asked, session.delete_asked = session.delete_asked, None
+    if asked and asked[0] == run.id and time.monotonic() - asked[1] < DELETE_CONFIRM_SECONDS:
+        return delete_run(run.id, session, request)
+    session.delete_asked = (run.id, time.monotonic())
+    return (f"Delete **{_escape(run.name)}** and its folder (model, checkpoints, log)? This cannot be undone. Press "
+            f"**Delete** again within {DELETE_CONFIRM_SECONDS} s to delete it.")
+
+
 @_guarded
 def pick_run(run_id, session, request: gr.Request = None):
     """A run chosen in the runs list: the train panel shows it, and Export, Resume and Delete act on it."""
@@ -1166,7 +1184,8 @@ def _ago(t) -> str:
 def _progress_html(run) -> str:
     if run is None:
         return ('<div class="jt-progress"><div class="jt-bar" style="width:0%"></div></div>'
-                '<div class="jt-progress-text">no run yet: press Start training</div>')
+                '<div class="jt-progress-text">no run shown: press Start training, or pick a run in the runs table'
+                '</div>')
     total, step = run.total_steps or 0, run.step or 0
     pct = 100.0 * step / total if total else 0.0
     if run.status == "queued":
@@ -1949,7 +1968,9 @@ def build_app() -> gr.Blocks:
                 run_pick = gr.Dropdown([], value=None, label="Run", elem_id="run-pick", scale=3)
                 resume_btn = gr.Button("Resume", elem_id="resume", scale=1)
                 delete_btn = gr.Button("Delete", variant="stop", elem_id="delete", scale=1)
+                delete_api = gr.Button(visible=False)  # the API's /delete: at once
             run_note = gr.Markdown(elem_id="run-note")
+            run_action = gr.Markdown(elem_id="run-action")  # what Resume or Delete just did, beside them
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown("## ③ Try\nThe base model and up to two finished runs answer side by side.")
@@ -2067,12 +2088,14 @@ def build_app() -> gr.Blocks:
         stop_btn.click(stop_run, session, stop_note, api_name="stop", concurrency_limit=None) \
             .then(poll, [session, saved], [session, *view], **quiet)
         command_btn.click(show_command, session, command, api_name="command")
-        run_pick.input(pick_run, [run_pick, session], [session, *view], **quiet, **raw)
-        runs_table.select(pick_row, session, [session, *view], **quiet)
-        resume_btn.click(resume_run, [run_pick, session], stop_note, api_name="resume", **raw) \
+        run_pick.input(pick_run, [run_pick, session], [session, *view], **quiet, **raw) \
+            .then(lambda: "", None, run_action, **quiet)  # what Resume or Delete said was about the run before
+        runs_table.select(pick_row, session, [session, *view], **quiet).then(lambda: "", None, run_action, **quiet)
+        resume_btn.click(resume_run, [run_pick, session], run_action, api_name="resume", **raw) \
             .then(poll, [session, saved], [session, *view], **quiet)
-        delete_btn.click(delete_run, [run_pick, session], stop_note, api_name="delete", **raw) \
+        delete_btn.click(delete_in_page, [run_pick, session], run_action, **quiet, **raw) \
             .then(poll, [session, saved], [session, *view], **quiet)
+        delete_api.click(delete_run, [run_pick, session], run_action, api_name="delete", **raw)
         api_runs.click(runs_json, session, api_json, api_name="runs")
         api_stop.click(stop_by_id, [api_text, session], api_text, api_name="stop_run", concurrency_limit=None, **raw)
         api_export.click(export_zip, [run_pick, export_kind, session], api_file, api_name="export", **raw)

@@ -468,6 +468,15 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
     with zipfile.ZipFile(saved) as z:
         assert "model.safetensors" in z.namelist() and not any(n.startswith("checkpoints") for n in z.namelist())
     _shot(page, tmp_path, "5-export")
+    # Delete takes two presses: the first says what would go, and the run stays until the second
+    name = page.locator("#run-pick input").input_value().split(" · ")[0]  # "name · status"
+    assert name and name in page.locator("#runs").inner_text()
+    page.locator("#delete").click()
+    page.wait_for_function("() => document.querySelector('#run-action').innerText.includes('Press Delete again')")
+    assert name in page.locator("#run-action").inner_text() and name in page.locator("#runs").inner_text()
+    page.locator("#delete").click()
+    page.wait_for_function("n => document.querySelector('#run-action').innerText.includes(`Deleted ${n}`)", arg=name)
+    page.wait_for_function("n => !document.querySelector('#runs').innerText.includes(n)", arg=name)
     mine = set(app_tmp.glob("jaxtune-app-*")) - others
     assert mine, "the export left no session folder to check"
     page.close()  # the session ends: its folders go (Gradio itself would call the state's callback an hour later)
