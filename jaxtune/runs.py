@@ -283,9 +283,17 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
 
 def summarize(result, out: Path) -> str:
     """The closing line: steps, speed, memory, losses and where the model is."""
-    summary = f"{result.steps} steps in {result.seconds:.1f}s"
+    ran = result.steps - result.first_step + 1
+    summary = f"{ran} steps" + (f" ({result.first_step} to {result.steps})" if result.first_step > 1 else "")
+    summary += f" in {result.seconds:.1f}s"
     if result.real_token_share is not None:
-        summary += f" ({result.real_token_share:.0%} real tokens, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s)"
+        summary += f" ({result.real_token_share:.0%} real tokens, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s"
+        # the whole call's rate counts compiling and the first step; a long run's rate is the steps after it
+        steps = [s for s in result.history if s.step >= result.first_step]
+        if len(steps) > 2 and steps[-1].elapsed > steps[0].elapsed:
+            steady = sum(s.tokens for s in steps[1:]) / (steps[-1].elapsed - steps[0].elapsed)
+            summary += f" in all, {steady:.0f} after the first step"
+        summary += ")"
     if result.peak_memory is not None:
         summary += f", peak device memory {result.peak_memory / 2**30:.2f} GiB"
     if result.history:
@@ -506,6 +514,8 @@ class Registry:
 
         def on_start(trainer):
             run.total_steps, run.step = trainer.total_steps, trainer.step
+            if run.resuming:  # the steps before the checkpoint, as execute rewrote them: the plot goes on from them
+                run.history = _read_jsonl(run.dir / "metrics.jsonl")
 
         def on_step(s):
             entry = s.to_dict()

@@ -290,6 +290,7 @@ class TrainResult:
     positions: int = 0  # positions computed for them, padding included
     stop_requested: bool = False  # stopped because should_stop() said so
     peak_memory: int | None = None  # the most bytes in use on any of this host's devices (None where not reported: CPU)
+    first_step: int = 1  # the first step this call ran (a resumed run starts after its checkpoint's step)
 
     @property
     def real_token_share(self) -> float | None:
@@ -620,7 +621,7 @@ class Trainer:
             raise
 
     def _run(self, on_step, should_stop, eval_every, save_every, checkpoint) -> TrainResult:
-        result = TrainResult(truncated=self.truncated)
+        result = TrainResult(truncated=self.truncated, first_step=self.step + 1)
         if self.step == 0:
             result.initial_val_loss = self.validation_loss()
         start = time.perf_counter()

@@ -844,6 +844,8 @@ def test_resume_continues_a_stopped_run_and_delete_removes_it(app_url, stop_all)
         time.sleep(0.5)
     done = _runs(client)[run["id"]]
     assert done["status"] == "finished" and done["step"] == 300
+    # the closing line counts the steps this resume ran, not the run's total
+    assert f"{300 - run['step']} steps ({run['step'] + 1} to 300) in " in done["message"], done["message"]
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").open()]
     assert steps == list(range(1, 301))  # the first part from the checkpoint, the rest resumed: one history
     assert "resuming from the last checkpoint" in (folder / "train.log").read_text()
