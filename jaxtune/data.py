@@ -68,24 +68,27 @@ def pairs_from_lists(instructions, responses, source: str = "row") -> list[Pair]
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _pick(columns, wanted: str | None, candidates: tuple[str, ...], field: str, where: str) -> str:
+def _pick(columns, wanted: str | None, candidates: tuple[str, ...], field: str, where: str, kind: str) -> str:
+    """kind: what the record's keys are called in messages ("column", or "field" for a JSON object, whose keys are
+    its own)."""
     if wanted is not None:
         if wanted not in columns:
-            raise DataError(f"{where}: no column {wanted!r} (columns: {', '.join(map(str, columns))})")
+            raise DataError(f"{where}: no {kind} {wanted!r} ({kind}s: {', '.join(map(str, columns))})")
         return wanted
     for name in candidates:
         if name in columns:
             return name
-    raise DataError(f"{where}: no {field} column; expected one of {', '.join(candidates)} "
-                    f"(columns: {', '.join(map(str, columns))}); name yours with the {field} column option")
+    raise DataError(f"{where}: no {field} {kind}; expected one of {', '.join(candidates)} "
+                    f"({kind}s: {', '.join(map(str, columns))}); name yours with the {field} column option")
 
 
-def record_to_pair(record: dict, where: str, instruction_column=None, response_column=None) -> Pair:
+def record_to_pair(record: dict, where: str, instruction_column=None, response_column=None, *,
+                   kind: str = "column") -> Pair:
     """One row. Alpaca's optional `input` joins the instruction as `{instruction}\\n\\n{input}` when non-empty."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with instruction and response fields, got {type(record).__name__}")
-    i_col = _pick(record, instruction_column, INSTRUCTION_COLUMNS, "instruction", where)
-    r_col = _pick(record, response_column, RESPONSE_COLUMNS, "response", where)
+    i_col = _pick(record, instruction_column, INSTRUCTION_COLUMNS, "instruction", where, kind)
+    r_col = _pick(record, response_column, RESPONSE_COLUMNS, "response", where, kind)
     instruction = record.get(i_col)
     extra = record.get("input") if instruction_column is None else None
     if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
@@ -178,7 +181,7 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
-            pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols))
+            pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols, kind="field"))
     elif suffix == ".json":
         try:
             records = json.loads(text)
@@ -189,7 +192,8 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
             records = lists[0] if len(lists) == 1 else records
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of objects with instruction and response fields")
-        pairs = [record_to_pair(r, f"{path.name} item {n}", **cols) for n, r in enumerate(records, start=1)]
+        pairs = [record_to_pair(r, f"{path.name} item {n}", **cols, kind="field")
+                 for n, r in enumerate(records, start=1)]
     elif suffix in (".csv", ".tsv"):
         pairs = _csv_pairs(path, text, "\t" if suffix == ".tsv" else ",", cols)
     else:

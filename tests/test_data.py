@@ -206,7 +206,7 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "a", \n', r"line 2 is not valid JSON"),
-    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n', r"line 2: no response column"),
+    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n', r"line 2: no response field; expected one of response, output, answer, completion \(fields: instruction\)"),
     ("bad.jsonl", '{"instruction": "", "response": "b"}\n', r"line 1: field 'instruction' is empty"),
     ("bad.jsonl", '{"instruction": "a", "response": "  "}\n', r"line 1: field 'response' is empty"),
     ("bad.jsonl", '{"instruction": 3, "response": "b"}\n', r"line 1: field 'instruction' must be text"),
@@ -252,7 +252,7 @@ def test_non_utf8_names_the_line(tmp_path):
 
 def test_column_option_names_missing_column(tmp_path):
     path = write(tmp_path / "a.jsonl", '{"instruction": "a", "response": "b"}\n')
-    with pytest.raises(DataError, match=r"no column 'question' \(columns: instruction, response\)"):
+    with pytest.raises(DataError, match=r"no field 'question' \(fields: instruction, response\)"):
         read_pairs(path, instruction_column="question")
 
 
