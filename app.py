@@ -1865,6 +1865,15 @@ def _widget(name: str, **kw):
     return gr.Number(minimum=b.lo, maximum=b.hi, precision=0 if b.integer else None, **kw)
 
 
+def method_note(method, model_name):
+    """Picking LoRA or QLoRA for the embedded model, which has random weights, says what to expect."""
+    if method in METHODS and METHODS[method][0] and model_name in ("tiny", "auto") and \
+            (model_name == "tiny" or _auto_model() == EMBEDDED):
+        gr.Info("The embedded tiny model has random weights: adapters on a frozen random model learn little (its "
+                "loss falls slowly). LoRA and QLoRA are for pretrained models such as gpt2; on tiny, use full "
+                "fine-tuning.", title="LoRA on an untrained model")
+
+
 def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps):
     """A new model brings its defaults, unless the fields hold values the user typed (then they stay, and the line
     says what the defaults would be)."""
@@ -2078,6 +2087,7 @@ def build_app() -> gr.Blocks:
             trigger(show_progress="hidden", **private_preview)
         model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup],
                           [epochs, batch_size, learning_rate, max_length, warmup, defaults_note], **quiet)
+        method.input(method_note, [method, model_name], None, **quiet)
         method.change(lambda m: gr.update(visible=m != "Full fine-tuning"), method, lora_rank, **quiet)
         train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,
                         precision, val_fraction, pack, method, lora_rank, session]

@@ -354,6 +354,8 @@ def test_browser_layout_at_1280_px_clips_no_label(app_url, browser):
         page.locator("#method").get_by_label(method, exact=True).check()
         page.locator("#lora-rank").wait_for(state="visible")
         assert page.get_by_label("LoRA rank").input_value() == "16" and page.evaluate(CLIPPED_JS) == []
+        # the model is auto, which is the untrained embedded model here: the page says what adapters on it give
+        page.wait_for_function("() => document.body.innerText.includes('adapters on a frozen random model learn')")
     page.locator("#method").get_by_label("Full fine-tuning").check()
     page.locator("#lora-rank").wait_for(state="hidden")
     pack = page.locator("#pack label").first.bounding_box()
