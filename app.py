@@ -1038,10 +1038,10 @@ def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
         state = (run.status, run.step, len(run.log), len(run.history), REGISTRY.queue_text(run.id))
         if state != shown:
             shown = state
-            yield _progress_html(run), _plot(run), "\n".join(run.log), session
+            yield _progress_html(run), _plot_frame(run), "\n".join(run.log), session
         if run.status not in ACTIVE:
             time.sleep(0.5)  # the last state again, after a pause: a client reading the stream then surely has it
-            yield _progress_html(run), _plot(run), "\n".join(run.log), session
+            yield _progress_html(run), _plot_frame(run), "\n".join(run.log), session
             return
         time.sleep(0.3)
 
@@ -1213,7 +1213,20 @@ def _escape(text: str) -> str:
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def _plot(run) -> pd.DataFrame:
+def _plot(run) -> dict:
+    """The plot's data and its axes' limits. The browser lays a plot's axes out when it draws it anew (when its limits
+    change) and not when only its data changes, so ticks that outgrew the space they were given, '10.85' where an empty
+    plot had none, came out cut ('0.85'). Limits of whole numbers of loss around the data, and steps 0 to the run's
+    planned total, keep the ticks the same between redraws; the plot is redrawn only when a limit moves."""
+    frame = _plot_frame(run)
+    losses = frame["loss"][frame["loss"].map(math.isfinite)]
+    low, high = (math.floor(losses.min()), math.ceil(losses.max())) if len(losses) else (0, 12)
+    total = run.total_steps if run is not None and run.total_steps else None
+    return gr.update(value=frame, y_lim=[low, max(high, low + 1)],
+                     x_lim=[0, max(total or 0, int(frame["step"].max()), 1)] if run is not None else [0, 10])
+
+
+def _plot_frame(run) -> pd.DataFrame:
     """Both series from the first value on: the plot fixes its colour scale from the series in its first value, so a
     validation series that appeared later would be drawn with no colour. Until the first validation point an empty
     (NaN) one holds its place; it draws nothing."""
@@ -1961,7 +1974,7 @@ def build_app() -> gr.Blocks:
             progress = gr.HTML(_progress_html(None), elem_id="progress")
             stop_note = gr.Markdown(elem_id="stop-note")
             with gr.Row():
-                plot = gr.LinePlot(_plot(None), x="step", y="loss", color="split", colors_in_legend=[],
+                plot = gr.LinePlot(_plot_frame(None), x_lim=[0, 10], y_lim=[0, 12], x="step", y="loss", color="split", colors_in_legend=[],
                                    label="Loss: train (orange), validation (blue)",
                                    color_map={"train": "#f97316", "validation": "#2563eb"}, elem_id="loss-plot")
                 log_box = gr.Textbox(label="Log (the whole run)", lines=12, max_lines=12, elem_id="log",

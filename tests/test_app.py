@@ -624,6 +624,8 @@ def test_browser_plot_draws_both_series_in_their_colours(app_url, browser, tmp_p
     """The validation points come after the first train points (every tenth of the run): the validation line still
     has its colour, because both series are in the plot from its first value."""
     page = _open(browser, app_url)
+    empty = page.locator("#loss-plot svg text").evaluate_all("els => els.map(e => e.textContent)")
+    assert "step" in empty and not any("." in text for text in empty), empty  # an empty plot used to say 0.000000
     pairs = tmp_path / "eight.jsonl"
     pairs.write_text("".join(json.dumps({"instruction": f"Question {i}?", "response": f"Answer {i}."}) + "\n"
                              for i in range(8)))
@@ -650,6 +652,14 @@ def test_browser_plot_draws_both_series_in_their_colours(app_url, browser, tmp_p
         "els => els.filter(e => e.textContent.trim()).map(e => [e.textContent, e.getBoundingClientRect().bottom])")
     assert any(text == "step" for text, _ in labels)
     assert [text for text, bottom in labels if bottom > box["y"] + box["height"]] == []
+    # nor out of its left edge: the loss ticks and title used to keep the space the empty plot gave them ('10.85'
+    # drawn as '0.85'); the plot's limits are whole numbers around the data and the steps up to the run's total
+    cut = page.locator("#loss-plot svg text").evaluate_all(
+        "els => els.filter(e => e.textContent.trim() && e.getBoundingClientRect().left"
+        " < e.ownerSVGElement.getBoundingClientRect().left).map(e => e.textContent)")
+    assert cut == []
+    ticks = page.locator("#loss-plot svg text").evaluate_all("els => els.map(e => e.textContent)")
+    assert "loss" in ticks and "0" in ticks and "40" in ticks  # 10 epochs of 4 pairs: 40 steps, the axis's end
     page.close()
 
 
