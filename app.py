@@ -700,11 +700,12 @@ def remember_page(table, model_name, session):
 
 
 SETTINGS = ("loss_on", "precision", "method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_length",
-            "warmup_steps", "seed", "validation_fraction", "pack")  # the training settings a reload brings back
+            "warmup_steps", "seed", "validation_fraction", "pack",  # the training settings and Try's that a
+            "temperature", "top_p", "max_new_tokens")                  # reload brings back
 
 
 def remember_settings(*values) -> dict:
-    """The training settings as they are now, kept in the browser (gr.BrowserState) for a reload."""
+    """The training and Try settings as they are now, kept in the browser (gr.BrowserState) for a reload."""
     return dict(zip(SETTINGS, values))
 
 
@@ -723,7 +724,7 @@ def _restored_setting(name: str, value):
 
 @_guarded
 def restore_page(page, settings=None):
-    """Page load: the table, the model field and the training settings as they were before the reload. (The session
+    """Page load: the table, the model field, the training and Try settings as they were before the reload. (The session
     is attach's to make.)"""
     kept = [_restored_setting(n, settings[n]) if isinstance(settings, dict) and n in settings else gr.skip()
             for n in SETTINGS]
@@ -2004,7 +2005,8 @@ def build_app() -> gr.Blocks:
                                          max_length=MAX_INSTRUCTION_CHARS)
                 try_btn = gr.Button("Generate", variant="primary", scale=1, elem_id="generate")
             with gr.Row():
-                temperature = _widget("temperature", value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                temperature = _widget("temperature", value=0.0, step=0.05, label="Temperature (0 = greedy)",
+                                      elem_id="temperature")
                 top_p = _widget("top_p", value=0.95, step=0.05, label="Top-p")
                 max_new = _widget("max_new_tokens", value=64, label="Max new tokens")
             with gr.Row():
@@ -2078,7 +2080,7 @@ def build_app() -> gr.Blocks:
         demo.load(preview, preview_inputs, preview_outputs, api_name="preview", **raw)  # first: it owns the name
         demo.load(attach, [saved, session], [session, *view], **quiet, **raw)
         settings = [loss_on, precision, method, lora_rank, epochs, batch_size, learning_rate, max_length, warmup,
-                    seed, val_fraction, pack]  # in SETTINGS' order
+                    seed, val_fraction, pack, temperature, top_p, max_new]  # in SETTINGS' order
         demo.load(restore_page, [page_state, settings_state], [table, model_name, data_note, *settings], **quiet,
                   **raw).then(**private_preview)
         for widget in settings:

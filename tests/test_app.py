@@ -678,6 +678,8 @@ def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tm
     page.locator("#val-fraction input[type=number]").fill("0.15")
     page.locator("#val-fraction input[type=number]").press("Tab")
     page.get_by_label("bfloat16").check()
+    page.locator("#temperature input[type=number]").fill("0.7")
+    page.locator("#temperature input[type=number]").press("Tab")
     page.wait_for_timeout(1500)  # the browser stores the page's state after each change
     page.reload()
     page.wait_for_function("() => document.querySelector('#counts') && "
@@ -686,6 +688,7 @@ def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tm
     # the training settings came back too: a Start after a reload trains what was set, not the defaults
     page.wait_for_function("() => document.querySelector('#val-fraction input[type=number]').value === '0.15'")
     assert page.get_by_label("Epochs").input_value() == "3" and page.get_by_label("bfloat16").is_checked()
+    assert page.locator("#temperature input[type=number]").input_value() == "0.7"  # Try's settings too
     assert page.get_by_label("Learning rate").input_value() == "0.005"  # tiny's default, as it was
     assert "Parcel 2 left." in page.locator("#pairs-table").inner_text()
     assert "reloaded" not in page.locator("#data-note").inner_text()
