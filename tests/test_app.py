@@ -1006,28 +1006,33 @@ def test_unexpected_errors_are_logged_with_a_reference_not_shown(caplog, monkeyp
         assert f"(reference {reference})" in caplog.text and "/srv/secret/model.safetensors" in caplog.text
 
 
-def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
-    """Push, to a local stand-in for the hub's upload routes (tests/hub_standin.py, at HF_ENDPOINT): a LoRA run's
-    adapter with the embedded base it needs, then its merged model; a refused token is said as such."""
-    import huggingface_hub.constants
-    from hub_standin import GOOD_TOKEN, HubStandIn
-
+def _finished_lora_run(monkeypatch, tmp_path, **train):
+    """The app module, imported with its runs in tmp_path, and a LoRA (r=2) run of tiny on two pairs, finished."""
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
-    import gradio as gr
-
     import app
     from jaxtune.config import RunConfig, TrainConfig
     from jaxtune.data import Pair
 
-    cfg = RunConfig(model="tiny", samples=0, train=TrainConfig(epochs=2, batch_size=2, max_length=32, lora_rank=2,
-                                                                learning_rate=1e-2))
+    cfg = RunConfig(model="tiny", samples=0, train=TrainConfig(batch_size=2, max_length=32, lora_rank=2, **train))
     run = app.REGISTRY.start(cfg, [Pair("Hi", "Hello"), Pair("Bye", "Goodbye")])
     deadline = time.time() + 120
     while run.status in ("queued", "training"):
         assert time.time() < deadline
         time.sleep(0.2)
     assert run.status == "finished", run.message
+    return app, run
+
+
+def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
+    """Push, to a local stand-in for the hub's upload routes (tests/hub_standin.py, at HF_ENDPOINT): a LoRA run's
+    adapter with the embedded base it needs, then its merged model; a refused token is said as such."""
+    import huggingface_hub.constants
+    from hub_standin import GOOD_TOKEN, HubStandIn
+
+    import gradio as gr
+
+    app, run = _finished_lora_run(monkeypatch, tmp_path, epochs=2, learning_rate=1e-2)
     session = app.Session()
     session.ids.append(run.id)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # this "hub" is a loopback server
@@ -1082,19 +1087,7 @@ def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
 def test_zips_asked_for_at_once_are_built_once(monkeypatch, tmp_path):
     """The page's poll and a pick can ask for a run's zip at the same moment: both get the one zip, whole, and no
     temporary file is left (they used to share one temporary name, and one rename failed: 'Something went wrong')."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
-    import app
-    from jaxtune.config import RunConfig, TrainConfig
-    from jaxtune.data import Pair
-
-    cfg = RunConfig(model="tiny", samples=0, train=TrainConfig(epochs=1, batch_size=2, max_length=32, lora_rank=2))
-    run = app.REGISTRY.start(cfg, [Pair("Hi", "Hello"), Pair("Bye", "Goodbye")])
-    deadline = time.time() + 120
-    while run.status in ("queued", "training"):
-        assert time.time() < deadline
-        time.sleep(0.2)
-    assert run.status == "finished", run.message
+    app, run = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
     session = app.Session()
     barrier = threading.Barrier(8)
 
