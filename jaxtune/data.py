@@ -49,13 +49,13 @@ class Pair:
 
 
 def check_pair(instruction, response, where: str) -> Pair:
-    for field, value in (("instruction", instruction), ("response", response)):
+    for name, value in (("instruction", instruction), ("response", response)):
         if value is None:
-            raise DataError(f"{where}: missing field {field!r}")
+            raise DataError(f"{where}: missing field {name!r}")
         if not isinstance(value, str):
-            raise DataError(f"{where}: field {field!r} must be text, got {type(value).__name__} ({value!r})")
+            raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__} ({value!r})")
         if not value.strip():
-            raise DataError(f"{where}: field {field!r} is empty; fill it in or remove the row")
+            raise DataError(f"{where}: field {name!r} is empty; fill it in or remove the row")
     return Pair(instruction, response, where)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from jaxtune.checkpoint import offline_tokenizer
 from jaxtune.data import (DataError, Pair, bucket_length, collate, collate_packed, encode, encode_pairs, epoch_batches,
-                          format_example, format_prompt, inspect_rows, pack_rows, plan_epoch, read_pairs, reference_batch,
+                          format_example, inspect_rows, pack_rows, plan_epoch, read_pairs, reference_batch,
                           tokenize_text)
 
 # "Instruction: Answer politely\nResponse: Of course, how may I assist you?" in GPT-2's vocabulary

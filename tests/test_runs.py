@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from jaxtune import Pair, RunConfig, TrainConfig
+from jaxtune import Pair, RunConfig
 from jaxtune.rundir import RunDirError
 from jaxtune.runs import Registry
 
