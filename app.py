@@ -58,7 +58,7 @@ import jaxtune.evaluate  # noqa: E402
 from jaxtune.card import push  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
-                                offline_tokenizer)
+                                offline_tokenizer, to_host)
 from jaxtune.config import LOSS_MODES, PRESETS, GPT2Config, RunConfig, TrainConfig  # noqa: E402
 from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,  # noqa: E402
                           inspect_rows, read_pairs, record_to_pair)
@@ -66,6 +66,7 @@ from jaxtune.lora import is_adapter_dir, load_adapter, merge  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
 from jaxtune.rundir import RunDirError  # noqa: E402
 from jaxtune.runs import ACTIVE, Registry, default_root, split_validation  # noqa: E402
+from jaxtune.train import offloads_by_default  # noqa: E402
 
 log = logging.getLogger("jaxtune.app")
 
@@ -490,12 +491,14 @@ def _shared_base(name: str, seed: int = 0):
 
 
 def _run_model(name: str, seed: int):
-    """The registry's model loader: a clone of the shared base (the trainer writes into the model it is given)."""
+    """The registry's model loader: a copy of the shared base (the trainer writes into the model it is given). Where
+    the trainer offloads the model (GPU, TPU), the copy is made in host memory, so the device never holds a second
+    float32 copy of the base beside the shared one."""
     try:
         model, tokenizer = _shared_base(name, seed)
     except gr.Error as e:
         raise ModelLoadError(e.message) from None
-    clone = nnx.clone(model)
+    clone = to_host(model) if offloads_by_default() else nnx.clone(model)
     clone.source = getattr(model, "source", name)
     return clone, tokenizer
 

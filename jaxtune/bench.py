@@ -126,10 +126,10 @@ def measure_matmul_peak(dtype: str) -> float:
 def run_jax(args) -> dict:
     import jax
 
-    from jaxtune.checkpoint import offline_tokenizer
+    from jaxtune.checkpoint import offline_tokenizer, to_host
     from jaxtune.config import TrainConfig
     from jaxtune.model import build
-    from jaxtune.train import Trainer, memory_plan
+    from jaxtune.train import Trainer, memory_plan, offloads_by_default
 
     if args.cache_dir:  # --first-step: JAX's persistent compilation cache in this folder (cold when empty)
         from jaxtune.sharding import enable_compilation_cache
@@ -153,7 +153,11 @@ def run_jax(args) -> dict:
     cfg = TrainConfig(batch_size=args.batch, max_length=length, pack=not args.seq, dtype=args.dtype, epochs=100,
                       warmup_steps=0, buckets=(length,), dropout=not args.no_dropout, remat=args.remat,
                       **_adapter_fields(args))
-    model = build(config, seed=0)
+    if offloads_by_default():  # as a real run loads it (load(host=True)): never on the device whole, in float32
+        with jax.default_device(jax.devices("cpu")[0]):
+            model = to_host(build(config, seed=0))
+    else:
+        model = build(config, seed=0)
     trainer = Trainer(model, offline_tokenizer(), pairs, cfg)
     steps, deadline = [], [None]
 

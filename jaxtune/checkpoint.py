@@ -85,8 +85,9 @@ def to_hf_state_dict(model: GPT2LMHeadModel) -> dict[str, np.ndarray]:
 
 
 def from_hf_state_dict(config: GPT2Config, tensors: dict[str, np.ndarray], *, source: str = "checkpoint",
-                       dtype=jnp.float32) -> GPT2LMHeadModel:
-    """Build the model without a random init (nnx.eval_shape) and fill it from Hugging Face tensors."""
+                       dtype=jnp.float32, host: bool = False) -> GPT2LMHeadModel:
+    """Build the model without a random init (nnx.eval_shape) and fill it from Hugging Face tensors: arrays on the
+    default device, or with `host` NumPy arrays in host memory (see `load`)."""
     tensors = {k.removeprefix("transformer."): v for k, v in tensors.items() if not k.endswith(_SKIP_SUFFIXES)}
     model = abstract(config)
     graphdef, state = nnx.split(model)
@@ -100,7 +101,7 @@ def from_hf_state_dict(config: GPT2Config, tensors: dict[str, np.ndarray], *, so
         arr = _hf_array(path, np.asarray(tensors.pop(name)))
         if arr.shape != var.get_value().shape:
             raise ModelLoadError(f"{source}: tensor {name} has shape {arr.shape}, the config needs {var.get_value().shape}")
-        flat.append((path, var.replace(jnp.asarray(arr, dtype=dtype))))
+        flat.append((path, var.replace(np.asarray(arr, dtype=dtype) if host else jnp.asarray(arr, dtype=dtype))))
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # a tied head duplicates wte
     if missing:
@@ -145,8 +146,9 @@ def _read_weights(directory: Path, allow_pickle: bool) -> dict[str, np.ndarray]:
     raise ModelLoadError(f"{directory}: no model.safetensors (or pytorch_model.bin) found")
 
 
-def load_directory(directory: str | os.PathLike, *, allow_pickle: bool = False, dtype=jnp.float32):
-    """Model and tokenizer from a directory in Hugging Face layout."""
+def load_directory(directory: str | os.PathLike, *, allow_pickle: bool = False, dtype=jnp.float32,
+                   host: bool = False):
+    """Model and tokenizer from a directory in Hugging Face layout (`host`: see `load`)."""
     directory = Path(directory)
     cfg_path = directory / "config.json"
     if not cfg_path.exists():
@@ -156,7 +158,8 @@ def load_directory(directory: str | os.PathLike, *, allow_pickle: bool = False, 
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from e
     config = GPT2Config.from_hf(hf_config, source=str(cfg_path))
-    model = from_hf_state_dict(config, _read_weights(directory, allow_pickle), source=str(directory), dtype=dtype)
+    model = from_hf_state_dict(config, _read_weights(directory, allow_pickle), source=str(directory), dtype=dtype,
+                               host=host)
     return model, _load_tokenizer(directory, config)
 
 
@@ -194,12 +197,16 @@ def hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
 
 
 def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.float32, seed: int = 0,
-         base: str | None = None):
+         base: str | None = None, host: bool = False):
     """(model, tokenizer) for a hub id, a local Hugging Face directory, 'tiny' (embedded) or 'auto'.
 
     'auto' takes gpt2 from the cache or the hub when it can and otherwise the embedded model; `model.source`
     says which was used. A LoRA adapter folder (adapter_config.json, jaxtune's or PEFT's) loads with its base
     model, from its config or `base`. A named model that cannot be had raises ModelLoadError, never a substitute.
+
+    `host` keeps the weights in host memory (NumPy arrays) instead of putting them on the device. A Trainer that
+    offloads the model (on a GPU or TPU) then copies to the device only what the run trains and reads, and QLoRA
+    quantizes the base one projection at a time, so the device never holds the model's float32 weights.
     """
     name = str(name_or_path)
     if name == "auto":
@@ -207,12 +214,12 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
             if not local_only and not hub_reachable():
                 break
             try:
-                model, tok = load_directory(hub_snapshot("gpt2", local_only=local_only), dtype=dtype)
+                model, tok = load_directory(hub_snapshot("gpt2", local_only=local_only), dtype=dtype, host=host)
                 model.source = "gpt2 (auto: " + ("from the local cache)" if local_only else "downloaded from the hub)")
                 return model, tok
             except Exception as e:  # noqa: BLE001 - any failure here means: fall back, and say so
                 log.info("auto: gpt2 not available %s (%s)", "in the cache" if local_only else "from the hub", e)
-        model, tok = load(EMBEDDED, seed=seed, dtype=dtype)
+        model, tok = load(EMBEDDED, seed=seed, dtype=dtype, host=host)
         model.source = "auto: gpt2 is neither cached nor reachable, using " + EMBEDDED_LABEL
         log.warning(model.source)
         return model, tok
@@ -220,14 +227,17 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
         model = build(PRESETS[EMBEDDED], seed=seed)
         if dtype != jnp.float32:
             model = _cast(model, dtype)
+        if host:
+            model = to_host(model)
         model.source = EMBEDDED_LABEL
         return model, offline_tokenizer()
     path = Path(name).expanduser()
     if path.is_dir() and not (path / "config.json").exists() and is_adapter_dir(path):  # a LoRA adapter (PEFT's format)
-        return load_adapter(path, base=base, load_base=lambda b: load(b, allow_pickle=allow_pickle, dtype=dtype, seed=seed),
+        return load_adapter(path, base=base, load_base=lambda b: load(b, allow_pickle=allow_pickle, dtype=dtype, seed=seed,
+                                                                    host=host),
                             dtype=dtype)
     if path.is_dir():
-        model, tok = load_directory(path, allow_pickle=allow_pickle, dtype=dtype)
+        model, tok = load_directory(path, allow_pickle=allow_pickle, dtype=dtype, host=host)
         model.source = str(path)
         return model, tok
     if path.exists():
@@ -246,7 +256,7 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
         except Exception as e:  # noqa: BLE001
             raise ModelLoadError(f"could not download model {name!r} from the Hugging Face hub: {e}. Check the name "
                                  "(e.g. gpt2, distilgpt2, gpt2-medium) or pass a local model directory") from e
-    model, tok = load_directory(snapshot, allow_pickle=allow_pickle, dtype=dtype)
+    model, tok = load_directory(snapshot, allow_pickle=allow_pickle, dtype=dtype, host=host)
     model.source = f"{name} (Hugging Face hub)"
     return model, tok
 
@@ -254,6 +264,12 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
 def _cast(model, dtype):
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(dtype), state))
+
+
+def to_host(model):
+    """The model with every array copied into host memory (NumPy), its device buffers freed with the old model."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.tree.map(np.array, state))
 
 
 # ---------------------------------------------------------------------------------------------- saving

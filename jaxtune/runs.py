@@ -130,7 +130,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     from jaxtune.generate import generate
     from jaxtune.model import num_params
     from jaxtune.sharding import initialize_distributed
-    from jaxtune.train import Trainer
+    from jaxtune.train import Trainer, offloads_by_default
 
     resume = Path(resume) if resume else None
     saved = resume_config(resume) if resume else None
@@ -155,7 +155,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     if val_pairs is None and cfg.validation_fraction:
         pairs, val_pairs = split_validation(pairs, cfg.validation_fraction, tcfg.seed)
     if load_model is None:
-        model, tokenizer = load(cfg.model, allow_pickle=cfg.allow_pickle, seed=tcfg.seed)
+        model, tokenizer = load(cfg.model, allow_pickle=cfg.allow_pickle, seed=tcfg.seed, host=offloads_by_default())
     else:
         model, tokenizer = load_model(cfg.model, tcfg.seed)
     log(f"model: {getattr(model, 'source', cfg.model)} ({num_params(model) / 1e6:.1f}M parameters)")

@@ -143,7 +143,15 @@ def move_model(model, put) -> int:
 
 
 def _to_host(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):  # already there (a model loaded with host=True)
+        return x
     return np.array(x)  # a copy: a CPU array's NumPy view would keep its buffer alive
+
+
+def offloads_by_default() -> bool:
+    """Whether a Trainer keeps the model's own arrays in host memory while it trains, unless told: on a GPU or TPU,
+    in one process. Load the model with `load(..., host=True)` there and it never reaches the device whole."""
+    return jax.default_backend() != "cpu" and jax.process_count() == 1
 
 
 def _to_device(x):
@@ -319,7 +327,8 @@ class Trainer:
     device (float32 master weights; for LoRA the frozen base in the step's dtype, or quantized), so the model's own
     arrays wait in host memory until `run` ends, then return to the device holding what was learned. Without it the
     device held the model's float32 weights beside the trainer's for the whole run: 5.8 GiB more than XLA's plan of
-    a gpt2-xl step on an H200."""
+    a gpt2-xl step on an H200. A model loaded with `load(..., host=True)` starts in host memory, and only what the run
+    trains and reads is copied to the device (QLoRA quantizes the base there one projection at a time)."""
 
     def __init__(self, model, tokenizer, pairs: list[Pair] | EncodedSet, cfg: TrainConfig, *,
                  validation_pairs: list[Pair] | None = None,
@@ -351,7 +360,7 @@ class Trainer:
             real = sum(lengths)
         self.planned_real_token_share = real / computed
         if offload_model is None:
-            offload_model = jax.default_backend() != "cpu"
+            offload_model = offloads_by_default()
         self.offloaded = False  # whether the model's own arrays are in host memory now (until `run` ends)
         self._frozen_given_back = False  # whether `run` gave the device copy of the base back (see `frozen`)
         if offload_model and jax.process_count() == 1:
