@@ -121,6 +121,13 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
     return [record_to_pair(dict(r), f"{label} row {n}", **cols) for n, r in enumerate(table, start=1)]
 
 
+def _csv_delimiter(text: str) -> str:
+    """A comma, unless the header line has none and has semicolons (what spreadsheets write where the comma is the
+    decimal mark) or tabs."""
+    header = text.lstrip("\r\n").split("\n", 1)[0]
+    return next((d for d in (",", ";", "\t") if d in header), ",")
+
+
 def _csv_pairs(path: Path, text: str, delimiter: str, cols: dict) -> list[Pair]:
     """RFC 4180 rows: a quoted field keeps its line breaks, and a record is named by the line it starts on. Strict, so
     a quote left open is an error rather than a field that swallows the rest of the file."""
@@ -195,7 +202,7 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
         pairs = [record_to_pair(r, f"{path.name} item {n}", **cols, kind="field")
                  for n, r in enumerate(records, start=1)]
     elif suffix in (".csv", ".tsv"):
-        pairs = _csv_pairs(path, text, "\t" if suffix == ".tsv" else ",", cols)
+        pairs = _csv_pairs(path, text, "\t" if suffix == ".tsv" else _csv_delimiter(text), cols)
     else:
         raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet, or a data set name")
     if not pairs:

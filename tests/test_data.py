@@ -235,6 +235,15 @@ def test_csv_keeps_line_breaks_in_quoted_fields_and_names_the_line_a_record_star
         read_pairs(write(tmp_path / "b.csv", 'instruction,response\n"a\nb",c\n,\n'))
 
 
+def test_csv_from_a_spreadsheet_that_separates_with_semicolons(tmp_path):
+    """Where the comma is the decimal mark, spreadsheets write CSV with semicolons: the header line says which."""
+    text = '\ufeffinstruction;response\r\nHi, there;"Hello; welcome"\r\nPrice?;It costs 4,99 \u20ac.\r\n'
+    assert [(p.instruction, p.response) for p in read_pairs(write(tmp_path / "excel.csv", text))] == [
+        ("Hi, there", "Hello; welcome"), ("Price?", "It costs 4,99 \u20ac.")]
+    # a comma in the header keeps the comma, semicolons in the rows are text
+    assert read_pairs(write(tmp_path / "c.csv", "instruction,response\nA;B,C;D\n"))[0].response == "C;D"
+
+
 def test_jsonl_lines_end_at_newline_only(tmp_path):
     """U+2028, U+2029 and \\x85 may stand raw inside a JSON string; str.splitlines would cut the line there."""
     odd = "one\u2028two\u2029three\x85four"
