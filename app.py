@@ -536,6 +536,7 @@ class Session:
         self.pick: str | None = None
         self.table_ids: list[str] = []  # the runs table's rows
         self.sent: dict = {}  # what the page already shows, so a poll sends only what changed
+        self.chose: dict = {}  # what the page last chose by itself for Try's run A and Evaluate's runs
         self.attached = False  # this browser's stored run ids were read
         self.export_kind = "adapter"  # what Export gives for a LoRA run: the adapter, or the merged model
         self.eval_reports: list[str] = []  # the last evaluation's report files
@@ -938,7 +939,7 @@ def _start(table, *settings, session: Session, owner: str | None):
             _STARTS[key] = run.id
         if run.id not in session.ids:
             session.ids.append(run.id)
-        session.watch = run.id
+        session.watch = session.pick = run.id  # Export, Resume and Delete follow it too
         return run
 
 
@@ -1094,8 +1095,18 @@ def resume_run(run_id, session, request: gr.Request = None):
         REGISTRY.resume(run.id)
     except RunDirError as e:
         raise gr.Error(str(e), title="Cannot resume")
-    session.watch = run.id
+    if run.id not in session.ids:
+        session.ids.append(run.id)
+    session.watch = session.pick = run.id
     return f"Resuming {run.name} from its last checkpoint."
+
+
+def remember_watched(session, saved):
+    """This browser's run ids with the run the page now shows (a resumed one started elsewhere, say), so that a
+    reload or a reopened tab finds it again."""
+    saved = [i for i in (saved if isinstance(saved, list) else []) if isinstance(i, str)]
+    watch = session.watch if isinstance(session, Session) else None
+    return saved + [watch] if watch and watch not in saved else saved
 
 
 @_guarded
@@ -1139,7 +1150,15 @@ def pick_run(run_id, session, request: gr.Request = None):
     session = _session(session, request)
     if isinstance(run_id, str) and REGISTRY.get(run_id) is not None and (not PUBLIC or run_id in session.ids):
         session.pick = session.watch = run_id
-    return [session, *_view(session)]
+    return [session, *_view_after_pick(session)]
+
+
+def _view_after_pick(session: Session) -> list:
+    """The view after a pick; the next poll then sends everything again. A poll computed just before the pick can
+    reach the page after it, with the old run's panel (its Export choice, say): the full poll puts the pick back."""
+    view = _view(session)
+    session.sent.clear()
+    return view
 
 
 @_guarded
@@ -1148,7 +1167,7 @@ def pick_row(session, evt: gr.SelectData, request: gr.Request = None):
     row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
     if isinstance(row, int) and 0 <= row < len(session.table_ids):
         session.pick = session.watch = session.table_ids[row]
-    return [session, *_view(session)]
+    return [session, *_view_after_pick(session)]
 
 
 @_guarded
@@ -1302,6 +1321,14 @@ def _usable(run) -> bool:
     return run is not None and run.saved and run.status not in ACTIVE and _model_file(run).exists()
 
 
+def _no_model(run) -> str:
+    """Why a run that is not `_usable` cannot be tried, evaluated or exported, and what to do."""
+    if run.status in ACTIVE:
+        return f"{run.name} is {run.status} and has no finished model yet; pick a run that has finished or stopped."
+    return (f"{run.name} is {run.status} and has no model: it stopped before it saved one. Pick another run, or train "
+            "it again with Start training.")
+
+
 def _is_lora(run) -> bool:
     return run is not None and is_adapter_dir(run.dir)
 
@@ -1402,8 +1429,23 @@ def _export_label(run, kind: str) -> str:
     return f"Download {run.name}: {what} (.zip)"
 
 
-def _view(session: Session, force: bool = False) -> list:
-    """Everything the poll redraws, in VIEW's order; what the page already shows is skipped."""
+def _picks(session: Session, shown: dict, usable: list) -> tuple:
+    """(Try's run A, run B, Evaluate's runs) for new lists of usable runs: a pick the user made stays while its run
+    does; one the page made by itself (or none) moves to the newest run."""
+    ids = {r.id for r in usable}
+    newest = [usable[0].id] if usable else []
+    a, b, runs = shown.get("run_a"), shown.get("run_b"), shown.get("eval")
+    runs = [r for r in runs if r in ids] if isinstance(runs, list) else None
+    if a not in ids or a == session.chose.get("run_a"):
+        a = session.chose["run_a"] = newest[0] if newest else None
+    if runs is None or runs == session.chose.get("eval"):
+        runs = session.chose["eval"] = newest
+    return a, b if b in ids else None, runs
+
+
+def _view(session: Session, force: bool = False, shown: dict | None = None) -> list:
+    """Everything the poll redraws, in VIEW's order; what the page already shows is skipped. `shown`: Try's and
+    Evaluate's run pickers as the page has them (see `_picks`)."""
     runs = _visible(session)
     by_id = {r.id: r for r in runs}
     watched = REGISTRY.get(session.watch)
@@ -1420,22 +1462,25 @@ def _view(session: Session, force: bool = False) -> list:
     elif _usable(picked):
         note = f"Export, Resume and Delete act on **{picked.name}** ({picked.status} {_ago(picked.ended)})."
     else:
-        note = f"**{picked.name}** is {picked.status}" + (" and has no model to export yet." if not picked.saved
-                                                           else "; its model is being trained, so Export waits.")
+        note = f"**{picked.name}** is {picked.status}" + (
+            "; its model is being trained, so Export waits." if picked.saved and picked.status in ACTIVE else
+            " and has no model to export yet." if picked.status in ACTIVE else
+            " and has no model: it stopped before it saved one. Start training runs it again.")
     if training:
         note += " " + "; ".join(f"**{r.name}** is {r.status}" for r in training) + \
-            "; Try and Export use finished runs only" + (f" (now **{picked.name}**)." if _usable(picked) else ".")
+            "; Try and Export use runs that have a model (finished or stopped)" + (f" (now **{picked.name}**)." if _usable(picked) else ".")
     choices = [(_label(r), r.id) for r in runs]
     try_choices = [(_label(r), r.id) for r in usable]
+    picks = _picks(session, shown or {}, usable)
     views = {
         "progress": (_progress_html(watched), None),
         "plot": ((session.watch, len(watched.history) if watched else 0), lambda: _plot(watched)),
         "log": ((session.watch, len(watched.log) if watched else 0), lambda: "\n".join(watched.log) if watched else ""),
         "table": ([(r.id, r.status, r.step, r.train_loss, r.val_loss) for r in runs], lambda: _runs_frame(runs)),
         "pick": ((tuple(choices), session.pick), lambda: gr.update(choices=choices, value=session.pick)),
-        "try": (tuple(try_choices), lambda: (gr.update(choices=try_choices, value=usable[0].id if usable else None),
-                                             gr.update(choices=try_choices))),
-        "eval": (tuple(try_choices), lambda: gr.update(choices=try_choices, value=[usable[0].id] if usable else [])),
+        "try": (tuple(try_choices), lambda: (gr.update(choices=try_choices, value=picks[0]),
+                                             gr.update(choices=try_choices, value=picks[1]))),
+        "eval": (tuple(try_choices), lambda: gr.update(choices=try_choices, value=picks[2])),
         "export": ((export, _is_lora(picked)), lambda: (
             gr.update(value=export, interactive=export is not None,
                       label=_export_label(picked, session.export_kind) if export else "Download the picked run (.zip)"),
@@ -1477,11 +1522,12 @@ def attach(saved, session, request: gr.Request = None):
 
 
 @_guarded
-def poll(session, saved, request: gr.Request = None):
-    """Every second: tell the registry this page is open (the orphan rule) and redraw what changed."""
+def poll(session, saved, run_a=None, run_b=None, eval_runs=None, request: gr.Request = None):
+    """Every second: tell the registry this page is open (the orphan rule) and redraw what changed. Try's and
+    Evaluate's run pickers as they are now come along, so that a new run in their lists keeps what the user picked."""
     session = _attached(session, saved, request)
     REGISTRY.seen(session.ids)
-    return [session, *_view(session)]
+    return [session, *_view(session, shown={"run_a": run_a, "run_b": run_b, "eval": eval_runs})]
 
 
 # ---------------------------------------------------------------------------------------------- try
@@ -1518,8 +1564,8 @@ def _run_base(run) -> tuple[str, int]:
 @_guarded
 def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_a=None, run_b=None, session=None,
                request: gr.Request = None):
-    """The base model and up to two finished runs answer the same instruction side by side (streamed). With no run
-    chosen, run A is this session's newest finished run."""
+    """The base model and up to two runs that have a model (finished or stopped) answer the same instruction side by
+    side (streamed). With no run chosen, run A is this session's newest such run."""
     instruction = _text("Instruction", instruction, MAX_INSTRUCTION_CHARS)
     if not instruction.strip():
         raise gr.Error("Type an instruction first.", title="No instruction")
@@ -1545,14 +1591,19 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_
         raise gr.Error(str(e), title="Could not load the model")
     streams.append((0, jaxtune.stream(base, tokenizer, instruction, **kw)))
     for i, run in enumerate(chosen, start=1):
-        if run is None:
-            texts[i] = "(train a model in step 2 first)" if i == 1 else ""
+        if run is None and i == 1:
+            active = [r for r in REGISTRY.list(session.ids) if r.status in ACTIVE]
+            texts[i] = (f"(no run has a model yet: {active[0].name} is {active[0].status}; pick it here once it "
+                        "finishes)" if active else "(train a model in step 2 first)")
+        elif run is None:
+            texts[i] = ""
         elif not _usable(run):
-            texts[i] = (f"({run.name} is {run.status}: pick a finished run; Try uses finished runs only)"
+            texts[i] = (f"({run.name} is {run.status}: pick a run that has finished or stopped)"
                         if run.status in ACTIVE else f"({run.name} has no model)")
         else:
             model, tok = _tuned(run)
             streams.append((i, jaxtune.stream(model, tok, instruction, **kw)))
+    yield tuple(texts)  # the previous answers go at once: should this prompt fail, none stays beside it
     while streams:  # take turns, so the answers grow side by side
         for item in list(streams):
             i, it = item
@@ -1627,8 +1678,7 @@ def _eval_models(include_base, run_ids, model_name, seed, session) -> tuple[list
             raise gr.Error(f"Run {_shown(run_id)} is not one of the runs listed here; pick finished runs in the list.",
                            title="No run")
         if not _usable(run):
-            raise gr.Error(f"{run.name} is {run.status} and has no finished model yet; pick finished runs.",
-                           title="Run not finished")
+            raise gr.Error(_no_model(run), title="Run not finished")
         runs.append(run)
     if not runs and not include_base:
         raise gr.Error("Pick the base model, a finished run, or both.", title="Nothing to evaluate")
@@ -1751,8 +1801,7 @@ def _export_dir(run_id, session) -> Path:
     if run is None or (PUBLIC and run.id not in session.ids):
         raise gr.Error("There is no tuned model yet: train one in step 2.", title="Nothing to export")
     if not _usable(run):
-        raise gr.Error(f"{run.name} is {run.status} and has no finished model yet; pick a finished run.",
-                       title="Nothing to export")
+        raise gr.Error(_no_model(run), title="Nothing to export")
     return run
 
 
@@ -1817,7 +1866,8 @@ CSS = """
 .jt-bar { height: 100%; background: linear-gradient(90deg, #f97316, #fb923c); transition: width .3s; }
 .jt-progress-text { font-size: 0.9em; margin-top: 4px; color: var(--body-text-color-subdued); }
 .jt-step h2 { margin-bottom: 0; }
-#eval-examples [role=gridcell] span { overflow-wrap: anywhere; }
+#eval-examples [role=gridcell] span { overflow-wrap: break-word; }
+@media (max-width: 560px) { #val-fraction, #pack { min-width: 100% !important; } }  /* a row each on a phone */
 """
 
 
@@ -1999,7 +2049,7 @@ def build_app() -> gr.Blocks:
             run_action = gr.Markdown(elem_id="run-action")  # what Resume or Delete just did, beside them
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
-            gr.Markdown("## ③ Try\nThe base model and up to two finished runs answer side by side.")
+            gr.Markdown("## ③ Try\nThe base model and up to two of your runs (finished or stopped) answer side by side.")
             with gr.Row():
                 try_a = gr.Dropdown([], value=None, label="Run A", elem_id="try-a")
                 try_b = gr.Dropdown([], value=None, label="Run B (optional)", elem_id="try-b")
@@ -2091,7 +2141,8 @@ def build_app() -> gr.Blocks:
         for trigger in (table.change, model_name.change):
             trigger(remember_page, [table, model_name, session], page_state, trigger_mode="always_last", **quiet,
                     **raw)
-        timer.tick(poll, [session, saved], [session, *view], trigger_mode="once", **quiet, **raw)
+        poll_inputs = [session, saved, try_a, try_b, eval_runs]
+        timer.tick(poll, poll_inputs, [session, *view], trigger_mode="once", **quiet, **raw)
         example_btn.click(load_example, session, [table, session], api_name="load_example", **raw) \
             .then(lambda s: (_data_note(s), _rest_button(s)), session, [data_note, table_only],
                   api_visibility="private").then(**private_preview)
@@ -2114,15 +2165,16 @@ def build_app() -> gr.Blocks:
         api_train.click(train_run, train_inputs, [progress, plot, log_box, session], api_name="train",
                         concurrency_limit=None, **raw)
         stop_btn.click(stop_run, session, stop_note, api_name="stop", concurrency_limit=None) \
-            .then(poll, [session, saved], [session, *view], **quiet)
+            .then(poll, poll_inputs, [session, *view], **quiet)
         command_btn.click(show_command, session, command, api_name="command")
         run_pick.input(pick_run, [run_pick, session], [session, *view], **quiet, **raw) \
             .then(lambda: "", None, run_action, **quiet)  # what Resume or Delete said was about the run before
         runs_table.select(pick_row, session, [session, *view], **quiet).then(lambda: "", None, run_action, **quiet)
         resume_btn.click(resume_run, [run_pick, session], run_action, api_name="resume", **raw) \
-            .then(poll, [session, saved], [session, *view], **quiet)
+            .success(remember_watched, [session, saved], saved, **quiet, **raw) \
+            .then(poll, poll_inputs, [session, *view], **quiet)
         delete_btn.click(delete_in_page, [run_pick, session], run_action, **quiet, **raw) \
-            .then(poll, [session, saved], [session, *view], **quiet)
+            .then(poll, poll_inputs, [session, *view], **quiet)
         delete_api.click(delete_run, [run_pick, session], run_action, api_name="delete", **raw)
         api_runs.click(runs_json, session, api_json, api_name="runs")
         api_stop.click(stop_by_id, [api_text, session], api_text, api_name="stop_run", concurrency_limit=None, **raw)

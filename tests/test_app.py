@@ -846,10 +846,10 @@ def test_resume_continues_a_stopped_run_and_delete_removes_it(app_url, stop_all)
     folder = Path(run["dir"])
     assert run["status"] == "stopped" and 5 <= run["step"] < 300 and list((folder / "checkpoints").glob("[0-9]*"))
     assert "Resuming" in client.predict(run["id"], api_name="/resume")
-    # while it trains again, Try and Export say they use finished runs only, and Delete waits for a stop
+    # while it trains again, Try and Export say they use runs that have finished or stopped, and Delete waits
     _, a, _ = client.predict("Hi", 0.0, 0.95, 8, "tiny", run["id"], api_name="/generate")
-    assert "pick a finished run" in a
-    with pytest.raises(AppError, match="has no finished model yet; pick a finished run"):
+    assert "is training: pick a run that has finished or stopped" in a
+    with pytest.raises(AppError, match="has no finished model yet; pick a run that has finished or stopped"):
         client.predict(run["id"], api_name="/export")
     with pytest.raises(AppError, match="stop it before deleting it"):
         client.predict(run["id"], api_name="/delete")
@@ -961,6 +961,11 @@ def test_table_generate_and_preview_values_are_checked(app_url):
         client.predict("Hi", 0.0, 0.0, 16, "tiny", api_name="/generate")
     with pytest.raises(AppError, match=r"Instruction is 9,000 characters; at most 8,000"):
         client.predict("Hi " * 3000, 0.0, 0.95, 16, "tiny", api_name="/generate")
+    # a prompt the model cannot read fails, and the answers it replaced were cleared first: none stays beside it
+    job = client.submit("Hi " * 1000, 0.0, 0.95, 16, "tiny", api_name="/generate")
+    with pytest.raises(AppError, match=r"this model reads at most \d+\. Shorten the instruction"):
+        job.result(timeout=120)
+    assert job.outputs() and job.outputs()[0][0] == ""
     assert raw_call(app_url, "generate", ["Hi", float("nan"), 0.95, 16, "tiny", None, None]) == (
         "error", "Temperature must be a number from 0 to 1.5; got nan. Enter a finite number.")
     assert raw_call(app_url, "preview", [TWO_ROWS, float("nan"), 128, "response"]) == (
@@ -1022,6 +1027,38 @@ def _finished_lora_run(monkeypatch, tmp_path, **train):
         time.sleep(0.2)
     assert run.status == "finished", run.message
     return app, run
+
+
+def test_new_runs_keep_the_runs_a_user_picked_and_the_picker_follows_a_start(monkeypatch, tmp_path):
+    """When a run finishes, Try's run A and Evaluate's runs move to it only where the page had chosen them itself: a
+    run the user picked stays picked (it used to be replaced by the newest). Start (and Resume) make Export, Resume
+    and Delete act on the new run, not on the run picked before it."""
+    app, first = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    _, second = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    session = app.Session()
+    session.ids += [first.id, second.id]
+    view = app._view(session, force=True)  # [progress, plot, log, runs, pick, try A, try B, eval, ...]
+    assert view[5]["value"] == second.id and view[7]["value"] == [second.id]  # the newest, chosen by the page
+    shown = {"run_a": first.id, "run_b": second.id, "eval": [second.id]}  # the user picked run A and B
+    _, third = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    session.ids.append(third.id)
+    view = app._view(session, shown=shown)
+    assert view[5]["value"] == first.id and view[6]["value"] == second.id  # kept
+    assert view[7]["value"] == [third.id]  # the page's own choice follows the newest run
+    shown = {"run_a": first.id, "run_b": None, "eval": [first.id, third.id]}  # now the user picks Evaluate's too
+    app.REGISTRY.delete(second.id)
+    view = app._view(session, shown=shown)
+    assert view[5]["value"] == first.id and view[7]["value"] == [first.id, third.id]
+    session.pick = first.id
+    table = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
+    saved, session, *view = app.start_run(table, *dict(TRAIN_ARGS, epochs=1, validation_fraction=0).values(),
+                                          session, [])
+    assert saved == [session.watch] and session.pick == session.watch != first.id
+    assert view[4]["value"] == session.watch  # the page's Run picker shows the new run
+    deadline = time.time() + 120
+    while app.REGISTRY.get(session.watch).status in app.ACTIVE:
+        assert time.time() < deadline
+        time.sleep(0.2)
 
 
 def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
