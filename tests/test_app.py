@@ -868,6 +868,31 @@ def test_resume_continues_a_stopped_run_and_delete_removes_it(app_url, stop_all)
     assert not folder.exists() and run["id"] not in _runs(client)
 
 
+def test_browser_resume_picks_the_run_and_a_reopened_tab_shows_it(app_url, browser, stop_all):
+    """Resume, pressed on a run this browser did not start, makes it the run the page acts on and the one it keeps:
+    a tab opened afterwards shows it training (a resumed run used to be forgotten, and the picker stayed behind)."""
+    client = Client(app_url, verbose=False)
+    job = _long_run(client, epochs=5000)
+    _wait_for(job, r"step ([3-9]|\d\d+)/")
+    client.predict(api_name="/stop")
+    job.result(timeout=60)
+    run = next(r for r in _runs(client).values() if r["total_steps"] == 5000 and r["status"] == "stopped")
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = _open(browser, app_url, context)
+    page.locator("#runs [role=gridcell]", has_text=run["name"]).first.click()
+    page.wait_for_function("n => document.querySelector('#run-note').innerText.includes(n)", arg=run["name"])
+    page.locator("#resume").click()
+    _wait_progress(page, r"step \d+\/5000")
+    page.wait_for_function("n => document.querySelector('#run-pick input').value.startsWith(n)", arg=run["name"])
+    page.wait_for_timeout(1500)  # the browser stores its runs
+    page.close()
+    again = _open(browser, app_url, context)
+    text = _wait_progress(again, r"step \d+\/5000")
+    assert run["name"] in text or "training" in text
+    context.close()
+    client.predict(run["id"], api_name="/stop_run")
+
+
 def test_preview_lists_problems_with_row_numbers(app_url):
     client = Client(app_url, verbose=False)
     rows = [["Hi", "Hello"], ["", "orphan"], ["Hi", "Hello"], ["Long", "word " * 80]]
