@@ -1434,8 +1434,10 @@ def _picks(session: Session, shown: dict, usable: list) -> tuple:
     does; one the page made by itself (or none) moves to the newest run."""
     ids = {r.id for r in usable}
     newest = [usable[0].id] if usable else []
-    a, b, runs = shown.get("run_a"), shown.get("run_b"), shown.get("eval")
-    runs = [r for r in runs if r in ids] if isinstance(runs, list) else None
+    a, b, runs = (shown.get(k) for k in ("run_a", "run_b", "eval"))
+    a, b = (v if isinstance(v, str) else None for v in (a, b))
+    kept = [r for r in runs if isinstance(r, str) and r in ids] if isinstance(runs, list) else []
+    runs = kept if kept or runs == [] else None  # None: the page's own choice, or every picked run is gone
     if a not in ids or a == session.chose.get("run_a"):
         a = session.chose["run_a"] = newest[0] if newest else None
     if runs is None or runs == session.chose.get("eval"):
