@@ -2070,8 +2070,9 @@ def build_app() -> gr.Blocks:
                 tuned_b_out = gr.Textbox(label="Run B", lines=4, elem_id="tuned-b-out")
 
         with gr.Column(variant="panel", elem_classes="jt-step", elem_id="eval-step"):
-            gr.Markdown("## ④ Evaluate\nThe base model and finished runs answer held-out pairs (greedy), scored "
-                        "against the references: validation loss and perplexity, ROUGE-L (F1), exact match, stop "
+            gr.Markdown("## ④ Evaluate\nThe base model and your runs (finished or stopped) answer held-out pairs "
+                        "(greedy), scored against the references: validation loss and perplexity, ROUGE-L (F1), exact "
+                        "match, stop "
                         "rate (answers that ended by themselves) and mean length. " + _eval_limits_info())
             with gr.Row(equal_height=True):
                 eval_source = gr.Radio([(label, key) for key, label in EVAL_SOURCES.items()], value="split",
@@ -2084,7 +2085,7 @@ def build_app() -> gr.Blocks:
                 eval_base = gr.Checkbox(value=True, label="Base model", elem_id="eval-base", scale=1, min_width=160,
                                         info="the model the first run started from")
                 eval_runs = gr.Dropdown([], value=[], multiselect=True, max_choices=MAX_EVAL_RUNS, elem_id="eval-runs",
-                                        label=f"Finished runs (up to {MAX_EVAL_RUNS})", scale=3)
+                                        label=f"Runs (up to {MAX_EVAL_RUNS})", scale=3)
                 eval_max_new = _widget("eval_max_new_tokens", value=min(64, BOUNDS["eval_max_new_tokens"].hi),
                                        label="Max new tokens", scale=2)
                 eval_btn = gr.Button("Evaluate", variant="primary", elem_id="evaluate", scale=1)
