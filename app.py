@@ -1025,8 +1025,7 @@ def start_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max
     session = _attached(session, saved, request)
     _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
            validation_fraction, pack, method, lora_rank, session=session, owner=_owner(request))
-    saved = [i for i in (saved if isinstance(saved, list) else []) if isinstance(i, str)]
-    return [saved + [session.watch], session, *_view(session)]
+    return [remember_watched(session, saved), session, *_view(session)]
 
 
 @_guarded
@@ -2030,7 +2029,9 @@ def build_app() -> gr.Blocks:
             progress = gr.HTML(_progress_html(None), elem_id="progress")
             stop_note = gr.Markdown(elem_id="stop-note")
             with gr.Row():
-                plot = gr.LinePlot(_plot_frame(None), x_lim=[0, 10], y_lim=[0, 12], x="step", y="loss", color="split", colors_in_legend=[],
+                empty = _plot(None)
+                plot = gr.LinePlot(empty["value"], x_lim=empty["x_lim"], y_lim=empty["y_lim"], x="step", y="loss",
+                                   color="split", colors_in_legend=[],
                                    label="Loss: train (orange), validation (blue)",
                                    color_map={"train": "#f97316", "validation": "#2563eb"}, elem_id="loss-plot")
                 log_box = gr.Textbox(label="Log (the whole run)", lines=12, max_lines=12, elem_id="log",
