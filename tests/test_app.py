@@ -796,6 +796,8 @@ def test_runs_queue_say_their_place_and_stop_cancels_a_waiting_run(app_url, stop
     assert "finished" in last.result(timeout=120)[0]
     cancelled = [r for r in _runs(second).values() if "cancelled" in r["message"]]
     assert cancelled and all(r["status"] == "stopped" and r["step"] == 0 for r in cancelled)
+    with pytest.raises(AppError, match="has no model: it stopped before it saved one"):  # and Export says why
+        second.predict(cancelled[0]["id"], "adapter", api_name="/export")
 
 
 def test_a_double_start_starts_one_run(app_url, stop_all):

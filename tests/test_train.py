@@ -1,6 +1,7 @@
 """The loss and the train step against PyTorch; training a tiny model until it answers and stops."""
 
 import dataclasses
+import gc
 import importlib
 import math
 import jax
@@ -460,6 +461,28 @@ def test_a_trainer_on_the_same_model_and_settings_reuses_the_compiled_step():
     reused = Trainer(nnx.clone(model), tok, QA, cfg)._step
     for other in (dict(dropout=True), dict(dtype="bfloat16"), dict(loss_on="all"), dict(grad_clip=0.5)):
         assert Trainer(nnx.clone(model), tok, QA, dataclasses.replace(cfg, **other))._step is not reused, other
+
+
+def test_the_garbage_collector_waits_while_a_new_program_is_traced():
+    """Tracing a step sets off Python's cyclic collections, each walking every live object: the trainer pauses the
+    collector while jit traces a new program (train and validation steps) and turns it back on after."""
+    model, tok = load("tiny")
+    seen, active = [], [True]
+
+    def on_duration(event, secs, **kw):
+        if active[0] and event == "/jax/core/compile/jaxpr_trace_duration" and kw.get("fun_name") in ("step", "evaluate"):
+            seen.append((kw["fun_name"], gc.isenabled()))
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    try:
+        cfg = TrainConfig(batch_size=3, max_length=40, dropout=False, warmup_steps=0, epochs=1, buckets=(40,),
+                          grad_clip=0.7)  # settings no other test uses: a step of its own, traced here
+        result = Trainer(model, tok, QA[:6], cfg, validation_pairs=QA[6:9]).run()
+    finally:
+        active[0] = False
+    assert result.steps == 2 and result.initial_val_loss is not None
+    assert sorted(seen) == [("evaluate", False), ("step", False)]  # each traced once, with the collector off
+    assert gc.isenabled()
 
 
 def _model_arrays(model) -> dict:
