@@ -55,7 +55,7 @@ from flax import nnx  # noqa: E402
 
 import jaxtune  # noqa: E402
 import jaxtune.evaluate  # noqa: E402
-from jaxtune.card import push  # noqa: E402
+from jaxtune.card import portable_config, push  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer, to_host)
@@ -1405,7 +1405,12 @@ def _build_zip(run, session: Session, kind: str) -> str:
     path = folder / f"jaxtune-{re.sub(r'[^A-Za-z0-9._-]+', '-', run.name).strip('-')}{suffix}.zip"
     source = _merged_dir(run, session) if kind == "merged" else run.dir
     files = [(f, f.name) for f in sorted(source.iterdir())
-             if f.is_file() and f.name not in ZIP_SKIP and not f.name.startswith(".")]
+             if f.is_file() and f.name not in ZIP_SKIP and f.name != "config.yaml" and not f.name.startswith(".")]
+    try:  # the card's `python -m jaxtune train --config config.yaml --output NEW_FOLDER`, merged model included
+        config = yaml.safe_dump(portable_config(yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8"))),
+                                sort_keys=False)
+    except (OSError, yaml.YAMLError, AttributeError):
+        config = None
     if kind == "adapter" and _own_base(run):
         files += [(f, f"base/{f.name}") for f in sorted((run.dir / "base").iterdir())
                   if f.is_file() and not f.name.startswith(".")]
@@ -1415,6 +1420,8 @@ def _build_zip(run, session: Session, kind: str) -> str:
         with zipfile.ZipFile(tmp, "w") as z:
             for f, name in files:
                 z.write(f, name, compress_type=zipfile.ZIP_STORED if f.suffix == ".safetensors" else zipfile.ZIP_DEFLATED)
+            if config is not None:
+                z.writestr("config.yaml", config, compress_type=zipfile.ZIP_DEFLATED)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -1812,7 +1819,7 @@ def export_zip(run_id=None, kind="adapter", session=None, request: gr.Request = 
     LoRA run `kind` is adapter or merged."""
     kind = _export_kind(kind)
     session = _session(session, request)
-    return _zip(_export_dir(run_id, session), session, kind)
+    return _zip(_export_dir(run_id, session), session, kind), session  # the session goes back: its folder holds the zip
 
 
 @_guarded
@@ -1858,7 +1865,7 @@ def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=No
                                                    "the upload did not complete")
         raise gr.Error(f"Upload failed: {why}. Check the token (it needs write access) and the repository name, "
                        "or download the zip instead.", title="Upload failed")
-    return f"Uploaded the {what} to {endpoint or 'https://huggingface.co'}/{repo_id}"
+    return f"Uploaded the {what} to {endpoint or 'https://huggingface.co'}/{repo_id}", session
 
 
 # ---------------------------------------------------------------------------------------------- page
@@ -2182,7 +2189,7 @@ def build_app() -> gr.Blocks:
         delete_api.click(delete_run, [run_pick, session], run_action, api_name="delete", **raw)
         api_runs.click(runs_json, session, api_json, api_name="runs")
         api_stop.click(stop_by_id, [api_text, session], api_text, api_name="stop_run", concurrency_limit=None, **raw)
-        api_export.click(export_zip, [run_pick, export_kind, session], api_file, api_name="export", **raw)
+        api_export.click(export_zip, [run_pick, export_kind, session], [api_file, session], api_name="export", **raw)
         export_kind.input(pick_export, [export_kind, session], [session, *view], **quiet, **raw)
         try_inputs = [instruction, temperature, top_p, max_new, model_name, try_a, try_b, session]
         try_outputs = [base_out, tuned_out, tuned_b_out]
@@ -2194,7 +2201,7 @@ def build_app() -> gr.Blocks:
                        [eval_progress, eval_summary, eval_examples, session], api_name="evaluate",
                        concurrency_limit=1, concurrency_id="evaluate", show_progress="hidden", **raw) \
             .success(eval_reports, session, eval_files, api_name="eval_reports", show_progress="hidden")
-        push_btn.click(push_to_hub, [repo, token, private, run_pick, export_kind, session], push_status,
+        push_btn.click(push_to_hub, [repo, token, private, run_pick, export_kind, session], [push_status, session],
                        api_name="push", **raw)
         demo.unload(_unload)
     return demo

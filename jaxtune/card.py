@@ -61,7 +61,7 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
               "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
               f'path = "{repo_id or "path/to/this/folder"}"',
               "tokenizer = AutoTokenizer.from_pretrained(path)",
-              *([f'model = GPT2LMHeadModel.from_pretrained("{adapter.get("base_model_name_or_path")}")  # the base',
+              *([_base_line(adapter.get("base_model_name_or_path")),
                  "from peft import PeftModel",
                  "model = PeftModel.from_pretrained(model, path)  # the LoRA adapter on top"] if adapter else
                 ["model = GPT2LMHeadModel.from_pretrained(path)"]),
@@ -91,8 +91,9 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
             if run.get("val_loss") is not None:
                 lines += [f"| validation perplexity | {math.exp(min(run['val_loss'], 700.0)):.2f} |"]
         if cfg:
-            lines += ["", "The run's configuration (`python -m jaxtune train --config config.yaml` repeats it):", "",
-                      "```yaml", yaml.safe_dump(cfg, sort_keys=False).strip(), "```"]
+            lines += ["", "The run's configuration: `python -m jaxtune train --config config.yaml --output NEW_FOLDER` "
+                      "repeats it (add `--data FILE` where its training pairs are not at `data`):", "",
+                      "```yaml", yaml.safe_dump(portable_config(cfg), sort_keys=False).strip(), "```"]
         lines.append("")
     if evaluation:
         keys = [k for k in ("rouge_l", "exact_match", "stop_rate", "mean_tokens", "val_loss", "perplexity")
@@ -106,6 +107,20 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
               "A small GPT-2 model repeats the style of its training pairs and can state wrong facts confidently; "
               "check its answers before showing them to customers.", ""]
     return "\n".join(lines)
+
+
+def _base_line(base) -> str:
+    """The card's line that loads a LoRA adapter's base: a hub id or path as it is; the embedded model's copy that
+    travels beside the adapter (`base`, a folder name) from the adapter's own folder, wherever Python runs."""
+    if base == "base":
+        return 'model = GPT2LMHeadModel.from_pretrained(f"{path}/base")  # the base, in base/ beside the adapter'
+    return f'model = GPT2LMHeadModel.from_pretrained("{base}")  # the base'
+
+
+def portable_config(cfg: dict) -> dict:
+    """A run's configuration as it travels with its model (card, zip): without `output`, the folder on the machine
+    that trained it, which a new run must not reuse (it says --output)."""
+    return {k: v for k, v in cfg.items() if k != "output"}
 
 
 def add_evaluation(readme: Path, rows: list[dict], *, data: str) -> bool:

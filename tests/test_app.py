@@ -4,6 +4,8 @@ Screenshots of each browser step land in the test's temporary directory (and in 
 """
 
 import concurrent.futures
+import contextlib
+import io
 import json
 import os
 import re
@@ -181,7 +183,8 @@ IDS = [[15496, 995, 11, 314, 716, 257, 1332]]
 
 @pytest.mark.parametrize("method, label, flags", [("LoRA", "LoRA r4", " --lora-rank 4"),
                                                   ("QLoRA", "QLoRA r4", " --lora-rank 4 --quantize nf4")])
-def test_lora_run_tries_and_exports_its_adapter_and_its_merged_model(app_url, tmp_path, method, label, flags):
+def test_lora_run_tries_and_exports_its_adapter_and_its_merged_model(app_url, tmp_path, monkeypatch, method, label,
+                                                                     flags):
     """Method LoRA or QLoRA (rank 4) on the embedded model: the runs list says so, Show command passes its flags, Try
     answers with the adapter, the adapter zip (with the embedded base beside it) loads in PyTorch PEFT and the merged
     zip in transformers, both with jaxtune's logits to 1e-4."""
@@ -222,15 +225,27 @@ def test_lora_run_tries_and_exports_its_adapter_and_its_merged_model(app_url, tm
     assert np.abs(peft_logits - ours).max() < 1e-4
     plain = np.asarray(jaxtune.load(str(folder / "base"))[0](jnp.asarray(IDS)))
     assert np.abs(plain - ours).max() > 1e-3  # the adapter changed the model
-    assert "PeftModel.from_pretrained" in (tmp_path / "adapter" / "README.md").read_text()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0].replace("path/to/this/folder", str(tmp_path / "adapter"))
+    monkeypatch.chdir(tmp_path)  # the card's code, run from outside the folder: it finds the base beside the adapter
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(code, {})
+    said = printed.getvalue().strip()
+    if method == "LoRA":  # QLoRA's 4-bit base answers apart from PEFT's float32 one; the logits above hold both
+        assert said == jaxtune.generate(ours_model, tok, "Where is my order?", max_new_tokens=64)
+    assert "output" not in yaml.safe_load((tmp_path / "adapter" / "config.yaml").read_text())
 
-    with zipfile.ZipFile(client.predict(run["id"], "merged", api_name="/export")) as z:
+    fresh = Client(app_url, verbose=False)  # a client with no session yet: its export by id still arrives
+    with zipfile.ZipFile(fresh.predict(run["id"], "merged", api_name="/export")) as z:
         z.extractall(tmp_path / "merged")
     merged = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         assert np.abs(merged(torch.tensor(IDS)).logits.numpy() - ours).max() < 1e-4
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "library_name: transformers" in card and "| steps | 40 |" in card
+    shipped = yaml.safe_load((tmp_path / "merged" / "config.yaml").read_text())  # the card's config, as it says
+    assert shipped == yaml.safe_load(card.split("```yaml\n")[1].split("```")[0]) and "output" not in shipped
     with pytest.raises(AppError, match=r"Export must be one of adapter, merged; got 'weights'"):
         client.predict(run["id"], "weights", api_name="/export")
     with pytest.raises(AppError, match=r"LoRA rank must be a whole number from 1 to 256; got 0\. Pick a rank"):
@@ -1104,8 +1119,8 @@ def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
     hub = HubStandIn()
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     try:
-        said = app.push_to_hub("me/adapter", GOOD_TOKEN, True, run.id, "adapter", session)
-        assert said == f"Uploaded the LoRA adapter to {hub.url}/me/adapter"
+        said, kept = app.push_to_hub("me/adapter", GOOD_TOKEN, True, run.id, "adapter", session)
+        assert said == f"Uploaded the LoRA adapter to {hub.url}/me/adapter" and kept is session
         files = hub.repos["me/adapter"]["files"]
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer_config.json",
                 "base/model.safetensors", "base/config.json"} <= set(files)
@@ -1113,7 +1128,7 @@ def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
                        f in ("run.json", "data.jsonl", "model.safetensors") for f in files)
         assert files["adapter_model.safetensors"] == (run.dir / "adapter_model.safetensors").read_bytes()
         assert "Uploaded the merged model" in app.push_to_hub("me/merged", GOOD_TOKEN, False, run.id, "merged",
-                                                               session)
+                                                               session)[0]
         files = hub.repos["me/merged"]["files"]
         assert {"model.safetensors", "config.json", "README.md"} <= set(files) and "adapter_config.json" not in files
         assert hub.repos["me/merged"]["private"] is False and hub.repos["me/adapter"]["private"] is True

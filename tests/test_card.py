@@ -37,7 +37,9 @@ def test_a_trained_model_carries_its_card_and_tidy_configs(tmp_path, hf_dir):
     assert f"| validation loss after | {metrics[-1]['val_loss']:.4f} |" in card
     assert "Instruction: {instruction}\\nResponse: {response}" in card and "GPT2LMHeadModel.from_pretrained" in card
     config_yaml = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
-    assert config_yaml == yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written.pop("output") == str(tmp_path / "run") and config_yaml == written  # the folder stays home
+    assert "`python -m jaxtune train --config config.yaml --output NEW_FOLDER` repeats it" in card
     tok_cfg = json.loads((tmp_path / "run" / "tokenizer_config.json").read_text())
     assert tok_cfg["model_max_length"] == 64  # the model's n_positions, not ~1e30
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "run").model_max_length == 64
