@@ -1519,6 +1519,7 @@ def _attached(session, saved, request) -> Session:
         mine = REGISTRY.list(session.ids)
         live = [r for r in mine if r.status in ACTIVE]
         session.watch = session.watch or ((live or mine)[0].id if (live or mine) else None)
+        session.pick = session.pick or session.watch  # Export, Resume and Delete act on it, as after Start
     return session
 
 

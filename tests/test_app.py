@@ -1093,10 +1093,14 @@ def test_new_runs_keep_the_runs_a_user_picked_and_the_picker_follows_a_start(mon
     assert view[5]["value"] == first.id and view[7]["value"] == [first.id, third.id]
     session.pick = first.id
     table = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
-    saved, session, *view = app.start_run(table, *dict(TRAIN_ARGS, epochs=1, validation_fraction=0).values(),
+    saved, session, *view = app.start_run(table, *dict(TRAIN_ARGS, epochs=5000, validation_fraction=0).values(),
                                           session, [])
     assert saved == [session.watch] and session.pick == session.watch != first.id
     assert view[4]["value"] == session.watch  # the page's Run picker shows the new run
+    reloaded, *view = app.attach([first.id, third.id, session.watch], None)  # the page reloaded while it trains
+    assert app.REGISTRY.get(session.watch).status in app.ACTIVE  # (5000 epochs: still training)
+    assert reloaded.pick == reloaded.watch == session.watch and view[4]["value"] == session.watch  # not first's
+    app.REGISTRY.stop(session.watch)
     deadline = time.time() + 120
     while app.REGISTRY.get(session.watch).status in app.ACTIVE:
         assert time.time() < deadline
