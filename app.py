@@ -55,7 +55,7 @@ from flax import nnx  # noqa: E402
 
 import jaxtune  # noqa: E402
 import jaxtune.evaluate  # noqa: E402
-from jaxtune.card import portable_config, push  # noqa: E402
+from jaxtune.card import hub_id, portable_config, push  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer, to_host)
@@ -401,6 +401,10 @@ def model_defaults(name) -> Defaults:
             f"auto means {EMBEDDED} here (gpt2 is neither cached nor reachable). {TINY_DEFAULTS.why}")
         return Defaults(**{**TINY_DEFAULTS.__dict__, "why": why})
     label = resolved if name == resolved else f"auto ({resolved})"
+    if hub_id(resolved) is None and not (Path(resolved).expanduser() / "config.json").is_file():
+        return Defaults(**{**PRETRAINED_DEFAULTS.__dict__, "why": (
+            f"**{resolved}** is neither a model folder here (a Hugging Face folder with config.json) nor a hub id "
+            f"(gpt2, owner/name): check the name. The fields hold fine-tuning settings meanwhile.")})
     return Defaults(**{**PRETRAINED_DEFAULTS.__dict__, "why": PRETRAINED_DEFAULTS.why.format(name=label)})
 
 
@@ -1938,6 +1942,8 @@ def _widget(name: str, **kw):
     b = BOUNDS[name]
     if name in ("validation_fraction", "temperature", "top_p", "max_new_tokens"):
         return gr.Slider(b.lo, b.hi, step=kw.pop("step", b.step), **kw)
+    if not b.integer:  # the learning rate: a step of 1 made 0.005 "invalid" to the browser and ArrowUp made it 1
+        kw.setdefault("step", 1e-6)
     return gr.Number(minimum=b.lo, maximum=b.hi, precision=0 if b.integer else None, **kw)
 
 
@@ -1954,12 +1960,14 @@ def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warm
     """A new model brings its defaults, unless the fields hold values the user typed (then they stay, and the line
     says what the defaults would be)."""
     new = model_defaults(model_name if isinstance(model_name, str) else "auto")
-    current = (epochs, batch_size, learning_rate, max_length, warmup_steps)
-    is_default = any(current == tuple(getattr(d, f) for f in DEFAULT_FIELDS) for d in (TINY_DEFAULTS, PRETRAINED_DEFAULTS))
-    if is_default:
-        return [*(getattr(new, f) for f in DEFAULT_FIELDS), new.why]
-    suggested = ", ".join(f"{f.replace('_', ' ')} {getattr(new, f):g}" for f in DEFAULT_FIELDS)
-    return [gr.skip()] * 5 + [f"{new.why} Your own settings were kept; the defaults would be: {suggested}."]
+    out, kept = [], []
+    for f, value in zip(DEFAULT_FIELDS, (epochs, batch_size, learning_rate, max_length, warmup_steps)):
+        if value in (getattr(TINY_DEFAULTS, f), getattr(PRETRAINED_DEFAULTS, f)):  # a default: the new model's
+            out.append(getattr(new, f))
+        else:  # typed: it stays, field by field
+            out.append(gr.skip())
+            kept.append(f"{f.replace('_', ' ')} {value:g} (default {getattr(new, f):g})")
+    return [*out, new.why + (f" Your own values were kept: {', '.join(kept)}." if kept else "")]
 
 
 def build_app() -> gr.Blocks:

@@ -388,6 +388,7 @@ def test_browser_defaults_follow_the_model(app_url, browser):
     _pick_model(page, "tiny")
     page.wait_for_function("() => document.querySelector('#defaults-note').innerText.includes('random weights')")
     assert page.get_by_label("Learning rate").input_value() == "0.005" and page.get_by_label("Epochs").input_value() == "20"
+    assert page.get_by_label("Learning rate").evaluate("e => e.validity.valid")  # its step fits small rates
     _pick_model(page, "gpt2")
     page.wait_for_function("() => document.querySelector('#defaults-note').innerText.includes('pretrained')")
     assert page.get_by_label("Learning rate").input_value() == "0.00005" and page.get_by_label("Epochs").input_value() == "3"
@@ -395,7 +396,9 @@ def test_browser_defaults_follow_the_model(app_url, browser):
     page.get_by_label("Epochs").blur()
     _pick_model(page, "tiny")
     page.wait_for_function("() => document.querySelector('#defaults-note').innerText.includes('were kept')")
-    assert page.get_by_label("Epochs").input_value() == "7"
+    assert page.get_by_label("Epochs").input_value() == "7"  # and only it: the others take tiny's defaults
+    assert page.get_by_label("Learning rate").input_value() == "0.005"
+    assert "Your own values were kept: epochs 7 (default 20)." in page.locator("#defaults-note").inner_text()
     page.close()
 
 
@@ -1140,6 +1143,25 @@ def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
             app.push_to_hub("me/other", "hf_wrong", True, run.id, "adapter", session)
     finally:
         hub.close()
+
+
+def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatch, tmp_path):
+    """Field by field: a value the user typed stays, the others take the new model's defaults (one typed value used
+    to keep every field, the old model's defaults included); a name that is no model is said to be none."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import gradio as gr
+
+    import app
+
+    tiny, pre = app.TINY_DEFAULTS, app.PRETRAINED_DEFAULTS
+    *fields, note = app.follow_model("tiny", 1, pre.batch_size, pre.learning_rate, pre.max_length, pre.warmup_steps)
+    assert fields[0] == gr.skip() and fields[1:] == [tiny.batch_size, tiny.learning_rate, tiny.max_length,
+                                                      tiny.warmup_steps]
+    assert note.endswith("Your own values were kept: epochs 1 (default 20).")
+    *fields, note = app.follow_model("gpt2", *(getattr(tiny, f) for f in app.DEFAULT_FIELDS))
+    assert fields == [getattr(pre, f) for f in app.DEFAULT_FIELDS] and "were kept" not in note
+    assert "is neither a model folder here" in app.model_defaults(str(tmp_path)).why  # a folder without config.json
 
 
 def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
