@@ -1579,6 +1579,7 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_
                request: gr.Request = None):
     """The base model and up to two runs that have a model (finished or stopped) answer the same instruction side by
     side (streamed). With no run chosen, run A is this session's newest such run."""
+    yield "", "", ""  # the previous answers go at once: should this prompt be refused or fail, none stays beside it
     instruction = _text("Instruction", instruction, MAX_INSTRUCTION_CHARS)
     if not instruction.strip():
         raise gr.Error("Type an instruction first.", title="No instruction")
@@ -1587,10 +1588,13 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_
     name = _model_name(model_name)
     session = _session(session, request)
     chosen = []
-    for value in (run_a, run_b):
+    for which, value in (("run A", run_a), ("run B", run_b)):
         run = REGISTRY.get(value) if isinstance(value, str) and value else None
         if run is not None and PUBLIC and run.id not in session.ids:
             run = None
+        if run is None and isinstance(value, str) and value:
+            raise gr.Error(f"There is no run {value[:40]!r} for {which} (deleted?). Pick one of the runs listed, or "
+                           "leave it empty for your newest.", title="No such run")
         chosen.append(run)
     if chosen[0] is None and not (isinstance(run_a, str) and run_a):
         mine = [r for r in REGISTRY.list(session.ids) if _usable(r)]
@@ -1616,7 +1620,7 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_
         else:
             model, tok = _tuned(run)
             streams.append((i, jaxtune.stream(model, tok, instruction, **kw)))
-    yield tuple(texts)  # the previous answers go at once: should this prompt fail, none stays beside it
+    yield tuple(texts)  # the notes on runs that cannot answer
     while streams:  # take turns, so the answers grow side by side
         for item in list(streams):
             i, it = item

@@ -1011,6 +1011,12 @@ def test_table_generate_and_preview_values_are_checked(app_url):
     with pytest.raises(AppError, match=r"this model reads at most \d+\. Shorten the instruction"):
         job.result(timeout=120)
     assert job.outputs() and job.outputs()[0][0] == ""
+    job = client.submit("   ", 0.0, 0.95, 16, "tiny", api_name="/generate")  # refused, and cleared likewise
+    with pytest.raises(AppError, match=r"Type an instruction first"):
+        job.result(timeout=60)
+    assert job.outputs() and job.outputs()[0] == ("", "", "")
+    with pytest.raises(AppError, match=r"There is no run 'nosuchrun' for run A \(deleted\?\)"):
+        client.predict("Hi", 0.0, 0.95, 16, "tiny", "nosuchrun", api_name="/generate")
     assert raw_call(app_url, "generate", ["Hi", float("nan"), 0.95, 16, "tiny", None, None]) == (
         "error", "Temperature must be a number from 0 to 1.5; got nan. Enter a finite number.")
     assert raw_call(app_url, "preview", [TWO_ROWS, float("nan"), 128, "response"]) == (
