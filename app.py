@@ -1731,7 +1731,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
              include_base, run_ids, max_new_tokens, model_name, session=None, request: gr.Request = None):
     """The base model and finished runs answer held-out pairs (greedy, batched) and are scored side by side:
     progress while they answer, then the summary, every answer, and the reports (eval.md, eval.json, eval.jsonl)."""
-    from jaxtune.evaluate import evaluate_model, write_reports
+    from jaxtune.evaluate import evaluate_model, overlap_warnings, training_overlap, write_reports
 
     session = _session(session, request)
     source = _choice("Held-out pairs", source, EVAL_SOURCES)
@@ -1765,6 +1765,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
 
                 state["results"].append(evaluate_model(model, tokenizer, pairs, name=label, batch_size=EVAL_BATCH_SIZE,
                                                        max_new_tokens=max_new_tokens, on_progress=progress))
+                state["results"][-1].trained_on = None if run is None else training_overlap(run.dir, pairs)
         except Exception as e:  # noqa: BLE001 - raised again in the request's thread
             state["error"] = e
         finally:
@@ -1797,7 +1798,8 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
     session.eval_reports = [str(f) for f in write_reports(results, pairs, folder, data=what,
                                                           max_new_tokens=max_new_tokens)]
     seconds = sum(r.seconds for r in results)
-    done = f"{len(models)} model(s) answered {len(pairs):,} pairs in {seconds:.1f} s · {heading}"
+    warned = "".join(f" · ⚠ {line}" for line in overlap_warnings(results))
+    done = f"{len(models)} model(s) answered {len(pairs):,} pairs in {seconds:.1f} s{warned} · {heading}"
     yield _eval_progress_html(1.0, done), _summary_frame(results), _examples_frame(results, pairs), session
 
 

@@ -44,9 +44,44 @@ class ModelEval:
     mean_tokens: float
     seconds: float
     answers: list[dict] = field(default_factory=list, repr=False)  # answer, rouge_l, exact, stopped, tokens
+    trained_on: int | None = None  # how many of the pairs the model trained on (`training_overlap`); None: unknown
 
     def summary(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "answers"}
+
+
+def _same(pair: Pair) -> tuple[str, str]:
+    return " ".join(pair.instruction.split()), " ".join(pair.response.split())
+
+
+def training_overlap(model_dir, pairs: list[Pair]) -> int | None:
+    """How many of `pairs` a jaxtune run's model trained on: the data in its config.yaml, less the validation split
+    it held out (whitespace aside). Scores on such pairs are not held-out. None where it cannot be told: not a run
+    folder, or its data is not a local file (any more)."""
+    import yaml
+
+    from jaxtune.runs import split_validation
+
+    try:
+        cfg = yaml.safe_load((Path(model_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
+        data = cfg.get("data")
+        if not isinstance(data, str) or not Path(data).is_file():
+            return None
+        trained = read_pairs(data, split=cfg.get("split") or "train", instruction_column=cfg.get("instruction_column"),
+                             response_column=cfg.get("response_column"))
+        if not cfg.get("validation_data") and cfg.get("validation_fraction"):
+            trained = split_validation(trained, float(cfg["validation_fraction"]),
+                                       int((cfg.get("train") or {}).get("seed", 0)))[0]
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, DataError):
+        return None
+    seen = {_same(p) for p in trained}
+    return sum(_same(p) in seen for p in pairs)
+
+
+def overlap_warnings(results: list["ModelEval"]) -> list[str]:
+    """A line for each model that trained on some of the pairs it was scored on."""
+    return [f"{r.model} trained on {r.trained_on:,} of these {r.examples:,} pairs: its scores on them are not "
+            "held-out" for r in results if r.trained_on]
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -151,6 +186,7 @@ def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_
              "that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
              "| " + " | ".join(c for c, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_md(c) for c in _cells(r)) + " |" for r in results]
+    lines += ["", *(f"**Warning:** {w}." for w in overlap_warnings(results))] if overlap_warnings(results) else []
     shown = min(len(pairs), examples)
     lines += ["", "## Answers", "", f"The first {shown} of {len(pairs)} examples (all of them are in eval.jsonl); "
               "each answer is followed by its ROUGE-L.", "",
@@ -242,8 +278,11 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
         log(f"{label}: loss on {len(pairs)} pairs, then answering them ...")
         results.append(evaluate_model(model, tokenizer, pairs, name=label, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size))
+        results[-1].trained_on = training_overlap(name, pairs) if Path(name).expanduser().is_dir() else None
         log(f"{label}: done in {results[-1].seconds:.1f}s")
         del model
+    for line in overlap_warnings(results):
+        log(f"warning: {line}")
     return results, write_reports(results, pairs, directory, data=str(data), max_new_tokens=max_new_tokens)
 
 

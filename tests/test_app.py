@@ -1151,6 +1151,30 @@ def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
         hub.close()
 
 
+def test_evaluate_says_when_a_run_trained_on_the_pairs_it_is_scored_on(monkeypatch, tmp_path):
+    """The data's validation split follows the page's fraction and seed, not each run's: a run that trained on some
+    of those pairs (here one that held none out) is named, with how many, on the page and in eval.md."""
+    from jaxtune.data import Pair
+    from jaxtune.runs import split_validation
+
+    app, run = _finished_lora_run(monkeypatch, tmp_path, epochs=1)  # trained on Hi/Hello and Bye/Goodbye
+    session = app.Session()
+    session.ids.append(run.id)
+    rows = [["Hi", "Hello"], ["Bye", "Goodbye"]] + [[f"Question {i}?", f"Answer {i}."] for i in range(6)]
+    held = split_validation([Pair(*r) for r in rows], 0.5, 1)[1]
+    seen = sum(p.instruction in ("Hi", "Bye") for p in held)
+    assert seen  # (seed 1 holds out at least one of them)
+    args = dict(EVAL_ARGS, table={"headers": ["Instruction", "Response"], "data": rows}, validation_fraction=0.5,
+                seed=1, include_base=False, run_ids=[run.id])
+    *_, (progress, _, _, session) = app.evaluate(**args, session=session)
+    said = f"{run.name} (LoRA r2) trained on {seen} of these {len(held)} pairs: its scores on them are not held-out"
+    assert f"⚠ {said}" in progress
+    report = Path(next(f for f in session.eval_reports if f.endswith("eval.md"))).read_text()
+    assert f"**Warning:** {said}." in report
+    assert json.loads(Path(next(f for f in session.eval_reports if f.endswith("eval.json"))).read_text())[
+        "models"][0]["trained_on"] == seen
+
+
 def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatch, tmp_path):
     """Field by field: a value the user typed stays, the others take the new model's defaults (one typed value used
     to keep every field, the old model's defaults included); a name that is no model is said to be none."""

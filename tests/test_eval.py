@@ -123,3 +123,24 @@ def test_the_batched_answer_benchmark_writes_its_figures(tmp_path):
     (r,) = json.loads(out.read_text())
     assert r["answers"] == 6 and r["batch_size"] == 8 and r["same_answers"] is True
     assert r["batched_s"] > 0 and r["one_by_one_s"] > 0 and r["speedup"] == pytest.approx(r["one_by_one_s"] / r["batched_s"], rel=1e-3)
+
+
+def test_training_overlap_counts_the_pairs_a_run_trained_on(tmp_path):
+    """A run folder's config.yaml names its data and the split it held out: the held-out pairs overlap nothing, the
+    others all count (whitespace aside); a folder whose data is gone, or no run's, says nothing (None)."""
+    import yaml
+
+    from jaxtune.evaluate import training_overlap
+    from jaxtune.runs import split_validation
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(
+        {"data": str(data), "validation_fraction": 0.5, "validation_data": None, "train": {"seed": 1}}))
+    trained, held = split_validation(PAIRS, 0.5, 1)
+    assert training_overlap(tmp_path / "run", held) == 0
+    assert training_overlap(tmp_path / "run", PAIRS) == len(trained) == 3
+    spaced = [Pair(p.instruction + "  ", " " + p.response) for p in trained]
+    assert training_overlap(tmp_path / "run", spaced) == 3
+    data.unlink()
+    assert training_overlap(tmp_path / "run", PAIRS) is None and training_overlap(tmp_path, PAIRS) is None
