@@ -545,6 +545,7 @@ class Session:
         self.export_kind = "adapter"  # what Export gives for a LoRA run: the adapter, or the merged model
         self.eval_reports: list[str] = []  # the last evaluation's report files
         self.delete_asked: tuple[str, float] | None = None  # (run id, when): the page's Delete, pressed once
+        self.example_asked: float | None = None  # when the page's Load example data was pressed over rows of its own
         self._workdir: Path | None = None
         _SESSIONS.add(self)
 
@@ -737,7 +738,7 @@ def restore_page(page, settings=None):
     kept = [_restored_setting(n, settings[n]) if isinstance(settings, dict) and n in settings else gr.skip()
             for n in SETTINGS]
     if not isinstance(page, dict) or not page:
-        return gr.skip(), gr.skip(), gr.skip(), *kept
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), *kept
     rows = page.get("table")
     table = gr.skip()
     if isinstance(rows, list) and rows:
@@ -755,7 +756,8 @@ def restore_page(page, settings=None):
                 "on all of them.")
     elif "table" not in page:
         note = "**The page was reloaded:** the table was too large to keep in the browser; load your data again."
-    return table, model, note, *kept
+    applied = _defaults_of(model_defaults(name)) if isinstance(model, str) else gr.skip()  # see follow_model
+    return table, model, note, applied, *kept
 
 
 @_guarded
@@ -764,6 +766,27 @@ def load_example(session, request: gr.Request = None):
     pairs = read_pairs(EXAMPLE_DATA)
     table, _ = _loaded(session, [[p.instruction, p.response] for p in pairs], EXAMPLE_DATA.name)
     return table, session
+
+
+@_guarded
+def load_example_in_page(table, session, request: gr.Request = None):
+    """The page's Load example data: at once over an empty table, the starting rows or the example itself; over
+    other rows (typed, or a file's) the first press says what would be replaced and a second within
+    DELETE_CONFIRM_SECONDS replaces them. (The API's /load_example loads at once.) Returns the table, the session,
+    the data note and the Use-the-table-only button."""
+    session = _session(session, request)
+    rows = [r for r in _table_rows(table) if any(c.strip() for c in r)]
+    example = [[p.instruction, p.response] for p in read_pairs(EXAMPLE_DATA)]
+    ours = rows in ([], example[:TABLE_ROWS], [list(r) for r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)])
+    asked, session.example_asked = session.example_asked, None
+    if not ours and not (asked and time.monotonic() - asked < DELETE_CONFIRM_SECONDS):
+        session.example_asked = time.monotonic()
+        more = len(session.rest)
+        held = f"{len(rows):,} rows" + (f" (and the {more:,} loaded pairs beyond them)" if more else "")
+        return (gr.skip(), session, f"**Replace the table's {held} with the example data?** Press **Load example "
+                f"data** again within {DELETE_CONFIRM_SECONDS} s to replace them.", gr.skip())
+    frame, note = _loaded(session, example, EXAMPLE_DATA.name)
+    return frame, session, note, _rest_button(session)
 
 
 def _upload_path(file) -> tuple[str, str]:
@@ -1962,24 +1985,34 @@ def method_note(method, model_name):
                 "fine-tuning.", title="LoRA on an untrained model")
 
 
-def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps):
-    """A new model brings its defaults, unless the fields hold values the user typed (then they stay, and the line
-    says what the defaults would be)."""
+def _defaults_of(d: Defaults) -> list:
+    return [getattr(d, f) for f in DEFAULT_FIELDS]
+
+
+def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps, applied=None):
+    """A new model brings its defaults field by field: a field still holding the default the page put there
+    (`applied`, kept per page; a reload sets it to the restored model's) takes the new model's, a value the user
+    typed stays and the line says what the default would be. Returns the fields, the line and the new `applied`."""
     new = model_defaults(model_name if isinstance(model_name, str) else "auto")
+    if not isinstance(applied, (list, tuple)) or len(applied) != len(DEFAULT_FIELDS):
+        applied = _defaults_of(model_defaults("auto"))  # what the page starts with
     out, kept = [], []
-    for f, value in zip(DEFAULT_FIELDS, (epochs, batch_size, learning_rate, max_length, warmup_steps)):
-        if value in (getattr(TINY_DEFAULTS, f), getattr(PRETRAINED_DEFAULTS, f)):  # a default: the new model's
+    for f, value, default in zip(DEFAULT_FIELDS, (epochs, batch_size, learning_rate, max_length, warmup_steps), applied):
+        if value == default or value is None:
             out.append(getattr(new, f))
-        else:  # typed: it stays, field by field
+        else:
             out.append(gr.skip())
-            kept.append(f"{f.replace('_', ' ')} {value:g} (default {getattr(new, f):g})")
-    return [*out, new.why + (f" Your own values were kept: {', '.join(kept)}." if kept else "")]
+            if value != getattr(new, f):
+                kept.append(f"{f.replace('_', ' ')} {value:g} (default {getattr(new, f):g})")
+    note = new.why + (f" Your own values were kept: {', '.join(kept)}." if kept else "")
+    return [*out, note, _defaults_of(new)]
 
 
 def build_app() -> gr.Blocks:
     defaults = model_defaults("auto")
     with gr.Blocks(title="jaxtune: instruction-tune GPT-2 in JAX", delete_cache=DELETE_CACHE) as demo:
         session = gr.State(None, time_to_live=4 * 3600, delete_callback=_close)
+        applied = gr.State(_defaults_of(defaults))  # the defaults the page put in the training fields (follow_model)
         saved = gr.BrowserState([], storage_key="jaxtune-runs", secret=_browser_secret())
         page_state = gr.BrowserState({}, storage_key="jaxtune-page", secret=_browser_secret())
         settings_state = gr.BrowserState({}, storage_key="jaxtune-settings", secret=_browser_secret())
@@ -2000,6 +2033,7 @@ def build_app() -> gr.Blocks:
             with gr.Row(equal_height=True):
                 with gr.Column(scale=1):
                     example_btn = gr.Button("Load example data", elem_id="load-example")
+                    example_api = gr.Button(visible=False)  # the /load_example endpoint: at once
                     instruction_col = gr.Textbox(label="Instruction column", placeholder="instruction (auto)")
                     response_col = gr.Textbox(label="Response column", placeholder="response / output (auto)")
                 upload = gr.File(label=f"Upload pairs ({', '.join(UPLOAD_TYPES)})", file_types=list(UPLOAD_TYPES),
@@ -2160,7 +2194,7 @@ def build_app() -> gr.Blocks:
         demo.load(attach, [saved, session], [session, *view], **quiet, **raw)
         settings = [loss_on, precision, method, lora_rank, epochs, batch_size, learning_rate, max_length, warmup,
                     seed, val_fraction, pack, temperature, top_p, max_new]  # in SETTINGS' order
-        demo.load(restore_page, [page_state, settings_state], [table, model_name, data_note, *settings], **quiet,
+        demo.load(restore_page, [page_state, settings_state], [table, model_name, data_note, applied, *settings], **quiet,
                   **raw).then(**private_preview)
         for widget in settings:
             widget.change(remember_settings, settings, settings_state, trigger_mode="always_last", **quiet, **raw)
@@ -2169,9 +2203,9 @@ def build_app() -> gr.Blocks:
                     **raw)
         poll_inputs = [session, saved, try_a, try_b, eval_runs]
         timer.tick(poll, poll_inputs, [session, *view], trigger_mode="once", **quiet, **raw)
-        example_btn.click(load_example, session, [table, session], api_name="load_example", **raw) \
-            .then(lambda s: (_data_note(s), _rest_button(s)), session, [data_note, table_only],
-                  api_visibility="private").then(**private_preview)
+        example_btn.click(load_example_in_page, [table, session], [table, session, data_note, table_only],
+                          api_visibility="private", **raw).then(**private_preview)
+        example_api.click(load_example, session, [table, session], api_name="load_example", **raw)
         upload_inputs = [upload, instruction_col, response_col, table, session]
         upload.upload(upload_in_page, upload_inputs, [table, data_note, session, upload], **quiet, **raw) \
             .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
@@ -2180,8 +2214,8 @@ def build_app() -> gr.Blocks:
             .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
             trigger(show_progress="hidden", **private_preview)
-        model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup],
-                          [epochs, batch_size, learning_rate, max_length, warmup, defaults_note], **quiet)
+        model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup, applied],
+                          [epochs, batch_size, learning_rate, max_length, warmup, defaults_note, applied], **quiet)
         method.input(method_note, [method, model_name], None, **quiet)
         method.change(lambda m: gr.update(visible=m != "Full fine-tuning"), method, lora_rank, **quiet)
         train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,

@@ -711,6 +711,9 @@ def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tm
     assert "Parcel 2 left." in page.locator("#pairs-table").inner_text()
     assert "reloaded" not in page.locator("#data-note").inner_text()
     n = len(read_pairs(ROOT / "examples" / "customer_service.jsonl"))
+    page.locator("#load-example").click()  # over the user's own rows: the first press asks, the second replaces
+    page.wait_for_function("() => document.querySelector('#data-note').innerText.includes('3 rows with the example')")
+    assert "Parcel 2 left." in page.locator("#pairs-table").inner_text() and "3 pairs" in page.locator("#counts").inner_text()
     page.locator("#load-example").click()
     page.wait_for_function("n => document.querySelector('#counts').innerText.includes(`${n} pairs`)", arg=n)
     page.wait_for_timeout(1500)
@@ -1185,12 +1188,15 @@ def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatc
     import app
 
     tiny, pre = app.TINY_DEFAULTS, app.PRETRAINED_DEFAULTS
-    *fields, note = app.follow_model("tiny", 1, pre.batch_size, pre.learning_rate, pre.max_length, pre.warmup_steps)
-    assert fields[0] == gr.skip() and fields[1:] == [tiny.batch_size, tiny.learning_rate, tiny.max_length,
-                                                      tiny.warmup_steps]
-    assert note.endswith("Your own values were kept: epochs 1 (default 20).")
-    *fields, note = app.follow_model("gpt2", *(getattr(tiny, f) for f in app.DEFAULT_FIELDS))
-    assert fields == [getattr(pre, f) for f in app.DEFAULT_FIELDS] and "were kept" not in note
+    on_gpt2 = app._defaults_of(pre)  # the page put gpt2's defaults in, then the user typed 1 epoch
+    *fields, note, applied = app.follow_model("tiny", 1, *on_gpt2[1:], on_gpt2)
+    assert fields[0] == gr.skip() and fields[1:] == app._defaults_of(tiny)[1:]
+    assert note.endswith("Your own values were kept: epochs 1 (default 20).") and applied == app._defaults_of(tiny)
+    *fields, note, applied = app.follow_model("gpt2", 1, *app._defaults_of(tiny)[1:], applied)  # back: 1 stays
+    assert fields == [gr.skip(), *on_gpt2[1:]] and applied == on_gpt2
+    typed = [3, 8, 5e-3, 96, 20]  # on tiny the user typed 3 epochs, which is gpt2's default: still theirs
+    *fields, note, _ = app.follow_model("gpt2", *typed, app._defaults_of(tiny))
+    assert fields == [gr.skip(), 8, 5e-5, 128, 10] and "were kept" not in note  # (3 is gpt2's own default too)
     assert "is neither a model folder here" in app.model_defaults(str(tmp_path)).why  # a folder without config.json
 
 
