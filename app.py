@@ -79,7 +79,7 @@ PRECISIONS = ("float32", "bfloat16")
 METHODS = {"Full fine-tuning": (False, "none"), "LoRA": (True, "none"), "QLoRA": (True, "nf4")}
 LORA_RANK = 16  # the default rank (alpha defaults to 2 x rank in the library)
 HEADERS = ["Instruction", "Response"]
-UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".parquet")
+UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TOKENIZER = offline_tokenizer()  # GPT-2's vocabulary, for previews before any model is loaded
 
 
@@ -818,7 +818,7 @@ def upload_file(file, instruction_column, response_column, table, session, reque
         return gr.skip(), gr.skip(), session
     pairs, name = _read_upload(file, instruction_column, response_column, "Your table was left as it was.")
     table, note = _loaded(session, [[p.instruction, p.response] for p in pairs], name)
-    gr.Info(f"Loaded {len(pairs):,} pairs from {name}")
+    gr.Info(f"Loaded {len(pairs):,} pair{'s' if len(pairs) != 1 else ''} from {name}")
     return table, note, session
 
 
@@ -2021,7 +2021,7 @@ def build_app() -> gr.Blocks:
                     "Work through the five steps from top to bottom.")
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
-            gr.Markdown("## ① Data\nEdit the table, load the example help-desk data, or upload JSONL, JSON, CSV or "
+            gr.Markdown("## ① Data\nEdit the table, load the example help-desk data, or upload JSONL, JSON, CSV, TSV or "
                         f"Parquet. {_limits_info()}")
             table = gr.Dataframe(value=_frame(list(zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES))),
                                  headers=HEADERS, column_count=(2, "fixed"), row_count=(2, "dynamic"),

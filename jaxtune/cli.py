@@ -47,7 +47,7 @@ def _train_parser(sub):
     p.add_argument("--config", help="YAML run configuration (a run directory's config.yaml repeats that run)")
     p.add_argument("--model", help="hub id (gpt2, distilgpt2, ...), local directory, 'tiny' (embedded offline "
                    "model) or 'auto' (gpt2 if it can be had, else tiny); default auto")
-    p.add_argument("--data", help=".jsonl, .json, .csv or .parquet with instruction and response columns, or a "
+    p.add_argument("--data", help=".jsonl, .json, .csv, .tsv or .parquet with instruction and response columns, or a "
                    "Hugging Face data set (org/name or a local data-set folder) (required)")
     p.add_argument("--split", help="the data set's split (default train)")
     p.add_argument("--validation-data", help="held-out pairs; their loss is reported at the end (and every --eval-every)")

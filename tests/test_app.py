@@ -752,6 +752,8 @@ def test_browser_a_file_dropped_on_the_table_is_read_as_an_upload(app_url, brows
     page.wait_for_function("() => !document.querySelector('#upload').innerText.includes('bad')")  # emptied again
     assert "You are welcome" in page.locator("#pairs-table").inner_text()
     assert "3 pairs" in page.locator("#counts").inner_text()
+    page.evaluate(DROP_JS, ["dropped.tsv", "question\tanswer\nTabs?\tYes, tabs.\n"])  # the table's own hint offers TSV
+    page.wait_for_function("() => document.body.innerText.includes('Loaded 1 pair from dropped.tsv')")
     page.close()
 
 

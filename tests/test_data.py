@@ -233,6 +233,8 @@ def test_csv_keeps_line_breaks_in_quoted_fields_and_names_the_line_a_record_star
     assert read_pairs(tsv)[0].response == "tab\there\nand a line"
     with pytest.raises(DataError, match=r"b.csv line 4: field 'instruction' is empty"):
         read_pairs(write(tmp_path / "b.csv", 'instruction,response\n"a\nb",c\n,\n'))
+    with pytest.raises(DataError, match=r"c.csv line 2 \(the header\): no response column; expected one of"):
+        read_pairs(write(tmp_path / "c.csv", '\nquestion,notes\nHi,1\n'))  # a column the header lacks: its line
 
 
 def test_csv_from_a_spreadsheet_that_separates_with_semicolons(tmp_path):
