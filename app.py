@@ -1208,7 +1208,7 @@ def show_command(session, request: gr.Request = None):
     flags = (f" --lora-rank {train['lora_rank']}" if train.get("lora_rank") else "") + \
         (f" --quantize {train['quantize']}" if train.get("quantize", "none") != "none" else "")
     command = f"python -m jaxtune train --config {run.dir / 'config.yaml'} --output runs-cli/{run.id}{flags}"
-    return gr.update(value=f"# {command}\n{text}", visible=True)
+    return gr.update(value=command, visible=True), gr.update(value=text, visible=True)  # each copied on its own
 
 
 @_guarded
@@ -2092,8 +2092,10 @@ def build_app() -> gr.Blocks:
                                    color_map={"train": "#f97316", "validation": "#2563eb"}, elem_id="loss-plot")
                 log_box = gr.Textbox(label="Log (the whole run)", lines=12, max_lines=12, elem_id="log",
                                      autoscroll=True)
-            command = gr.Code(label="The same run from the command line (config.yaml)", language="yaml",
-                              visible=False, elem_id="command", interactive=False)
+            command_line = gr.Textbox(label="The same run from the command line", visible=False, interactive=False,
+                                      buttons=["copy"], elem_id="command-line")
+            command = gr.Code(label="Its config.yaml", language="yaml", visible=False, elem_id="command",
+                              interactive=False)
 
         with gr.Column(variant="panel", elem_classes="jt-step"):
             gr.Markdown(f"## Runs\n{_runs_info()}")
@@ -2226,7 +2228,7 @@ def build_app() -> gr.Blocks:
                         concurrency_limit=None, **raw)
         stop_btn.click(stop_run, session, stop_note, api_name="stop", concurrency_limit=None) \
             .then(poll, poll_inputs, [session, *view], **quiet)
-        command_btn.click(show_command, session, command, api_name="command")
+        command_btn.click(show_command, session, [command_line, command], api_name="command")
         run_pick.input(pick_run, [run_pick, session], [session, *view], **quiet, **raw) \
             .then(lambda: "", None, run_action, **quiet)  # what Resume or Delete said was about the run before
         runs_table.select(pick_row, session, [session, *view], **quiet).then(lambda: "", None, run_action, **quiet)

@@ -202,8 +202,8 @@ def test_lora_run_tries_and_exports_its_adapter_and_its_merged_model(app_url, tm
     folder = Path(run["dir"])
     assert run["status"] == "finished" and run["method"] == label
     assert (folder / "adapter_model.safetensors").exists() and not (folder / "model.safetensors").exists()
-    shown = client.predict(api_name="/command")
-    command = (shown["value"] if isinstance(shown, dict) else shown).splitlines()[0]
+    command, _ = client.predict(api_name="/command")
+    command = command["value"] if isinstance(command, dict) else command
     assert command.endswith(flags)
     ours_model, tok = jaxtune.load(str(folder))
     ours = np.asarray(ours_model(jnp.asarray(IDS)))
@@ -260,12 +260,11 @@ def test_the_command_line_repeats_an_app_run_exactly(app_url, tmp_path):
     rows = {"headers": ["Instruction", "Response"],
             "data": [[f"Question {i}?", f"Answer number {i}."] for i in range(8)]}
     client.predict(rows, *dict(TRAIN_ARGS, epochs=3, batch_size=2).values(), api_name="/train")
-    shown = client.predict(api_name="/command")
-    text = shown["value"] if isinstance(shown, dict) else shown
-    command = text.splitlines()[0].lstrip("# ")
-    assert command.startswith("python -m jaxtune train --config ") and " --output " in command
+    command, text = (x["value"] if isinstance(x, dict) else x for x in client.predict(api_name="/command"))
+    assert command.startswith("python -m jaxtune train --config ") and " --output " in command  # one line, to copy
+    assert "\n" not in command
     config = Path(command.split("--config ")[1].split(" --output")[0])
-    assert yaml.safe_load("\n".join(text.splitlines()[1:])) == yaml.safe_load(config.read_text())
+    assert yaml.safe_load(text) == yaml.safe_load(config.read_text())  # and the config, to copy on its own
     out = tmp_path / "cli"
     done = subprocess.run([sys.executable, "-m", "jaxtune", "train", "--config", str(config), "--output", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300,
