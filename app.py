@@ -318,21 +318,27 @@ def _model_name(value) -> str:
 
 # ---------------------------------------------------------------------------------------------- errors
 def _guarded(fn):
-    """gr.Error goes to the user as it is; anything else is logged here, with a reference, and the user gets a
-    message without the exception's text (which could name the server's files)."""
+    """gr.Error goes to the user as it is, and to the log as one line (Gradio would print its traceback: 40 lines for
+    a mistyped value); anything else is logged here with its traceback and a reference, and the user gets a message
+    without the exception's text (which could name the server's files)."""
+    def refused(e: gr.Error) -> gr.Error:
+        e.print_exception = False
+        log.info("%s refused: %s", fn.__name__, str(getattr(e, "message", e)).splitlines()[0][:300])
+        return e
+
     def unexpected(e):
         ref = uuid.uuid4().hex[:8]
         log.error("%s failed (reference %s)", fn.__name__, ref, exc_info=e)
         return gr.Error(f"Something went wrong on the server (reference {ref}). Try again; if it happens again, "
-                        f"report the reference.", title="Server error")
+                        f"report the reference.", title="Server error", print_exception=False)
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def generator(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except gr.Error:
-                raise
+            except gr.Error as e:
+                raise refused(e)
             except Exception as e:  # noqa: BLE001
                 raise unexpected(e) from None
         return generator
@@ -341,8 +347,8 @@ def _guarded(fn):
     def function(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
+        except gr.Error as e:
+            raise refused(e)
         except Exception as e:  # noqa: BLE001
             raise unexpected(e) from None
     return function

@@ -1064,6 +1064,17 @@ def test_unexpected_errors_are_logged_with_a_reference_not_shown(caplog, monkeyp
         assert message.startswith("Something went wrong on the server (reference ") and "secret" not in message
         reference = message.split("reference ")[1].split(")")[0]
         assert f"(reference {reference})" in caplog.text and "/srv/secret/model.safetensors" in caplog.text
+        assert info.value.print_exception is False  # the traceback is in the log once, with the reference
+
+    @app._guarded
+    def refused():
+        raise gr.Error("Learning rate must be a number from 0 to 1; got -1.\nTry 5e-3.", title="Learning rate")
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger=app.log.name), pytest.raises(gr.Error) as info:
+        refused()
+    assert info.value.print_exception is False and info.value.title == "Learning rate"  # the user's mistake: one line
+    assert "refused: Learning rate must be a number from 0 to 1; got -1." in caplog.text and "Traceback" not in caplog.text
 
 
 def _finished_lora_run(monkeypatch, tmp_path, **train):
