@@ -3,6 +3,7 @@ metrics, the prompt format, and how to use it from PyTorch), and pushing a model
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
@@ -168,7 +169,7 @@ def push(directory, repo_id: str, *, token: str, private: bool = True, commit_me
     """Upload a model or LoRA adapter folder (its model card included; its checkpoints, run files and `ignore`
     patterns left out) to the hub; returns the repository's URL. Errors come from the hub, as `huggingface_hub`
     raises them."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     if not _HUB_ID.match(repo_id or "") or "/" not in repo_id:
         raise ValueError(f"repository {repo_id!r}: give it as user/name or org/name")
@@ -177,10 +178,16 @@ def push(directory, repo_id: str, *, token: str, private: bool = True, commit_me
     if not adapter and not (directory / "model.safetensors").exists():
         raise ValueError(f"{directory} holds no model.safetensors or adapter_model.safetensors: there is nothing to "
                          "push yet")
+    skip = ("checkpoints/*", ".*", "*/.*", "data.jsonl", "train.log", "run.json", "config.yaml", *ignore)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for f in sorted(directory.rglob("*"))
+                  if f.is_file() and not any(fnmatch.fnmatch(name := f.relative_to(directory).as_posix(), p)
+                                             for p in skip)]
+    config = directory / "config.yaml"
+    if config.is_file() and "config.yaml" not in ignore:  # the run's config as its card shows it: no output folder
+        text = yaml.safe_dump(portable_config(yaml.safe_load(config.read_text(encoding="utf-8")) or {}), sort_keys=False)
+        operations.append(CommitOperationAdd(path_in_repo="config.yaml", path_or_fileobj=text.encode("utf-8")))
     api = HfApi(token=token, endpoint=endpoint)  # endpoint: None is the hub ($HF_ENDPOINT)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(directory), repo_id=repo_id, commit_message=commit_message or
-                      f"Upload a {'LoRA adapter' if adapter else 'model'} instruction-tuned with jaxtune",
-                      ignore_patterns=["checkpoints/*", "checkpoints/**", ".*", "*/.*", "data.jsonl", "train.log",
-                                       "run.json", *ignore])
+    api.create_commit(repo_id, operations=operations, commit_message=commit_message or
+                      f"Upload a {'LoRA adapter' if adapter else 'model'} instruction-tuned with jaxtune")
     return str(url)

@@ -76,6 +76,9 @@ def test_push_uploads_the_model_and_its_card_and_reports_a_refusal(tmp_path, hf_
     out = save(model, tok, tmp_path / "model")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "big.bin").write_bytes(b"x" * 100)  # training state: never uploaded
+    (out / "checkpoints" / "0").mkdir()
+    (out / "checkpoints" / "0" / "state.bin").write_bytes(b"x" * 100)
+    (out / "config.yaml").write_text(yaml.safe_dump({"model": "tiny", "data": "d.jsonl", "output": "/home/me/run"}))
     hub = HubStandIn()
     try:
         url = push(out, "me/helpdesk", token=GOOD_TOKEN, endpoint=hub.url)
@@ -83,6 +86,7 @@ def test_push_uploads_the_model_and_its_card_and_reports_a_refusal(tmp_path, hf_
         assert url.endswith("/me/helpdesk") and hub.repos["me/helpdesk"]["private"] is True
         assert {"README.md", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
         assert not any(f.startswith(("checkpoints", ".")) for f in files)
+        assert yaml.safe_load(files["config.yaml"]) == {"model": "tiny", "data": "d.jsonl"}  # the folder stays home
         assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
         assert files["README.md"].decode() == (out / "README.md").read_text()
         assert hub.cards and hub.cards[-1]["library_name"] == "transformers"  # the card's metadata passed validation
