@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +124,13 @@ def checked_int(name: str, value, low: int, high: int | None = None) -> int:
 
 
 def checked_float(name: str, value, *, positive: bool = False) -> float:
-    """`value` as a finite float (> 0 if `positive`, else >= 0), or a ValueError that says so."""
+    """`value` as a finite float (> 0 if `positive`, else >= 0), or a ValueError that says so. A numeric string is
+    taken: YAML 1.1 reads `5e-3` (no dot) as text."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name}={value!r} must be a number, like 0.005 or 5e-3") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name}={value!r} must be a number")
     value = float(value)
@@ -233,6 +240,10 @@ class RunConfig:
             self.train = TrainConfig(**self.train)
         if self.distributed not in ("auto", "on", "off"):
             raise ValueError(f"distributed={self.distributed!r}: choose auto, on or off")
+        for name in ("model", "data", "split", "output", "validation_data", "instruction_column", "response_column"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name}={value!r} must be one path or name (text), not a {type(value).__name__}")
         self.validation_fraction = checked_float("validation_fraction", self.validation_fraction)
         if not self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
@@ -261,8 +272,22 @@ class RunConfig:
         unknown = [k for k in values if k not in known]
         unknown += [f"train.{k}" for k in (values.get("train") or {}) if k not in train_known]
         if unknown:
-            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(known))} and train.{{{', '.join(sorted(train_known))}}}")
+            hints = []
+            for key in unknown:
+                name = key.removeprefix("train.")
+                if not key.startswith("train.") and name in train_known:
+                    hints.append(f"{key} goes under train:")
+                elif key.startswith("train.") and name in known:
+                    hints.append(f"{key} goes at the top level, not under train:")
+                else:
+                    close = difflib.get_close_matches(name, train_known if key.startswith("train.") else
+                                                      known | train_known, n=1)
+                    if close:
+                        where = "train." if close[0] in train_known and close[0] not in known else ""
+                        hints.append(f"{key}: did you mean {where}{close[0]}?")
+            raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}"
+                             + (f" ({'; '.join(hints)})" if hints else "")
+                             + f"; known: {', '.join(sorted(known))} and train.{{{', '.join(sorted(train_known))}}}")
         values = dict(values)
         values["train"] = TrainConfig(**(values.get("train") or {}))
         return cls(**values)

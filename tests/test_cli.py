@@ -1,6 +1,7 @@
 """The command line end to end, in a subprocess, and its errors."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -125,9 +126,24 @@ def test_config_and_strict_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\ntrain:\n  epoch: 3\n")
     p = run("train", "--config", str(bad), "--data", str(data), "--output", str(tmp_path / "x"))
-    assert p.returncode == 2 and "unknown option(s) train.epoch" in p.stderr
+    assert p.returncode == 2 and "unknown option(s) train.epoch (train.epoch: did you mean epochs?)" in p.stderr
     p = run("train", "--model", "tiny", "--output", str(tmp_path / "x"))
     assert p.returncode == 2 and "--data is required" in p.stderr
+
+
+def test_config_mistakes_say_what_was_meant():
+    """YAML reads 5e-3 as text: it is taken as the number; an option in the wrong place or misspelt is named with
+    where it goes; a list where one path goes is refused as such."""
+    from jaxtune.config import RunConfig
+
+    assert RunConfig.from_dict({"train": {"learning_rate": "5e-3"}}).train.learning_rate == 0.005
+    for values, message in [({"learning_rate": 1e-3}, "learning_rate goes under train:"),
+                            ({"train": {"output": "x"}}, "train.output goes at the top level, not under train:"),
+                            ({"lerning_rate": 1e-3}, "lerning_rate: did you mean train.learning_rate?"),
+                            ({"data": ["a.jsonl", "b.jsonl"]}, "data=['a.jsonl', 'b.jsonl'] must be one path or name"),
+                            ({"train": {"learning_rate": "fast"}}, "learning_rate='fast' must be a number, like 0.005")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            RunConfig.from_dict(values)
 
 
 def test_shipped_configs_parse():
