@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 from pathlib import Path
@@ -117,6 +118,9 @@ def run_config(args) -> RunConfig:
             args.output = args.resume
     if getattr(args, "config", None):
         path = Path(args.config)
+        if not path.exists() and getattr(args, "resume", None) and path == Path(args.resume) / "checkpoints" / "config.yaml":
+            raise DataError(f"--resume {args.resume}: no checkpoint there to resume from (a run keeps checkpoints with "
+                            "--save-every, and on Ctrl-C); give the --output folder of a run that saved one")
         if not path.exists():
             raise DataError(f"--config {path}: no such file")
         try:
@@ -254,6 +258,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\naborted (a second Ctrl-C): nothing more was saved", file=sys.stderr)
         return 130
+    except OSError as e:  # a folder that cannot be written (read-only, a file in the path, no permission, no space)
+        hint = {errno.EROFS: "choose a folder on a writable disk", errno.EACCES: "choose a folder you may write to",
+                errno.EPERM: "choose a folder you may write to", errno.ENOTDIR: "part of that path is a file, not a folder",
+                errno.ENOSPC: "free some space or choose another disk"}.get(e.errno)
+        print(f"error: {e}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 2
     except MemoryError as e:
         print(f"error: out of memory ({str(e).splitlines()[0][:200]}); lower --batch-size or --max-length (use "
               "--grad-accum for the same effective batch) or pick a smaller model", file=sys.stderr)

@@ -112,8 +112,12 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
     if resume is not None and out.resolve() == Path(resume).resolve():
         return out
     if not overwrite:
-        raise RunDirError(f"--output {out} already holds a jaxtune run; continue it with --resume {out}, or pass "
-                          "--overwrite to replace it")
+        if (out / "checkpoints" / "config.yaml").exists():
+            raise RunDirError(f"--output {out} already holds a jaxtune run; continue it with --resume {out}, or pass "
+                              "--overwrite to replace it")
+        raise RunDirError(f"--output {out} already holds a jaxtune run, with no checkpoint to resume from (runs keep "
+                          "them with --save-every, and on Ctrl-C); pass --overwrite to replace it, or choose another "
+                          "directory")
     remove_owned(out)
     return out
 

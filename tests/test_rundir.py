@@ -53,6 +53,13 @@ def test_runs_never_delete_or_write_among_files_jaxtune_did_not_write(tmp_path, 
     p = train(hf_dir, data, tmp_path / "run", "--overwrite", "--epochs", "1")
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and len(losses(tmp_path / "run")) == 3  # the old run's are gone
+    p = train(hf_dir, data, tmp_path / "run")  # a run without checkpoints: no --resume to suggest
+    assert p.returncode == 2 and "with no checkpoint to resume from" in p.stderr and "--resume" not in p.stderr
+    p = run("train", "--resume", str(tmp_path / "run"))
+    assert p.returncode == 2 and "no checkpoint there to resume from" in p.stderr and "--config" not in p.stderr
+    p = train(hf_dir, data, tmp_path / "d.jsonl" / "run")  # a file in the path: said in a line, no traceback
+    assert p.returncode == 2 and "Not a directory" in p.stderr and "part of that path is a file" in p.stderr
+    assert "Traceback" not in p.stderr
 
 
 def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, hf_dir):
