@@ -225,10 +225,11 @@ def write_reports(results: list[ModelEval], pairs: list[Pair], directory, *, dat
                    for k, p in enumerate(pairs)]
     texts = {"eval.json": json.dumps(summary, indent=1) + "\n", "eval.jsonl": "\n".join(per_example) + "\n",
              "eval.md": markdown(results, pairs, data=data, max_new_tokens=max_new_tokens)}
+    run_folder = (directory / MANIFEST).exists()
     for name, text in texts.items():
         _write_atomic(directory / name, text)
-    if (directory / MANIFEST).exists():
-        claim(directory, FILES)
+    claim(directory, FILES)  # recorded as jaxtune's, so that a later report may replace them
+    if run_folder:
         add_evaluation(directory / "README.md", [r.summary() for r in results], data=data)  # the model card's table
     return [directory / name for name in FILES]
 
@@ -250,10 +251,30 @@ def report_directory(models: list[str], output: str | None) -> Path:
         path = Path(output)
         if path.exists() and not path.is_dir():
             raise DataError(f"--output {path}: a file is in the way; give a folder")
-        return path
-    if Path(models[0]).is_dir():
-        return Path(models[0])
-    raise DataError(f"--model {models[0]} is not a local folder to write the report into; give --output DIR")
+    elif Path(models[0]).is_dir():
+        path = Path(models[0])
+    else:
+        raise DataError(f"--model {models[0]} is not a local folder to write the report into; give --output DIR")
+    return _writable_for_reports(path, "--output" if output else "the model's folder")
+
+
+def _writable_for_reports(path: Path, what: str) -> Path:
+    """Checked before any model answers: the reports can be written there, and replace no file of the user's (an
+    eval.* that jaxtune did not write, by the folder's record of its files)."""
+    from jaxtune.rundir import owned
+
+    theirs = [name for name in FILES if (path / name).exists() and name not in owned(path)]
+    if theirs:
+        raise DataError(f"{what} {path} holds {', '.join(theirs)}, which jaxtune did not write; give --output with "
+                        "another folder for the reports")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DataError(f"{what} {path}: the reports cannot be written there ({e.strerror or e}); give --output "
+                        "with a folder you can write to") from None
+    return path
 
 
 def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str | None = None,

@@ -100,14 +100,23 @@ def test_rouge_l_and_the_library_loss():
     (["--model", "{base}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["--model", "tiny", "--data", "{data}"], "give --output DIR"),
     (["--model", "{base}", "--data", "{data}", "--max-new-tokens", "0"], "max_new_tokens=0"),
+    (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/mine"],
+     "--output {tmp}/mine holds eval.md, which jaxtune did not write; give --output with another folder"),
+    (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/held_out.jsonl/x"], "the reports cannot be written"),
 ])
 def test_errors_are_clear(models, tmp_path, capsys, args, message):
     _, base, _ = models
     data = write_jsonl(tmp_path / "held_out.jsonl", PAIRS[:1])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "eval.md").write_text("my own notes")  # never replaced, and said before any model answers
+    message = message.format(tmp=tmp_path)
     args = [a.format(tmp=tmp_path, data=data, base=base) for a in args]
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+    assert (tmp_path / "mine" / "eval.md").read_text() == "my own notes"
+    if "--output" in args and "reports" in message or "jaxtune did not write" in message:
+        assert "loss on" not in err  # refused before any model answered
 
 
 def test_the_batched_answer_benchmark_writes_its_figures(tmp_path):
