@@ -5,6 +5,7 @@ package is a clear error with the pip command, raised before training starts."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 REPORTERS = ("none", "tensorboard", "trackio", "wandb")
@@ -34,7 +35,26 @@ def check_reporters(names) -> list[str]:
         except ImportError:
             raise TrackingError(f"--report-to {name} needs the {_PACKAGES[name]} package, which is not installed: "
                                 f"pip install {_PACKAGES[name]}  (or leave --report-to out)") from None
+    if "wandb" in names and not _wandb_can_log():
+        raise TrackingError("--report-to wandb: no W&B API key on this machine. Run `wandb login` (or set "
+                            "WANDB_API_KEY), or set WANDB_MODE=offline to keep the run's W&B logs in the run folder")
     return names
+
+
+def _wandb_can_log() -> bool:
+    """W&B has what a run needs to start: an offline or disabled mode, an API key in the environment, or a login
+    (wandb login writes the key to ~/.netrc for its host)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "disabled", "dryrun") or \
+            os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def scalars(step: dict) -> dict[str, float]:
@@ -50,7 +70,12 @@ class Tracker:
         self.names = check_reporters(names)
         self.run_dir, self._closers, self._loggers = Path(run_dir), [], []
         for reporter in self.names:
-            getattr(self, f"_start_{reporter}")(name=name, config=config, project=project)
+            try:
+                getattr(self, f"_start_{reporter}")(name=name, config=config, project=project)
+            except Exception as e:  # noqa: BLE001 - each tracker's own errors: said in one line, with what to do
+                self.close()
+                raise TrackingError(f"--report-to {reporter} could not start: {str(e).splitlines()[0][:300]} (fix "
+                                    f"that, or leave {reporter} out of --report-to)") from None
 
     def _start_tensorboard(self, *, name, config, project):
         from tensorboard.compat.proto.event_pb2 import Event

@@ -91,3 +91,10 @@ def test_a_missing_tracker_package_is_an_install_hint(tmp_path):
                        env=dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1"))
     assert p.returncode == 2 and "--report-to wandb needs the wandb package" in p.stderr and "pip install wandb" in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "o").exists()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    p = subprocess.run([sys.executable, "-m", "jaxtune", "train", "--model", "tiny", "--data", str(data), "--output",
+                        str(tmp_path / "w"), "--report-to", "wandb"], capture_output=True, text=True, timeout=300,
+                       env=dict(env, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", NETRC=str(tmp_path / "no-netrc"),
+                                HOME=str(tmp_path)))  # installed, and no key: said before anything loads
+    assert p.returncode == 2 and "--report-to wandb: no W&B API key on this machine" in p.stderr, p.stderr[-2000:]
+    assert "WANDB_MODE=offline" in p.stderr and "Traceback" not in p.stderr and not (tmp_path / "w").exists()
