@@ -25,7 +25,7 @@ from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter
 from jaxtune.model import GPT2LMHeadModel, abstract, build
 from jaxtune.quantize import dequantized, is_quantized
-from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text
+from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text, readable_by_all
 
 log = logging.getLogger("jaxtune")
 
@@ -309,6 +309,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
                        "pad_token_id": config.eos_token_id}
                 (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
                 save_file(to_hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+                readable_by_all(tmp / "model.safetensors")
         except Exception as e:  # safetensors reports a full disk as its own error type: make it the OSError it is
             code = re.search(r"os error (\d+)", str(e))
             if code is None:

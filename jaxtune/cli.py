@@ -221,13 +221,22 @@ def cmd_train(args) -> int:
         signal.signal(signal.SIGINT, previous)
     if outcome.summary:
         print(outcome.summary, file=sys.stderr if outcome.code == 3 else sys.stdout)
+    if stop["requested"] and outcome.code == 0:
+        return 130  # stopped by Ctrl-C: saved, but not the whole run (`train && deploy` must not go on)
     return outcome.code
 
 
 def cmd_generate(args) -> int:
+    from jaxtune.data import format_prompt, tokenize_text
+
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle, base=args.base)
     print(generate(model, tokenizer, args.instruction, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    prompt = len(tokenize_text(tokenizer, [format_prompt(args.instruction)])[0].ids)
+    room = model.config.n_positions - prompt
+    if room < args.max_new_tokens:
+        print(f"note: the model reads {model.config.n_positions} positions and the prompt took {prompt}, so the answer "
+              f"had room for {room} of the {args.max_new_tokens} new tokens asked", file=sys.stderr)
     return 0
 
 

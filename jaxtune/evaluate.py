@@ -24,6 +24,7 @@ from typing import Callable
 
 from jaxtune.data import DataError, Pair, encode_pairs, epoch_batches, format_prompt, read_pairs
 from jaxtune.generate import DEFAULT_BATCH_SIZE, _response_text, generate_ids
+from jaxtune.rundir import readable_by_all
 
 FILES = ("eval.json", "eval.jsonl", "eval.md")
 SUMMARY_FIELDS = ("val_loss", "perplexity", "rouge_l", "exact_match", "stop_rate", "mean_tokens")
@@ -203,6 +204,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        readable_by_all(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

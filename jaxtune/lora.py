@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.rundir import readable_by_all
+
 # --lora-targets names: PEFT matches a module whose dotted name ends with the target, so "c_proj" adapts both the
 # attention's and the MLP's output projections, "mlp.c_proj" only the MLP's.
 TARGETS = ("c_attn", "c_proj", "c_fc", "attn.c_proj", "mlp.c_proj")
@@ -110,6 +112,7 @@ def save_adapter(model, directory: Path, *, base_model: str) -> list[str]:
     directory = Path(directory)
     (directory / "adapter_config.json").write_text(json.dumps(adapter_config(model, base_model), indent=2) + "\n")
     save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    readable_by_all(directory / "adapter_model.safetensors")
     return ["adapter_config.json", "adapter_model.safetensors"]
 
 

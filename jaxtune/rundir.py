@@ -188,6 +188,17 @@ def verify_checksums(step_dir: Path) -> str | None:
     return None
 
 
+def readable_by_all(path) -> None:
+    """The file's mode as an ordinary new file's (0644 under the usual umask): safetensors writes weights 0600, and a
+    temporary file is 0600, so another user or a web server could not read what a run wrote."""
+    try:
+        umask = int(next(line.split()[1] for line in Path("/proc/self/status").read_text().splitlines()
+                         if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = 0o022
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:

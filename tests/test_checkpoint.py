@@ -33,6 +33,8 @@ def test_saved_model_loads_in_pytorch(hf_dir, tmp_path):
     pt_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert pt_tok("Hello world").input_ids == [15496, 995]
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 50256
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+    assert modes["model.safetensors"] == modes["config.json"]  # readable as the other files are (it was 0600)
 
 
 def test_hub_layout_without_prefix_and_with_buffers(hf_dir, tmp_path, torch_model):

@@ -73,6 +73,7 @@ def test_trained_model_scores_full_marks_and_the_base_does_not(models, tmp_path,
     assert "| model | val loss | perplexity | ROUGE-L | exact | stop rate | mean tokens |" in report
     assert f"| {PAIRS[1].instruction} | {PAIRS[1].response} | {PAIRS[1].response} (1.00) |" in report
     assert {"eval.json", "eval.jsonl", "eval.md"} <= owned(tuned)  # recorded as jaxtune's files of the run
+    assert len({(tuned / n).stat().st_mode & 0o777 for n in ("eval.md", "config.json")}) == 1  # not mkstemp's 0600
     card = (tuned / "README.md").read_text()  # the model card gets the evaluation table
     assert "## Evaluation" in card and f"held-out pairs in `{data}`" in card and card.count("## Evaluation") == 1
     assert f"| {tuned} | 1.0000 | 1.0000 | 1.0000 |" in card and card.index("## Evaluation") < card.index("## Limitations")
