@@ -146,6 +146,8 @@ def _flat(values: dict, prefix: str = "") -> dict:
 def resume_conflicts(saved: dict, now: dict) -> list[str]:
     """`option: saved -> now` for every fixed option (RESUME_FIXED) that differs between two run configs."""
     a, b = {**_ADDED_LATER, **_flat(saved)}, {**_ADDED_LATER, **_flat(now)}
+    for flat in (a, b):  # validation data is compared by content once read (its path may be written another way)
+        flat["validation_data"] = bool(flat.get("validation_data"))
     return [f"{k.removeprefix('train.')}: {a.get(k)!r} -> {b.get(k)!r}" for k in RESUME_FIXED if a.get(k) != b.get(k)]
 
 

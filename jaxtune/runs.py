@@ -149,6 +149,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     cols = dict(instruction_column=cfg.instruction_column, response_column=cfg.response_column)
     pairs = read_pairs(cfg.data, split=cfg.split, **cols)  # data errors surface before the model is loaded or compiled
     val_pairs = read_pairs(cfg.validation_data, **cols) if cfg.validation_data else None
+    # the run's config.yaml names local files by their absolute paths: --resume and --config work from any folder
+    cfg.data, cfg.validation_data = (str(Path(p).resolve()) if p and Path(p).exists() else p
+                                     for p in (cfg.data, cfg.validation_data))
     fingerprint = {"data_sha256": data_fingerprint(pairs)}
     if val_pairs:
         fingerprint["validation_sha256"] = data_fingerprint(val_pairs)
@@ -240,7 +243,10 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         if tracker:
             tracker.close()
     outcome = Outcome(out, result, code=1 if result.diverged else 0, total_steps=trainer.total_steps)
-    if result.stop_requested and periodic_checkpoint(result.history):
+    # a stopped run keeps where it stopped; a finished one with checkpoints keeps its last step too, so that --resume
+    # with more epochs or --max-steps continues from it instead of recomputing the steps since the last periodic one
+    final = bool(cfg.save_every) and not result.diverged and not result.stop_requested and trainer.step > 0
+    if (result.stop_requested or final) and periodic_checkpoint(result.history) and result.stop_requested:
         log(f"checkpoint saved at step {trainer.step}: continue with  python -m jaxtune train --resume {out}")
     result.history = history + result.history
     if not lead:

@@ -78,8 +78,25 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
     shutil.copy(data, moved)  # the same pairs under another name: the content is what counts
     p = run(*resume, "--data", str(moved), "--max-steps", "6")
     assert p.returncode == 0, p.stderr
-    assert "at step 2/6" in p.stderr, p.stderr[-3000:]  # the last periodic checkpoint: step 4 was the final one
+    assert "at step 4/6" in p.stderr, p.stderr[-3000:]  # the finished run's last step was kept: nothing recomputed
     assert len(losses(tmp_path / "run")) == 6
+
+
+def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
+    """config.yaml names the data by absolute paths, and the validation file is compared by its content: a resume
+    from another folder, naming that file another way, continues the run."""
+    import yaml
+
+    write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    write_jsonl(tmp_path / "v.jsonl", PAIRS[:3])
+    p = run("train", "--model", str(hf_dir), "--data", "d.jsonl", "--validation-data", "v.jsonl", "--output", "run",
+            *COMMON, "--save-every", "2", "--max-steps", "2", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert (saved["data"], saved["validation_data"]) == (str(tmp_path / "d.jsonl"), str(tmp_path / "v.jsonl"))
+    p = run("train", "--resume", str(tmp_path / "run"), "--max-steps", "4", "--validation-data",
+            f"{tmp_path}/./v.jsonl")  # run from the repository's folder
+    assert p.returncode == 0 and "at step 2/4" in p.stderr, p.stderr[-2000:]
 
 
 def _corrupt(step_dir: Path):
@@ -96,16 +113,17 @@ def test_damaged_checkpoints_are_skipped_for_the_previous_one(tmp_path, hf_dir):
     p = train(hf_dir, data, tmp_path / "run", "--epochs", "3", "--save-every", "2")
     assert p.returncode == 0, p.stderr
     ck = tmp_path / "run" / "checkpoints"
-    assert sorted(x.name for x in ck.iterdir() if x.is_dir()) == ["4", "6", "8"]  # the newest three
-    _corrupt(ck / "8")
-    (ck / "6" / "state" / "manifest.ocdbt").write_bytes((ck / "6" / "state" / "manifest.ocdbt").read_bytes()[:10])
+    assert sorted(x.name for x in ck.iterdir() if x.is_dir()) == ["6", "8", "9"]  # the newest three, the last step's
+    _corrupt(ck / "9")
+    (ck / "8" / "state" / "manifest.ocdbt").write_bytes((ck / "8" / "state" / "manifest.ocdbt").read_bytes()[:10])
     p = run("train", "--resume", str(tmp_path / "run"), "--save-every", "100")
     assert p.returncode == 0, p.stderr
-    assert f"checkpoint {ck / '8'} is not usable: " in p.stderr and "checksum mismatch" in p.stderr
-    assert f"checkpoint {ck / '6'} is not usable: " in p.stderr and "manifest.ocdbt is 10 bytes" in p.stderr
-    assert "at step 4/9" in p.stderr and "Traceback" not in p.stderr and "Event loop" not in p.stderr
-    assert losses(tmp_path / "run") == losses(tmp_path / "full")  # from step 4 on, exactly the uninterrupted run
-    _corrupt(ck / "4")
+    assert f"checkpoint {ck / '9'} is not usable: " in p.stderr and "checksum mismatch" in p.stderr
+    assert f"checkpoint {ck / '8'} is not usable: " in p.stderr and "manifest.ocdbt is 10 bytes" in p.stderr
+    assert "at step 6/9" in p.stderr and "Traceback" not in p.stderr and "Event loop" not in p.stderr
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")  # from step 6 on, exactly the uninterrupted run
+    for step in (x for x in ck.iterdir() if x.is_dir()):
+        _corrupt(step)
     p = run("train", "--resume", str(tmp_path / "run"))
     assert p.returncode == 2 and "no usable checkpoint" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert p.stderr.count("\n") < 12  # three warnings and one error, no noise
