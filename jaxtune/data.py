@@ -164,7 +164,7 @@ def _csv_pairs(path: Path, text: str, delimiter: str, cols: dict) -> list[Pair]:
 
 def read_pairs(path, *, instruction_column: str | None = None, response_column: str | None = None,
                split: str = "train") -> list[Pair]:
-    """Pairs from a .jsonl, .json (a list of objects), .csv or .parquet file, or a Hugging Face data set (a hub
+    """Pairs from a .jsonl, .json (a list of objects), .csv, .tsv or .parquet file, or a Hugging Face data set (a hub
     name such as `org/name`, or a local data-set folder) and its `split`; errors name file, line and field."""
     path = Path(path)
     cols = dict(instruction_column=instruction_column, response_column=response_column)
@@ -209,7 +209,7 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
     elif suffix in (".csv", ".tsv"):
         pairs = _csv_pairs(path, text, "\t" if suffix == ".tsv" else _csv_delimiter(text), cols)
     else:
-        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv or .parquet, or a data set name")
+        raise DataError(f"{path}: unknown file type {suffix!r}; use .jsonl, .json, .csv, .tsv or .parquet, or a data set name")
     if not pairs:
         raise DataError(f"{path}: no instruction/response pairs found")
     return pairs

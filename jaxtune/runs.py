@@ -53,6 +53,10 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def split_validation(pairs, fraction: float, seed: int):
     """(train, validation): a seeded share held out, each kept in file order."""
     order = np.random.default_rng(seed).permutation(len(pairs))
@@ -182,11 +186,15 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
             f"({adapters / num_params(model):.2%} of the model); the base is frozen"
             + (f", its projections held in {tcfg.quantize} ({quantized_bytes(model) / 2**20:,.1f} MiB)"
                if tcfg.quantize != "none" else ""))
-    log(f"data: {len(report.pairs)} pairs, {report.tokens:,} tokens ({trainer.truncated} truncated at {tcfg.max_length} "
-        f"tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, {len(report.warnings)} warning(s))"
-        f"{f', {len(val_pairs)} validation pairs' if val_pairs else ''}; "
-        f"{trainer.total_steps} steps on {jax.default_backend()}; real tokens fill {trainer.planned_real_token_share:.0%} "
-        f"of the computed positions{' (packed)' if tcfg.pack else ''}")
+    held_out = ", " + _count(len(val_pairs), "validation pair") if val_pairs else ""
+    log(f"data: {_count(len(report.pairs), 'pair')}, {report.tokens:,} tokens ({trainer.truncated} truncated at "
+        f"{tcfg.max_length} tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, "
+        f"{len(report.warnings)} warning(s)){held_out}; "
+        f"{_count(trainer.total_steps, 'step')} on {jax.default_backend()}; real tokens fill "
+        f"{trainer.planned_real_token_share:.0%} of the computed positions{' (packed)' if tcfg.pack else ''}")
+    if cfg.model == "tiny" and tcfg.learning_rate < 1e-3 and not resume:
+        log(f"note: tiny starts from random weights, and a learning rate of {tcfg.learning_rate:g} barely moves it in "
+            "a short run; configs/cpu-quick.yaml trains it with 20 epochs at 5e-3")
 
     checkpoints = out / "checkpoints"
     history = []

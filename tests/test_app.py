@@ -162,7 +162,7 @@ def test_two_runs_are_both_kept_listed_and_compared(app_url, runs_dir):
     rows = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
     _, _, log = first.predict(rows, *dict(TRAIN_ARGS, epochs=1, validation_fraction=0, pack=True).values(),
                               api_name="/train")
-    assert "; 1 steps on cpu" in log and "(packed)" in log  # both pairs in one packed row
+    assert "; 1 step on cpu" in log and "(packed)" in log  # both pairs in one packed row
     _, _, log = first.predict(rows, *dict(TRAIN_ARGS, epochs=30, validation_fraction=0).values(), api_name="/train")
     assert "; 30 steps on cpu" in log
     mine = [r for r in _runs(first).values() if r["pairs"] == 2 and r["status"] == "finished"][:2]

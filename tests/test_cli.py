@@ -124,12 +124,13 @@ def test_config_and_strict_errors(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "warning: d.jsonl line 4: duplicate of d.jsonl line 1" in p.stderr
     assert "warning: d.jsonl line 5: longer than 32 tokens" in p.stderr
+    assert "note: tiny starts from random weights, and a learning rate of 5e-05 barely moves it" in p.stderr
     p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "s"), "--strict")
     assert p.returncode == 2 and "--strict" in p.stderr and not (tmp_path / "s").exists()
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\ntrain:\n  epoch: 3\n")
     p = run("train", "--config", str(bad), "--data", str(data), "--output", str(tmp_path / "x"))
-    assert p.returncode == 2 and "unknown option(s) train.epoch (train.epoch: did you mean epochs?)" in p.stderr
+    assert p.returncode == 2 and "unknown option(s) train.epoch (train.epoch: did you mean train.epochs?)" in p.stderr
     p = run("train", "--model", "tiny", "--output", str(tmp_path / "x"))
     assert p.returncode == 2 and "--data is required" in p.stderr
 
@@ -144,7 +145,11 @@ def test_config_mistakes_say_what_was_meant():
                             ({"train": {"output": "x"}}, "train.output goes at the top level, not under train:"),
                             ({"lerning_rate": 1e-3}, "lerning_rate: did you mean train.learning_rate?"),
                             ({"data": ["a.jsonl", "b.jsonl"]}, "data=['a.jsonl', 'b.jsonl'] must be one path or name"),
-                            ({"train": {"learning_rate": "fast"}}, "learning_rate='fast' must be a number, like 0.005")]:
+                            ({"train": {"learning_rate": "fast"}}, "learning_rate='fast' must be a number, like 0.005"),
+                            ({"merge": True}, "merge applies to LoRA runs: set lora_rank"),
+                            ({"train": {"lora_alpha": 8}}, "lora_alpha applies to LoRA runs: set lora_rank"),
+                            ({"validation_data": "v.jsonl", "validation_fraction": 0.2},
+                             "validation_data and validation_fraction both pick the held-out pairs: give one")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             RunConfig.from_dict(values)
 
