@@ -151,6 +151,14 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
     return [f"{k.removeprefix('train.')}: {a.get(k)!r} -> {b.get(k)!r}" for k in RESUME_FIXED if a.get(k) != b.get(k)]
 
 
+def resume_changes(saved: dict, now: dict) -> list[str]:
+    """`option: saved -> now` for the training options a resume may change (the rate, its schedule, the run's
+    length, regularisation) that it does change."""
+    a, b = _flat(saved), _flat(now)
+    keys = [k for k in b if k.startswith("train.") and k not in RESUME_FIXED and k in a and a[k] != b[k]]
+    return [f"{k.removeprefix('train.')}: {a[k]!r} -> {b[k]!r}" for k in keys]
+
+
 # ---------------------------------------------------------------------------------------------- checkpoint files
 def _crc(path: Path) -> int:
     crc = 0

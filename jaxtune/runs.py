@@ -31,8 +31,8 @@ from jaxtune.card import hub_id
 from jaxtune.lora import merge, without_adapters
 from jaxtune.quantize import quantized_bytes
 from jaxtune.tracking import Tracker, check_reporters
-from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_conflicts,
-                            verify_checksums)
+from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_changes,
+                            resume_conflicts, verify_checksums)
 
 KEEP = ("checkpoints", "train.log", "run.json", "data.jsonl", "tensorboard", "wandb")  # entries a final save carries over into the model folder
 
@@ -202,6 +202,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         history = trainer.restore_checkpoint(resume / "checkpoints", warn=lambda m: log(f"warning: {m}"))
         _check_resume(resume, saved, cfg, fingerprint, trainer)
         log(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}")
+        changed = resume_changes(saved, cfg.to_dict())
+        if changed:  # allowed (they change neither shapes nor data), and said: the steps from here use the new values
+            log(f"from step {trainer.step + 1} on: {'; '.join(changed)} (config.yaml now holds the new values)")
     if overwrite and lead and out.exists() and not (resume and out.resolve() == resume.resolve()):
         removed = remove_owned(out)  # the run being replaced: only what jaxtune wrote there
         if removed:
