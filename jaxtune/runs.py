@@ -166,6 +166,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     else:
         model, tokenizer = load_model(cfg.model, tcfg.seed)
     log(f"model: {getattr(model, 'source', cfg.model)} ({num_params(model) / 1e6:.1f}M parameters)")
+    if tcfg.max_length > model.config.n_positions:
+        log(f"note: max_length {tcfg.max_length} is more than the model reads; using its {model.config.n_positions} "
+            "positions")
     tcfg.max_length = min(tcfg.max_length, model.config.n_positions)
     report = _check(pairs, tokenizer, cfg, "training data", log)
     if val_pairs:
