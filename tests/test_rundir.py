@@ -173,13 +173,13 @@ def test_a_full_disk_loses_neither_the_model_nor_the_checkpoint(tmp_path, hf_dir
         f.write(b"\0" * (free - (out / "model.safetensors").stat().st_size // 2))
     p = run("train", "--resume", str(out), "--max-steps", "5", "--save-every", "100")
     assert p.returncode == 3 and "could not write the model to" in p.stderr and "No space left" in p.stderr, p.stderr
-    assert "the last checkpoint, step 2" in p.stderr and f"--resume {out}" in p.stderr and "Traceback" not in p.stderr
+    assert "the last checkpoint, step 3" in p.stderr and f"--resume {out}" in p.stderr and "Traceback" not in p.stderr
     after = load_file(out / "model.safetensors")
     assert all(np.array_equal(before[k], after[k]) for k in before)  # the previous model, whole
     assert sorted(x.name for x in out.iterdir() if x.name.startswith(".")) == [".jaxtune-run.json"]  # no leftovers
     ballast.unlink()
     p = run("train", "--resume", str(out), "--max-steps", "5", "--save-every", "100")  # as the message said
-    assert p.returncode == 0 and "at step 2/5" in p.stderr, p.stderr
+    assert p.returncode == 0 and "at step 3/5" in p.stderr, p.stderr  # the first run's last step was kept
     assert len(losses(out)) == 5
 
 
