@@ -55,7 +55,7 @@ from flax import nnx  # noqa: E402
 
 import jaxtune  # noqa: E402
 import jaxtune.evaluate  # noqa: E402
-from jaxtune.card import hub_id, portable_config, push  # noqa: E402
+from jaxtune.card import hub_id, portable_config_text, push  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer, to_host)
@@ -65,7 +65,7 @@ from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError
 from jaxtune.lora import is_adapter_dir, load_adapter, merge  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
 from jaxtune.rundir import RunDirError  # noqa: E402
-from jaxtune.runs import ACTIVE, Registry, default_root, split_validation  # noqa: E402
+from jaxtune.runs import ACTIVE, Registry, default_root, plural, split_validation  # noqa: E402
 from jaxtune.train import offloads_by_default  # noqa: E402
 
 log = logging.getLogger("jaxtune.app")
@@ -144,6 +144,7 @@ MAX_UPLOAD_MB = _env_number("JAXTUNE_MAX_UPLOAD_MB", 20.0 if PUBLIC else 0.0, 0.
 MAX_UPLOAD_BYTES = int(MAX_UPLOAD_MB * 2**20) or None
 MAX_TEXT_CHARS = MAX_UPLOAD_BYTES or 2**30  # characters in all of a table's cells: no more than an upload may hold
 TABLE_ROWS = _env_number("JAXTUNE_TABLE_ROWS", 200, 1, 100_000)
+CONFIRM_SECONDS = 10  # a second press within this confirms what the first one asked (Delete, Load example data)
 MAX_INSTRUCTION_CHARS = 8_000  # more than GPT-2's 1024-token context holds; longer prompts are refused
 # Evaluate: held-out pairs answered per request (the first ones beyond are left out, saying so), new tokens per
 # answer, and finished runs compared at once beside the base. A public server answers fewer, shorter.
@@ -778,19 +779,19 @@ def load_example(session, request: gr.Request = None):
 def load_example_in_page(table, session, request: gr.Request = None):
     """The page's Load example data: at once over an empty table, the starting rows or the example itself; over
     other rows (typed, or a file's) the first press says what would be replaced and a second within
-    DELETE_CONFIRM_SECONDS replaces them. (The API's /load_example loads at once.) Returns the table, the session,
+    CONFIRM_SECONDS replaces them. (The API's /load_example loads at once.) Returns the table, the session,
     the data note and the Use-the-table-only button."""
     session = _session(session, request)
     rows = [r for r in _table_rows(table) if any(c.strip() for c in r)]
     example = [[p.instruction, p.response] for p in read_pairs(EXAMPLE_DATA)]
     ours = rows in ([], example[:TABLE_ROWS], [list(r) for r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)])
     asked, session.example_asked = session.example_asked, None
-    if not ours and not (asked and time.monotonic() - asked < DELETE_CONFIRM_SECONDS):
+    if not ours and not (asked and time.monotonic() - asked < CONFIRM_SECONDS):
         session.example_asked = time.monotonic()
         more = len(session.rest)
         held = f"{len(rows):,} rows" + (f" (and the {more:,} loaded pairs beyond them)" if more else "")
         return (gr.skip(), session, f"**Replace the table's {held} with the example data?** Press **Load example "
-                f"data** again within {DELETE_CONFIRM_SECONDS} s to replace them.", gr.skip())
+                f"data** again within {CONFIRM_SECONDS} s to replace them.", gr.skip())
     frame, note = _loaded(session, example, EXAMPLE_DATA.name)
     return frame, session, note, _rest_button(session)
 
@@ -824,7 +825,7 @@ def upload_file(file, instruction_column, response_column, table, session, reque
         return gr.skip(), gr.skip(), session
     pairs, name = _read_upload(file, instruction_column, response_column, "Your table was left as it was.")
     table, note = _loaded(session, [[p.instruction, p.response] for p in pairs], name)
-    gr.Info(f"Loaded {len(pairs):,} pair{'s' if len(pairs) != 1 else ''} from {name}")
+    gr.Info(f"Loaded {plural(len(pairs), 'pair')} from {name}")
     return table, note, session
 
 
@@ -1159,21 +1160,19 @@ def delete_run(run_id, session, request: gr.Request = None):
     return f"Deleted {run.name} and its folder."
 
 
-DELETE_CONFIRM_SECONDS = 10
-
 
 @_guarded
 def delete_in_page(run_id, session, request: gr.Request = None):
     """The page's Delete takes two presses: the first says what would go, the second (on the same run, within
-    DELETE_CONFIRM_SECONDS) deletes it. (The API's /delete deletes at once: its caller names the run.)"""
+    CONFIRM_SECONDS) deletes it. (The API's /delete deletes at once: its caller names the run.)"""
     session = _session(session, request)
     run = _target(session, run_id, what="delete")
     asked, session.delete_asked = session.delete_asked, None
-    if asked and asked[0] == run.id and time.monotonic() - asked[1] < DELETE_CONFIRM_SECONDS:
+    if asked and asked[0] == run.id and time.monotonic() - asked[1] < CONFIRM_SECONDS:
         return delete_run(run.id, session, request)
     session.delete_asked = (run.id, time.monotonic())
     return (f"Delete **{_escape(run.name)}** and its folder (model, checkpoints, log)? This cannot be undone. Press "
-            f"**Delete** again within {DELETE_CONFIRM_SECONDS} s to delete it.")
+            f"**Delete** again within {CONFIRM_SECONDS} s to delete it.")
 
 
 @_guarded
@@ -1439,11 +1438,7 @@ def _build_zip(run, session: Session, kind: str) -> str:
     source = _merged_dir(run, session) if kind == "merged" else run.dir
     files = [(f, f.name) for f in sorted(source.iterdir())
              if f.is_file() and f.name not in ZIP_SKIP and f.name != "config.yaml" and not f.name.startswith(".")]
-    try:  # the card's `python -m jaxtune train --config config.yaml --output NEW_FOLDER`, merged model included
-        config = yaml.safe_dump(portable_config(yaml.safe_load((run.dir / "config.yaml").read_text(encoding="utf-8"))),
-                                sort_keys=False)
-    except (OSError, yaml.YAMLError, AttributeError):
-        config = None
+    config = portable_config_text(run.dir)  # the card's `--config config.yaml --output NEW_FOLDER`, merged too
     if kind == "adapter" and _own_base(run):
         files += [(f, f"base/{f.name}") for f in sorted((run.dir / "base").iterdir())
                   if f.is_file() and not f.name.startswith(".")]

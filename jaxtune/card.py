@@ -124,6 +124,16 @@ def portable_config(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k != "output"}
 
 
+def portable_config_text(directory) -> str | None:
+    """A run folder's `config.yaml` as it travels with its model (zip, hub push), or None when it has none or it
+    cannot be read."""
+    try:
+        cfg = yaml.safe_load((Path(directory) / "config.yaml").read_text(encoding="utf-8")) or {}
+        return yaml.safe_dump(portable_config(cfg), sort_keys=False) if isinstance(cfg, dict) else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
 def add_evaluation(readme: Path, rows: list[dict], *, data: str) -> bool:
     """Put an evaluation table (rows from `python -m jaxtune eval`) into a model card jaxtune wrote, replacing an
     earlier one; returns False (and changes nothing) for a README that is not a jaxtune card."""
@@ -182,9 +192,8 @@ def push(directory, repo_id: str, *, token: str, private: bool = True, commit_me
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for f in sorted(directory.rglob("*"))
                   if f.is_file() and not any(fnmatch.fnmatch(name := f.relative_to(directory).as_posix(), p)
                                              for p in skip)]
-    config = directory / "config.yaml"
-    if config.is_file() and "config.yaml" not in ignore:  # the run's config as its card shows it: no output folder
-        text = yaml.safe_dump(portable_config(yaml.safe_load(config.read_text(encoding="utf-8")) or {}), sort_keys=False)
+    text = portable_config_text(directory) if "config.yaml" not in ignore else None
+    if text is not None:  # the run's config as its card shows it: no output folder
         operations.append(CommitOperationAdd(path_in_repo="config.yaml", path_or_fileobj=text.encode("utf-8")))
     api = HfApi(token=token, endpoint=endpoint)  # endpoint: None is the hub ($HF_ENDPOINT)
     url = api.create_repo(repo_id, private=private, exist_ok=True)

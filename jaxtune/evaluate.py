@@ -187,7 +187,8 @@ def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_
              "that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
              "| " + " | ".join(c for c, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
     lines += ["| " + " | ".join(_md(c) for c in _cells(r)) + " |" for r in results]
-    lines += ["", *(f"**Warning:** {w}." for w in overlap_warnings(results))] if overlap_warnings(results) else []
+    warnings = overlap_warnings(results)
+    lines += ["", *(f"**Warning:** {w}." for w in warnings)] if warnings else []
     shown = min(len(pairs), examples)
     lines += ["", "## Answers", "", f"The first {shown} of {len(pairs)} examples (all of them are in eval.jsonl); "
               "each answer is followed by its ROUGE-L.", "",
@@ -269,9 +270,11 @@ def _writable_for_reports(path: Path, what: str) -> Path:
     if theirs:
         raise DataError(f"{what} {path} holds {', '.join(theirs)}, which jaxtune did not write; give --output with "
                         "another folder for the reports")
+    existing = next(p for p in (path, *path.parents) if p.exists() or p == p.parent)  # made when reports are written
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if not existing.is_dir():
+            raise NotADirectoryError(20, f"{existing} is a file")
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise DataError(f"{what} {path}: the reports cannot be written there ({e.strerror or e}); give --output "
@@ -291,10 +294,10 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
     for name in models:  # a mistyped folder is said before any model is evaluated, not after the first
         if str(name).startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
             raise DataError(f"{name}: no such model folder")
-    directory = report_directory(models, output)
     pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)
     if not pairs:
         raise DataError(f"{data}: no held-out pairs")
+    directory = report_directory(models, output)
     results = []
     for label, name in zip(_labels(models), models):
         model, tokenizer = load(name, allow_pickle=allow_pickle)

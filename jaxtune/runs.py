@@ -53,7 +53,8 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _count(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
+    """"1 step", "2,048 steps"."""
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
@@ -189,11 +190,11 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
             f"({adapters / num_params(model):.2%} of the model); the base is frozen"
             + (f", its projections held in {tcfg.quantize} ({quantized_bytes(model) / 2**20:,.1f} MiB)"
                if tcfg.quantize != "none" else ""))
-    held_out = ", " + _count(len(val_pairs), "validation pair") if val_pairs else ""
-    log(f"data: {_count(len(report.pairs), 'pair')}, {report.tokens:,} tokens ({trainer.truncated} truncated at "
+    held_out = ", " + plural(len(val_pairs), "validation pair") if val_pairs else ""
+    log(f"data: {plural(len(report.pairs), 'pair')}, {report.tokens:,} tokens ({trainer.truncated} truncated at "
         f"{tcfg.max_length} tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, "
         f"{len(report.warnings)} warning(s)){held_out}; "
-        f"{_count(trainer.total_steps, 'step')} on {jax.default_backend()}; real tokens fill "
+        f"{plural(trainer.total_steps, 'step')} on {jax.default_backend()}; real tokens fill "
         f"{trainer.planned_real_token_share:.0%} of the computed positions{' (packed)' if tcfg.pack else ''}")
     if cfg.model == "tiny" and tcfg.learning_rate < 1e-3 and not resume:
         log(f"note: tiny starts from random weights, and a learning rate of {tcfg.learning_rate:g} barely moves it in "

@@ -97,7 +97,8 @@ def test_rouge_l_and_the_library_loss():
 @pytest.mark.parametrize("args, message", [
     (["--model", "{tmp}/absent", "--data", "{data}", "--output", "{tmp}/out"], "absent: no such model folder"),
     (["--model", "{base}", "--compare", "{tmp}/absent", "--data", "{data}"], "absent: no such model folder"),
-    (["--model", "{base}", "--compare", "no-such-model-xyz", "--data", "{data}"], "no-such-model-xyz"),  # a hub id
+    (["--model", "{base}", "--compare", "no-such-model-xyz", "--data", "{data}", "--output", "{tmp}/out"],
+     "no-such-model-xyz"),  # a hub id
     (["--model", "{base}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["--model", "tiny", "--data", "{data}"], "give --output DIR"),
     (["--model", "{base}", "--data", "{data}", "--max-new-tokens", "0"], "max_new_tokens=0"),
@@ -116,6 +117,7 @@ def test_errors_are_clear(models, tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
     assert (tmp_path / "mine" / "eval.md").read_text() == "my own notes"
+    assert not (tmp_path / "out").exists()  # no empty report folder left behind by a run that failed
     if "--output" in args and "reports" in message or "jaxtune did not write" in message:
         assert "loss on" not in err  # refused before any model answered
 
