@@ -209,6 +209,12 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
     quantizes the base one projection at a time, so the device never holds the model's float32 weights.
     """
     name = str(name_or_path)
+    path = Path(name).expanduser()
+    adapter = (name not in ("auto", EMBEDDED) and path.is_dir() and not (path / "config.json").exists()
+               and is_adapter_dir(path))  # a LoRA adapter, in PEFT's format
+    if base is not None and not adapter:
+        raise ModelLoadError(f"--base {base} is for a LoRA adapter folder, and {name} is not one (a full model or a "
+                             "name): it would be ignored. Leave --base out, or pass the adapter's folder")
     if name == "auto":
         for local_only in (True, False):
             if not local_only and not hub_reachable():
@@ -231,8 +237,7 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
             model = to_host(model)
         model.source = EMBEDDED_LABEL
         return model, offline_tokenizer()
-    path = Path(name).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and is_adapter_dir(path):  # a LoRA adapter (PEFT's format)
+    if adapter:
         return load_adapter(path, base=base, load_base=lambda b: load(b, allow_pickle=allow_pickle, dtype=dtype, seed=seed,
                                                                     host=host),
                             dtype=dtype)

@@ -7,11 +7,13 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax import nnx
 
 from jaxtune import Pair, TrainConfig, Trainer, load
+from jaxtune.checkpoint import ModelLoadError
 from jaxtune.lora import LoRAParam, merge
 
 from conftest import torch_logits
@@ -89,6 +91,8 @@ def test_a_peft_adapter_loads_in_jaxtune_with_its_base_or_another(tmp_path, hf_d
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
     model, _ = load(str(tmp_path / "adapter"), base=str(tmp_path / "moved_base"))  # --base overrides the config
     assert np.abs(np.asarray(model(jnp.asarray(IDS))) - expected).max() < 1e-4
+    with pytest.raises(ModelLoadError, match="is for a LoRA adapter folder, and .*moved_base is not one"):
+        load(str(tmp_path / "moved_base"), base=hf_dir)  # a full model: --base would be ignored, so it is refused
 
 
 def test_a_lora_run_resumes_exactly_and_on_the_embedded_model_keeps_its_base(tmp_path):
