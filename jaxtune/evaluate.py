@@ -232,9 +232,19 @@ def write_reports(results: list[ModelEval], pairs: list[Pair], directory, *, dat
     for name, text in texts.items():
         _write_atomic(directory / name, text)
     claim(directory, FILES)  # recorded as jaxtune's, so that a later report may replace them
-    if run_folder:
-        add_evaluation(directory / "README.md", [r.summary() for r in results], data=data)  # the model card's table
+    if run_folder:  # the model card's table, which travels with the model: no local paths in it
+        rows = [{**r.summary(), "model": _card_name(r.model, directory)} for r in results]
+        add_evaluation(directory / "README.md", rows, data=Path(data).name if Path(data).is_file() else data)
     return [directory / name for name in FILES]
+
+
+def _card_name(label: str, card_folder: Path) -> str:
+    """A model as the card in `card_folder` names it: "this model" for the card's own, a local folder by its name, a
+    hub id as it is."""
+    path = Path(label).expanduser()
+    if not path.is_dir():
+        return label
+    return "this model" if path.resolve() == card_folder.resolve() else path.name
 
 
 def _labels(names: list[str]) -> list[str]:

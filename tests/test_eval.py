@@ -75,8 +75,9 @@ def test_trained_model_scores_full_marks_and_the_base_does_not(models, tmp_path,
     assert {"eval.json", "eval.jsonl", "eval.md"} <= owned(tuned)  # recorded as jaxtune's files of the run
     assert len({(tuned / n).stat().st_mode & 0o777 for n in ("eval.md", "config.json")}) == 1  # not mkstemp's 0600
     card = (tuned / "README.md").read_text()  # the model card gets the evaluation table
-    assert "## Evaluation" in card and f"held-out pairs in `{data}`" in card and card.count("## Evaluation") == 1
-    assert f"| {tuned} | 1.0000 | 1.0000 | 1.0000 |" in card and card.index("## Evaluation") < card.index("## Limitations")
+    assert "## Evaluation" in card and "held-out pairs in `held_out.jsonl`" in card and card.count("## Evaluation") == 1
+    assert "| this model | 1.0000 | 1.0000 | 1.0000 |" in card and card.index("## Evaluation") < card.index("## Limitations")
+    assert f"| {base.name} | " in card and str(tmp_path) not in card  # no local paths in a card that may be pushed
 
     # --output elsewhere, the same model twice: labels stay apart
     assert main(["eval", "--model", str(base), "--compare", str(base), "--data", str(data), "--max-new-tokens", "4",
