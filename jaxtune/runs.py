@@ -275,7 +275,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         base_name = "gpt2"
     run_info = {"base_model": base_name, "source": getattr(model, "source", cfg.model), "config": cfg.to_dict(),
                 "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
-                "seconds": result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
+                "seconds": trainer.elapsed_before + result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
                 "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss}
     lora = bool(tcfg.lora_rank)
     # a LoRA folder names its base: a hub id or a folder as given, or, for the embedded or auto-chosen model, a

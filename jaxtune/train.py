@@ -272,7 +272,7 @@ class StepMetrics:
     tokens: int  # real (non-padding) tokens in the step's batch
     loss_tokens: int  # tokens that carried loss
     tokens_per_sec: float
-    elapsed: float  # seconds since training started
+    elapsed: float  # seconds since training started (a resumed run's clock goes on from its checkpoint's)
     eta: float  # seconds left, estimated from the recent pace
     val_loss: float | None = None
     positions: int = 0  # token positions computed (rows x length x micro-batches): tokens / positions is the real share
@@ -293,7 +293,7 @@ class TrainResult:
     seconds: float = 0.0
     compiled_programs: int = 0
     truncated: int = 0  # examples cut at max_length
-    initial_val_loss: float | None = None  # validation loss before the first step
+    initial_val_loss: float | None = None  # validation loss before the run's first step (a resume's too)
     diverged: bool = False  # stopped because the loss or gradient was not finite
     tokens: int = 0  # real tokens trained on in this run
     positions: int = 0  # positions computed for them, padding included
@@ -383,6 +383,8 @@ class Trainer:
         self._traced: set[tuple] = set()  # the validation batches' shapes, likewise
         self.step = 0
         self.key = jax.random.key(cfg.seed)
+        self.initial_val_loss: float | None = None  # before the first step; a checkpoint carries it to a resume
+        self.elapsed_before = 0.0  # training seconds of the steps a resume took from its checkpoint
 
     def _placed(self, frozen):
         """The frozen base laid out on the mesh: replicated, or split like any parameter under fsdp."""
@@ -532,6 +534,7 @@ class Trainer:
         state = {"leaves": {str(i): leaf for i, leaf in enumerate(leaves)},
                  "key": np.asarray(jax.random.key_data(self.key))}  # the same on every host
         meta = {"step": self.step, "history": [h.to_dict() for h in (history or [])], "extra": extra or {},
+                "initial_val_loss": self.initial_val_loss,
                 "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
                 "shapes": _leaf_shapes((self.params, self.opt_state))}
         with _quiet_orbax(), ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep)) as m:
@@ -590,7 +593,10 @@ class Trainer:
         self.key = jax.random.wrap_key_data(jnp.asarray(state["key"]))
         self.step = int(meta["step"])
         self.checkpoint_extra = meta.get("extra") or {}
-        return [StepMetrics(**{k: v for k, v in h.items() if k != "val_perplexity"}) for h in meta["history"]]
+        self.initial_val_loss = meta.get("initial_val_loss")
+        history = [StepMetrics(**{k: v for k, v in h.items() if k != "val_perplexity"}) for h in meta["history"]]
+        self.elapsed_before = history[-1].elapsed if history else 0.0  # the steps' clock goes on from there
+        return history
 
     def _agreed(self, should_stop) -> bool:
         """should_stop(), and on several hosts process 0's answer, every 10 steps, so that all stop together."""
@@ -637,7 +643,8 @@ class Trainer:
     def _run(self, on_step, should_stop, eval_every, save_every, checkpoint) -> TrainResult:
         result = TrainResult(truncated=self.truncated, first_step=self.step + 1)
         if self.step == 0:
-            result.initial_val_loss = self.validation_loss()
+            self.initial_val_loss = self.validation_loss()
+        result.initial_val_loss = self.initial_val_loss
         start = time.perf_counter()
         last_time, pending = start, None
         recent: list[float] = []
@@ -665,7 +672,7 @@ class Trainer:
             sm = StepMetrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=float(m["loss"]),
                              learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]),
                              tokens=int(m["tokens"]), positions=positions, loss_tokens=int(m["loss_tokens"]),
-                             tokens_per_sec=float(m["tokens"]) / max(dt, 1e-9), elapsed=now - start,
+                             tokens_per_sec=float(m["tokens"]) / max(dt, 1e-9), elapsed=self.elapsed_before + now - start,
                              eta=pace * (self.total_steps - step), val_loss=val_loss)
             result.history.append(sm)
             result.tokens, result.positions = result.tokens + sm.tokens, result.positions + positions

@@ -289,7 +289,8 @@ def test_stopped_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     cfg = TrainConfig(epochs=3, batch_size=4, learning_rate=3e-3, max_length=32, seed=3)
 
     def fresh():
-        return Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs, cfg)
+        return Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs, cfg,
+                       validation_pairs=pairs[:4])
 
     full = [s.loss for s in fresh().run().history]
     first = fresh()
@@ -299,9 +300,13 @@ def test_stopped_and_resumed_run_repeats_the_uninterrupted_losses(tmp_path):
     second = fresh()
     restored = second.restore_checkpoint(tmp_path / "ck")
     assert second.step == 6 and [s.loss for s in restored] == [s.loss for s in before]
-    after = second.run().history
+    result = second.run()
+    after = result.history
     assert [s.step for s in after] == list(range(7, 16))
     assert [s.loss for s in before + after] == full
+    # what the model card reports of the whole run: the validation loss before step 1, the training time of both parts
+    assert result.initial_val_loss == first.initial_val_loss > 0
+    assert second.elapsed_before == before[-1].elapsed and after[0].elapsed > before[-1].elapsed
 
 
 def test_checkpoints_keep_the_last_k(tmp_path):
