@@ -206,7 +206,8 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
 
 @pytest.mark.parametrize("name, content, message", [
     ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "a", \n', r"line 2 is not valid JSON"),
-    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n', r"line 2: no response field; expected one of response, output, answer, completion \(fields: instruction\)"),
+    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n', r"line 2: no response field; expected one of response, output, answer, completion \(fields: instruction\); "
+     r"name yours with --response-column \(in the app: Response column\)"),
     ("bad.jsonl", '{"instruction": "", "response": "b"}\n', r"line 1: field 'instruction' is empty"),
     ("bad.jsonl", '{"instruction": "a", "response": "  "}\n', r"line 1: field 'response' is empty"),
     ("bad.jsonl", '{"instruction": 3, "response": "b"}\n', r"line 1: field 'instruction' must be text"),
