@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from jaxtune.config import RunConfig
-from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, read_pairs
+from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, pack_rows, read_pairs
 from jaxtune.card import hub_id
 from jaxtune.lora import merge, without_adapters
 from jaxtune.quantize import quantized_bytes
@@ -179,9 +179,12 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                         "raise --max-length or shorten the instructions")
     encoded = EncodedSet(report.encoded, report.pairs, report.truncated, report.dropped, tcfg.max_length)
     devices = jax.device_count()
-    fits = -(-len(report.pairs) // devices) * devices  # the data in one batch, split evenly over the devices
-    if not tcfg.pack and tcfg.batch_size > fits:  # a larger batch would only add rows of padding
-        log(f"warning: batch_size {tcfg.batch_size} is more than the {len(report.pairs)} training pairs; using {fits}")
+    rows = len(pack_rows([len(e.input_ids) for e in encoded.examples], tcfg.max_length)) if tcfg.pack else 0
+    fits = -(-(rows or len(report.pairs)) // devices) * devices  # the data in one batch, split evenly over the devices
+    if tcfg.batch_size > fits:  # a larger batch would only add rows of padding
+        held = (f"{plural(rows, 'packed row')} the {plural(len(report.pairs), 'training pair')} fill" if tcfg.pack
+                else plural(len(report.pairs), "training pair"))
+        log(f"warning: batch_size {tcfg.batch_size} is more than the {held}; using {fits}")
         tcfg.batch_size = fits
     trainer = Trainer(model, tokenizer, encoded, tcfg, validation_pairs=val_pairs)
     if tcfg.lora_rank:

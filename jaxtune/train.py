@@ -437,7 +437,8 @@ class Trainer:
         return self._plans[epoch]
 
     def _count_epochs(self) -> tuple[list[int], int | None, int]:
-        """(optimizer steps of each epoch that runs, packed target size, packed rows planned), stopping at max_steps."""
+        """(optimizer steps of each epoch that runs, packed target size, packed rows computed), stopping at
+        max_steps."""
         cfg = self.cfg
         steps, total, counts, most, rows = [], 0, None, 0, 0
         per_epoch = math.ceil(math.ceil(len(self.examples) / cfg.batch_size) / cfg.grad_accum)
@@ -449,7 +450,7 @@ class Trainer:
             if cfg.pack:
                 plan = self.plan(epoch)
                 per_epoch = math.ceil(len(plan) / cfg.grad_accum)
-                rows += sum(len(batch) for batch in plan)
+                rows += len(plan) * cfg.batch_size  # a batch has batch_size rows, empty ones included
                 most = max([most] + [sum(counts[i] for i in row) for batch in plan for row in batch])
             elif cfg.max_steps is None:  # every epoch alike: no need to count them one by one
                 steps = [per_epoch] * cfg.epochs

@@ -3,6 +3,7 @@ run it was given, damaged checkpoints are skipped, a full disk loses nothing, no
 non-finite."""
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -202,3 +203,12 @@ def test_a_batch_larger_than_the_data_is_cut_to_the_data(tmp_path, hf_dir):
     assert p.returncode == 0 and "batch_size 65536 is more than the 5 training pairs; using 5" in p.stderr, p.stderr
     steps = [json.loads(x) for x in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 1 and steps[0]["positions"] == 5 * 32  # five rows of the 32-token bucket, no more
+    packed = run("train", "--model", str(hf_dir), "--data", str(data), "--output", str(tmp_path / "p"), "--epochs", "1",
+                 "--batch-size", "65536", "--max-length", "48", "--pack")
+    rows = re.search(r"batch_size 65536 is more than the (\d+) packed rows? the 5 training pairs fill; using \1",
+                     packed.stderr)
+    assert packed.returncode == 0 and rows, packed.stderr
+    steps = [json.loads(x) for x in (tmp_path / "p" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 1 and steps[0]["positions"] == int(rows[1]) * 48  # full rows, no empty ones
+    planned = re.search(r"real tokens fill (\d+)% of the computed positions \(packed\)", packed.stderr)[1]
+    assert f"({planned}% real tokens" in packed.stdout  # the plan said what the run then computed
