@@ -55,7 +55,7 @@ from flax import nnx  # noqa: E402
 
 import jaxtune  # noqa: E402
 import jaxtune.evaluate  # noqa: E402
-from jaxtune.card import hub_id, portable_config_text, push  # noqa: E402
+from jaxtune.card import hub_id, own_base, portable_config_text, push, push_error  # noqa: E402
 from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer, to_host)
@@ -1368,16 +1368,6 @@ EXPORT_KINDS = {"adapter": "Adapter (PEFT, a few MB)", "merged": "Merged full mo
 ZIP_SKIP = {"run.json", "data.jsonl", "checkpoints"}
 
 
-def _own_base(run) -> bool:
-    """A LoRA run on the embedded (or auto-chosen) model names the copy of its base beside it, base/: that base
-    exists nowhere else, so it travels with the adapter."""
-    try:
-        cfg = json.loads((run.dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return cfg.get("base_model_name_or_path") == "base" and (run.dir / "base" / "model.safetensors").exists()
-
-
 def _run_info(run) -> dict:
     """What a model card says about the run (see jaxtune.card.model_card), from its folder."""
     try:
@@ -1439,7 +1429,7 @@ def _build_zip(run, session: Session, kind: str) -> str:
     files = [(f, f.name) for f in sorted(source.iterdir())
              if f.is_file() and f.name not in ZIP_SKIP and f.name != "config.yaml" and not f.name.startswith(".")]
     config = portable_config_text(run.dir)  # the card's `--config config.yaml --output NEW_FOLDER`, merged too
-    if kind == "adapter" and _own_base(run):
+    if kind == "adapter" and own_base(run.dir):
         files += [(f, f"base/{f.name}") for f in sorted((run.dir / "base").iterdir())
                   if f.is_file() and not f.name.startswith(".")]
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
@@ -1459,7 +1449,7 @@ def _build_zip(run, session: Session, kind: str) -> str:
 def _export_label(run, kind: str) -> str:
     if not _is_lora(run):
         return f"Download {run.name} (.zip)"
-    what = "merged model" if kind == "merged" else "adapter" + (" + its embedded base" if _own_base(run) else "")
+    what = "merged model" if kind == "merged" else "adapter" + (" + its embedded base" if own_base(run.dir) else "")
     return f"Download {run.name}: {what} (.zip)"
 
 
@@ -1886,20 +1876,13 @@ def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=No
         folder, what = _merged_dir(run, session), "merged model"
     else:
         folder, what = run.dir, "LoRA adapter" if _is_lora(run) else "model"
-    ignore = ["merged/*"]
-    if not (_is_lora(run) and kind == "adapter" and _own_base(run)):
-        ignore.append("base/*")  # an adapter on the embedded model takes its base along: it exists nowhere else
     try:
-        push(folder, repo_id, token=token, private=private, endpoint=endpoint, ignore=tuple(ignore),
+        push(folder, repo_id, token=token, private=private, endpoint=endpoint,
              commit_message=f"Upload {what} tuned with jaxtune")
     except Exception as e:  # noqa: BLE001 - said by its HTTP status only; the text is logged here
-        status = getattr(getattr(e, "response", None), "status_code", None)
         log.warning("push to %s failed: %r", repo_id, e)
-        why = {401: "the token was not accepted", 403: f"the token may not write to {repo_id}",
-               404: f"{repo_id} was not found"}.get(status, f"the hub answered HTTP {status}" if status else
-                                                   "the upload did not complete")
-        raise gr.Error(f"Upload failed: {why}. Check the token (it needs write access) and the repository name, "
-                       "or download the zip instead.", title="Upload failed")
+        raise gr.Error(f"Upload failed: {push_error(e, repo_id)}. Check the token (it needs write access) and the "
+                       "repository name, or download the zip instead.", title="Upload failed")
     return f"Uploaded the {what} to {endpoint or 'https://huggingface.co'}/{repo_id}", session
 
 

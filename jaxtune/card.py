@@ -174,11 +174,22 @@ def tidy_tokenizer_config(directory: Path, n_positions: int) -> None:
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def push(directory, repo_id: str, *, token: str, private: bool = True, commit_message: str | None = None,
-         endpoint: str | None = None, ignore: tuple[str, ...] = ()) -> str:
-    """Upload a model or LoRA adapter folder (its model card included; its checkpoints, run files and `ignore`
-    patterns left out) to the hub; returns the repository's URL. Errors come from the hub, as `huggingface_hub`
-    raises them."""
+def own_base(directory) -> bool:
+    """A LoRA adapter folder whose base is the copy beside it, base/ (a run on the embedded model, whose weights exist
+    nowhere else): that base travels with the adapter."""
+    try:
+        cfg = json.loads((Path(directory) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(cfg, dict) and cfg.get("base_model_name_or_path") == "base"
+            and (Path(directory) / "base" / "model.safetensors").exists())
+
+
+def push(directory, repo_id: str, *, token: str | None, private: bool = True, commit_message: str | None = None,
+         endpoint: str | None = None) -> str:
+    """Upload a model or LoRA adapter folder to the hub in one commit, its model card included; its checkpoints,
+    run files, merged/ and base/ (unless the adapter's base is that copy) left out. Returns the repository's URL.
+    Errors come from the hub, as `huggingface_hub` raises them (`push_error` words them)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     if not _HUB_ID.match(repo_id or "") or "/" not in repo_id:
@@ -188,11 +199,12 @@ def push(directory, repo_id: str, *, token: str, private: bool = True, commit_me
     if not adapter and not (directory / "model.safetensors").exists():
         raise ValueError(f"{directory} holds no model.safetensors or adapter_model.safetensors: there is nothing to "
                          "push yet")
-    skip = ("checkpoints/*", ".*", "*/.*", "data.jsonl", "train.log", "run.json", "config.yaml", *ignore)
+    skip = ("checkpoints/*", ".*", "*/.*", "data.jsonl", "train.log", "run.json", "config.yaml", "merged/*",
+            *(() if adapter and own_base(directory) else ("base/*",)))
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for f in sorted(directory.rglob("*"))
                   if f.is_file() and not any(fnmatch.fnmatch(name := f.relative_to(directory).as_posix(), p)
                                              for p in skip)]
-    text = portable_config_text(directory) if "config.yaml" not in ignore else None
+    text = portable_config_text(directory)
     if text is not None:  # the run's config as its card shows it: no output folder
         operations.append(CommitOperationAdd(path_in_repo="config.yaml", path_or_fileobj=text.encode("utf-8")))
     api = HfApi(token=token, endpoint=endpoint)  # endpoint: None is the hub ($HF_ENDPOINT)
@@ -200,3 +212,11 @@ def push(directory, repo_id: str, *, token: str, private: bool = True, commit_me
     api.create_commit(repo_id, operations=operations, commit_message=commit_message or
                       f"Upload a {'LoRA adapter' if adapter else 'model'} instruction-tuned with jaxtune")
     return str(url)
+
+
+def push_error(error: Exception, repo_id: str) -> str:
+    """Why an upload failed, by the hub's HTTP status (its own text can be long and technical)."""
+    status = getattr(getattr(error, "response", None), "status_code", None)
+    return {401: "the token was not accepted", 403: f"the token may not write to {repo_id}",
+            404: f"{repo_id} was not found"}.get(status, f"the hub answered HTTP {status}" if status else
+                                                "the upload did not complete")

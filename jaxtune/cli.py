@@ -179,6 +179,20 @@ def _eval_parser(sub):
     p.add_argument("--allow-pickle", action="store_true")
 
 
+def _push_parser(sub):
+    p = sub.add_parser("push", help="upload a run's model or LoRA adapter to the Hugging Face hub",
+                       description="Upload a run folder's model, or its LoRA adapter (with the embedded base beside it "
+                                   "when it has one), with its model card, tokenizer and config.yaml, to a hub "
+                                   "repository in one commit; checkpoints and the run's own files stay behind. "
+                                   "HF_ENDPOINT is honoured.")
+    p.add_argument("run", help="the run folder (train's --output) or any model folder jaxtune wrote")
+    p.add_argument("--repo", required=True, help="user/name or org/name; created when it does not exist")
+    p.add_argument("--merged", action="store_true", help="for a LoRA run: the merged full model instead of the "
+                   "adapter (the run's merged/ when --merge wrote it, else merged now)")
+    p.add_argument("--public", action="store_true", help="make a new repository public (default: private)")
+    p.add_argument("--token", help="a token with write access (default: $HF_TOKEN, or the one `hf auth login` saved)")
+
+
 def _progress(total: int, show: bool = True):
     from tqdm import tqdm
 
@@ -251,16 +265,82 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    import os
+    import tempfile
+
+    from huggingface_hub import get_token
+
+    from jaxtune.card import push, push_error
+    from jaxtune.lora import is_adapter_dir
+
+    token = args.token or get_token()
+    if not token:
+        raise DataError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token (it needs write "
+                        "access)")
+    folder = Path(args.run)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder; give the run's --output folder")
+    adapter = is_adapter_dir(folder) and not (folder / "config.json").exists()
+    if args.merged and not adapter:
+        raise DataError(f"--merged is for a LoRA run, and {folder} holds a full model: leave --merged out")
+    what = "merged model" if args.merged else "LoRA adapter" if adapter else "model"
+    endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None  # a mirror, or the hub itself
+    with tempfile.TemporaryDirectory(prefix="jaxtune-push-") as scratch:
+        source = _merged(folder, Path(scratch) / "merged") if args.merged else folder
+        try:
+            url = push(source, args.repo, token=token, private=not args.public, endpoint=endpoint,
+                       commit_message=f"Upload a {what} tuned with jaxtune")
+        except ValueError:  # a repository name or folder push refuses, said as it is
+            raise
+        except Exception as e:  # noqa: BLE001 - the hub's errors, said by their HTTP status
+            reason = push_error(e, args.repo)
+            if reason == "the upload did not complete":
+                reason += f" ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no answer'})"
+            raise DataError(f"upload to {args.repo} failed: {reason}. Check the token (it needs write access), the "
+                            "repository name and the network") from None
+    print(f"uploaded the {what} in {folder} to {url}")
+    return 0
+
+
+def _merged(folder: Path, scratch: Path) -> Path:
+    """A LoRA run's merged model: its merged/ when --merge wrote it from this adapter, else merged now into scratch,
+    with a card from the run's config.yaml and metrics.jsonl."""
+    import json
+
+    from jaxtune.checkpoint import save
+    from jaxtune.lora import merge
+
+    own, adapter = folder / "merged" / "model.safetensors", folder / "adapter_model.safetensors"
+    if own.exists() and own.stat().st_mtime_ns >= adapter.stat().st_mtime_ns:
+        return own.parent
+    model, tokenizer = load(str(folder))
+    try:
+        cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}
+        steps = [json.loads(line) for line in (folder / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    except (OSError, ValueError, yaml.YAMLError):
+        cfg, steps = {}, []
+    cfg = cfg if isinstance(cfg, dict) else {}
+    vals = [s["val_loss"] for s in steps if s.get("val_loss") is not None]
+    info = {"base_model": cfg.get("model"), "config": cfg,
+            "steps": steps[-1]["step"] if steps else None, "final_loss": steps[-1]["loss"] if steps else None,
+            "val_loss": vals[-1] if vals else None}
+    save(merge(model), tokenizer, scratch, run_info=info)
+    print(f"merged the adapter in {folder} into its base", file=sys.stderr)
+    return scratch
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxtune", description="Instruction-tune GPT-2 models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _generate_parser(sub)
     _eval_parser(sub)
+    _push_parser(sub)
     args = parser.parse_args(argv)
     enable_compilation_cache()  # a second launch on the same shapes skips compiling (JAXTUNE_COMPILATION_CACHE=0: off)
     try:
-        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval}[args.command](args)
+        return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "push": cmd_push}[args.command](args)
     except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -248,3 +248,58 @@ def test_compiled_programs_are_cached_between_launches(tmp_path):
     assert loss("r1") == loss("r2")
     off = dict(env, JAXTUNE_COMPILATION_CACHE="0", XDG_CACHE_HOME=str(tmp_path / "xdg"))
     assert launch("r3", off) == 0 and not (tmp_path / "xdg").exists()
+
+
+def test_push_uploads_a_lora_run_its_merged_model_or_says_why_not(tmp_path):
+    """`python -m jaxtune push`, against a local stand-in for the hub's upload routes (tests/hub_standin.py, at
+    HF_ENDPOINT): a LoRA run on the embedded model goes up as its adapter with the base beside it, then as the model
+    merged now, which transformers loads and which answers with jaxtune's logits; a refused token, a full model with
+    --merged and no token at all are each one line that says what to do."""
+    import torch
+    from hub_standin import GOOD_TOKEN, HubStandIn
+
+    from jaxtune import load
+
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    trained = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "lora"), "--epochs", "1",
+                  "--lora-rank", "4", "--max-length", "48", "--learning-rate", "1e-2")
+    assert trained.returncode == 0, trained.stderr
+    hub = HubStandIn()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="0", HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf"),
+               HF_TOKEN=GOOD_TOKEN)
+
+    def push(*args, **extra):
+        return subprocess.run([sys.executable, "-m", "jaxtune", "push", str(tmp_path / "lora"), *args],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=300)
+
+    try:
+        p = push("--repo", "me/adapter")
+        assert p.returncode == 0 and f"uploaded the LoRA adapter in {tmp_path / 'lora'} to {hub.url}/me/adapter" \
+            in p.stdout, p.stderr
+        files = hub.repos["me/adapter"]["files"]
+        assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml",
+                "base/model.safetensors"} <= set(files) and hub.repos["me/adapter"]["private"] is True
+        assert not any(f.startswith(("checkpoints", "merged")) or f in ("train.log", "data.jsonl") for f in files)
+        p = push("--repo", "me/merged", "--merged", "--public")
+        assert p.returncode == 0 and "uploaded the merged model" in p.stdout, p.stderr
+        files = hub.repos["me/merged"]["files"]
+        assert "adapter_config.json" not in files and hub.repos["me/merged"]["private"] is False
+        (tmp_path / "got").mkdir()
+        for name, content in files.items():
+            (tmp_path / "got" / name).write_bytes(content)
+        ids = [[15496, 995, 318, 257]]
+        theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "got")(torch.tensor(ids)).logits
+        ours = load(str(tmp_path / "lora"))[0](np.asarray(ids))  # the adapter on its base, in jaxtune
+        assert np.abs(theirs.detach().numpy() - np.asarray(ours)).max() < 1e-4
+        assert "| final training loss |" in files["README.md"].decode()  # the card tells how it was trained
+
+        p = push("--repo", "me/other", HF_TOKEN="hf_wrong")
+        assert p.returncode == 2 and "upload to me/other failed: the token was not accepted" in p.stderr, p.stderr
+        p = push("--repo", "me/other", HF_TOKEN="")
+        assert p.returncode == 2 and "no Hugging Face token: run `hf auth login`, set HF_TOKEN" in p.stderr, p.stderr
+        p = subprocess.run([sys.executable, "-m", "jaxtune", "push", str(tmp_path / "lora" / "base"), "--repo", "me/x",
+                            "--merged"], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "--merged is for a LoRA run" in p.stderr and "Traceback" not in p.stderr
+        assert "me/other" not in hub.repos and "me/x" not in hub.repos
+    finally:
+        hub.close()
