@@ -61,7 +61,7 @@ from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_sna
                                 offline_tokenizer, to_host)
 from jaxtune.config import LOSS_MODES, PRESETS, GPT2Config, RunConfig, TrainConfig  # noqa: E402
 from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,  # noqa: E402
-                          inspect_rows, read_pairs, record_to_pair)
+                          inspect_rows, invalid_character, read_pairs, record_to_pair)
 from jaxtune.lora import is_adapter_dir, load_adapter, merge  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
 from jaxtune.rundir import RunDirError  # noqa: E402
@@ -289,6 +289,10 @@ def _text(label: str, value, max_chars: int) -> str:
     if len(value) > max_chars:
         raise gr.Error(f"{label} is {len(value):,} characters; at most {max_chars:,} are allowed. Shorten it.",
                        title=label)
+    bad = invalid_character(value)
+    if bad is not None:
+        raise gr.Error(f"{label} holds a character that is not valid text at position {bad + 1} (an unpaired "
+                       "surrogate, U+D800-U+DFFF); fix or remove it.", title=label)
     return value
 
 
@@ -655,6 +659,11 @@ def _table_rows(table) -> list[list[str]]:
                 raise gr.Error(f"Row {n} of the table holds {type(cell).__name__}, not text.", title="Table")
             cells.append(cell if isinstance(cell, str) else str(cell))
             chars += len(cells[-1])
+            bad = invalid_character(cells[-1])
+            if bad is not None:
+                raise gr.Error(f"Row {n}'s {('instruction', 'response')[len(cells) - 1]} holds a character that is not "
+                               f"valid text at position {bad + 1} (an unpaired surrogate, U+D800-U+DFFF); fix or "
+                               "remove it.", title="Table")
         rows.append(cells)
     if chars > MAX_TEXT_CHARS:
         raise gr.Error(f"The table holds {chars:,} characters; this server takes at most {MAX_TEXT_CHARS:,}. "

@@ -56,7 +56,21 @@ def check_pair(instruction, response, where: str) -> Pair:
             raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__} ({value!r})")
         if not value.strip():
             raise DataError(f"{where}: field {name!r} is empty; fill it in or remove the row")
+        bad = invalid_character(value)
+        if bad is not None:
+            raise DataError(f"{where}: field {name!r} holds a character that is not valid text at position {bad + 1} "
+                            "(an unpaired surrogate, U+D800-U+DFFF); fix or remove it")
     return Pair(instruction, response, where)
+
+
+def invalid_character(text: str) -> int | None:
+    """The index of the first character UTF-8 cannot encode (a lone surrogate, which JSON's \\ud800 escapes and
+    some clients send), or None: the tokenizer cannot take such text."""
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return e.start
 
 
 def pairs_from_lists(instructions, responses, source: str = "row") -> list[Pair]:
@@ -192,12 +206,16 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
                 continue
             try:
                 record = json.loads(line)
+            except RecursionError:
+                raise DataError(f"{path}: line {n} is not a pair (nested too deeply)") from None
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
             pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols, kind="field"))
     elif suffix == ".json":
         try:
             records = json.loads(text)
+        except RecursionError:
+            raise DataError(f"{path}: not valid JSON for pairs (nested too deeply); give a list of objects") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
         if isinstance(records, dict):  # {"data": [...]} or a single list-valued key

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import requests
 import torch
 import transformers
 import yaml
@@ -131,6 +132,16 @@ def test_bad_input_gets_clear_messages(app_url, tmp_path):
     with pytest.raises(AppError, match=r"row 2: empty response"):
         client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", " "]]},
                        *TRAIN_ARGS.values(), api_name="/train")
+    def raw(api, *data):  # a lone surrogate: JSON can carry it (escaped), UTF-8 cannot, so no client library sends it
+        event = requests.post(f"{app_url.rstrip('/')}/gradio_api/call/{api}", data=json.dumps({"data": list(data)}),
+                              headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
+        return requests.get(f"{app_url.rstrip('/')}/gradio_api/call/{api}/{event}", timeout=120).text
+
+    rows = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Go\ud800"]]}
+    assert "Row 2's response holds a character that is not valid text at position 3" in raw("train", rows,
+                                                                                              *TRAIN_ARGS.values())
+    assert "Instruction holds a character that is not valid text at position 1" in raw("generate", "\udfff", 0.0, 0.95,
+                                                                                          8, "tiny", None, None)
     args = dict(TRAIN_ARGS, model_name="nobody/no-such-model")
     with pytest.raises(AppError, match="not in the local Hugging Face cache"):
         client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]]}, *args.values(),
