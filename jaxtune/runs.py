@@ -210,8 +210,12 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         _check_resume(resume, saved, cfg, fingerprint, trainer)
         log(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}")
         changed = resume_changes(saved, cfg.to_dict())
+        resumes = list(trainer.checkpoint_extra.get("resumes") or [])
         if changed:  # allowed (they change neither shapes nor data), and said: the steps from here use the new values
             log(f"from step {trainer.step + 1} on: {'; '.join(changed)} (config.yaml now holds the new values)")
+            resumes.append({"step": trainer.step, "changes": changed})
+        if resumes:  # carried by later checkpoints, for the model card: config.yaml alone no longer repeats the run
+            fingerprint["resumes"] = resumes
     if overwrite and lead and out.exists() and not (resume and out.resolve() == resume.resolve()):
         removed = remove_owned(out)  # the run being replaced: only what jaxtune wrote there
         if removed:
@@ -279,7 +283,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     run_info = {"base_model": base_name, "source": getattr(model, "source", cfg.model), "config": cfg.to_dict(),
                 "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
                 "seconds": trainer.elapsed_before + result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
-                "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss}
+                "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss,
+                "total_steps": trainer.total_steps, "stopped": result.stopped,
+                "resumes": fingerprint.get("resumes", [])}
     lora = bool(tcfg.lora_rank)
     # a LoRA folder names its base: a hub id or a folder as given, or, for the embedded or auto-chosen model, a
     # copy written beside the adapter (base/), since its weights exist nowhere else
@@ -308,7 +314,11 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
 def summarize(result, out: Path) -> str:
     """The closing line: steps, speed, memory, losses and where the model is."""
     ran = result.steps - result.first_step + 1
-    summary = f"{ran} steps" + (f" ({result.first_step} to {result.steps})" if result.first_step > 1 else "")
+    if ran <= 0:  # a resume of a run whose checkpoint is its last step
+        summary = f"no step left to run (the checkpoint holds step {result.steps}, the last)"
+    else:
+        summary = plural(ran, "step") + ("" if result.first_step == 1 else f" (step {result.steps})" if ran == 1
+                                         else f" ({result.first_step} to {result.steps})")
     summary += f" in {result.seconds:.1f}s"
     if result.real_token_share is not None:
         summary += f" ({result.real_token_share:.0%} real tokens, {result.tokens / max(result.seconds, 1e-9):.0f} tokens/s"

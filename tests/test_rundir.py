@@ -82,6 +82,8 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
     assert "from step 5 on: learning_rate: 0.003 -> 0.001; max_steps: 4 -> 6" in p.stderr  # what changed is said
     assert "at step 4/6" in p.stderr, p.stderr[-3000:]  # the finished run's last step was kept: nothing recomputed
     assert len(losses(tmp_path / "run")) == 6
+    p = run(*resume)  # a run that has run all its steps
+    assert p.returncode == 0 and "no step left to run (the checkpoint holds step 6, the last)" in p.stdout, p.stdout
 
 
 def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
