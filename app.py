@@ -29,6 +29,7 @@ restart_with_huge_pages()  # `python app.py` starts once more with huge pages fo
 import atexit  # noqa: E402
 import functools  # noqa: E402
 import hashlib  # noqa: E402
+import hmac  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -120,6 +121,10 @@ def _machine_memory() -> int:
 PUBLIC = bool(os.environ.get("SPACE_ID")) or os.environ.get("JAXTUNE_PUBLIC", "").strip().lower() in ("1", "true", "yes")
 BACKEND = jax.default_backend()
 CONCURRENT_RUNS = _env_number("JAXTUNE_CONCURRENT_RUNS", 1, 1, 64)  # training runs at once; others queue
+# Runs one browser may have queued or training at once, and runs the whole queue holds (0: no limit). A public
+# server's queue is shared by strangers: without them one visitor could queue hours of runs ahead of everyone.
+RUNS_PER_BROWSER = _env_number("JAXTUNE_RUNS_PER_BROWSER", 2 if PUBLIC else 0, 0, 10**6)
+MAX_QUEUED = _env_number("JAXTUNE_MAX_QUEUED", 8 if PUBLIC else 0, 0, 10**6)
 # The whole run, from the request to the last step (loading, tokenizing and compiling included), is stopped after this.
 MAX_TRAIN_SECONDS = _env_number("JAXTUNE_MAX_TRAIN_SECONDS", 3600, 1, 7 * 86400)
 # Generous ceilings on what one run can do per second on this backend. The tiny model on 2 CPU cores does about 3-30
@@ -518,10 +523,10 @@ def _run_model(name: str, seed: int):
     return clone, tokenizer
 
 
-def _browser_secret() -> str:
-    """The key that encrypts the browser's run ids in its localStorage: kept beside the runs, so that a restarted
-    server still reads the ids its pages stored."""
-    path = RUNS_DIR / ".jaxtune-app-secret"
+def _kept_secret(name: str) -> str:
+    """A random key kept beside the runs (made on first use), so that a restarted server still reads what its pages
+    stored; a fresh one for this process when the folder cannot be written."""
+    path = RUNS_DIR / name
     try:
         return path.read_text().strip() or secrets.token_hex(16)
     except OSError:
@@ -529,9 +534,38 @@ def _browser_secret() -> str:
         try:
             RUNS_DIR.mkdir(parents=True, exist_ok=True)
             path.write_text(value)
+            path.chmod(0o600)
         except OSError:
             pass
         return value
+
+
+def _browser_secret() -> str:
+    """The key gr.BrowserState encrypts the page's storage with. Gradio hands it to the page, so it hides the
+    storage from other sites, not from its own user: the run ids in it are signed too (sign_run_id)."""
+    return _kept_secret(".jaxtune-app-secret")
+
+
+_RUN_ID_KEY: str | None = None
+
+
+def sign_run_id(run_id: str) -> str:
+    """A run id as the page stores it: with an HMAC under a key that never leaves the server, so a client can hand
+    back only ids this server gave it (a run id learned elsewhere cannot be adopted through the page's storage)."""
+    global _RUN_ID_KEY
+    _RUN_ID_KEY = _RUN_ID_KEY or _kept_secret(".jaxtune-run-id-key")
+    return f"{run_id}.{hmac.new(_RUN_ID_KEY.encode(), run_id.encode(), 'sha256').hexdigest()[:32]}"
+
+
+def _signed_id(token) -> str | None:
+    """The run id in a stored token, when its signature holds. A desktop (where every run is listed anyway) also
+    takes a bare id, as pages stored them before ids were signed."""
+    if not isinstance(token, str):
+        return None
+    run_id, dot, _ = token.partition(".")
+    if dot:
+        return run_id if hmac.compare_digest(sign_run_id(run_id), token) else None
+    return None if PUBLIC else token
 
 
 enable_compilation_cache()  # a restarted app loads its compiled steps instead of compiling them again
@@ -570,9 +604,10 @@ class Session:
             self._remove = weakref.finalize(self, _remove_dir, self._workdir)
         return self._workdir
 
-    def adopt(self, run_ids):
-        for run_id in run_ids or ():
-            if isinstance(run_id, str) and run_id not in self.ids and REGISTRY.get(run_id) is not None:
+    def adopt(self, tokens):
+        """The runs a page's storage names (signed ids, see sign_run_id)."""
+        for run_id in map(_signed_id, tokens or ()):
+            if run_id is not None and run_id not in self.ids and REGISTRY.get(run_id) is not None:
                 self.ids.append(run_id)
 
     def close(self):
@@ -978,6 +1013,7 @@ def _start(table, *settings, session: Session, owner: str | None):
             gr.Info(f"{run.name} is already {run.status} on exactly "
                     "these data and settings, so it was not started twice. Change a setting to start another run.")
         else:
+            _check_room(session)
             run = _start_new(table, *settings, session=session)
             _STARTS[key] = run.id
         if run.id not in session.ids:
@@ -988,6 +1024,19 @@ def _start(table, *settings, session: Session, owner: str | None):
 
 def _active(run) -> bool:
     return run is not None and run.status in ACTIVE
+
+
+def _check_room(session: Session) -> None:
+    """RUNS_PER_BROWSER and MAX_QUEUED, before a run is started or resumed."""
+    mine = sum(_active(r) for r in REGISTRY.list(session.ids))
+    if RUNS_PER_BROWSER and mine >= RUNS_PER_BROWSER:
+        raise gr.Error(f"This browser has {plural(mine, 'run')} waiting or training, as many as this server lets one "
+                       "browser have (JAXTUNE_RUNS_PER_BROWSER). Stop one, or start this one when one ends.",
+                       title="Too many runs")
+    waiting = sum(r.status == "queued" for r in REGISTRY.list())
+    if MAX_QUEUED and waiting >= MAX_QUEUED:
+        raise gr.Error(f"The queue is full: {plural(waiting, 'run')} {'is' if waiting == 1 else 'are'} waiting "
+                       "(JAXTUNE_MAX_QUEUED). Try again when some have trained.", title="Queue full")
 
 
 def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
@@ -1133,6 +1182,8 @@ def stop_by_id(run_id, session, request: gr.Request = None):
 def resume_run(run_id, session, request: gr.Request = None):
     session = _session(session, request)
     run = _target(session, run_id, what="resume")
+    if not _active(run):
+        _check_room(session)
     try:
         REGISTRY.resume(run.id)
     except RunDirError as e:
@@ -1146,9 +1197,9 @@ def resume_run(run_id, session, request: gr.Request = None):
 def remember_watched(session, saved):
     """This browser's run ids with the run the page now shows (a resumed one started elsewhere, say), so that a
     reload or a reopened tab finds it again."""
-    saved = [i for i in (saved if isinstance(saved, list) else []) if isinstance(i, str)]
+    saved = [i for i in (saved if isinstance(saved, list) else []) if _signed_id(i) is not None]
     watch = session.watch if isinstance(session, Session) else None
-    return saved + [watch] if watch and watch not in saved else saved
+    return saved + [sign_run_id(watch)] if watch and watch not in map(_signed_id, saved) else saved
 
 
 @_guarded

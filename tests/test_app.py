@@ -1106,6 +1106,45 @@ def _finished_lora_run(monkeypatch, tmp_path, **train):
     return app, run
 
 
+def test_a_browser_and_the_queue_hold_a_limited_number_of_runs(monkeypatch, tmp_path):
+    """JAXTUNE_RUNS_PER_BROWSER and JAXTUNE_MAX_QUEUED (a Space's defaults: 2 and 8): one visitor cannot queue runs
+    without end ahead of everyone, and a full queue says so. The page's storage gives back only run ids this server
+    signed: an id learned elsewhere is not adopted, and on a Space neither is a bare one."""
+    import gradio as gr
+
+    app, done = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    monkeypatch.setattr(app, "RUNS_PER_BROWSER", 1)
+    monkeypatch.setattr(app, "MAX_QUEUED", 1)
+    table = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
+    long = dict(TRAIN_ARGS, epochs=5000, validation_fraction=0)
+    a, b, c = app.Session(), app.Session(), app.Session()
+    try:
+        app.start_run(table, *long.values(), a, [])
+        deadline = time.time() + 60
+        while app.REGISTRY.get(a.watch).status == "queued":  # training: the queue is empty again
+            assert time.time() < deadline
+            time.sleep(0.1)
+        with pytest.raises(gr.Error, match=r"This browser has 1 run waiting or training, as many as this server"):
+            app.start_run(table, *dict(long, seed=1).values(), a, [])
+        app.start_run(table, *dict(long, seed=2).values(), b, [])  # it waits behind a's
+        with pytest.raises(gr.Error, match=r"The queue is full: 1 run is waiting \(JAXTUNE_MAX_QUEUED\)"):
+            app.start_run(table, *dict(long, seed=3).values(), c, [])
+        assert c.ids == []
+    finally:
+        for run_id in a.ids + b.ids:
+            app.REGISTRY.stop(run_id)
+    forged = f"{done.id}.{'0' * 32}"
+    assert done.id not in app.attach([forged], None)[0].ids
+    assert done.id in app.attach([app.sign_run_id(done.id)], None)[0].ids
+    assert done.id in app.attach([done.id], None)[0].ids  # a desktop lists every run anyway
+    monkeypatch.setattr(app, "PUBLIC", True)
+    assert done.id not in app.attach([done.id], None)[0].ids
+    deadline = time.time() + 120
+    while any(r.status in app.ACTIVE for r in app.REGISTRY.list(a.ids + b.ids)):
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
 def test_new_runs_keep_the_runs_a_user_picked_and_the_picker_follows_a_start(monkeypatch, tmp_path):
     """When a run finishes, Try's run A and Evaluate's runs move to it only where the page had chosen them itself: a
     run the user picked stays picked (it used to be replaced by the newest). Start (and Resume) make Export, Resume
@@ -1130,7 +1169,7 @@ def test_new_runs_keep_the_runs_a_user_picked_and_the_picker_follows_a_start(mon
     table = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
     saved, session, *view = app.start_run(table, *dict(TRAIN_ARGS, epochs=5000, validation_fraction=0).values(),
                                           session, [])
-    assert saved == [session.watch] and session.pick == session.watch != first.id
+    assert saved == [app.sign_run_id(session.watch)] and session.pick == session.watch != first.id
     assert view[4]["value"] == session.watch  # the page's Run picker shows the new run
     reloaded, *view = app.attach([first.id, third.id, session.watch], None)  # the page reloaded while it trains
     assert app.REGISTRY.get(session.watch).status in app.ACTIVE  # (5000 epochs: still training)
