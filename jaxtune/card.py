@@ -24,43 +24,81 @@ def hub_id(name: str | None) -> str | None:
     return name if _HUB_ID.match(name) and not Path(name).exists() else None
 
 
+ROLES = ("model", "base", "merged")  # a run's own model or adapter; a LoRA run's base/ and merged/ folders
+
+
 def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None = None, repo_id: str | None = None,
-               adapter: dict | None = None) -> str:
+               adapter: dict | None = None, role: str | None = None) -> str:
     """README.md text. `run` (optional) describes the training: base_model, config (a RunConfig dict), pairs,
-    validation_pairs, steps, seconds, device, final_loss, val_loss, initial_val_loss, tokens_per_s, source.
-    `evaluation` rows come from `python -m jaxtune eval` (model, rouge_l, exact_match, stop_rate, ...)."""
+    validation_pairs, steps, total_steps, stopped (why it ended early, or None), resumes ([{step, changes}]), seconds,
+    device, final_loss, val_loss, initial_val_loss, tokens_per_s, source. `evaluation` rows come from
+    `python -m jaxtune eval` (model, rouge_l, exact_match, stop_rate, ...). `role` says what the folder holds: "model"
+    (the run's model or adapter), "base" (a LoRA run's base/: the frozen base its adapter trained on) or "merged" (a
+    LoRA run's merged/: the adapter merged into its base); a full model from a LoRA run is "merged" unless told."""
     run = run or {}
     cfg = run.get("config") or {}
-    base = hub_id(run.get("base_model"))
-    data = hub_id(cfg.get("data"))
-    meta = {"library_name": "peft" if adapter else "transformers", "pipeline_tag": "text-generation",
-            "tags": ["jaxtune", "gpt2", "instruction-tuned", "jax", "flax"] + (["lora"] if adapter else [])}
+    t = cfg.get("train") or {}
+    if role is None:
+        role = "merged" if t.get("lora_rank") and not adapter else "model"
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}: choose one of {', '.join(ROLES)}")
     if adapter:  # the base a PEFT adapter names, if it is a hub model
-        run = {**(run or {}), "base_model": (run or {}).get("base_model") or adapter.get("base_model_name_or_path")}
+        run = {**run, "base_model": run.get("base_model") or adapter.get("base_model_name_or_path")}
+    base = hub_id(run.get("base_model")) if role != "base" else None
+    data = hub_id(cfg.get("data"))
+    quant = t.get("quantize") if t.get("quantize") not in (None, "none") else None
+    lora = "QLoRA" if quant else "LoRA"
+    meta = {"library_name": "peft" if adapter else "transformers", "pipeline_tag": "text-generation",
+            "tags": ["jaxtune", "gpt2", *(() if role == "base" else ("instruction-tuned",)), "jax", "flax",
+                     *(("lora",) if adapter or role == "merged" else ())]}
     if base:
         meta["base_model"] = base
         if base in _KNOWN_LICENSES:
             meta["license"] = _KNOWN_LICENSES[base]
-    if data:
+    if data and role != "base":
         meta["datasets"] = [data]
     name = repo_id or "this model"
+    title = {"base": "Base model of a LoRA run with jaxtune", "merged": "GPT-2 LoRA-tuned with jaxtune, merged"}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
-             f"# {repo_id.split('/')[-1] if repo_id else 'GPT-2 instruction-tuned with jaxtune'}", ""]
-    what = f"a fine-tune of [{base}](https://huggingface.co/{base})" if base else (
-        f"a fine-tune of {run.get('source') or run.get('base_model')}" if run.get("base_model") else "a GPT-2 model")
+             f"# {repo_id.split('/')[-1] if repo_id else title.get(role, 'GPT-2 instruction-tuned with jaxtune')}", ""]
+    arch = (f"({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads, {config.n_positions} "
+            "positions)")
+    of = f"[{base}](https://huggingface.co/{base})" if base else run.get("source") or run.get("base_model")
     if adapter:
-        what = (f"a LoRA adapter (rank {adapter.get('r')}, alpha {adapter.get('lora_alpha')}, on "
-                f"{', '.join(adapter.get('target_modules') or [])}) for {what.removeprefix('a fine-tune of ')}")
-    lines += [f"{name[0].upper() + name[1:]} is {what}, instruction-tuned with jaxtune in JAX "
-              f"({config.n_layer} layers, {config.n_embd} wide, {config.n_head} heads, {config.n_positions} positions). "
-              + ("It loads in PyTorch with PEFT." if adapter else "It loads in PyTorch `transformers` as it is."), "",
-              "## Prompt format", "",
-              "The model was trained on `Instruction: {instruction}\\nResponse: {response}` followed by the "
-              "end-of-text token, so give it the instruction and let it complete the response; it stops by itself.", "",
-              "```", "Instruction: Where is my order?", "Response:", "```", "",
-              "## Use it", "", "```python",
+        shape = _lora_shape(adapter.get("r"), adapter.get("lora_alpha"), adapter.get("target_modules"))
+        what = (f"a QLoRA adapter{shape} trained on an {quant}-quantized {of}" if quant else
+                f"a LoRA adapter{shape} for {of or 'a GPT-2 model'}")
+    elif role == "merged":
+        rank = t.get("lora_rank")
+        alpha = t.get("lora_alpha") or (2 * rank if rank else None)  # as its adapter_config.json says it
+        shape = _lora_shape(rank, alpha and float(alpha), t.get("lora_targets"))
+        what = f"a jaxtune run's {lora} adapter{shape} merged into its base" + (f", {of}" if of else "")
+    else:
+        what = f"a fine-tune of {of}" if of else "a GPT-2 model"
+    if role == "base":
+        embedded = run.get("base_model") in ("tiny", "auto") or "random weights" in str(run.get("source") or "")
+        lines += [f"{name[0].upper() + name[1:]} is the frozen base model the {lora} adapter in the parent folder was "
+                  "trained on: " + ("the embedded tiny model, GPT-2's architecture and vocabulary with random weights, "
+                                    "untrained" if embedded else str(of or "a GPT-2 model")) + f" {arch}. "
+                  + (f"During training it was held in {quant}; these are its dequantized float32 weights, the values "
+                     "the adapter was trained against. " if quant else "")
+                  + "It loads in PyTorch `transformers` as it is; the adapter and how it was trained are described in "
+                  "the parent folder's README.md.", ""]
+    else:
+        lines += [f"{name[0].upper() + name[1:]} is {what}, instruction-tuned with jaxtune in JAX {arch}. "
+                  + ("It loads in PyTorch with PEFT." if adapter else "It is a full model: it loads in PyTorch "
+                     "`transformers` alone, without PEFT." if role == "merged" else
+                     "It loads in PyTorch `transformers` as it is.")
+                  + (f" The adapter was trained on the base quantized to {quant}; it is merged into that base's "
+                     "dequantized float32 weights, as the run computed." if quant and role == "merged" else ""), "",
+                  "## Prompt format", "",
+                  "The model was trained on `Instruction: {instruction}\\nResponse: {response}` followed by the "
+                  "end-of-text token, so give it the instruction and let it complete the response; it stops by "
+                  "itself.", "",
+                  "```", "Instruction: Where is my order?", "Response:", "```", ""]
+    lines += ["## Use it", "", "```python",
               "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
-              f'path = "{repo_id or "path/to/this/folder"}"',
+              f'path = "{repo_id or _PLACEHOLDER}"',
               "tokenizer = AutoTokenizer.from_pretrained(path)",
               *([_base_line(adapter.get("base_model_name_or_path")),
                  "from peft import PeftModel",
@@ -70,16 +108,23 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
               "out = model.generate(**inputs, max_new_tokens=64, pad_token_id=tokenizer.eos_token_id)",
               'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
               "```", ""]
-    if run:
-        t = cfg.get("train") or {}
+    if adapter and quant:
+        exact = ("base/ holds the base dequantized from " + quant + ", so the lines above compute what the run "
+                 "computed" if adapter.get("base_model_name_or_path") == "base" else
+                 "loading the adapter on the float base, as above, gives slightly different outputs")
+        lines += [f"The adapter was trained on the base quantized to {quant} (QLoRA). "
+                  + ("merged/, in the run's folder, is" if cfg.get("merge") else
+                     "A merged model (a run with `merge: true` writes it to merged/) is")
+                  + f" what the run computed: the adapter merged into the dequantized base; {exact}.", ""]
+    if run and role != "base":
         facts = [("base model", run.get("source") or run.get("base_model")),
                  ("training data", f"{run['pairs']:,} pairs" + (f" from `{cfg['data']}`" if data else "") if run.get("pairs") else None),
                  ("validation data", f"{run['validation_pairs']:,} pairs" if run.get("validation_pairs") else None),
-                 ("steps", run.get("steps")),
+                 ("steps", _steps(run)), ("resumed", _resumes(run)),
                  ("epochs", t.get("epochs")), ("batch size", t.get("batch_size")),
                  ("learning rate", t.get("learning_rate")), ("max length", t.get("max_length")),
-                 ("loss on", t.get("loss_on")), ("precision", t.get("dtype")), ("packed", t.get("pack")),
-                 ("seed", t.get("seed")),
+                 ("loss on", t.get("loss_on")), ("precision", t.get("dtype")), ("base quantization", quant),
+                 ("packed", t.get("pack")), ("seed", t.get("seed")),
                  ("training time", f"{run['seconds']:.0f} s" if run.get("seconds") is not None else None),
                  ("hardware", run.get("device"))]
         lines += ["## Training", "", "| | |", "|---|---|"]
@@ -92,22 +137,65 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
             if run.get("val_loss") is not None:
                 lines += [f"| validation perplexity | {math.exp(min(run['val_loss'], 700.0)):.2f} |"]
         if cfg:
-            lines += ["", "The run's configuration: `python -m jaxtune train --config config.yaml --output NEW_FOLDER` "
-                      "repeats it (add `--data FILE` where its training pairs are not at `data`):", "",
-                      "```yaml", yaml.safe_dump(portable_config(cfg), sort_keys=False).strip(), "```"]
+            command = "`python -m jaxtune train --config config.yaml --output NEW_FOLDER`"
+            changed = [r for r in run.get("resumes") or [] if r.get("changes")]
+            if changed:
+                lines += ["", "The run was resumed " + "; ".join(f"at step {r['step']} with {', '.join(r['changes'])}"
+                                                             for r in changed)
+                          + f", so its configuration below holds the final values: {command} repeats the run only "
+                          "approximately (its steps before the resume used the earlier values; add `--data FILE` "
+                          "where its training pairs are not at `data`):"]
+            else:
+                lines += ["", f"The run's configuration: {command} repeats it (add `--data FILE` where its training "
+                          "pairs are not at `data`):"]
+            lines += ["", "```yaml", yaml.safe_dump(portable_config(cfg), sort_keys=False).strip(), "```"]
         lines.append("")
     if evaluation:
-        keys = [k for k in ("rouge_l", "exact_match", "stop_rate", "mean_tokens", "val_loss", "perplexity")
-                if any(k in row for row in evaluation)]
-        lines += ["## Evaluation", "", "| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for row in evaluation:
-            cells = [f"{row[k]:.4f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys]
-            lines.append(f"| {row.get('model', '')} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _evaluation_lines(evaluation)
     lines += ["## Limitations", "",
+              "Random weights: this model writes noise; it is here for the adapter in the parent folder to load on."
+              if role == "base" and embedded else
               "A small GPT-2 model repeats the style of its training pairs and can state wrong facts confidently; "
               "check its answers before showing them to customers.", ""]
     return "\n".join(lines)
+
+
+_PLACEHOLDER = "path/to/this/folder"  # the card's `path = ...` line for a local folder; `push` puts the repo id there
+
+
+def _lora_shape(rank, alpha, targets) -> str:
+    """ " (rank 8, alpha 16, on c_attn, c_proj)", of what is known; "" when nothing is."""
+    targets = [targets] if isinstance(targets, str) else list(targets or [])
+    parts = [part for part in (rank and f"rank {rank}", alpha and f"alpha {alpha}",
+                               targets and f"on {', '.join(targets)}") if part]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _steps(run: dict):
+    """The steps row: "24", or "24 of 40 (stopped early: why)" for a run that ended before its plan."""
+    steps, total = run.get("steps"), run.get("total_steps")
+    if steps is None or not total or steps == total:
+        return steps if not run.get("stopped") else f"{steps} (stopped early: {run['stopped']})"
+    return f"{steps:,} of {total:,}" + (f" (stopped early: {run['stopped']})" if run.get("stopped") else "")
+
+
+def _resumes(run: dict) -> str | None:
+    """The resumed row: each resume's step and the options it changed."""
+    resumes = run.get("resumes") or []
+    return "; ".join(f"at step {r.get('step')}" + (f" ({', '.join(r['changes'])})" if r.get("changes") else "")
+                     for r in resumes) or None
+
+
+def _evaluation_lines(rows: list[dict], data: str | None = None) -> list[str]:
+    """The card's evaluation section: eval.md's summary table (its columns, headers and figures) and its warnings."""
+    from jaxtune.evaluate import held_out_words, overlap_warnings, summary_markdown
+
+    lines = ["## Evaluation", ""]
+    if data:
+        lines += [f"Greedy answers to the {held_out_words(rows)} in `{data}`, scored against their references "
+                  "(`python -m jaxtune eval`):", ""]
+    warnings = overlap_warnings(rows)
+    return lines + summary_markdown(rows) + (["", *(f"**Warning:** {w}." for w in warnings)] if warnings else []) + [""]
 
 
 def _base_line(base) -> str:
@@ -144,10 +232,7 @@ def add_evaluation(readme: Path, rows: list[dict], *, data: str) -> bool:
         return False
     if "tags:" not in text or "- jaxtune" not in text.split("---")[1 if text.startswith("---") else 0]:
         return False
-    stub = model_card(_NoConfig(), evaluation=rows)
-    section = stub[stub.index("## Evaluation"):stub.index("## Limitations")].rstrip() + "\n"
-    section = section.replace("## Evaluation\n", f"## Evaluation\n\nGreedy answers to the held-out pairs in `{data}`, "
-                              "scored against their references (`python -m jaxtune eval`):\n", 1)
+    section = "\n".join(_evaluation_lines(rows, data)).rstrip() + "\n"
     if "## Evaluation" in text:
         start = text.index("## Evaluation")
         end = text.find("\n## ", start + 1)
@@ -159,10 +244,6 @@ def add_evaluation(readme: Path, rows: list[dict], *, data: str) -> bool:
         text = text.rstrip() + "\n\n" + section
     readme.write_text(text, encoding="utf-8")
     return True
-
-
-class _NoConfig:  # model_card's architecture line, for a card built only for its evaluation section
-    n_layer = n_embd = n_head = n_positions = 0
 
 
 def tidy_tokenizer_config(directory: Path, n_positions: int) -> None:
@@ -202,8 +283,12 @@ def push(directory, repo_id: str, *, token: str | None, private: bool = True, co
     skip = ("checkpoints/*", ".*", "*/.*", "data.jsonl", "train.log", "run.json", "config.yaml", "merged/*",
             *(() if adapter and own_base(directory) else ("base/*",)))
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for f in sorted(directory.rglob("*"))
-                  if f.is_file() and not any(fnmatch.fnmatch(name := f.relative_to(directory).as_posix(), p)
-                                             for p in skip)]
+                  if f.is_file() and (name := f.relative_to(directory).as_posix()) != "README.md"
+                  and not any(fnmatch.fnmatch(name, p) for p in skip)]
+    if (directory / "README.md").is_file():  # the card's code loads from the repository, not a local folder
+        card = (directory / "README.md").read_text(encoding="utf-8")
+        card = card.replace(f'path = "{_PLACEHOLDER}"', f'path = "{repo_id}"', 1)
+        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
     text = portable_config_text(directory)
     if text is not None:  # the run's config as its card shows it: no output folder
         operations.append(CommitOperationAdd(path_in_repo="config.yaml", path_or_fileobj=text.encode("utf-8")))

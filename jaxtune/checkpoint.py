@@ -279,13 +279,15 @@ def to_host(model):
 
 # ---------------------------------------------------------------------------------------------- saving
 def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
-         keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None, adapter_base: str | None = None) -> Path:
+         keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None, adapter_base: str | None = None,
+         role: str | None = None) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json) that
     transformers.GPT2LMHeadModel and AutoTokenizer load as they are.
 
     Everything is written into a temporary folder beside the target and renamed into place, so a crash or a full
     disk leaves the previous model or none, never half of one. A README.md model card (see `jaxtune.card`) describes the model and, with
-    `run_info`, how it was trained. An existing `directory` is replaced only when all
+    `run_info`, how it was trained; `role` ("base", "merged") says a LoRA run's base/ or merged/ folder is what it saves
+    (see `model_card`). An existing `directory` is replaced only when all
     it holds is jaxtune's (see `jaxtune.rundir`); its `keep` entries (a run's checkpoints) move into the new one.
     """
     from safetensors.numpy import save_file
@@ -323,7 +325,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
         tokenizer.save_pretrained(str(tmp))
         tidy_tokenizer_config(tmp, config.n_positions)
         adapter = json.loads((tmp / "adapter_config.json").read_text()) if has_lora(model) else None
-        (tmp / "README.md").write_text(model_card(config, run=run_info, adapter=adapter), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(config, run=run_info, adapter=adapter, role=role), encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         kept = [name for name in keep if (directory / name).exists()]

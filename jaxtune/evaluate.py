@@ -79,10 +79,11 @@ def training_overlap(model_dir, pairs: list[Pair]) -> int | None:
     return sum(_same(p) in seen for p in pairs)
 
 
-def overlap_warnings(results: list["ModelEval"]) -> list[str]:
-    """A line for each model that trained on some of the pairs it was scored on."""
-    return [f"{r.model} trained on {r.trained_on:,} of these {r.examples:,} pairs: its scores on them are not "
-            "held-out" for r in results if r.trained_on]
+def overlap_warnings(results: list["ModelEval"] | list[dict]) -> list[str]:
+    """A line for each model that trained on some of the pairs it was scored on (results, or their summaries)."""
+    rows = [r if isinstance(r, dict) else r.summary() for r in results]
+    return [f"{r['model']} trained on {r['trained_on']:,} of these {r['examples']:,} pairs: its scores on them are "
+            "not held-out" for r in rows if r.get("trained_on")]
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -155,18 +156,35 @@ def evaluate_model(model, tokenizer, pairs: list[Pair], *, name: str = "model", 
 
 
 # ---------------------------------------------------------------------------------------------- reports
-_COLUMNS = (("model", "model"), ("val loss", "val_loss"), ("perplexity", "perplexity"), ("ROUGE-L", "rouge_l"),
-            ("exact", "exact_match"), ("stop rate", "stop_rate"), ("mean tokens", "mean_tokens"))
+_COLUMNS = (("model", "model", "s"), ("val loss", "val_loss", ".4f"), ("perplexity", "perplexity", ".4g"),
+            ("ROUGE-L", "rouge_l", ".3f"), ("exact", "exact_match", ".3f"), ("stop rate", "stop_rate", ".3f"),
+            ("mean tokens", "mean_tokens", ".1f"))
 
 
-def _cells(r: ModelEval) -> list[str]:
-    return [r.model, f"{r.val_loss:.4f}", f"{r.perplexity:.4g}", f"{r.rouge_l:.3f}", f"{r.exact_match:.3f}",
-            f"{r.stop_rate:.3f}", f"{r.mean_tokens:.1f}"]
+def _cells(r: ModelEval | dict, columns=_COLUMNS) -> list[str]:
+    """A model's summary row as every report writes it (a ModelEval, or its summary as a dict); a figure it lacks
+    is an empty cell."""
+    row = r if isinstance(r, dict) else r.summary()
+    return ["" if row.get(key) is None else format(row[key], spec) for _, key, spec in columns]
+
+
+def summary_markdown(results: list[ModelEval] | list[dict]) -> list[str]:
+    """The summary as a Markdown table's lines (eval.md's and the model card's): the columns any row has a figure
+    for, the model's first."""
+    rows = [r if isinstance(r, dict) else r.summary() for r in results]
+    columns = [c for c in _COLUMNS if c[1] == "model" or any(row.get(c[1]) is not None for row in rows)]
+    return (["| " + " | ".join(c[0] for c in columns) + " |", "|" + "---|" * len(columns)]
+            + ["| " + " | ".join(_md(c) for c in _cells(row, columns)) + " |" for row in rows])
+
+
+def held_out_words(results: list[ModelEval] | list[dict]) -> str:
+    """What the scored pairs are: "held-out pairs", or "pairs" where a model trained on some of them."""
+    return "pairs" if overlap_warnings(results) else "held-out pairs"
 
 
 def table(results: list[ModelEval]) -> str:
     """The summary as aligned plain text, for the terminal."""
-    rows = [[c for c, _ in _COLUMNS]] + [_cells(r) for r in results]
+    rows = [[c[0] for c in _COLUMNS]] + [_cells(r) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
     def line(row):
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
@@ -182,11 +200,10 @@ def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_
              examples: int = 100) -> str:
     """The report: the summary table, then the first `examples` answers beside their references."""
     lines = ["# Evaluation", "",
-             f"{len(pairs)} held-out pairs from `{data}`; greedy answers of at most {max_new_tokens} new tokens. "
-             "Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: whitespace-normalised. Stop rate: answers "
-             "that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
-             "| " + " | ".join(c for c, _ in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
-    lines += ["| " + " | ".join(_md(c) for c in _cells(r)) + " |" for r in results]
+             f"{len(pairs)} {held_out_words(results)} from `{data}`; greedy answers of at most {max_new_tokens} new "
+             "tokens. Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: whitespace-normalised. Stop rate: "
+             "answers that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
+             *summary_markdown(results)]
     warnings = overlap_warnings(results)
     lines += ["", *(f"**Warning:** {w}." for w in warnings)] if warnings else []
     shown = min(len(pairs), examples)
@@ -233,18 +250,44 @@ def write_reports(results: list[ModelEval], pairs: list[Pair], directory, *, dat
         _write_atomic(directory / name, text)
     claim(directory, FILES)  # recorded as jaxtune's, so that a later report may replace them
     if run_folder:  # the model card's table, which travels with the model: no local paths in it
-        rows = [{**r.summary(), "model": _card_name(r.model, directory)} for r in results]
+        names = _card_names([r.model for r in results], directory)
+        rows = [{**r.summary(), "model": name} for r, name in zip(results, names)]
         add_evaluation(directory / "README.md", rows, data=Path(data).name if Path(data).is_file() else data)
     return [directory / name for name in FILES]
 
 
-def _card_name(label: str, card_folder: Path) -> str:
-    """A model as the card in `card_folder` names it: "this model" for the card's own, a local folder by its name, a
-    hub id as it is."""
-    path = Path(label).expanduser()
-    if not path.is_dir():
-        return label
-    return "this model" if path.resolve() == card_folder.resolve() else path.name
+def _card_names(labels: list[str], card_folder: Path) -> list[str]:
+    """The models as the card in `card_folder` names them, each once and without local paths: "this model" for the
+    card's own, a local folder or file by its name (with as many parent folders as tell two of the same name
+    apart), a hub id as it is; a model given twice ("X (2)", see `_labels`) as X's name, numbered."""
+    import re
+
+    bases, numbers = [], []
+    for label in labels:
+        twice = re.fullmatch(r"(.+) \((\d+)\)", label)
+        repeat = twice and twice[1] in labels and not Path(label).expanduser().exists()
+        bases.append(twice[1] if repeat else label)
+        numbers.append(f" ({twice[2]})" if repeat else "")
+    keys, parts = [], []  # a local model: its resolved path and that path's parts (no root); else the label
+    for base in bases:
+        path = Path(base).expanduser()
+        keys.append(path.resolve() if path.exists() else base)
+        parts.append(keys[-1].parts[1:] if path.exists() else None)
+    own = [key == Path(card_folder).resolve() for key in keys]
+    depth = [1] * len(bases)
+
+    def name(i):
+        return "this model" if own[i] else bases[i] if parts[i] is None else "/".join(parts[i][-depth[i]:])
+
+    while True:  # a name two different models share takes one more parent folder, while there is one
+        grow = [i for i in range(len(bases)) if parts[i] and not own[i] and depth[i] < len(parts[i])
+                and any(name(j) == name(i) and keys[j] != keys[i] for j in range(len(bases)))]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    names = [name(i) + numbers[i] for i in range(len(bases))]
+    return [n if names.index(n) == i else f"{n} ({names[:i].count(n) + 1})" for i, n in enumerate(names)]
 
 
 def _labels(names: list[str]) -> list[str]:

@@ -299,7 +299,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         for name, wanted, make in (("base", own_base, without_adapters), ("merged", lora and cfg.merge, merge)):
             if wanted:
                 claim(out, [name])
-                save(make(model), tokenizer, out / name, run_info=run_info)
+                save(make(model), tokenizer, out / name, run_info=run_info, role=name)
                 log(f"{'the base model' if name == 'base' else 'the merged model'} written to {out / name}")
     except OSError as e:
         outcome.code, outcome.summary = 3, _save_failed(e, out, trainer, checkpoint, result, log)

@@ -54,7 +54,7 @@ def test_card_metadata_for_hub_bases_and_data_sets():
     meta = front_matter(card)
     assert meta["base_model"] == "gpt2" and meta["license"] == "mit" and meta["datasets"] == ["acme/helpdesk"]
     assert "# helpdesk-gpt2" in card and '"me/helpdesk-gpt2"' in card
-    assert "| tuned | 0.5000 | 1.0000 |" in card
+    assert "| model | ROUGE-L | stop rate |" in card and "| tuned | 0.500 | 1.000 |" in card  # eval.md's figures
     assert "base_model" not in front_matter(model_card(GPT2Config(), run={"base_model": "tiny"}))
 
 
@@ -88,7 +88,9 @@ def test_push_uploads_the_model_and_its_card_and_reports_a_refusal(tmp_path, hf_
         assert not any(f.startswith(("checkpoints", ".")) for f in files)
         assert yaml.safe_load(files["config.yaml"]) == {"model": "tiny", "data": "d.jsonl"}  # the folder stays home
         assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
-        assert files["README.md"].decode() == (out / "README.md").read_text()
+        local = (out / "README.md").read_text()  # the card's code loads from the repository it is pushed to
+        assert 'path = "path/to/this/folder"' in local and 'path = "me/helpdesk"' not in local
+        assert files["README.md"].decode() == local.replace('path = "path/to/this/folder"', 'path = "me/helpdesk"')
         assert hub.cards and hub.cards[-1]["library_name"] == "transformers"  # the card's metadata passed validation
         from huggingface_hub.errors import HfHubHTTPError
 
@@ -117,10 +119,10 @@ def test_push_uploads_a_lora_adapter_and_hub_reachable_follows_hf_endpoint(tmp_p
     try:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         assert hub_reachable(timeout=2)
-        push(out, "me/adapter", token=GOOD_TOKEN, endpoint=hub.url, ignore=("tokenizer*",))
+        push(out, "me/adapter", token=GOOD_TOKEN, endpoint=hub.url)
         files = hub.repos["me/adapter"]["files"]
         assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)
-        assert not any(f.startswith("tokenizer") for f in files)
+        assert 'path = "me/adapter"' in files["README.md"].decode()
         assert hub.cards[-1]["library_name"] == "peft"
     finally:
         hub.close()
@@ -136,3 +138,81 @@ def test_push_uploads_a_lora_adapter_and_hub_reachable_follows_hf_endpoint(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="nothing to push"):
         push(tmp_path / "empty", "me/x", token=GOOD_TOKEN, endpoint=hub.url)
+
+
+TINY = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4)
+ADAPTER = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"], "base_model_name_or_path": "gpt2"}
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_qlora_adapter_card_says_its_base_was_quantized(kind):
+    """A QLoRA run's card names the adapter QLoRA and the base's quantization, and says which model is the run's own
+    computation: merged/ (or the dequantized base/ beside the adapter), not the adapter on the float base."""
+    run = {"base_model": "gpt2", "config": {"merge": True, "train": {"lora_rank": 4, "quantize": kind,
+                                                                     "dtype": "float32"}}, "steps": 3}
+    card = model_card(TINY, run=run, adapter=ADAPTER)
+    assert f"is a QLoRA adapter (rank 4, alpha 8, on c_attn, c_proj) trained on an {kind}-quantized [gpt2]" in card
+    assert f"| base quantization | {kind} |" in card and "| precision | float32 |" in card
+    use = card[card.index("## Use it"):card.index("## Training")]
+    assert "merged/, in the run's folder, is what the run computed" in use
+    assert "loading the adapter on the float base, as above, gives slightly different outputs" in use
+    unmerged = model_card(TINY, run={**run, "config": {**run["config"], "merge": False}}, adapter=ADAPTER)
+    assert "A merged model (a run with `merge: true` writes it to merged/) is what the run computed" in unmerged
+    own = model_card(TINY, run={**run, "base_model": "tiny"}, adapter={**ADAPTER, "base_model_name_or_path": "base"})
+    assert f"base/ holds the base dequantized from {kind}, so the lines above compute what the run computed" in own
+    plain = model_card(TINY, run={**run, "config": {"train": {"lora_rank": 4}}}, adapter=ADAPTER)
+    assert "is a LoRA adapter (rank 4" in plain and "QLoRA" not in plain and "base quantization" not in plain
+
+
+def test_a_stopped_or_resumed_run_says_so_and_config_yaml_only_approximates_it():
+    run = {"base_model": "gpt2", "config": {"data": "d.jsonl", "train": {"epochs": 2}}, "steps": 24,
+           "total_steps": 40, "stopped": "stopped by request after step 24", "resumes": []}
+    card = model_card(TINY, run=run)
+    assert "| steps | 24 of 40 (stopped early: stopped by request after step 24) |" in card
+    assert "`python -m jaxtune train --config config.yaml --output NEW_FOLDER` repeats it" in card
+    assert "| resumed |" not in card
+    assert "| steps | 40 |" in model_card(TINY, run={**run, "steps": 40, "stopped": None})
+    resumed = model_card(TINY, run={**run, "steps": 40, "stopped": None, "resumes": [
+        {"step": 12, "changes": ["epochs: 1 -> 2"]}, {"step": 30, "changes": ["learning_rate: 0.001 -> 0.0005"]}]})
+    assert "| steps | 40 |" in resumed and "repeats it" not in resumed
+    assert "| resumed | at step 12 (epochs: 1 -> 2); at step 30 (learning_rate: 0.001 -> 0.0005) |" in resumed
+    assert ("The run was resumed at step 12 with epochs: 1 -> 2; at step 30 with learning_rate: 0.001 -> 0.0005, so "
+            "its configuration below holds the final values: `python -m jaxtune train --config config.yaml --output "
+            "NEW_FOLDER` repeats the run only approximately") in resumed
+    unchanged = model_card(TINY, run={**run, "stopped": None, "resumes": [{"step": 12, "changes": []}]})
+    assert "| resumed | at step 12 |" in unchanged and "repeats it (add" in unchanged
+
+
+def test_the_cards_of_a_lora_runs_base_and_merged_folders_say_what_they_hold(tmp_path):
+    """A QLoRA run on the embedded model with --merge: the adapter's card says QLoRA; base/ is the untrained random
+    base the adapter was trained on, without the run's losses; merged/ is the adapter merged, a full model."""
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS[:8])
+    p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "run"), "--max-steps", "2",
+            "--batch-size", "4", "--max-length", "32", "--lora-rank", "2", "--quantize", "nf4", "--merge")
+    assert p.returncode == 0, p.stderr
+    adapter = (tmp_path / "run" / "README.md").read_text()
+    assert "is a QLoRA adapter (rank 2" in adapter and "| base quantization | nf4 |" in adapter
+    base = (tmp_path / "run" / "base" / "README.md").read_text()
+    assert ("is the frozen base model the QLoRA adapter in the parent folder was trained on: the embedded tiny model, "
+            "GPT-2's architecture and vocabulary with random weights, untrained") in base
+    assert "held in nf4; these are its dequantized float32 weights" in base
+    assert "instruction-tuned" not in base and "## Training" not in base and "loss" not in base
+    merged = (tmp_path / "run" / "merged" / "README.md").read_text()
+    assert "is a jaxtune run's QLoRA adapter (rank 2, alpha 4.0, on c_attn, c_proj) merged into its base" in merged
+    assert ("It is a full model: it loads in PyTorch `transformers` alone, without PEFT. The adapter was trained on "
+            "the base quantized to nf4; it is merged into that base's dequantized float32 weights") in merged
+    assert "| final training loss |" in merged and front_matter(merged)["library_name"] == "transformers"
+    assert transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "run" / "merged").config.n_layer == 2
+
+
+def test_role_names_a_merged_model_with_a_hub_base_and_refuses_another():
+    run = {"base_model": "gpt2", "config": {"train": {"lora_rank": 8, "lora_alpha": 16, "lora_targets": ["c_attn"]}},
+           "steps": 5, "final_loss": 1.5}
+    merged = model_card(TINY, run=run)  # a full model from a LoRA run: its merged model, unless told otherwise
+    assert merged == model_card(TINY, run=run, role="merged") and front_matter(merged)["base_model"] == "gpt2"
+    assert "a jaxtune run's LoRA adapter (rank 8, alpha 16.0, on c_attn) merged into its base, [gpt2]" in merged
+    base = model_card(TINY, run=run, role="base")
+    assert "base_model" not in front_matter(base) and "| final training loss |" not in base
+    assert "the LoRA adapter in the parent folder was trained on: gpt2" in base
+    with pytest.raises(ValueError, match="role='adapter': choose one of model, base, merged"):
+        model_card(TINY, run=run, role="adapter")

@@ -76,7 +76,8 @@ def test_trained_model_scores_full_marks_and_the_base_does_not(models, tmp_path,
     assert len({(tuned / n).stat().st_mode & 0o777 for n in ("eval.md", "config.json")}) == 1  # not mkstemp's 0600
     card = (tuned / "README.md").read_text()  # the model card gets the evaluation table
     assert "## Evaluation" in card and "held-out pairs in `held_out.jsonl`" in card and card.count("## Evaluation") == 1
-    assert "| this model | 1.0000 | 1.0000 | 1.0000 |" in card and card.index("## Evaluation") < card.index("## Limitations")
+    row = next(line for line in report.splitlines() if line.startswith(f"| {tuned} |"))  # eval.md's figures
+    assert row.replace(str(tuned), "this model") in card and card.index("## Evaluation") < card.index("## Limitations")
     assert f"| {base.name} | " in card and str(tmp_path) not in card  # no local paths in a card that may be pushed
 
     # --output elsewhere, the same model twice: labels stay apart
@@ -157,3 +158,36 @@ def test_training_overlap_counts_the_pairs_a_run_trained_on(tmp_path):
     assert training_overlap(tmp_path / "run", spaced) == 3
     data.unlink()
     assert training_overlap(tmp_path / "run", PAIRS) is None and training_overlap(tmp_path, PAIRS) is None
+
+
+def test_the_cards_evaluation_is_eval_mds_table_with_its_warning_and_no_paths(tmp_path):
+    """The card's evaluation section has eval.md's columns, headers and figures, each model named once without a
+    local path (two folders named merged, a model given twice), and eval.md's warning for a model that trained on
+    the pairs, which then are not called held-out anywhere."""
+    from jaxtune.evaluate import ModelEval, write_reports
+
+    run = save(build(GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4), seed=0), load("tiny")[1],
+               tmp_path / "run")
+    for folder in ("a/merged", "b/merged", "rv"):
+        (tmp_path / folder).mkdir(parents=True)
+    scores = dict(source="x", examples=4, val_loss=10.70, perplexity=44410.9848, rouge_l=0.5, exact_match=0.25,
+                  stop_rate=1.0, mean_tokens=12.0, seconds=1.0)
+    labels = [str(run), str(tmp_path / "a/merged"), str(tmp_path / "b/merged"), str(tmp_path / "rv"),
+              f"{tmp_path / 'rv'} (2)"]
+    results = [ModelEval(model=label, trained_on=4 if label == str(run) else None, **scores,
+                         answers=[{"answer": "a", "rouge_l": 0.5, "exact": False, "stopped": True, "tokens": 1}] * 4)
+               for label in labels]
+    pairs = PAIRS[:4]
+    write_reports(results, pairs, run, data=str(write_jsonl(tmp_path / "held.jsonl", pairs)), max_new_tokens=8)
+    card, report = (run / "README.md").read_text(), (run / "eval.md").read_text()
+    header = "| model | val loss | perplexity | ROUGE-L | exact | stop rate | mean tokens |"
+    assert header in card and header in report
+    figures = " | 10.7000 | 4.441e+04 | 0.500 | 0.250 | 1.000 | 12.0 |"
+    assert f"| {run}{figures}" in report
+    for name in ("this model", "a/merged", "b/merged", "rv", "rv (2)"):
+        assert card.count(f"| {name}{figures}") == 1
+    assert str(tmp_path) not in card
+    assert "**Warning:** this model trained on 4 of these 4 pairs: its scores on them are not held-out." in card
+    assert f"**Warning:** {run} trained on 4 of these 4 pairs" in report
+    assert "Greedy answers to the pairs in `held.jsonl`" in card and "4 pairs from `" in report
+    assert "held-out pairs" not in card and "held-out pairs" not in report
