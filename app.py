@@ -1529,6 +1529,9 @@ def _picks(session: Session, shown: dict, usable: list) -> tuple:
     return a, b if b in ids else None, runs
 
 
+PLOT_RESENDS = 2
+
+
 def _view(session: Session, force: bool = False, shown: dict | None = None) -> list:
     """Everything the poll redraws, in VIEW's order; what the page already shows is skipped. `shown`: Try's and
     Evaluate's run pickers as the page has them (see `_picks`)."""
@@ -1576,6 +1579,11 @@ def _view(session: Session, force: bool = False, shown: dict | None = None) -> l
     out = []
     for key, (signature, make) in views.items():
         same = not force and session.sent.get(key) == signature
+        if key == "plot":  # the plot drops data that reaches it while it renders or before it is mounted (a reload,
+            # the last steps of a short run): sent again on the next PLOT_RESENDS polls after it changes
+            resends = session.sent.get("plot-resends", 0)
+            session.sent["plot-resends"] = PLOT_RESENDS if not same else max(resends - 1, 0)
+            same = same and not resends
         session.sent[key] = signature
         value = signature if make is None else None
         if same:

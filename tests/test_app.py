@@ -479,6 +479,11 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
     assert 20 <= stopped_at < 300 and "keeps what it learned" in _progress_text(page)
     page.wait_for_function("() => document.querySelector('#log textarea').value.includes('keeps what it learned')")
     _shot(page, tmp_path, "3-stopped")
+    page.reload()  # a run that has ended: its whole curve comes back (the plot dropped data sent before it mounted)
+    _wait_progress(page, "stopped", timeout=30_000)
+    page.wait_for_function("n => [...document.querySelectorAll('#loss-plot [aria-roledescription=\"point\"]')]"
+                           ".filter(e => e.getAttribute('aria-label').includes('split: train')).length == n",
+                           arg=stopped_at, timeout=30_000)
 
     page.wait_for_function("() => document.querySelector('#export button, button#export') && "
                            "!(document.querySelector('#export button, button#export').disabled)", timeout=30_000)
