@@ -138,9 +138,14 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
     base = base or cfg.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{directory}: adapter_config.json names no base model; pass one (--base)")
+    named = base
     if not os.path.isabs(base) and (directory / base).is_dir():
         base = str(directory / base)
-    model, tokenizer = (load_base or load)(base)
+    try:
+        model, tokenizer = (load_base or load)(base)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{e}. It is the base the adapter in {directory} names ({named!r}); if it is elsewhere "
+                             "now, pass it with --base DIR (base= in Python)") from None
     targets = cfg.get("target_modules") or ["c_attn"]
     targets = [targets] if isinstance(targets, str) else list(targets)
     add_lora(model, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), targets, dropout=float(cfg.get("lora_dropout") or 0))

@@ -147,6 +147,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     out = Path(cfg.output)
     if not prepared:  # checked before anything is read or trained; nothing is removed until training starts
         out = prepare_output(out, overwrite=overwrite, resume=resume, subfolder=subfolder)
+    model_dir = Path(cfg.model).expanduser()
+    if cfg.model not in ("tiny", "auto") and model_dir.is_dir():  # by its absolute path, as the data: the run's
+        cfg.model = str(model_dir.resolve())  # config.yaml and a LoRA adapter's base work from any folder
     if resume:  # before the model is loaded: a model of another shape is named here, not by orbax
         check_resume_options(resume, saved, cfg)
     reporters = check_reporters(cfg.report_to)  # a tracker's missing package is said now, not after the model loaded

@@ -87,20 +87,31 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
 
 
 def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
-    """config.yaml names the data by absolute paths, and the validation file is compared by its content: a resume
-    from another folder, naming that file another way, continues the run."""
+    """config.yaml names the data and a local model by absolute paths, and the validation file is compared by its
+    content: a resume from another folder, naming that file another way, continues the run, and the LoRA adapter
+    names its base so that it loads from anywhere (and, its base moved, says to pass --base)."""
     import yaml
 
     write_jsonl(tmp_path / "d.jsonl", PAIRS)
     write_jsonl(tmp_path / "v.jsonl", PAIRS[:3])
-    p = run("train", "--model", str(hf_dir), "--data", "d.jsonl", "--validation-data", "v.jsonl", "--output", "run",
-            *COMMON, "--save-every", "2", "--max-steps", "2", cwd=tmp_path)
+    shutil.copytree(hf_dir, tmp_path / "mybase")
+    p = run("train", "--model", "mybase", "--data", "d.jsonl", "--validation-data", "v.jsonl", "--output", "run",
+            *COMMON, "--save-every", "2", "--max-steps", "2", "--lora-rank", "2", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert (saved["data"], saved["validation_data"]) == (str(tmp_path / "d.jsonl"), str(tmp_path / "v.jsonl"))
+    assert saved["model"] == str(tmp_path / "mybase")
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tmp_path / "mybase")
     p = run("train", "--resume", str(tmp_path / "run"), "--max-steps", "4", "--validation-data",
             f"{tmp_path}/./v.jsonl")  # run from the repository's folder
     assert p.returncode == 0 and "at step 2/4" in p.stderr, p.stderr[-2000:]
+    (tmp_path / "mybase").rename(tmp_path / "moved")
+    p = run("generate", "--model", str(tmp_path / "run"), "--instruction", "Hi", "--max-new-tokens", "2")
+    assert p.returncode == 2 and "if it is elsewhere now, pass it with --base DIR" in p.stderr, p.stderr
+    p = run("generate", "--model", str(tmp_path / "run"), "--base", str(tmp_path / "moved"), "--instruction", "Hi",
+            "--max-new-tokens", "2")
+    assert p.returncode == 0, p.stderr
 
 
 def _corrupt(step_dir: Path):
