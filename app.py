@@ -1064,6 +1064,10 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
     report = inspect_rows(_all_rows(table, session), TOKENIZER, max_length=max_length, loss_on=loss_on)
     if report.problems:
         raise gr.Error("Fix these rows first:\n" + "\n".join(report.problems[:10]), title="Data problems")
+    if not report.pairs and report.dropped:
+        said = [w for w in report.warnings if "nothing of the response" in w]
+        raise gr.Error("No row can train: " + "; ".join(said[:3]) + (f"; and {len(said) - 3} more" if len(said) > 3
+                                                                      else ""), title="No data")
     if not report.pairs:
         raise gr.Error("The table has no pairs. Add rows or load the example data.", title="No data")
     pairs = report.pairs
@@ -1152,8 +1156,17 @@ def _target(session, run_id=None, *, what: str):
     run_id = run_id if isinstance(run_id, str) and run_id else None
     run = REGISTRY.get(run_id)
     if run is None or (PUBLIC and run.id not in session.ids):
-        raise gr.Error(f"Pick a run to {what} in the runs table.", title="No run")
+        raise _no_run(run_id, what)
     return run
+
+
+def _no_run(run_id, what: str) -> gr.Error:
+    """No run to act on: none named, or one that is not here (deleted, or on a Space another browser's: the same
+    answer, so that an id says nothing about other people's runs)."""
+    if run_id is None:
+        return gr.Error(f"Pick a run to {what} in the runs table.", title="No run")
+    return gr.Error(f"There is no run {run_id!r} here (deleted?). Pick a run to {what} in the runs table.",
+                    title="No run")
 
 
 @_guarded
@@ -1895,11 +1908,14 @@ def eval_reports(session, request: gr.Request = None):
 
 # ---------------------------------------------------------------------------------------------- export
 def _export_dir(run_id, session) -> Path:
-    run = REGISTRY.get(run_id) if isinstance(run_id, str) and run_id else None
+    named = run_id if isinstance(run_id, str) and run_id else None
+    run = REGISTRY.get(named)
+    if named is not None and (run is None or (PUBLIC and run.id not in session.ids)):
+        raise _no_run(named, "export")
     if run is None:
         mine = [r for r in REGISTRY.list(session.ids) if _usable(r)]
         run = mine[0] if mine else None
-    if run is None or (PUBLIC and run.id not in session.ids):
+    if run is None:
         raise gr.Error("There is no tuned model yet: train one in step 2.", title="Nothing to export")
     if not _usable(run):
         raise gr.Error(_no_model(run), title="Nothing to export")

@@ -628,6 +628,8 @@ class Registry:
         run = self.get(run_id)
         if run is None:
             raise KeyError(run_id)
+        if run.status in ACTIVE and run.stop_event.is_set():
+            raise RunDirError(f"{run.name} is stopping (it finishes its step and saves); delete it once it has stopped")
         if run.status in ACTIVE:
             raise RunDirError(f"{run.name} is {run.status}; stop it before deleting it")
         remove_owned(run.dir)

@@ -158,6 +158,11 @@ def test_bad_input_gets_clear_messages(app_url, tmp_path):
     assert table["data"] == [["Translate\n\nchat", "cat"]] and note == ""  # all shown: nothing to say
     with pytest.raises(AppError, match="no tuned model yet"):
         Client(app_url, verbose=False).predict(api_name="/export")
+    with pytest.raises(AppError, match=r"There is no run 'gone' here \(deleted\?\)\. Pick a run to export"):
+        Client(app_url, verbose=False).predict("gone", api_name="/export")
+    long_instruction = {"headers": ["Instruction", "Response"], "data": [["word " * 80, "Hello"]]}
+    with pytest.raises(AppError, match=r"No row can train: row 1: nothing of the response fits in max_length 64"):
+        client.predict(long_instruction, *TRAIN_ARGS.values(), api_name="/train")
 
 
 def test_desktop_loads_local_model_directories(app_url, hf_dir):
