@@ -964,12 +964,14 @@ def _check_run_size(epochs: int, pairs: int, batch_size: int):
                        f"{max(MAX_EXAMPLES_SEEN // pairs, 1):,}.", title="Run too long")
 
 
-def _check_memory(config: GPT2Config, name: str, batch_size: int, max_length: int, lora_rank: int = 0):
+def _check_memory(config: GPT2Config, name: str, batch_size: int, asked_length: int, lora_rank: int = 0):
+    max_length = min(asked_length, config.n_positions)  # what the run would use
     need = run_bytes(config, batch_size, max_length, lora_rank)
     if need > RUN_MEMORY:
         how = f"LoRA rank {lora_rank}" if lora_rank else "Full fine-tuning"
         lora = not lora_rank and run_bytes(config, batch_size, max_length, LORA_RANK) <= RUN_MEMORY
-        raise gr.Error(f"{how} with batch size {batch_size} x max length {max_length} on {name} needs about "
+        capped = f" (its {config.n_positions} positions; {asked_length} was asked)" if asked_length > max_length else ""
+        raise gr.Error(f"{how} with batch size {batch_size} x max length {max_length}{capped} on {name} needs about "
                        f"{need / 2**30:.1f} GiB by this server's estimate; a run has {RUN_MEMORY / 2**30:.1f} GiB here. "
                        + ("Pick LoRA or QLoRA (8 bytes a parameter instead of 24), or lower" if lora else
                           "Lower") + " the batch size or the max length, or pick a smaller model.",
@@ -1078,7 +1080,7 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
     n_val = max(1, round(len(pairs) * validation_fraction)) if validation_fraction else 0
     _check_run_size(epochs, len(pairs) - n_val, batch_size)
     if name in PRESETS:  # a known architecture: a run too large for this machine is refused before it is downloaded
-        _check_memory(PRESETS[name], name, batch_size, min(max_length, PRESETS[name].n_positions), lora_rank)
+        _check_memory(PRESETS[name], name, batch_size, max_length, lora_rank)
     try:
         base, _ = _shared_base(name, seed)
     except (ModelLoadError, jaxtune.ConfigError) as e:
@@ -1086,7 +1088,7 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
     if time.monotonic() - started > MAX_TRAIN_SECONDS:
         raise _time_limit("while loading the model", started)
     tcfg.max_length = min(max_length, base.config.n_positions)
-    _check_memory(base.config, name, batch_size, tcfg.max_length, lora_rank)
+    _check_memory(base.config, name, batch_size, max_length, lora_rank)
     steps = min(MAX_STEPS, epochs * math.ceil((len(pairs) - n_val) / batch_size))  # packed runs take fewer
     cfg = RunConfig(model=name, validation_fraction=validation_fraction, train=tcfg, samples=2, keep_checkpoints=2,
                     eval_every=max(1, steps // 10) if n_val else None,  # the validation curve: about 10 points

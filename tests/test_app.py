@@ -1292,6 +1292,8 @@ def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
     with pytest.raises(gr.Error, match=r"LoRA rank 16 with batch size 64 x max length 1024 on gpt2-large .* Lower the "
                                        r"batch size"):
         app._check_memory(large, "gpt2-large", 64, 1024, lora_rank=16)
+    with pytest.raises(gr.Error, match=r"batch size 64 x max length 1024 \(its 1024 positions; 4096 was asked\) on"):
+        app._check_memory(large, "gpt2-large", 64, 4096, lora_rank=16)  # the length the run would use, and why
     full, lora = app.run_bytes(large, 4, 128), app.run_bytes(large, 4, 128, lora_rank=16)
     adapters = 16 * large.n_layer * 16 * 11 * large.n_embd  # 16 bytes each: c_attn, attn.c_proj, mlp.c_proj at r=16
     assert full - lora == pytest.approx(16 * app._parameters(large) - adapters, rel=1e-6)  # 24 - 8 bytes a parameter
