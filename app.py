@@ -1896,7 +1896,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
                                                           max_new_tokens=max_new_tokens)]
     seconds = sum(r.seconds for r in results)
     warned = "".join(f" · ⚠ {line}" for line in overlap_warnings(results))
-    done = f"{len(models)} model(s) answered {len(pairs):,} pairs in {seconds:.1f} s{warned} · {heading}"
+    done = f"{plural(len(models), 'model')} answered {plural(len(pairs), 'pair')} in {seconds:.1f} s{warned} · {heading}"
     yield _eval_progress_html(1.0, done), _summary_frame(results), _examples_frame(results, pairs), session
 
 
@@ -2013,7 +2013,7 @@ HEAD = """<script>
 
 def backend_info() -> str:
     devices = ", ".join(sorted({f"{d.platform}:{d.device_kind}" for d in jax.devices()}))
-    return f"JAX {jax.__version__} · backend **{jax.default_backend()}** · {jax.device_count()} device(s): {devices}"
+    return f"JAX {jax.__version__} · backend **{jax.default_backend()}** · {plural(jax.device_count(), 'device')}: {devices}"
 
 
 def _limits_info() -> str:

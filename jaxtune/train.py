@@ -55,6 +55,8 @@ def batch_loss(model, batch: dict, *, dropout_rng=None, use_attention_mask: bool
 # ---------------------------------------------------------------------------------------------- optimizer
 def make_schedule(cfg: TrainConfig, total_steps: int):
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    if not warmup:  # the same values, without optax's warning about a warmup of no steps
+        return optax.cosine_decay_schedule(cfg.learning_rate, max(total_steps, 1), alpha=0.1)
     return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total_steps, warmup + 1),
                                               end_value=cfg.learning_rate * 0.1)
 

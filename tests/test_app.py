@@ -589,7 +589,7 @@ def test_browser_evaluate_compares_the_base_and_a_run(app_url, browser, tmp_path
     texts = page.evaluate("() => window.evalTexts")
     assert any(re.search(r"\(1 of 2\): answered \d of 2", t) for t in texts) or \
         any("(1 of 2): validation loss" in t for t in texts), texts
-    assert "2 model(s) answered 2 pairs" in page.locator("#eval-progress").inner_text()
+    assert "2 models answered 2 pairs" in page.locator("#eval-progress").inner_text()
     summary = _table_rows(page, "eval-summary")
     assert [row[0] for row in summary] == ["base: tiny", run["name"]]
     for row in summary:
@@ -627,7 +627,7 @@ def test_evaluate_holds_out_the_split_a_run_holds_out_and_refuses_bad_values(app
     held = split_validation(pairs, 0.25, 3)[1]
     assert [row[:2] for row in examples["data"]] == [[p.instruction, p.response] for p in held]
     assert examples["headers"] == ["Instruction", "Reference", "base: tiny"] and len(summary["data"]) == 1
-    assert "1 model(s) answered 2 pairs" in progress and "the validation split: 2 of 8 pairs (fraction 0.25, seed 3)" \
+    assert "1 model answered 2 pairs" in progress and "the validation split: 2 of 8 pairs (fraction 0.25, seed 3)" \
         in progress and "at most 16 new tokens" in progress
     report = json.loads(Path(next(f for f in files if f.endswith("eval.json"))).read_text())
     assert report["examples"] == 2 and report["max_new_tokens"] == 16
@@ -635,7 +635,7 @@ def test_evaluate_holds_out_the_split_a_run_holds_out_and_refuses_bad_values(app
         [report["models"][0]["val_loss"], report["models"][0]["perplexity"]], rel=1e-3)
     job = client.submit(**dict(EVAL_ARGS, source="held-out", max_new_tokens=64), api_name="/evaluate")
     n = len(read_pairs(ROOT / "examples" / "customer_service_val.jsonl"))
-    assert f"1 model(s) answered {n} pairs" in job.result(timeout=300)[0]
+    assert f"1 model answered {n} pairs" in job.result(timeout=300)[0]
     said = [out[0] for out in job.outputs()]
     assert any(re.search(rf"base: tiny \(1 of 1\): answered (16|32|48) of {n} ", text) for text in said), said
     for args, message in [
