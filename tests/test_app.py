@@ -124,7 +124,7 @@ def test_api_end_to_end(app_url, runs_dir, tmp_path, stop_all):
 ONE_ROW = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]]}
 
 
-def test_bad_input_gets_clear_messages(app_url, tmp_path):
+def test_bad_input_gets_clear_messages(app_url, app_log, tmp_path):
     client = Client(app_url, verbose=False)
     with pytest.raises(AppError, match="no pairs"):
         client.predict({"headers": ["Instruction", "Response"], "data": [["", ""]]}, *TRAIN_ARGS.values(),
@@ -142,6 +142,10 @@ def test_bad_input_gets_clear_messages(app_url, tmp_path):
                                                                                               *TRAIN_ARGS.values())
     assert "Instruction holds a character that is not valid text at position 1" in raw("generate", "\udfff", 0.0, 0.95,
                                                                                           8, "tiny", None, None)
+    said = raw("train", "A" * 100_000, "tiny")  # too few values, one of them large: one line in the log, not the request
+    assert "This request does not fit /train's inputs: An event handler (train_run) didn't receive enough input " \
+        "values (needed: 15, got: 2). The page's 'Use via API' link" in said
+    assert "train refused before it ran" in app_log.read_text() and "A" * 1000 not in app_log.read_text()
     args = dict(TRAIN_ARGS, model_name="nobody/no-such-model")
     with pytest.raises(AppError, match="not in the local Hugging Face cache"):
         client.predict({"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"]]}, *args.values(),
