@@ -341,10 +341,13 @@ class _Blocks(gr.Blocks):
             raise
         except Exception as e:  # noqa: BLE001 - whatever a component's preprocessing raises for a malformed value
             name = block_fn.api_name or block_fn.name
-            said = (str(e).splitlines() or [type(e).__name__])[0][:200].rstrip(".")
-            log.info("%s refused before it ran: %s", name, said)
-            raise gr.Error(f"This request does not fit /{name}'s inputs: {said}. The page's 'Use via API' link lists "
-                           "what each endpoint takes.", title="Bad request", print_exception=False) from None
+            log.info("%s refused before it ran: %s", name, (str(e).splitlines() or [type(e).__name__])[0][:200])
+            inputs = args[0] if args and isinstance(args[0], list) else None
+            given = (f"it takes {plural(len(block_fn.inputs), 'value')} and the request gave {len(inputs)}"
+                     if inputs is not None and len(inputs) != len(block_fn.inputs) else
+                     "a value is not of the kind its input takes (a table as headers and data rows, numbers as numbers)")
+            raise gr.Error(f"This request does not fit /{name}: {given}. The page's 'Use via API' link lists what each "
+                           "endpoint takes.", title="Bad request", print_exception=False) from None
 
 
 def _guarded(fn):

@@ -143,8 +143,8 @@ def test_bad_input_gets_clear_messages(app_url, app_log, tmp_path):
     assert "Instruction holds a character that is not valid text at position 1" in raw("generate", "\udfff", 0.0, 0.95,
                                                                                           8, "tiny", None, None)
     said = raw("train", "A" * 100_000, "tiny")  # too few values, one of them large: one line in the log, not the request
-    assert "This request does not fit /train's inputs: An event handler (train_run) didn't receive enough input " \
-        "values (needed: 15, got: 2). The page's 'Use via API' link" in said
+    assert "This request does not fit /train: it takes 15 values and the request gave 2. The page's 'Use via API' " \
+        "link" in said
     assert "train refused before it ran" in app_log.read_text() and "A" * 1000 not in app_log.read_text()
     args = dict(TRAIN_ARGS, model_name="nobody/no-such-model")
     with pytest.raises(AppError, match="not in the local Hugging Face cache"):

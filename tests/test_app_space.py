@@ -111,6 +111,7 @@ def test_uploads_are_limited_in_rows_and_size(space, tmp_path):
     with pytest.raises(AppError) as info:
         client.predict({"headers": ["a", "b"], "data": "x"}, **TRAIN_ARGS, api_name="/train")
     assert "pydantic" not in str(info.value) and "validation error" not in str(info.value)
+    assert "does not fit /train: a value is not of the kind its input takes" in str(info.value)
 
 
 def test_big_upload_stays_on_the_server(space, tmp_path):
