@@ -1986,8 +1986,10 @@ def push_to_hub(repo_id, token, private, run_id=None, kind="adapter", session=No
     else:
         folder, what = run.dir, "LoRA adapter" if _is_lora(run) else "model"
     try:
-        push(folder, repo_id, token=token, private=private, endpoint=endpoint,
+        push(folder, repo_id, token=token, private=private, endpoint=endpoint, run_dir=run.dir,
              commit_message=f"Upload {what} tuned with jaxtune")
+    except ValueError as e:  # what push refuses before it uploads anything (an adapter on a local base)
+        raise gr.Error(str(e), title="Cannot push")
     except Exception as e:  # noqa: BLE001 - said by its HTTP status only; the text is logged here
         log.warning("push to %s failed: %r", repo_id, e)
         raise gr.Error(f"Upload failed: {push_error(e, repo_id)}. Check the token (it needs write access) and the "

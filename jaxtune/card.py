@@ -201,15 +201,20 @@ def _evaluation_lines(rows: list[dict], data: str | None = None) -> list[str]:
 def _base_line(base) -> str:
     """The card's line that loads a LoRA adapter's base: a hub id or path as it is; the embedded model's copy that
     travels beside the adapter (`base`, a folder name) from the adapter's own folder, wherever Python runs."""
-    if base == "base":
-        return 'model = GPT2LMHeadModel.from_pretrained(f"{path}/base")  # the base, in base/ beside the adapter'
+    if base == "base":  # subfolder: a local folder or a hub repository alike
+        return 'model = GPT2LMHeadModel.from_pretrained(path, subfolder="base")  # the base, in base/ beside the adapter'
     return f'model = GPT2LMHeadModel.from_pretrained("{base}")  # the base'
 
 
 def portable_config(cfg: dict) -> dict:
-    """A run's configuration as it travels with its model (card, zip): without `output`, the folder on the machine
-    that trained it, which a new run must not reuse (it says --output)."""
-    return {k: v for k, v in cfg.items() if k != "output"}
+    """A run's configuration as it travels with its model (card, zip, hub): without `output`, the folder on the
+    machine that trained it, which a new run must not reuse (it says --output), and with local data files by their
+    names (the card says to pass --data where they are not), not by paths that name the trainer's folders."""
+    out = {k: v for k, v in cfg.items() if k != "output"}
+    for key in ("data", "validation_data"):
+        if isinstance(out.get(key), str) and Path(out[key]).is_absolute():
+            out[key] = Path(out[key]).name
+    return out
 
 
 def portable_config_text(directory) -> str | None:
@@ -267,10 +272,12 @@ def own_base(directory) -> bool:
 
 
 def push(directory, repo_id: str, *, token: str | None, private: bool = True, commit_message: str | None = None,
-         endpoint: str | None = None) -> str:
-    """Upload a model or LoRA adapter folder to the hub in one commit, its model card included; its checkpoints,
-    run files, merged/ and base/ (unless the adapter's base is that copy) left out. Returns the repository's URL.
-    Errors come from the hub, as `huggingface_hub` raises them (`push_error` words them)."""
+         endpoint: str | None = None, run_dir=None) -> str:
+    """Upload a model or LoRA adapter folder to the hub in one commit, its model card and the run's config.yaml
+    (from `run_dir`, the run's folder, when the model is not in it: a merged model) included; its checkpoints, run
+    files, samples, merged/ and base/ (unless the adapter's base is that copy) left out. An adapter whose base is a
+    folder on this machine is refused: nobody who downloads it has that base. Returns the repository's URL. Errors
+    come from the hub, as `huggingface_hub` raises them (`push_error` words them)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     if not _HUB_ID.match(repo_id or "") or "/" not in repo_id:
@@ -280,7 +287,18 @@ def push(directory, repo_id: str, *, token: str | None, private: bool = True, co
     if not adapter and not (directory / "model.safetensors").exists():
         raise ValueError(f"{directory} holds no model.safetensors or adapter_model.safetensors: there is nothing to "
                          "push yet")
-    skip = ("checkpoints/*", ".*", "*/.*", "data.jsonl", "train.log", "run.json", "config.yaml", "merged/*",
+    if adapter and not own_base(directory):
+        try:
+            named = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get(
+                "base_model_name_or_path")
+        except (OSError, ValueError, AttributeError):
+            named = None
+        if not hub_id(named):
+            raise ValueError(f"the adapter in {directory} was trained on {named or 'a base it does not name'}, which "
+                             "is not on the hub: nobody who downloads the adapter could load it. Push the merged model "
+                             "instead (a full model: --merged, or the app's merged export)")
+    skip = ("checkpoints/*", ".*", "*/.*", "data.jsonl", "samples.jsonl", "train.log", "run.json", "config.yaml",
+            "merged/*",
             *(() if adapter and own_base(directory) else ("base/*",)))
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for f in sorted(directory.rglob("*"))
                   if f.is_file() and (name := f.relative_to(directory).as_posix()) != "README.md"
@@ -289,7 +307,7 @@ def push(directory, repo_id: str, *, token: str | None, private: bool = True, co
         card = (directory / "README.md").read_text(encoding="utf-8")
         card = card.replace(f'path = "{_PLACEHOLDER}"', f'path = "{repo_id}"', 1)
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode("utf-8")))
-    text = portable_config_text(directory)
+    text = portable_config_text(directory if (directory / "config.yaml").is_file() or run_dir is None else run_dir)
     if text is not None:  # the run's config as its card shows it: no output folder
         operations.append(CommitOperationAdd(path_in_repo="config.yaml", path_or_fileobj=text.encode("utf-8")))
     api = HfApi(token=token, endpoint=endpoint)  # endpoint: None is the hub ($HF_ENDPOINT)

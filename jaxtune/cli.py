@@ -282,6 +282,9 @@ def cmd_push(args) -> int:
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; give the run's --output folder")
     adapter = is_adapter_dir(folder) and not (folder / "config.json").exists()
+    if not adapter and not (folder / "model.safetensors").exists():
+        raise DataError(f"{folder} holds no model yet (no model.safetensors or adapter_model.safetensors): a run "
+                        "writes its model when it ends or is stopped")
     if args.merged and not adapter:
         raise DataError(f"--merged is for a LoRA run, and {folder} holds a full model: leave --merged out")
     what = "merged model" if args.merged else "LoRA adapter" if adapter else "model"
@@ -289,7 +292,7 @@ def cmd_push(args) -> int:
     with tempfile.TemporaryDirectory(prefix="jaxtune-push-") as scratch:
         source = _merged(folder, Path(scratch) / "merged") if args.merged else folder
         try:
-            url = push(source, args.repo, token=token, private=not args.public, endpoint=endpoint,
+            url = push(source, args.repo, token=token, private=not args.public, endpoint=endpoint, run_dir=folder,
                        commit_message=f"Upload a {what} tuned with jaxtune")
         except ValueError:  # a repository name or folder push refuses, said as it is
             raise

@@ -38,7 +38,8 @@ def test_a_trained_model_carries_its_card_and_tidy_configs(tmp_path, hf_dir):
     assert "Instruction: {instruction}\\nResponse: {response}" in card and "GPT2LMHeadModel.from_pretrained" in card
     config_yaml = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
     written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert written.pop("output") == str(tmp_path / "run") and config_yaml == written  # the folder stays home
+    assert written.pop("output") == str(tmp_path / "run") and written["data"] == str(data)
+    assert config_yaml == {**written, "data": "d.jsonl"}  # the folders stay home: the data by its file name
     assert "`python -m jaxtune train --config config.yaml --output NEW_FOLDER` repeats it" in card
     tok_cfg = json.loads((tmp_path / "run" / "tokenizer_config.json").read_text())
     assert tok_cfg["model_max_length"] == 64  # the model's n_positions, not ~1e30
@@ -114,11 +115,15 @@ def test_push_uploads_a_lora_adapter_and_hub_reachable_follows_hf_endpoint(tmp_p
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     model, tok = load(str(hf_dir))
-    out = save(add_lora(model, 2), tok, tmp_path / "adapter", adapter_base=str(hf_dir))
+    local = save(add_lora(model, 2), tok, tmp_path / "local", adapter_base=str(hf_dir))
+    out = save(add_lora(load(str(hf_dir))[0], 2), tok, tmp_path / "adapter", adapter_base="gpt2")  # a hub base
     hub = HubStandIn()
     try:
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         assert hub_reachable(timeout=2)
+        with pytest.raises(ValueError, match=f"trained on {hf_dir}, which is not on the hub: nobody who downloads"):
+            push(local, "me/local", token=GOOD_TOKEN, endpoint=hub.url)  # its base is a folder on this machine
+        assert "me/local" not in hub.repos
         push(out, "me/adapter", token=GOOD_TOKEN, endpoint=hub.url)
         files = hub.repos["me/adapter"]["files"]
         assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(files)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PAIRS = [{"instruction": f"Where is order {n}?", "response": f"Order {n} is on its way."} for n in range(12)]
@@ -279,11 +280,14 @@ def test_push_uploads_a_lora_run_its_merged_model_or_says_why_not(tmp_path):
         files = hub.repos["me/adapter"]["files"]
         assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "config.yaml",
                 "base/model.safetensors"} <= set(files) and hub.repos["me/adapter"]["private"] is True
-        assert not any(f.startswith(("checkpoints", "merged")) or f in ("train.log", "data.jsonl") for f in files)
+        assert not any(f.startswith(("checkpoints", "merged")) or f in ("train.log", "data.jsonl", "samples.jsonl")
+                       for f in files)  # nor the pairs, nor the answers to them
+        assert 'GPT2LMHeadModel.from_pretrained(path, subfolder="base")' in files["README.md"].decode()
         p = push("--repo", "me/merged", "--merged", "--public")
         assert p.returncode == 0 and "uploaded the merged model" in p.stdout, p.stderr
         files = hub.repos["me/merged"]["files"]
         assert "adapter_config.json" not in files and hub.repos["me/merged"]["private"] is False
+        assert yaml.safe_load(files["config.yaml"])["train"]["lora_rank"] == 4  # the run's, as the card says
         (tmp_path / "got").mkdir()
         for name, content in files.items():
             (tmp_path / "got" / name).write_bytes(content)
@@ -300,6 +304,10 @@ def test_push_uploads_a_lora_run_its_merged_model_or_says_why_not(tmp_path):
         p = subprocess.run([sys.executable, "-m", "jaxtune", "push", str(tmp_path / "lora" / "base"), "--repo", "me/x",
                             "--merged"], env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and "--merged is for a LoRA run" in p.stderr and "Traceback" not in p.stderr
+        (tmp_path / "unfinished").mkdir()  # a run killed before it wrote a model
+        p = subprocess.run([sys.executable, "-m", "jaxtune", "push", str(tmp_path / "unfinished"), "--repo", "me/x",
+                            "--merged"], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and "unfinished holds no model yet" in p.stderr, p.stderr
         assert "me/other" not in hub.repos and "me/x" not in hub.repos
     finally:
         hub.close()
