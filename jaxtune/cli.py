@@ -14,7 +14,7 @@ import yaml
 from jaxtune.checkpoint import ModelLoadError, load
 
 from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
-from jaxtune.data import DataError
+from jaxtune.data import DataError, invalid_character
 from jaxtune.generate import generate
 from jaxtune.rundir import RunDirError
 from jaxtune.sharding import enable_compilation_cache
@@ -340,6 +340,16 @@ def main(argv=None) -> int:
     _generate_parser(sub)
     _eval_parser(sub)
     _push_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for arg in argv:  # bytes that are not UTF-8 reach Python as lone surrogates: no tokenizer or file name takes them
+        if invalid_character(arg) is not None:
+            try:
+                shown = str(arg.encode("utf-8", "surrogateescape"))[2:-1]  # the bytes as typed: 'bad \xff byte'
+            except UnicodeEncodeError:
+                shown = arg.encode("utf-8", "backslashreplace").decode()
+            print(f"error: the argument '{shown}' holds bytes that are not valid UTF-8; retype it (or set the "
+                  "terminal's encoding to UTF-8)", file=sys.stderr)
+            return 2
     args = parser.parse_args(argv)
     enable_compilation_cache()  # a second launch on the same shapes skips compiling (JAXTUNE_COMPILATION_CACHE=0: off)
     try:

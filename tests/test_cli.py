@@ -197,6 +197,18 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
     assert (tmp_path / "cut" / "model.safetensors").exists() and (tmp_path / "cut" / "checkpoints").is_dir()
 
 
+def test_arguments_that_are_not_utf8_are_refused_before_anything_runs(tmp_path):
+    """Bytes that are not UTF-8 (a terminal in another encoding) used to crash the tokenizer, or to train a whole run
+    and then fail to write it into a folder of that name."""
+    data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    out = os.fsencode(tmp_path) + b"/out\xffdir"
+    p = subprocess.run([sys.executable, "-m", "jaxtune", "train", "--model", "tiny", "--data", str(data), "--output",
+                        out], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "out\\xffdir' holds bytes that are not valid UTF-8; retype it" in p.stderr, p.stderr
+    assert list(tmp_path.iterdir()) == [data] and "step" not in p.stderr  # refused before anything was made
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--temperature", "nan"], "temperature=nan must be a finite number"),
     (["--top-p", "1.5"], "top_p=1.5 must be above 0 and at most 1"),
