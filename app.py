@@ -1851,7 +1851,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
              include_base, run_ids, max_new_tokens, model_name, session=None, request: gr.Request = None):
     """The base model and finished runs answer held-out pairs (greedy, batched) and are scored side by side:
     progress while they answer, then the summary, every answer, and the reports (eval.md, eval.json, eval.jsonl)."""
-    from jaxtune.evaluate import evaluate_model, overlap_warnings, training_overlap, write_reports
+    from jaxtune.evaluate import evaluate_model, report_warnings, training_overlap, write_reports
 
     session = _session(session, request)
     source = _choice("Held-out pairs", source, EVAL_SOURCES)
@@ -1918,7 +1918,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
     session.eval_reports = [str(f) for f in write_reports(results, pairs, folder, data=what,
                                                           max_new_tokens=max_new_tokens)]
     seconds = sum(r.seconds for r in results)
-    warned = "".join(f" · ⚠ {line}" for line in overlap_warnings(results))
+    warned = "".join(f" · ⚠ {line}" for line in report_warnings(results))
     done = f"{plural(len(models), 'model')} answered {plural(len(pairs), 'pair')} in {seconds:.1f} s{warned} · {heading}"
     yield _eval_progress_html(1.0, done), _summary_frame(results), _examples_frame(results, pairs), session
 

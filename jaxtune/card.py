@@ -186,16 +186,16 @@ def _resumes(run: dict) -> str | None:
                      for r in resumes) or None
 
 
-def _evaluation_lines(rows: list[dict], data: str | None = None) -> list[str]:
+def _evaluation_lines(rows: list[dict], data: str | None = None, max_new_tokens: int | None = None) -> list[str]:
     """The card's evaluation section: eval.md's summary table (its columns, headers and figures) and its warnings."""
-    from jaxtune.evaluate import held_out_words, overlap_warnings, summary_markdown
+    from jaxtune.evaluate import held_out_words, summary_markdown, warning_lines
 
     lines = ["## Evaluation", ""]
     if data:
-        lines += [f"Greedy answers to the {held_out_words(rows)} in `{data}`, scored against their references "
+        most = f" of at most {max_new_tokens} new tokens" if max_new_tokens else ""
+        lines += [f"Greedy answers{most} to the {held_out_words(rows)} in `{data}`, scored against their references "
                   "(`python -m jaxtune eval`):", ""]
-    warnings = overlap_warnings(rows)
-    return lines + summary_markdown(rows) + (["", *(f"**Warning:** {w}." for w in warnings)] if warnings else []) + [""]
+    return lines + summary_markdown(rows) + warning_lines(rows) + [""]
 
 
 def _base_line(base) -> str:
@@ -227,7 +227,7 @@ def portable_config_text(directory) -> str | None:
         return None
 
 
-def add_evaluation(readme: Path, rows: list[dict], *, data: str) -> bool:
+def add_evaluation(readme: Path, rows: list[dict], *, data: str, max_new_tokens: int | None = None) -> bool:
     """Put an evaluation table (rows from `python -m jaxtune eval`) into a model card jaxtune wrote, replacing an
     earlier one; returns False (and changes nothing) for a README that is not a jaxtune card."""
     readme = Path(readme)
@@ -237,7 +237,7 @@ def add_evaluation(readme: Path, rows: list[dict], *, data: str) -> bool:
         return False
     if "tags:" not in text or "- jaxtune" not in text.split("---")[1 if text.startswith("---") else 0]:
         return False
-    section = "\n".join(_evaluation_lines(rows, data)).rstrip() + "\n"
+    section = "\n".join(_evaluation_lines(rows, data, max_new_tokens)).rstrip() + "\n"
     if "## Evaluation" in text:
         start = text.index("## Evaluation")
         end = text.find("\n## ", start + 1)

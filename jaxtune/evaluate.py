@@ -48,7 +48,11 @@ class ModelEval:
     trained_on: int | None = None  # how many of the pairs the model trained on (`training_overlap`); None: unknown
 
     def summary(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "answers"}
+        """The figures as JSON takes them: a loss that is not a finite number (NaN weights) is None, named in
+        `not_finite`."""
+        row = {k: v for k, v in asdict(self).items() if k != "answers"}
+        bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        return {**row, **dict.fromkeys(bad), **({"not_finite": bad} if bad else {})}
 
 
 def _same(pair: Pair) -> tuple[str, str]:
@@ -84,6 +88,19 @@ def overlap_warnings(results: list["ModelEval"] | list[dict]) -> list[str]:
     rows = [r if isinstance(r, dict) else r.summary() for r in results]
     return [f"{r['model']} trained on {r['trained_on']:,} of these {r['examples']:,} pairs: its scores on them are "
             "not held-out" for r in rows if r.get("trained_on")]
+
+
+def report_warnings(results: list["ModelEval"] | list[dict]) -> list[str]:
+    """Every report's warnings: models that trained on the pairs, and figures that are not finite numbers."""
+    rows = [r if isinstance(r, dict) else r.summary() for r in results]
+    return overlap_warnings(rows) + [f"{r['model']}'s {' and '.join(k.replace('_', ' ') for k in r['not_finite'])} "
+                                     "came out as no finite number: its weights may hold NaN or infinity"
+                                     for r in rows if r.get("not_finite")]
+
+
+def warning_lines(results: list["ModelEval"] | list[dict]) -> list[str]:
+    """The warnings as Markdown paragraphs (eval.md, the model card), each after a blank line."""
+    return [line for w in report_warnings(results) for line in ("", f"**Warning:** {w}.")]
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -204,8 +221,7 @@ def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_
              "tokens. Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: whitespace-normalised. Stop rate: "
              "answers that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
              *summary_markdown(results)]
-    warnings = overlap_warnings(results)
-    lines += ["", *(f"**Warning:** {w}." for w in warnings)] if warnings else []
+    lines += warning_lines(results)
     shown = min(len(pairs), examples)
     lines += ["", "## Answers", "", f"The first {shown} of {len(pairs)} examples (all of them are in eval.jsonl); "
               "each answer is followed by its ROUGE-L.", "",
@@ -252,7 +268,8 @@ def write_reports(results: list[ModelEval], pairs: list[Pair], directory, *, dat
     if run_folder:  # the model card's table, which travels with the model: no local paths in it
         names = _card_names([r.model for r in results], directory)
         rows = [{**r.summary(), "model": name} for r, name in zip(results, names)]
-        add_evaluation(directory / "README.md", rows, data=Path(data).name if Path(data).is_file() else data)
+        add_evaluation(directory / "README.md", rows, data=Path(data).name if Path(data).is_file() else data,
+                       max_new_tokens=max_new_tokens)
     return [directory / name for name in FILES]
 
 
@@ -360,7 +377,7 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
         results[-1].trained_on = training_overlap(name, pairs) if Path(name).expanduser().is_dir() else None
         log(f"{label}: done in {results[-1].seconds:.1f}s")
         del model
-    for line in overlap_warnings(results):
+    for line in report_warnings(results):
         log(f"warning: {line}")
     return results, write_reports(results, pairs, directory, data=str(data), max_new_tokens=max_new_tokens)
 

@@ -189,5 +189,15 @@ def test_the_cards_evaluation_is_eval_mds_table_with_its_warning_and_no_paths(tm
     assert str(tmp_path) not in card
     assert "**Warning:** this model trained on 4 of these 4 pairs: its scores on them are not held-out." in card
     assert f"**Warning:** {run} trained on 4 of these 4 pairs" in report
-    assert "Greedy answers to the pairs in `held.jsonl`" in card and "4 pairs from `" in report
+    assert "Greedy answers of at most 8 new tokens to the pairs in `held.jsonl`" in card and "4 pairs from `" in report
     assert "held-out pairs" not in card and "held-out pairs" not in report
+
+    broken = ModelEval(model="broken", **{**scores, "val_loss": float("nan"), "perplexity": float("inf")},
+                       answers=results[0].answers)  # a model whose weights hold NaN
+    write_reports([broken, results[0]], pairs, tmp_path / "out", data="held.jsonl", max_new_tokens=8)
+    summary = json.loads((tmp_path / "out" / "eval.json").read_text(),
+                         parse_constant=lambda c: pytest.fail(f"eval.json holds {c}, which is not JSON"))
+    assert summary["models"][0]["val_loss"] is None and summary["models"][0]["not_finite"] == ["val_loss", "perplexity"]
+    report = (tmp_path / "out" / "eval.md").read_text()
+    assert f"not held-out.\n\n**Warning:** broken's val loss and perplexity came out as no finite number: its weights " \
+        "may hold NaN or infinity.\n" in report  # each warning its own paragraph
