@@ -199,5 +199,5 @@ def test_the_cards_evaluation_is_eval_mds_table_with_its_warning_and_no_paths(tm
                          parse_constant=lambda c: pytest.fail(f"eval.json holds {c}, which is not JSON"))
     assert summary["models"][0]["val_loss"] is None and summary["models"][0]["not_finite"] == ["val_loss", "perplexity"]
     report = (tmp_path / "out" / "eval.md").read_text()
-    assert f"not held-out.\n\n**Warning:** broken's val loss and perplexity came out as no finite number: its weights " \
+    assert "not held-out.\n\n**Warning:** broken's val loss and perplexity came out as no finite number: its weights " \
         "may hold NaN or infinity.\n" in report  # each warning its own paragraph
