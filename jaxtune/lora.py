@@ -145,7 +145,7 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
         model, tokenizer = (load_base or load)(base)
     except ModelLoadError as e:
         raise ModelLoadError(f"{e}. It is the base the adapter in {directory} names ({named!r}); if it is elsewhere "
-                             "now, pass it with --base DIR (base= in Python)") from None
+                             "now, pass it with --base DIR (to generate; base= to jaxtune.load)") from None
     targets = cfg.get("target_modules") or ["c_attn"]
     targets = [targets] if isinstance(targets, str) else list(targets)
     add_lora(model, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), targets, dropout=float(cfg.get("lora_dropout") or 0))

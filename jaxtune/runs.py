@@ -109,7 +109,8 @@ def _check_resume(resume: Path, saved: dict, cfg: RunConfig, fingerprint: dict, 
                         "and its checkpoint holds no content hash to compare")
     if trainer.total_steps < trainer.step:
         raise DataError(f"--resume {resume}: the checkpoint is at step {trainer.step}, past the {trainer.total_steps} "
-                        "steps these options plan; epochs and --max-steps may grow, not shrink")
+                        f"steps these options plan; give options that plan at least {trainer.step} steps (more "
+                        "epochs, or a larger --max-steps)")
 
 
 def _drop_partial(checkpoints: Path, step: int) -> None:
