@@ -84,6 +84,9 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
     assert len(losses(tmp_path / "run")) == 6
     p = run(*resume)  # a run that has run all its steps
     assert p.returncode == 0 and "no step left to run (the checkpoint holds step 6, the last)" in p.stdout, p.stdout
+    p = run(*resume, "--max-steps", "3")  # fewer steps than the checkpoint holds
+    assert p.returncode == 2 and "the checkpoint is at step 6, past the 3 steps these options plan; give options " \
+        "that plan at least 6 steps" in p.stderr, p.stderr
 
 
 def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
