@@ -1369,13 +1369,14 @@ def _plot(run) -> dict:
     """The plot's data and its axes' limits. The browser lays a plot's axes out when it draws it anew (when its limits
     change) and not when only its data changes, so ticks that outgrew the space they were given, '10.85' where an empty
     plot had none, came out cut ('0.85'). Limits of whole numbers of loss around the data, and steps 0 to the run's
-    planned total, keep the ticks the same between redraws; the plot is redrawn only when a limit moves."""
+    planned total (10 at the least, or a short run's axis is ticked in tenths of a step), keep the ticks the same
+    between redraws; the plot is redrawn only when a limit moves."""
     frame = _plot_frame(run)
     losses = frame["loss"][frame["loss"].map(math.isfinite)]
     low, high = (math.floor(losses.min()), math.ceil(losses.max())) if len(losses) else (0, 12)
     total = run.total_steps if run is not None and run.total_steps else None
     return gr.update(value=frame, y_lim=[low, max(high, low + 1)],
-                     x_lim=[0, max(total or 0, int(frame["step"].max()), 1)] if run is not None else [0, 10])
+                     x_lim=[0, max(total or 0, int(frame["step"].max()), 10)])  # 10 at least: whole-step ticks
 
 
 def _plot_frame(run) -> pd.DataFrame:
