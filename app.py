@@ -63,7 +63,7 @@ from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_sna
 from jaxtune.config import LOSS_MODES, PRESETS, GPT2Config, RunConfig, TrainConfig  # noqa: E402
 from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,  # noqa: E402
                           inspect_rows, invalid_character, read_pairs, record_to_pair)
-from jaxtune.lora import is_adapter_dir, load_adapter, merge  # noqa: E402
+from jaxtune.lora import is_adapter_dir, load_adapter, merge, merged_beside  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
 from jaxtune.rundir import RunDirError  # noqa: E402
 from jaxtune.runs import ACTIVE, Registry, default_root, plural, split_validation  # noqa: E402
@@ -1482,10 +1482,9 @@ def _run_info(run) -> dict:
 def _merged_dir(run, session: Session) -> Path:
     """A LoRA run's merged full model in Hugging Face layout: the run's merged/ when it was written with this
     adapter (RunConfig.merge), else merged here once per adapter file (jaxtune.lora.merge) and saved with its card."""
-    adapter_time = _model_file(run).stat().st_mtime_ns
-    own = run.dir / "merged"
-    if (own / "model.safetensors").exists() and (own / "model.safetensors").stat().st_mtime_ns >= adapter_time:
+    if (own := merged_beside(run.dir)) is not None:
         return own
+    adapter_time = _model_file(run).stat().st_mtime_ns
     folder = session.workdir / run.id / f"merged-{adapter_time}"
     if not (folder / "model.safetensors").exists():
         model, tokenizer = _tuned(run)

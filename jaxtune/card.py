@@ -260,15 +260,20 @@ def tidy_tokenizer_config(directory: Path, n_positions: int) -> None:
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _adapter_base(directory) -> str | None:
+    """The base a LoRA adapter folder names (adapter_config.json's base_model_name_or_path), or None."""
+    try:
+        named = json.loads((Path(directory) / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) and named else None
+
+
 def own_base(directory) -> bool:
     """A LoRA adapter folder whose base is the copy beside it, base/ (a run on the embedded model, whose weights exist
     nowhere else): that base travels with the adapter."""
-    try:
-        cfg = json.loads((Path(directory) / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (isinstance(cfg, dict) and cfg.get("base_model_name_or_path") == "base"
-            and (Path(directory) / "base" / "model.safetensors").exists())
+    return _adapter_base(directory) == "base" and (Path(directory) / "base" / "model.safetensors").exists()
 
 
 def push(directory, repo_id: str, *, token: str | None, private: bool = True, commit_message: str | None = None,
@@ -287,19 +292,15 @@ def push(directory, repo_id: str, *, token: str | None, private: bool = True, co
     if not adapter and not (directory / "model.safetensors").exists():
         raise ValueError(f"{directory} holds no model.safetensors or adapter_model.safetensors: there is nothing to "
                          "push yet")
-    if adapter and not own_base(directory):
-        try:
-            named = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8")).get(
-                "base_model_name_or_path")
-        except (OSError, ValueError, AttributeError):
-            named = None
-        if not hub_id(named):
-            raise ValueError(f"the adapter in {directory} was trained on {named or 'a base it does not name'}, which "
-                             "is not on the hub: nobody who downloads the adapter could load it. Push the merged model "
-                             "instead (a full model: --merged, or the app's merged export)")
+    named = _adapter_base(directory) if adapter else None
+    with_base = named == "base" and (directory / "base" / "model.safetensors").exists()  # own_base
+    if adapter and not with_base and not hub_id(named):
+        raise ValueError(f"the adapter in {directory} was trained on {named or 'a base it does not name'}, which is "
+                         "not on the hub: nobody who downloads the adapter could load it. Push the merged model "
+                         "instead (a full model: --merged, or the app's merged export)")
     skip = ("checkpoints/*", ".*", "*/.*", "data.jsonl", "samples.jsonl", "train.log", "run.json", "config.yaml",
             "merged/*",
-            *(() if adapter and own_base(directory) else ("base/*",)))
+            *(() if with_base else ("base/*",)))
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for f in sorted(directory.rglob("*"))
                   if f.is_file() and (name := f.relative_to(directory).as_posix()) != "README.md"
                   and not any(fnmatch.fnmatch(name, p) for p in skip)]

@@ -210,8 +210,7 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
-    adapter = (name not in ("auto", EMBEDDED) and path.is_dir() and not (path / "config.json").exists()
-               and is_adapter_dir(path))  # a LoRA adapter, in PEFT's format
+    adapter = name not in ("auto", EMBEDDED) and path.is_dir() and is_adapter_dir(path)
     if base is not None and not adapter:
         raise ModelLoadError(f"--base {base} is for a LoRA adapter folder, and {name} is not one (a full model or a "
                              "name): it would be ignored. Leave --base out, or pass the adapter's folder")

@@ -176,6 +176,8 @@ def _eval_parser(sub):
                    "when their key/value cache would pass 1 GiB)")
     p.add_argument("--instruction-column", help="column holding the instruction")
     p.add_argument("--response-column", help="column holding the reference response")
+    p.add_argument("--base", help="the base model for the LoRA adapters among the models, when it is not where their "
+                                  "adapter_config.json says (a folder that moved)")
     p.add_argument("--allow-pickle", action="store_true")
 
 
@@ -259,7 +261,8 @@ def cmd_eval(args) -> int:
 
     results, written = run([args.model, *args.compare], args.data, max_new_tokens=args.max_new_tokens,
                            output=args.output, batch_size=args.batch_size, allow_pickle=args.allow_pickle,
-                           instruction_column=args.instruction_column, response_column=args.response_column)
+                           instruction_column=args.instruction_column, response_column=args.response_column,
+                           base=args.base)
     print(table(results))
     print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
@@ -281,7 +284,7 @@ def cmd_push(args) -> int:
     folder = Path(args.run)
     if not folder.is_dir():
         raise DataError(f"{folder}: no such folder; give the run's --output folder")
-    adapter = is_adapter_dir(folder) and not (folder / "config.json").exists()
+    adapter = is_adapter_dir(folder)
     if not adapter and not (folder / "model.safetensors").exists():
         raise DataError(f"{folder} holds no model yet (no model.safetensors or adapter_model.safetensors): a run "
                         "writes its model when it ends or is stopped")
@@ -312,11 +315,10 @@ def _merged(folder: Path, scratch: Path) -> Path:
     import json
 
     from jaxtune.checkpoint import save
-    from jaxtune.lora import merge
+    from jaxtune.lora import merge, merged_beside
 
-    own, adapter = folder / "merged" / "model.safetensors", folder / "adapter_model.safetensors"
-    if own.exists() and own.stat().st_mtime_ns >= adapter.stat().st_mtime_ns:
-        return own.parent
+    if (own := merged_beside(folder)) is not None:
+        return own
     model, tokenizer = load(str(folder))
     try:
         cfg = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {}

@@ -354,23 +354,30 @@ def _writable_for_reports(path: Path, what: str) -> Path:
 
 def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE, allow_pickle: bool = False, instruction_column: str | None = None,
-        response_column: str | None = None, log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+        response_column: str | None = None, base: str | None = None,
+        log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
     """What `python -m jaxtune eval` does: read the pairs, load and evaluate each model in turn, write the reports.
+    `base` loads every LoRA adapter among the models on that base instead of the one it names (a base that moved).
     Returns (results, written paths). Raises DataError or ModelLoadError with a message for the user."""
-    from jaxtune.checkpoint import load
+    from jaxtune.checkpoint import ModelLoadError, load
     from jaxtune.config import checked_int
+    from jaxtune.lora import is_adapter_dir
 
     max_new_tokens = checked_int("max_new_tokens", max_new_tokens, 1, 2**20)
     for name in models:  # a mistyped folder is said before any model is evaluated, not after the first
         if str(name).startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
             raise DataError(f"{name}: no such model folder")
+    adapters = [name for name in models if Path(name).expanduser().is_dir() and is_adapter_dir(Path(name).expanduser())]
+    if base is not None and not adapters:
+        raise ModelLoadError(f"--base {base} is for LoRA adapter folders, and none of {', '.join(map(str, models))} is "
+                             "one: it would be ignored. Leave --base out")
     pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)
     if not pairs:
         raise DataError(f"{data}: no held-out pairs")
     directory = report_directory(models, output)
     results = []
     for label, name in zip(_labels(models), models):
-        model, tokenizer = load(name, allow_pickle=allow_pickle)
+        model, tokenizer = load(name, allow_pickle=allow_pickle, base=base if name in adapters else None)
         log(f"{label}: loss on {len(pairs)} pairs, then answering them ...")
         results.append(evaluate_model(model, tokenizer, pairs, name=label, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size))

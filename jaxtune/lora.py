@@ -117,7 +117,19 @@ def save_adapter(model, directory: Path, *, base_model: str) -> list[str]:
 
 
 def is_adapter_dir(path) -> bool:
-    return (Path(path) / "adapter_config.json").exists()
+    """A LoRA adapter folder in PEFT's format: adapter_config.json and no config.json (a folder with both holds a full
+    model, which is what loads from it)."""
+    path = Path(path)
+    return (path / "adapter_config.json").exists() and not (path / "config.json").exists()
+
+
+def merged_beside(folder) -> Path | None:
+    """A LoRA run's merged/ (RunConfig.merge) when it was written from the adapter now in `folder`, else None (no
+    merged model, or one older than the adapter: a resume trained the adapter on)."""
+    merged, adapter = Path(folder) / "merged" / "model.safetensors", Path(folder) / "adapter_model.safetensors"
+    if merged.exists() and adapter.exists() and merged.stat().st_mtime_ns >= adapter.stat().st_mtime_ns:
+        return merged.parent
+    return None
 
 
 def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jnp.float32):
@@ -145,7 +157,7 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
         model, tokenizer = (load_base or load)(base)
     except ModelLoadError as e:
         raise ModelLoadError(f"{e}. It is the base the adapter in {directory} names ({named!r}); if it is elsewhere "
-                             "now, pass it with --base DIR (to generate; base= to jaxtune.load)") from None
+                             "now, pass it with --base DIR (to generate or eval; base= to jaxtune.load)") from None
     targets = cfg.get("target_modules") or ["c_attn"]
     targets = [targets] if isinstance(targets, str) else list(targets)
     add_lora(model, int(cfg["r"]), float(cfg.get("lora_alpha", 8)), targets, dropout=float(cfg.get("lora_dropout") or 0))

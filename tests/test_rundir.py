@@ -115,6 +115,9 @@ def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
     p = run("generate", "--model", str(tmp_path / "run"), "--base", str(tmp_path / "moved"), "--instruction", "Hi",
             "--max-new-tokens", "2")
     assert p.returncode == 0, p.stderr
+    p = run("eval", "--model", str(tmp_path / "run"), "--compare", str(tmp_path / "moved"), "--base",
+            str(tmp_path / "moved"), "--data", str(tmp_path / "v.jsonl"), "--max-new-tokens", "2")
+    assert p.returncode == 0 and "run" in p.stdout and "moved" in p.stdout, p.stderr  # --base: the adapter only
 
 
 def _corrupt(step_dir: Path):
