@@ -79,6 +79,7 @@ PRECISIONS = ("float32", "bfloat16")
 # 4-bit NF4 and trains LoRA adapters on it, as the QLoRA paper does.
 METHODS = {"Full fine-tuning": (False, "none"), "LoRA": (True, "none"), "QLoRA": (True, "nf4")}
 LORA_RANK = 16  # the default rank (alpha defaults to 2 x rank in the library)
+EARLY_STOPPING = 3  # Keep the best: evaluations without a lower validation loss before a run stops (of about 10)
 HEADERS = ["Instruction", "Response"]
 UPLOAD_TYPES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 TOKENIZER = offline_tokenizer()  # GPT-2's vocabulary, for previews before any model is loaded
@@ -783,8 +784,8 @@ def remember_page(table, model_name, session):
 
 
 SETTINGS = ("loss_on", "precision", "method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_length",
-            "warmup_steps", "seed", "validation_fraction", "pack",  # the training settings and Try's that a
-            "temperature", "top_p", "max_new_tokens")                  # reload brings back
+            "warmup_steps", "seed", "validation_fraction", "pack", "keep_best",  # the training settings and Try's
+            "temperature", "top_p", "max_new_tokens")                               # that a reload brings back
 
 
 def remember_settings(*values) -> dict:
@@ -798,7 +799,7 @@ def _restored_setting(name: str, value):
     try:
         if name in choices:
             return _choice(name, value, choices[name])
-        if name == "pack":
+        if name in ("pack", "keep_best"):
             return _flag(name, value)
         return _number(name, value)
     except gr.Error:
@@ -1065,7 +1066,7 @@ def _check_room(session: Session) -> None:
 
 
 def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-               precision, validation_fraction, pack, method, lora_rank, session: Session):
+               precision, validation_fraction, pack, method, lora_rank, keep_best, session: Session):
     """Check every value, then hand the run to the registry (it queues at once and trains in its own worker)."""
     started = time.monotonic()
     # every value first: nothing is loaded, tokenized or allocated for a request that cannot run
@@ -1076,7 +1077,7 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
     learning_rate, max_length = _number("learning_rate", learning_rate), _number("max_length", max_length)
     warmup_steps, seed = _number("warmup_steps", warmup_steps), _number("seed", seed)
     validation_fraction = _number("validation_fraction", validation_fraction)
-    pack = _flag("Pack examples", pack)
+    pack, keep_best = _flag("Pack examples", pack), _flag("Keep the best", keep_best)
     lora_rank, quantize = _method(method, lora_rank)
     if name == "auto":  # the run records the model auto chose, so that its config.yaml repeats it on any machine
         name = _auto_model()
@@ -1101,6 +1102,10 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
         lines.append(f"validation: none (a validation fraction needs at least 4 pairs; there are {len(pairs)})")
         validation_fraction = 0.0
     n_val = max(1, round(len(pairs) * validation_fraction)) if validation_fraction else 0
+    if keep_best and not n_val:
+        raise gr.Error("Keep the best weighs each step's weights by their validation loss, and this run holds no pairs "
+                       "out: set a validation fraction (0.1 or more, with at least 4 pairs), or untick Keep the best.",
+                       title="Cannot train with these settings")
     _check_run_size(epochs, len(pairs) - n_val, batch_size)
     if name in PRESETS:  # a known architecture: a run too large for this machine is refused before it is downloaded
         _check_memory(PRESETS[name], name, batch_size, max_length, lora_rank)
@@ -1115,6 +1120,7 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
     steps = min(MAX_STEPS, epochs * math.ceil((len(pairs) - n_val) / batch_size))  # packed runs take fewer
     cfg = RunConfig(model=name, validation_fraction=validation_fraction, train=tcfg, samples=2, keep_checkpoints=2,
                     eval_every=max(1, steps // 10) if n_val else None,  # the validation curve: about 10 points
+                    early_stopping=EARLY_STOPPING if keep_best else None,
                     save_every=max(25, math.ceil(steps / 5)))  # a checkpoint every fifth of the run (and on Stop)
     if n_val:
         lines.append(f"validation: {n_val} of {len(pairs)} pairs held out (seeded), evaluated every {cfg.eval_every} "
@@ -1136,27 +1142,30 @@ def _unique_name(name: str) -> str:
 
 
 TRAIN_INPUTS = "table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, " \
-               "precision, validation_fraction, pack, method, lora_rank"
+               "precision, validation_fraction, pack, method, lora_rank, keep_best"
 
 
 @_guarded
 def start_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-              precision, validation_fraction, pack, method, lora_rank, session, saved, request: gr.Request = None):
+              precision, validation_fraction, pack, method, lora_rank, keep_best, session, saved,
+              request: gr.Request = None):
     """The page's Start: the run goes to the registry and its id into this browser's storage; the poll draws it."""
     session = _attached(session, saved, request)
     _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed, precision,
-           validation_fraction, pack, method, lora_rank, session=session, owner=_owner(request))
+           validation_fraction, pack, method, lora_rank, keep_best, session=session, owner=_owner(request))
     return [remember_watched(session, saved), session, *_view(session)]
 
 
 @_guarded
 def train_run(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-              precision, validation_fraction, pack, method="Full fine-tuning", lora_rank=LORA_RANK, session=None,
+              precision, validation_fraction, pack, method="Full fine-tuning", lora_rank=LORA_RANK, keep_best=False,
+              session=None,
               request: gr.Request = None):
     """The API's train: start a run and follow it to its end (progress, plot, log). Leaving early does not stop it."""
     session = _session(session, request)
     run = _start(table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup_steps, seed,
-                 precision, validation_fraction, pack, method, lora_rank, session=session, owner=_owner(request))
+                 precision, validation_fraction, pack, method, lora_rank, keep_best, session=session,
+                 owner=_owner(request))
     shown = None
     while True:
         REGISTRY.seen([run.id])
@@ -2172,6 +2181,9 @@ def build_app() -> gr.Blocks:
                                        elem_id="val-fraction", scale=2, min_width=240)
                 pack = gr.Checkbox(value=False, label="Pack examples", elem_id="pack", min_width=240,
                                    info="several examples per row: little padding, fewer and larger steps")
+                keep_best = gr.Checkbox(value=False, label="Keep the best", elem_id="keep-best", min_width=240,
+                                        info=f"stop once the validation loss has not fallen for {EARLY_STOPPING} "
+                                             "evaluations; the model keeps the weights of its lowest")
             gr.Markdown(backend_info(), elem_id="backend")
             with gr.Row():
                 train_btn = gr.Button("Start training", variant="primary", elem_id="train")
@@ -2290,7 +2302,7 @@ def build_app() -> gr.Blocks:
         demo.load(preview, preview_inputs, preview_outputs, api_name="preview", **raw)  # first: it owns the name
         demo.load(attach, [saved, session], [session, *view], **quiet, **raw)
         settings = [loss_on, precision, method, lora_rank, epochs, batch_size, learning_rate, max_length, warmup,
-                    seed, val_fraction, pack, temperature, top_p, max_new]  # in SETTINGS' order
+                    seed, val_fraction, pack, keep_best, temperature, top_p, max_new]  # in SETTINGS' order
         demo.load(restore_page, [page_state, settings_state], [table, model_name, data_note, applied, *settings], **quiet,
                   **raw).then(**private_preview)
         for widget in settings:
@@ -2316,7 +2328,7 @@ def build_app() -> gr.Blocks:
         method.input(method_note, [method, model_name], None, **quiet)
         method.change(lambda m: gr.update(visible=m != "Full fine-tuning"), method, lora_rank, **quiet)
         train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,
-                        precision, val_fraction, pack, method, lora_rank, session]
+                        precision, val_fraction, pack, method, lora_rank, keep_best, session]
         train_btn.click(start_run, [*train_inputs, saved], [saved, session, *view], show_progress="minimal",
                         api_name="start", concurrency_limit=None, **raw)
         api_train.click(train_run, train_inputs, [progress, plot, log_box, session], api_name="train",

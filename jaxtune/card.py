@@ -31,7 +31,8 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                adapter: dict | None = None, role: str | None = None) -> str:
     """README.md text. `run` (optional) describes the training: base_model, config (a RunConfig dict), pairs,
     validation_pairs, steps, total_steps, stopped (why it ended early, or None), resumes ([{step, changes}]), seconds,
-    device, final_loss, val_loss, initial_val_loss, tokens_per_s, source. `evaluation` rows come from
+    device, final_loss, val_loss (of the weights written), initial_val_loss, best_step (early stopping: the step whose
+    weights were kept), tokens_per_s, source. `evaluation` rows come from
     `python -m jaxtune eval` (model, rouge_l, exact_match, stop_rate, ...). `role` says what the folder holds: "model"
     (the run's model or adapter), "base" (a LoRA run's base/: the frozen base its adapter trained on) or "merged" (a
     LoRA run's merged/: the adapter merged into its base); a full model from a LoRA run is "merged" unless told."""
@@ -121,6 +122,9 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                  ("training data", f"{run['pairs']:,} pairs" + (f" from `{cfg['data']}`" if data else "") if run.get("pairs") else None),
                  ("validation data", f"{run['validation_pairs']:,} pairs" if run.get("validation_pairs") else None),
                  ("steps", _steps(run)), ("resumed", _resumes(run)),
+                 ("early stopping", f"after {cfg['early_stopping']} evaluations without a lower validation loss"
+                  + (f"; the weights are step {run['best_step']}'s" if run.get("best_step") is not None else "")
+                  if cfg.get("early_stopping") else None),
                  ("epochs", t.get("epochs")), ("batch size", t.get("batch_size")),
                  ("learning rate", t.get("learning_rate")), ("max length", t.get("max_length")),
                  ("loss on", t.get("loss_on")), ("precision", t.get("dtype")), ("base quantization", quant),
@@ -129,8 +133,11 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                  ("hardware", run.get("device"))]
         lines += ["## Training", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in facts if v is not None]
+        best = run.get("best_step")
+        kept = (f"validation loss of the weights kept (step {best}, the lowest)" if best is not None
+                and best != run.get("steps") else "validation loss after")  # early stopping kept an earlier step's
         metrics = [("final training loss", run.get("final_loss")), ("validation loss before", run.get("initial_val_loss")),
-                   ("validation loss after", run.get("val_loss"))]
+                   (kept, run.get("val_loss"))]
         if any(v is not None for _, v in metrics):
             lines += ["", "## Metrics", "", "| | |", "|---|---|"]
             lines += [f"| {k} | {v:.4f} |" for k, v in metrics if v is not None]

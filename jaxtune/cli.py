@@ -27,7 +27,7 @@ from jaxtune.train import TrainingError
 _FLAGS = {
     "model": "model", "data": "data", "split": "split", "output": "output", "validation_data": "validation_data",
     "validation_fraction": "validation_fraction", "instruction_column": "instruction_column",
-    "response_column": "response_column", "eval_every": "eval_every", "samples": "samples", "strict": "strict",
+    "response_column": "response_column", "eval_every": "eval_every", "early_stopping": "early_stopping", "samples": "samples", "strict": "strict",
     "allow_pickle": "allow_pickle", "save_every": "save_every", "keep_checkpoints": "keep_checkpoints",
     "distributed": "distributed",
     "epochs": "train.epochs", "batch_size": "train.batch_size",
@@ -77,6 +77,10 @@ def _train_parser(sub):
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps")
+    p.add_argument("--early-stopping", type=int, metavar="N",
+                   help="stop once the validation loss has not fallen for N evaluations in a row, and keep the weights "
+                        "of its lowest (needs held-out pairs; evaluates every --eval-every steps, default a tenth of "
+                        "the run)")
     p.add_argument("--samples", type=int, help="held-out instructions to answer into samples.jsonl (default 4)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"))
     p.add_argument("--fsdp", action="store_true", help="shard parameters and optimizer state over the devices "

@@ -225,6 +225,7 @@ class RunConfig:
     instruction_column: str | None = None
     response_column: str | None = None
     eval_every: int | None = None  # validation loss every N steps (and always at the end)
+    early_stopping: int | None = None  # stop after N evaluations without a lower validation loss; keep the best weights
     samples: int = 4  # held-out instructions answered at the end into samples.jsonl
     strict: bool = False  # duplicates and truncated rows become errors
     save_every: int | None = None  # checkpoint (orbax) every N steps into <output>/checkpoints; also on stop
@@ -252,9 +253,12 @@ class RunConfig:
         if not self.train.lora_rank and (self.merge or self.train.lora_alpha is not None):
             raise ValueError(f"{'merge' if self.merge else 'lora_alpha'} applies to LoRA runs: set lora_rank "
                              "(--lora-rank), or leave it out")
-        for name in ("eval_every", "save_every"):
+        for name in ("eval_every", "save_every", "early_stopping"):
             if getattr(self, name) is not None:
                 setattr(self, name, checked_int(name, getattr(self, name), 1))
+        if self.early_stopping and not (self.validation_data or self.validation_fraction):
+            raise ValueError("early_stopping watches the validation loss: give held-out pairs (validation_data or "
+                             "validation_fraction; --validation-data or --validation-fraction)")
         self.keep_checkpoints = checked_int("keep_checkpoints", self.keep_checkpoints, 1, 1000)
         self.report_to = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or ["none"])
         unknown = [r for r in self.report_to if r not in ("none", "tensorboard", "trackio", "wandb")]

@@ -152,11 +152,11 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
 
 
 def resume_changes(saved: dict, now: dict) -> list[str]:
-    """`option: saved -> now` for the training options a resume may change (the rate, its schedule, the run's
-    length, regularisation; merge) that it does change."""
+    """`option: saved -> now` for the options a resume may change (the rate, its schedule, the run's length,
+    regularisation; merge; when validation loss is measured) that it does change."""
     a, b = _flat(saved), _flat(now)
-    keys = [k for k in b if (k.startswith("train.") or k == "merge") and k not in RESUME_FIXED and k in a
-            and a[k] != b[k]]
+    keys = [k for k in b if (k.startswith("train.") or k in ("merge", "eval_every", "early_stopping")) and k not in RESUME_FIXED
+            and k in a and a[k] != b[k]]
     return [f"{k.removeprefix('train.')}: {a[k]!r} -> {b[k]!r}" for k in keys]
 
 

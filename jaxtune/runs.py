@@ -262,9 +262,16 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "training goes on")
             return False
 
+    eval_every = cfg.eval_every
+    if cfg.early_stopping:
+        eval_every = eval_every or max(1, trainer.total_steps // 10)
+        log(f"early stopping: the validation loss every {plural(eval_every, 'step')}; the run stops after "
+            f"{plural(cfg.early_stopping, 'evaluation')} without a new lowest, and the model keeps the weights of the "
+            "lowest")
     try:
-        result = trainer.run(on_step=step_done, should_stop=should_stop, eval_every=cfg.eval_every,
-                             save_every=cfg.save_every, checkpoint=periodic_checkpoint)
+        result = trainer.run(on_step=step_done, should_stop=should_stop, eval_every=eval_every,
+                             save_every=cfg.save_every, checkpoint=periodic_checkpoint,
+                             early_stopping=cfg.early_stopping)
     finally:
         if tracker:
             tracker.close()
@@ -281,6 +288,8 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     answers = generate(model, tokenizer, [p.instruction for p in held], max_new_tokens=64) if held else []
     samples = [{"instruction": p.instruction, "reference": p.response, "generated": a} for p, a in zip(held, answers)]
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
+    if result.best_step is not None:  # early stopping: the model is the best step's, and so is its loss
+        val = result.best_val_loss
     base_name = cfg.model  # 'auto' is named by what it chose: gpt2 when it found it (its source says so)
     if base_name == "auto" and str(getattr(model, "source", "")).startswith("gpt2"):
         base_name = "gpt2"
@@ -288,7 +297,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
                 "seconds": trainer.elapsed_before + result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
                 "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss,
-                "total_steps": trainer.total_steps, "stopped": result.stopped,
+                "total_steps": trainer.total_steps, "stopped": result.stopped, "best_step": result.best_step,
                 "resumes": fingerprint.get("resumes", [])}
     lora = bool(tcfg.lora_rank)
     # a LoRA folder names its base: a hub id or a folder as given, or, for the embedded or auto-chosen model, a
@@ -337,9 +346,15 @@ def summarize(result, out: Path) -> str:
     if result.history:
         summary += f", final loss {result.history[-1].loss:.4f}"
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
+    kept = result.best_step is not None and result.best_step != result.steps
+    if kept:  # early stopping: the model written is the best step's
+        val = result.best_val_loss
     if val is not None:
         before = f"{result.initial_val_loss:.4f} -> " if result.initial_val_loss is not None else ""
         summary += f", validation loss {before}{val:.4f} (perplexity {math.exp(min(val, 700.0)):.1f})"
+    if kept:
+        summary += (f"; the model keeps the weights of step {result.best_step}, the lowest validation loss"
+                    + (" (the starting weights)" if result.best_step == 0 else ""))
     return summary + f"; model written to {out}"
 
 
@@ -587,8 +602,12 @@ class Registry:
                 run.status = "stopped"
                 reason = (run.stop_reason or "stopped by request after step {step}").replace("{step}", str(result.steps))
                 run.message = f"{reason}; the model keeps what it learned" + (" and was saved" if outcome.saved else "")
+                if result.best_step not in (None, result.steps):  # Keep the best
+                    run.message += f" (the weights of step {result.best_step}, the lowest validation loss)"
             else:
                 run.status, run.message = "finished", outcome.summary
+            if result.best_step is not None:  # the model's own validation loss, not the last step's
+                run.val_loss = result.best_val_loss
             run.step = result.steps
             self._add_log(run, run.message)
         except Exception as e:  # noqa: BLE001 - the run fails, the server goes on; the log says why

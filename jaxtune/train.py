@@ -302,6 +302,8 @@ class TrainResult:
     stop_requested: bool = False  # stopped because should_stop() said so
     peak_memory: int | None = None  # the most bytes in use on any of this host's devices (None where not reported: CPU)
     first_step: int = 1  # the first step this call ran (a resumed run starts after its checkpoint's step)
+    best_step: int | None = None  # with early stopping: the step whose weights the model keeps (lowest validation loss)
+    best_val_loss: float | None = None
 
     @property
     def real_token_share(self) -> float | None:
@@ -386,6 +388,7 @@ class Trainer:
         self.step = 0
         self.key = jax.random.key(cfg.seed)
         self.initial_val_loss: float | None = None  # before the first step; a checkpoint carries it to a resume
+        self.best = None  # early stopping: {"step", "val_loss", "since", "params"}; a checkpoint carries it too
         self.elapsed_before = 0.0  # training seconds of the steps a resume took from its checkpoint
 
     def _placed(self, frozen):
@@ -538,11 +541,14 @@ class Trainer:
                  "key": np.asarray(jax.random.key_data(self.key))}  # the same on every host
         meta = {"step": self.step, "history": [h.to_dict() for h in (history or [])], "extra": extra or {},
                 "initial_val_loss": self.initial_val_loss,
+                "best": None if self.best is None else {k: v for k, v in self.best.items() if k != "params"},
                 "train_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.cfg).items()},
                 "shapes": _leaf_shapes((self.params, self.opt_state))}
         with _quiet_orbax(), ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep)) as m:
-            m.save(self.step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                   force=True)
+            items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+            if self.best is not None:  # the weights early stopping keeps, as they were at the best step
+                items["best"] = ocp.args.StandardSave({str(i): x for i, x in enumerate(jax.tree.leaves(self.best["params"]))})
+            m.save(self.step, args=ocp.args.Composite(**items), force=True)
             m.wait_until_finished()
         if jax.process_count() == 1:  # several hosts may not share a file system: each sees only its own files
             write_checksums(directory / str(self.step))
@@ -581,6 +587,11 @@ class Trainer:
                                             f"another shape ({mismatch}); resume with the --model it was trained with")
                     try:
                         state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+                        best = None
+                        if meta.get("best") is not None:
+                            best_target = {str(i): target["leaves"][str(i)]  # the parameters come first
+                                           for i in range(len(jax.tree.leaves(self.params)))}
+                            best = m.restore(step, args=ocp.args.Composite(best=ocp.args.StandardRestore(best_target)))["best"]
                     except Exception as e:  # noqa: BLE001
                         problem = f"its arrays cannot be read ({str(e).splitlines()[0][:200]})"
                 if problem is None:
@@ -597,6 +608,10 @@ class Trainer:
         self.step = int(meta["step"])
         self.checkpoint_extra = meta.get("extra") or {}
         self.initial_val_loss = meta.get("initial_val_loss")
+        self.best = None
+        if best is not None:
+            params_def = jax.tree.structure(self.params)
+            self.best = {**meta["best"], "params": jax.tree.unflatten(params_def, [best[str(i)] for i in range(len(best))])}
         history = [StepMetrics(**{k: v for k, v in h.items() if k != "val_perplexity"}) for h in meta["history"]]
         self.elapsed_before = history[-1].elapsed if history else 0.0  # the steps' clock goes on from there
         return history
@@ -633,20 +648,44 @@ class Trainer:
 
     def run(self, on_step: Callable[[StepMetrics], None] | None = None, should_stop: Callable[[], bool] | None = None,
             eval_every: int | None = None, save_every: int | None = None,
-            checkpoint: Callable[[list[StepMetrics]], None] | None = None) -> TrainResult:
+            checkpoint: Callable[[list[StepMetrics]], None] | None = None,
+            early_stopping: int | None = None) -> TrainResult:
         """Train for the configured steps. Metrics of step N are read after step N+1 is dispatched, so the host
         never waits on the device; `should_stop` is checked between steps and the model keeps what it learned.
-        Should the run fail, the model keeps the weights it had (back on the device if they were offloaded)."""
+        Should the run fail, the model keeps the weights it had (back on the device if they were offloaded).
+
+        early_stopping=N: the run stops once the validation loss (every `eval_every` steps) has not fallen below
+        its lowest for N evaluations in a row, and the model keeps the weights of the step with the lowest one
+        (the starting weights count, at step 0), however the run ends, unless it diverged."""
+        if early_stopping and not self.val_examples:
+            raise TrainingError("early stopping watches the validation loss, and this run holds no pairs out: give "
+                                "validation data (--validation-data or --validation-fraction)")
         try:
-            return self._run(on_step, should_stop, eval_every, save_every, checkpoint)
+            return self._run(on_step, should_stop, eval_every, save_every, checkpoint, early_stopping)
         except BaseException:
             self.restore_model()
             raise
 
-    def _run(self, on_step, should_stop, eval_every, save_every, checkpoint) -> TrainResult:
+    def _improved(self, val_loss: float | None, patience: int | None) -> bool:
+        """Early stopping's bookkeeping after an evaluation of the current weights: False once the validation loss
+        has not fallen below its lowest for `patience` evaluations in a row."""
+        if not patience or val_loss is None:
+            return True
+        if self.best is None or val_loss < self.best["val_loss"]:
+            params = (jax.device_get(self.params) if jax.process_count() == 1  # a host copy: no device memory
+                      else jax.tree.map(jnp.copy, self.params))  # several hosts: each keeps its own shards
+            self.best = {"step": self.step, "val_loss": float(val_loss), "since": 0, "params": params}
+            return True
+        self.best["since"] += 1
+        return self.best["since"] < patience
+
+    def _run(self, on_step, should_stop, eval_every, save_every, checkpoint, early_stopping) -> TrainResult:
         result = TrainResult(truncated=self.truncated, first_step=self.step + 1)
+        if self.step == 0 or not early_stopping:  # a resume may turn early stopping off, or on (no best yet then)
+            self.best = None
         if self.step == 0:
             self.initial_val_loss = self.validation_loss()
+            self._improved(self.initial_val_loss, early_stopping)  # the starting weights are a candidate too
         result.initial_val_loss = self.initial_val_loss
         start = time.perf_counter()
         last_time, pending = start, None
@@ -704,13 +743,28 @@ class Trainer:
             evaluate = bool(eval_every and self.val_examples and self.step % eval_every == 0)
             save = bool(save_every and checkpoint and self.step % save_every == 0)
             if (evaluate or save) and self.step < self.total_steps:  # sync here: metrics, then state, line up
-                report(pending, self.validation_loss() if evaluate else None)
+                val_loss = self.validation_loss() if evaluate else None
+                report(pending, val_loss)
                 pending = None
+                improving = result.diverged or self._improved(val_loss, early_stopping)
                 if save and not result.diverged:
                     checkpoint(result.history)
+                if not improving:
+                    result.stopped = (f"the validation loss had not fallen below {self.best['val_loss']:.4f} "
+                                      f"(step {self.best['step']}) for {early_stopping} evaluation"
+                                      f"{'s' if early_stopping > 1 else ''} by step {self.step}")
+                    break
         if pending and not result.diverged:  # the step in flight when the loop ended (a requested stop included)
-            report(pending, self.validation_loss() if self.val_examples else None)
+            val_loss = self.validation_loss() if self.val_examples else None
+            report(pending, val_loss)
+            if not result.diverged:
+                self._improved(val_loss, early_stopping)
         self.sync_model()
+        if early_stopping and self.best is not None and not result.diverged:  # the model keeps the best weights
+            result.best_step, result.best_val_loss = self.best["step"], self.best["val_loss"]
+            if self.best["step"] != self.step:
+                best = self.best["params"] if jax.process_count() == 1 else to_host(self.best["params"])
+                nnx.update(self.model, jax.tree.map(jnp.asarray, best))
         result.steps, result.seconds = self.step, time.perf_counter() - start
         result.compiled_programs = self.compiled_programs()
         result.peak_memory = peak_device_memory()

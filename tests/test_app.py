@@ -66,7 +66,7 @@ def app_url(tmp_path_factory, app_tmp, runs_dir, app_log):
 
 TRAIN_ARGS = dict(model_name="tiny", loss_on="response", epochs=4, batch_size=4, learning_rate=3e-3, max_length=64,
                   warmup_steps=2, seed=0, precision="float32", validation_fraction=0.25, pack=False,
-                  method="Full fine-tuning", lora_rank=16)
+                  method="Full fine-tuning", lora_rank=16, keep_best=False)
 
 
 def _runs(client) -> dict:
@@ -143,7 +143,7 @@ def test_bad_input_gets_clear_messages(app_url, app_log, tmp_path):
     assert "Instruction holds a character that is not valid text at position 1" in raw("generate", "\udfff", 0.0, 0.95,
                                                                                           8, "tiny", None, None)
     said = raw("train", "A" * 100_000, "tiny")  # too few values, one of them large: one line in the log, not the request
-    assert "This request does not fit /train: it takes 15 values and the request gave 2. The page's 'Use via API' " \
+    assert "This request does not fit /train: it takes 16 values and the request gave 2. The page's 'Use via API' " \
         "link" in said
     assert "train refused before it ran" in app_log.read_text() and "A" * 1000 not in app_log.read_text()
     args = dict(TRAIN_ARGS, model_name="nobody/no-such-model")
@@ -1193,6 +1193,37 @@ def test_new_runs_keep_the_runs_a_user_picked_and_the_picker_follows_a_start(mon
     while app.REGISTRY.get(session.watch).status in app.ACTIVE:
         assert time.time() < deadline
         time.sleep(0.2)
+
+
+def test_keep_the_best_stops_early_and_keeps_the_lowest_validation_loss(monkeypatch, tmp_path):
+    """Keep the best: without held-out pairs it is refused, saying what to set; with them the run's config holds
+    early stopping, and the run's validation loss is its lowest, which its model card names as the weights kept."""
+    import gradio as gr
+    import yaml
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+
+    rows = [[f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."] for a in range(4) for b in range(3)]
+    table = {"headers": ["Instruction", "Response"], "data": rows}
+    session = app.Session()
+    with pytest.raises(gr.Error, match="set a validation fraction"):
+        app.start_run(table, *dict(TRAIN_ARGS, validation_fraction=0, keep_best=True).values(), session, [])
+    app.start_run(table, *dict(TRAIN_ARGS, epochs=12, learning_rate=1e-2, validation_fraction=0.25,
+                               keep_best=True).values(), session, [])
+    run = app.REGISTRY.get(session.watch)
+    deadline = time.time() + 120
+    while run.status in app.ACTIVE:
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert run.status == "finished", run.message
+    assert yaml.safe_load((run.dir / "config.yaml").read_text())["early_stopping"] == app.EARLY_STOPPING
+    vals = [h["val_loss"] for h in run.history if h.get("val_loss") is not None]
+    assert len(vals) >= 2 and run.val_loss <= min(vals)
+    assert any(" early stopping: the validation loss every" in line for line in run.log), run.log
+    card = (run.dir / "README.md").read_text()
+    assert f"| early stopping | after {app.EARLY_STOPPING} evaluations without a lower validation loss" in card
 
 
 def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):

@@ -600,3 +600,44 @@ def test_an_offloaded_model_keeps_its_weights_when_the_run_fails(hf_dir):
     after = _model_arrays(model)
     assert all(isinstance(v, jax.Array) for v in after.values()) and not trainer.offloaded
     assert all(np.array_equal(before[k], np.asarray(after[k])) for k in before)
+
+
+def test_early_stopping_ends_the_run_and_keeps_the_best_weights_through_a_resume(tmp_path):
+    """Validation answers that contradict the training answers: the validation loss falls while the model learns
+    the format, then rises as it learns the training answers. The run stops after 2 evaluations without a new
+    lowest, its model holds the weights of the lowest (those of a run stopped at that step, bit for bit), and a
+    checkpoint carries that best to a resume."""
+    tok = load("tiny")[1]
+    pairs = [Pair(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(5) for b in range(4)]
+    wrong = [Pair(p.instruction, p.response.replace(" is ", " is not ")) for p in pairs[:4]]
+    cfg = TrainConfig(epochs=20, batch_size=4, learning_rate=1e-2, max_length=32, seed=3, warmup_steps=2)
+
+    def fresh():
+        return Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs, cfg,
+                       validation_pairs=wrong)
+
+    trainer = fresh()
+    result = trainer.run(eval_every=2, early_stopping=2, save_every=1000,
+                         checkpoint=lambda h: None)
+    vals = [(0, result.initial_val_loss)] + [(s.step, s.val_loss) for s in result.history if s.val_loss is not None]
+    best_step, best = min(vals, key=lambda v: v[1])
+    assert result.stopped and "had not fallen below" in result.stopped, vals
+    assert result.steps < trainer.total_steps and vals[-1][0] == result.steps
+    assert (result.best_step, result.best_val_loss) == (best_step, best) and 0 < best_step < result.steps
+    assert [s for s, _ in vals][-3] == best_step  # stopped at the second evaluation after the lowest
+    kept = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(trainer.model, nnx.Param))}
+    other = fresh()
+    other.run(should_stop=lambda: other.step >= best_step)
+    assert other.step == best_step
+    for k, v in nnx.to_flat_state(nnx.state(other.model, nnx.Param)):
+        np.testing.assert_array_equal(np.asarray(v), kept[k], err_msg=str(k))
+    assert other.validation_loss() == pytest.approx(best, rel=1e-6)  # the weights kept are the lowest's
+    trainer.save_checkpoint(tmp_path / "ck", history=result.history)  # the final state, and the best beside it
+    resumed = fresh()
+    resumed.restore_checkpoint(tmp_path / "ck")
+    assert resumed.step == result.steps and resumed.best["step"] == best_step and resumed.best["since"] == 2
+    for a, b in zip(jax.tree.leaves(resumed.best["params"]), jax.tree.leaves(trainer.best["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(jaxtune_train.TrainingError, match="holds no pairs out"):
+        Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs, cfg
+                ).run(early_stopping=2)
