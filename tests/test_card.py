@@ -186,6 +186,12 @@ def test_a_stopped_or_resumed_run_says_so_and_config_yaml_only_approximates_it()
             "NEW_FOLDER` repeats the run only approximately") in resumed
     unchanged = model_card(TINY, run={**run, "stopped": None, "resumes": [{"step": 12, "changes": []}]})
     assert "| resumed | at step 12 |" in unchanged and "repeats it (add" in unchanged
+    early = model_card(TINY, run={**run, "config": {**run["config"], "early_stopping": 2}, "best_step": 16,
+                                  "val_loss": 1.25, "stopped": "the validation loss had not fallen below 1.2500 "
+                                  "(step 16) for 2 evaluations by step 24"})
+    assert "| steps | 24 of 40 (stopped early: the validation loss had not fallen below 1.2500 (step 16)" in early
+    assert "| early stopping | after 2 evaluations without a lower validation loss; the weights are step 16's |" in early
+    assert "| validation loss of the weights kept (step 16, the lowest) | 1.2500 |" in early
 
 
 def test_the_cards_of_a_lora_runs_base_and_merged_folders_say_what_they_hold(tmp_path):
