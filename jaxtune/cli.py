@@ -100,8 +100,8 @@ def _train_parser(sub):
                    "base's projections in 8 bits (int8, a scale per output) or 4 bits (nf4, a scale per 64 weights), "
                    "dequantized inside each product (default none)")
     p.add_argument("--remat", action="store_true", help="gradient checkpointing per block: keep only each block's "
-                   "input and recompute the rest in the backward pass (less activation memory on GPUs and TPUs; "
-                   "XLA's CPU compiler folds the recomputation away)")
+                   "input and recompute the rest in the backward pass: less activation memory, for about a third more "
+                   "compute a step")
     p.add_argument("--merge", action="store_true", help="with --lora-rank: also write the merged full model into "
                    "<output>/merged (Hugging Face layout)")
     p.add_argument("--report-to", nargs="+", choices=("none", "tensorboard", "trackio", "wandb"),
@@ -230,10 +230,16 @@ def cmd_train(args) -> int:
         stop["requested"] = True
         print("\nstopping after this step and saving what was learned (Ctrl-C again to abort)", file=sys.stderr)
 
+    def log(line):  # on lines of their own while the progress bar is drawn
+        if progress["bar"] is not None:
+            progress["bar"].write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         outcome = execute(cfg, resume=Path(resume) if resume else None, overwrite=getattr(args, "overwrite", False),
-                          subfolder=getattr(args, "subfolder", False), on_start=on_start,
+                          subfolder=getattr(args, "subfolder", False), on_start=on_start, log=log,
                           on_step=lambda s: progress["on_step"](s), should_stop=lambda: stop["requested"])
     finally:
         if progress["bar"] is not None:
