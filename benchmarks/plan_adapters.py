@@ -22,7 +22,7 @@ def main():
     p.add_argument("--lora-rank", default="16")
     p.add_argument("--quantize", default="nf4")
     p.add_argument("--no-dropout", action="store_true", help="plan without dropout")
-    p.add_argument("--json", required=True)
+    p.add_argument("--json", help="also write the plans to this file")
     args = p.parse_args()
     common = ["--plan-memory", "--model", args.model, "--seq", args.seq, "--batch", args.batch, "--dtype", "bfloat16",
               *(["--no-dropout"] if args.no_dropout else [])]
@@ -36,7 +36,8 @@ def main():
                        "--json", f.name]
                 subprocess.run(cmd, check=True, cwd=ROOT)
                 rows.append({"method": method, "remat": remat, **json.loads(Path(f.name).read_text())})
-    Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     print("\n| method | remat | planned per device | arguments (weights, optimizer state, batch) | temporaries |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -695,7 +695,8 @@ def first_step(args, argv: list[str]) -> dict:
           + (f", LoRA r={args.lora_rank}" if args.lora_rank else ""))
     for name, r in runs.items():
         print(f"{name}: first step {r['first_step_s']:6.2f} s = {r['first_step_ready_s']:5.2f} s until its programs were "
-              f"ready (tracing, lowering, XLA {r['compile_s']:.1f} s, {r['compilation_cache_hits']} cache hit(s)) + "
+              f"ready (tracing, lowering, compiling or loading; {r['compilation_cache_hits']} cache hit(s); XLA's "
+              f"compile and load events of the whole process, the evaluation's too, sum to {r['compile_s']:.1f} s) + "
               f"{r['first_execution_s']:5.2f} s running it, where a later step takes {r['step_s']:.2f} s; "
               f"{r['process_to_first_step_s']:6.2f} s from the process's start")
         print(f"      its CPU time in the kernel (page faults: buffers touched for the first time): "
