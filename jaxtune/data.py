@@ -125,11 +125,24 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
     import datasets
 
     label = Path(source).name if parquet else f"{source}[{split}]"
+    folder = Path(source)
+    saved = folder.is_dir() and ((folder / "dataset_dict.json").exists() or (folder / "state.json").exists())
     try:
         if parquet:
             table = datasets.Dataset.from_parquet(source)
+        elif saved:  # a folder `save_to_disk` wrote: a data set, or a dict of splits
+            table = datasets.load_from_disk(source)
+            if isinstance(table, datasets.DatasetDict):
+                if split not in table:
+                    raise DataError(f"{source}: the saved data set has no split {split!r}; its splits are "
+                                    f"{', '.join(table)} (pass one with --split)")
+                table = table[split]
+            else:
+                label = folder.name
         else:
             table = datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; its message says what went wrong
         what = "cannot read the Parquet file" if parquet else f"could not load the data set (split {split!r})"
         raise DataError(f"{source}: {what}: {e}. Check the name and --split, or pass a local file") from None

@@ -287,6 +287,17 @@ def test_parquet_and_datasets_folders(tmp_path):
     assert [p.response for p in read_pairs(folder, split="test")] == ["cat"]
     with pytest.raises(DataError, match=r"could not load the data set \(split 'validation'\)"):
         read_pairs(folder, split="validation")
+    # folders that datasets' save_to_disk wrote: one data set, or a dict of splits
+    import datasets
+
+    datasets.Dataset.from_pandas(frame).save_to_disk(tmp_path / "saved")
+    assert [p.response for p in read_pairs(tmp_path / "saved")] == ["Hello!", "cat"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame.iloc[:1]),
+                          "test": datasets.Dataset.from_pandas(frame.iloc[1:])}).save_to_disk(tmp_path / "splits")
+    assert [p.response for p in read_pairs(tmp_path / "splits", split="test")] == ["cat"]
+    with pytest.raises(DataError, match=r"splits: the saved data set has no split 'validation'; its splits are train, "
+                                        r"test \(pass one with --split\)"):
+        read_pairs(tmp_path / "splits", split="validation")
     bad = pd.DataFrame({"instruction": ["a", ""], "response": ["b", "c"]})
     bad.to_parquet(tmp_path / "bad.parquet")
     with pytest.raises(DataError, match=r"bad.parquet row 2: field 'instruction' is empty"):
