@@ -217,6 +217,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         resumes = list(trainer.checkpoint_extra.get("resumes") or [])
         if changed:  # allowed (they change neither shapes nor data), and said: the steps from here use the new values
             log(f"from step {trainer.step + 1} on: {'; '.join(changed)} (config.yaml now holds the new values)")
+        if changed or trainer.step < trainer.total_steps:  # each resume that trains or changes something
             resumes.append({"step": trainer.step, "changes": changed})
         if resumes:  # carried by later checkpoints, for the model card: config.yaml alone no longer repeats the run
             fingerprint["resumes"] = resumes
@@ -385,7 +386,10 @@ ACTIVE = ("queued", "training")
 def default_root(*, public: bool, app_dir: Path) -> tuple[Path, int | None]:
     """(runs folder, size cap in bytes or None): $JAXTUNE_RUNS_DIR; on a Space the persistent /data when mounted,
     else a temporary folder capped at $JAXTUNE_RUNS_MAX_MB (default 4096); on a desktop runs/ beside the app."""
-    cap = int(os.environ.get("JAXTUNE_RUNS_MAX_MB", "4096")) * 2**20
+    raw = os.environ.get("JAXTUNE_RUNS_MAX_MB", "").strip() or "4096"
+    if not raw.isdigit() or int(raw) < 1:
+        raise SystemExit(f"JAXTUNE_RUNS_MAX_MB={raw!r}: expected a whole number of megabytes, 1 or more")
+    cap = int(raw) * 2**20
     if os.environ.get("JAXTUNE_RUNS_DIR"):
         return Path(os.environ["JAXTUNE_RUNS_DIR"]), (cap if public else None)
     if public:

@@ -46,13 +46,25 @@ def data(tmp_path_factory):
     return path
 
 
+def _args(data, mode=None):
+    return ["--model", "tiny", "--data", str(data), "--epochs", "2", "--batch-size", "8", "--max-length", "128",
+            "--learning-rate", "1e-3", "--samples", "1", "--pack", "--distributed", "auto", "--save-every", "2"] + \
+        (["--fsdp"] if mode == "fsdp" else [])
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory, data):
+    """The reference: one process on one device, no sharding (both modes are held to it)."""
+    folder = tmp_path_factory.mktemp("one") / "run"
+    train(_args(data), folder, hosts=1, devices_per_host=1)
+    return folder
+
+
 @pytest.mark.parametrize("mode", ["data", "fsdp"])
-def test_two_hosts_train_like_one_device(tmp_path, data, mode):
+def test_two_hosts_train_like_one_device(tmp_path, data, one_device, mode):
     """Same losses and same final weights; process 0 alone writes the model; orbax checkpoints from both hosts."""
-    args = ["--model", "tiny", "--data", str(data), "--epochs", "2", "--batch-size", "8", "--max-length", "128",
-            "--learning-rate", "1e-3", "--samples", "1", "--pack", "--distributed", "auto", "--save-every", "2"] + (["--fsdp"] if mode == "fsdp" else [])
-    train(args, tmp_path / "one", hosts=1, devices_per_host=1)
-    outs = train(args, tmp_path / "two", hosts=2, devices_per_host=2)
+    (tmp_path / "one").symlink_to(one_device)
+    outs = train(_args(data, mode), tmp_path / "two", hosts=2, devices_per_host=2)
     assert "process 1 of 2: 2 of 4 devices" in outs[1][1]
     assert "model written to" in outs[0][0] and "model written to" not in outs[1][0]  # process 0 writes
     assert [p.name for p in sorted((tmp_path / "two" / "checkpoints").iterdir()) if p.name.isdigit()]  # both hosts saved

@@ -110,3 +110,16 @@ def test_delete_removes_only_what_jaxtune_wrote(tmp_path):
     reg.delete(b.id)
     assert not a.dir.exists() and sorted(p.name for p in b.dir.iterdir()) == ["notes.txt"]
     assert reg.list() == []  # both gone from the table
+
+
+def test_the_runs_folder_and_its_cap_come_from_the_environment(tmp_path, monkeypatch):
+    from jaxtune.runs import default_root
+
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path))
+    monkeypatch.setenv("JAXTUNE_RUNS_MAX_MB", "64")
+    assert default_root(public=True, app_dir=tmp_path) == (tmp_path, 64 * 2**20)
+    assert default_root(public=False, app_dir=tmp_path) == (tmp_path, None)
+    for bad in ("abc", "0", "-5", "1.5"):  # said in one line, not a traceback
+        monkeypatch.setenv("JAXTUNE_RUNS_MAX_MB", bad)
+        with pytest.raises(SystemExit, match=f"JAXTUNE_RUNS_MAX_MB='{bad}': expected a whole number of megabytes"):
+            default_root(public=True, app_dir=tmp_path)

@@ -148,10 +148,11 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(hf_dir):
     examples = [encode(tok, p.instruction, p.response, max_length=64) for p in pairs]
     rows = [[examples[i] for i in row] for row in pack_rows([len(e.input_ids) for e in examples], 64)]
     assert len(rows) == 2 and max(len(row) for row in rows) >= 3
-    grad = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b, cfg), has_aux=True)
+    grad = jax.jit(jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b, cfg), has_aux=True))
 
     (packed_total, packed_count), packed_grads = grad(params, collate_packed(rows, 2, 64, tok.eos_token_id, targets=48))
-    alone = [grad(params, collate([e], 1, len(e.input_ids), tok.eos_token_id)) for e in examples]
+    # each example alone in a row of its own (right-padded to 64, which a causal model's real tokens never see)
+    alone = [grad(params, collate([e], 1, 64, tok.eos_token_id)) for e in examples]
     assert float(packed_count) == sum(float(c) for (_, c), _ in alone) == sum(int(e.loss_mask.sum()) for e in examples)
     np.testing.assert_allclose(float(packed_total), sum(float(t) for (t, _), _ in alone), rtol=1e-5)
     summed_grads = jax.tree.map(lambda *g: sum(g), *[g for _, g in alone])
@@ -349,7 +350,7 @@ def test_bfloat16_loss_and_every_gradient_track_float32(pack):
     def grads(dtype):
         cfg = TrainConfig(batch_size=4, max_length=64, dropout=False, pack=pack, dtype=dtype)
         fn = lambda p: summed_loss(graphdef, p, batch, cfg)[0]  # noqa: E731
-        return jax.value_and_grad(fn)(params)
+        return jax.jit(jax.value_and_grad(fn))(params)  # compiled, as the train step is
 
     (l32, g32), (l16, g16) = grads("float32"), grads("bfloat16")
     assert abs(float(l16) - float(l32)) < 0.01 * abs(float(l32))
@@ -387,7 +388,7 @@ def test_bfloat16_loss_and_every_gradient_track_pytorch_autocast(hf_dir, torch_m
         total, count = summed_loss(graphdef, p, batch, cfg)
         return total / count
 
-    loss, grads = jax.value_and_grad(mean_loss)(params)
+    loss, grads = jax.jit(jax.value_and_grad(mean_loss))(params)
     ours = {hf_name(path): np.asarray(v.get_value(), np.float64).ravel() for path, v in nnx.to_flat_state(grads)}
 
     def close(a_loss, a, b_loss, b):
