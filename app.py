@@ -1473,7 +1473,7 @@ def _is_lora(run) -> bool:
 
 
 EXPORT_KINDS = {"adapter": "Adapter (PEFT, a few MB)", "merged": "Merged full model"}
-ZIP_SKIP = {"run.json", "data.jsonl", "checkpoints"}
+ZIP_SKIP = {"run.json", "data.jsonl", "checkpoints", "train.log"}  # train.log names the server's folders
 
 
 def _run_info(run) -> dict:

@@ -318,6 +318,9 @@ def push(directory, repo_id: str, *, token: str | None, private: bool = True, co
     text = portable_config_text(directory if (directory / "config.yaml").is_file() or run_dir is None else run_dir)
     if text is not None:  # the run's config as its card shows it: no output folder
         operations.append(CommitOperationAdd(path_in_repo="config.yaml", path_or_fileobj=text.encode("utf-8")))
+    metrics = Path(run_dir) / "metrics.jsonl" if run_dir is not None else None
+    if not (directory / "metrics.jsonl").is_file() and metrics is not None and metrics.is_file():  # a merged model's
+        operations.append(CommitOperationAdd(path_in_repo="metrics.jsonl", path_or_fileobj=str(metrics)))
     api = HfApi(token=token, endpoint=endpoint)  # endpoint: None is the hub ($HF_ENDPOINT)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.create_commit(repo_id, operations=operations, commit_message=commit_message or

@@ -111,7 +111,7 @@ def test_api_end_to_end(app_url, runs_dir, tmp_path, stop_all):
     with zipfile.ZipFile(zip_path) as z:
         names = z.namelist()
         z.extractall(tmp_path / "model")
-    assert not any(n.startswith("checkpoints") or n in ("run.json", "data.jsonl") for n in names)
+    assert not any(n.startswith("checkpoints") or n in ("run.json", "data.jsonl", "train.log") for n in names)
     pt = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "model").eval()
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
     assert tok("Hello world").input_ids == [15496, 995] and pt.config.n_layer == 2

@@ -197,6 +197,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
     losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses("cut") == losses("full") and len(losses("full")) == 45
     assert (tmp_path / "cut" / "model.safetensors").exists() and (tmp_path / "cut" / "checkpoints").is_dir()
+    card = (tmp_path / "cut" / "README.md").read_text()  # the resume is recorded, and changed nothing
+    assert f"| resumed | at step {len(cut)} |" in card and "repeats it (add" in card
 
 
 def test_arguments_that_are_not_utf8_are_refused_before_anything_runs(tmp_path):
@@ -302,6 +304,7 @@ def test_push_uploads_a_lora_run_its_merged_model_or_says_why_not(tmp_path):
         files = hub.repos["me/merged"]["files"]
         assert "adapter_config.json" not in files and hub.repos["me/merged"]["private"] is False
         assert yaml.safe_load(files["config.yaml"])["train"]["lora_rank"] == 4  # the run's, as the card says
+        assert files["metrics.jsonl"] == (tmp_path / "lora" / "metrics.jsonl").read_bytes()  # and its losses
         (tmp_path / "got").mkdir()
         for name, content in files.items():
             (tmp_path / "got" / name).write_bytes(content)
