@@ -1439,7 +1439,9 @@ def _runs_frame(runs) -> pd.DataFrame:
 
     rows = [[r.name, r.model, _method_label(r), r.pairs,
              f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or ""),
-             loss(r.train_loss), loss(r.val_loss), r.status, time.strftime("%m-%d %H:%M", time.localtime(r.created))]
+             loss(r.train_loss), loss(r.val_loss) + (f" (step {r.best_step}, kept)" if r.best_step not in (None, r.step)
+                                                     else ""),
+             r.status, time.strftime("%m-%d %H:%M", time.localtime(r.created))]
             for r in runs]
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"Pairs": "int64"}) if rows else \
         pd.DataFrame([["(no runs yet)", "", "", 0, "", "", "", "", ""]], columns=RUN_COLUMNS)
@@ -1485,7 +1487,8 @@ def _run_info(run) -> dict:
     fraction = float(cfg.get("validation_fraction") or 0)
     n_val = max(1, int(round(run.pairs * fraction))) if fraction else 0  # runs.split_validation's count
     return {"base_model": cfg.get("model") or run.model, "config": cfg, "pairs": run.pairs - n_val,
-            "validation_pairs": n_val, "steps": run.step, "final_loss": run.train_loss, "val_loss": run.val_loss}
+            "validation_pairs": n_val, "steps": run.step, "final_loss": run.train_loss, "val_loss": run.val_loss,
+            "best_step": run.best_step}
 
 
 def _merged_dir(run, session: Session) -> Path:
@@ -1612,7 +1615,8 @@ def _view(session: Session, force: bool = False, shown: dict | None = None) -> l
         "progress": (_progress_html(watched), None),
         "plot": ((session.watch, len(watched.history) if watched else 0), lambda: _plot(watched)),
         "log": ((session.watch, len(watched.log) if watched else 0), lambda: "\n".join(watched.log) if watched else ""),
-        "table": ([(r.id, r.status, r.step, r.train_loss, r.val_loss) for r in runs], lambda: _runs_frame(runs)),
+        "table": ([(r.id, r.status, r.step, r.train_loss, r.val_loss, r.best_step) for r in runs],
+                  lambda: _runs_frame(runs)),
         "pick": ((tuple(choices), session.pick), lambda: gr.update(choices=choices, value=session.pick)),
         "try": (tuple(try_choices), lambda: (gr.update(choices=try_choices, value=picks[0]),
                                              gr.update(choices=try_choices, value=picks[1]))),

@@ -421,6 +421,7 @@ class Run:
     val_loss: float | None = None
     message: str = ""
     saved: bool = False  # the Hugging Face model is in the folder
+    best_step: int | None = None  # early stopping: the step whose weights the model holds
     history: list = field(default_factory=list)
     log: list = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -429,7 +430,7 @@ class Run:
     resuming: bool = False
 
     FIELDS = ("id", "name", "model", "pairs", "created", "status", "started", "ended", "step", "total_steps",
-              "train_loss", "val_loss", "message", "saved")
+              "train_loss", "val_loss", "message", "saved", "best_step")
 
     def info(self) -> dict:
         return {k: getattr(self, k) for k in self.FIELDS}
@@ -611,7 +612,7 @@ class Registry:
             else:
                 run.status, run.message = "finished", outcome.summary
             if result.best_step is not None:  # the model's own validation loss, not the last step's
-                run.val_loss = result.best_val_loss
+                run.val_loss, run.best_step = result.best_val_loss, result.best_step
             run.step = result.steps
             self._add_log(run, run.message)
         except Exception as e:  # noqa: BLE001 - the run fails, the server goes on; the log says why

@@ -1221,6 +1221,9 @@ def test_keep_the_best_stops_early_and_keeps_the_lowest_validation_loss(monkeypa
     assert yaml.safe_load((run.dir / "config.yaml").read_text())["early_stopping"] == app.EARLY_STOPPING
     vals = [h["val_loss"] for h in run.history if h.get("val_loss") is not None]
     assert len(vals) >= 2 and run.val_loss <= min(vals)
+    row = app._runs_frame([run]).iloc[0]  # the runs table names the step kept
+    assert row["Validation loss"] == f"{run.val_loss:.4f}" + (f" (step {run.best_step}, kept)"
+                                                              if run.best_step != run.step else "")
     assert any(" early stopping: the validation loss every" in line for line in run.log), run.log
     card = (run.dir / "README.md").read_text()
     assert f"| early stopping | after {app.EARLY_STOPPING} evaluations without a lower validation loss" in card
