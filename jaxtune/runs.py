@@ -87,8 +87,23 @@ def resume_config(resume: Path) -> dict:
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 
+def moved_model(saved: dict, cfg: RunConfig) -> str | None:
+    """The run's model folder when it is gone and this resume names another folder in its place (a base that moved:
+    the checkpoint's shapes are still checked against it), else None."""
+    old = saved.get("model")
+    if (isinstance(old, str) and old != cfg.model and Path(old).is_absolute() and not Path(old).exists()
+            and Path(cfg.model).is_dir()):
+        return old
+    return None
+
+
 def check_resume_options(resume: Path, saved: dict, cfg: RunConfig) -> None:
     """Refuse, before anything is loaded, a resume whose options would not continue the stopped run."""
+    if moved_model(saved, cfg):
+        saved = {**saved, "model": cfg.model}
+    elif cfg.model == saved.get("model") and Path(cfg.model).is_absolute() and not Path(cfg.model).exists():
+        raise DataError(f"--resume {resume}: the run's model folder {cfg.model} is gone; if it moved, give its new "
+                        "place with --model DIR")
     conflicts = resume_conflicts(saved, cfg.to_dict())
     if conflicts:
         raise DataError(f"--resume {resume}: these options differ from the stopped run's, which would change the "
@@ -214,6 +229,10 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         _check_resume(resume, saved, cfg, fingerprint, trainer)
         log(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}")
         changed = resume_changes(saved, cfg.to_dict())
+        if (gone := moved_model(saved, cfg)) is not None:
+            log(f"the run's model folder {gone} is gone: this resume reads {cfg.model} in its place, which must hold "
+                "the same weights")
+            changed.insert(0, f"model: {gone!r} -> {cfg.model!r} (moved)")
         resumes = list(trainer.checkpoint_extra.get("resumes") or [])
         if changed:  # allowed (they change neither shapes nor data), and said: the steps from here use the new values
             log(f"from step {trainer.step + 1} on: {'; '.join(changed)} (config.yaml now holds the new values)")

@@ -119,6 +119,14 @@ def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
     p = run("eval", "--model", str(tmp_path / "run"), "--compare", str(tmp_path / "moved"), "--base",
             str(tmp_path / "moved"), "--data", str(tmp_path / "v.jsonl"), "--max-new-tokens", "2")
     assert p.returncode == 0 and "run" in p.stdout and "moved" in p.stdout, p.stderr  # --base: the adapter only
+    p = run("train", "--resume", str(tmp_path / "run"), "--max-steps", "5")  # the base it names is gone
+    assert p.returncode == 2 and f"the run's model folder {tmp_path / 'mybase'} is gone; if it moved, give its new " \
+        "place with --model DIR" in p.stderr, p.stderr
+    p = run("train", "--resume", str(tmp_path / "run"), "--max-steps", "5", "--model", str(tmp_path / "moved"))
+    assert p.returncode == 0 and "at step 4/5" in p.stderr and "in its place, which must hold the same weights" in \
+        p.stderr, p.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tmp_path / "moved")  # the adapter names where its base is now
 
 
 def _corrupt(step_dir: Path):
