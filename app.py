@@ -2186,8 +2186,8 @@ def build_app() -> gr.Blocks:
                 pack = gr.Checkbox(value=False, label="Pack examples", elem_id="pack", min_width=240,
                                    info="several examples per row: little padding, fewer and larger steps")
                 keep_best = gr.Checkbox(value=False, label="Keep the best", elem_id="keep-best", min_width=240,
-                                        info=f"stop once the validation loss has not fallen for {EARLY_STOPPING} "
-                                             "evaluations; the model keeps the weights of its lowest")
+                                        info=f"stop after {EARLY_STOPPING} validations without a new lowest; keep "
+                                             "the lowest's weights")
             gr.Markdown(backend_info(), elem_id="backend")
             with gr.Row():
                 train_btn = gr.Button("Start training", variant="primary", elem_id="train")
@@ -2334,7 +2334,8 @@ def build_app() -> gr.Blocks:
         train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,
                         precision, val_fraction, pack, method, lora_rank, keep_best, session]
         train_btn.click(start_run, [*train_inputs, saved], [saved, session, *view], show_progress="minimal",
-                        api_name="start", concurrency_limit=None, **raw)
+                        api_name="start", concurrency_limit=None, **raw) \
+            .success(lambda: ("", ""), None, [stop_note, run_action], **quiet)  # notes about the run before
         api_train.click(train_run, train_inputs, [progress, plot, log_box, session], api_name="train",
                         concurrency_limit=None, **raw)
         stop_btn.click(stop_run, session, stop_note, api_name="stop", concurrency_limit=None) \
@@ -2345,6 +2346,7 @@ def build_app() -> gr.Blocks:
         runs_table.select(pick_row, session, [session, *view], **quiet).then(lambda: "", None, run_action, **quiet)
         resume_btn.click(resume_run, [run_pick, session], run_action, api_name="resume", **raw) \
             .success(remember_watched, [session, saved], saved, **quiet, **raw) \
+            .then(lambda: "", None, stop_note, **quiet) \
             .then(poll, poll_inputs, [session, *view], **quiet)
         delete_btn.click(delete_in_page, [run_pick, session], run_action, **quiet, **raw) \
             .then(poll, poll_inputs, [session, *view], **quiet)

@@ -122,7 +122,8 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                  ("training data", f"{run['pairs']:,} pairs" + (f" from `{cfg['data']}`" if data else "") if run.get("pairs") else None),
                  ("validation data", f"{run['validation_pairs']:,} pairs" if run.get("validation_pairs") else None),
                  ("steps", _steps(run)), ("resumed", _resumes(run)),
-                 ("early stopping", f"after {cfg['early_stopping']} evaluations without a lower validation loss"
+                 ("early stopping", f"after {cfg['early_stopping']} evaluation{'s' if cfg['early_stopping'] != 1 else ''}"
+                  " without a lower validation loss"
                   + (f"; the weights are step {run['best_step']}'s" if run.get("best_step") is not None else "")
                   if cfg.get("early_stopping") else None),
                  ("epochs", t.get("epochs")), ("batch size", t.get("batch_size")),

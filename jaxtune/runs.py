@@ -288,6 +288,10 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         log(f"early stopping: the validation loss every {plural(eval_every, 'step')}; the run stops after "
             f"{plural(cfg.early_stopping, 'evaluation')} without a new lowest, and the model keeps the weights of the "
             "lowest")
+        if trainer.total_steps // eval_every <= cfg.early_stopping:
+            log(f"warning: {plural(trainer.total_steps, 'step')} evaluated every {plural(eval_every, 'step')} hold "
+                f"{plural(trainer.total_steps // eval_every, 'evaluation')}, too few for {cfg.early_stopping} without a "
+                "new lowest to end the run early (it still keeps the lowest's weights); lower --eval-every")
     try:
         result = trainer.run(on_step=step_done, should_stop=should_stop, eval_every=eval_every,
                              save_every=cfg.save_every, checkpoint=periodic_checkpoint,
@@ -339,7 +343,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         return outcome
     outcome.saved = True
     if result.stopped:
-        log(f"stopped early: {result.stopped}")
+        log(result.stopped if result.stop_requested else f"stopped early: {result.stopped}")
     outcome.summary = summarize(result, out)
     return outcome
 
@@ -347,8 +351,10 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
 def summarize(result, out: Path) -> str:
     """The closing line: steps, speed, memory, losses and where the model is."""
     ran = result.steps - result.first_step + 1
-    if ran <= 0:  # a resume of a run whose checkpoint is its last step
-        summary = f"no step left to run (the checkpoint holds step {result.steps}, the last)"
+    if ran <= 0:  # a resume of a run whose checkpoint is its last step, or one that early stopping ended
+        summary = (f"no step left to run (the checkpoint holds step {result.steps}, "
+                   + ("where early stopping ended the run: raise --early-stopping, or leave it out, to go on)"
+                      if result.best_step is not None and result.stopped else "the last)"))
     else:
         summary = plural(ran, "step") + ("" if result.first_step == 1 else f" (step {result.steps})" if ran == 1
                                          else f" ({result.first_step} to {result.steps})")
@@ -375,6 +381,8 @@ def summarize(result, out: Path) -> str:
     if kept:
         summary += (f"; the model keeps the weights of step {result.best_step}, the lowest validation loss"
                     + (" (the starting weights)" if result.best_step == 0 else ""))
+    elif result.best_step is not None:
+        summary += "; the last step's validation loss was the lowest"
     return summary + f"; model written to {out}"
 
 
@@ -630,6 +638,8 @@ class Registry:
                     run.message += f" (the weights of step {result.best_step}, the lowest validation loss)"
             else:
                 run.status, run.message = "finished", outcome.summary
+                if result.stopped:  # early stopping ended it before its plan
+                    run.message = f"stopped early: {result.stopped}; {outcome.summary}"
             if result.best_step is not None:  # the model's own validation loss, not the last step's
                 run.val_loss, run.best_step = result.best_val_loss, result.best_step
             run.step = result.steps

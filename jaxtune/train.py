@@ -654,12 +654,16 @@ class Trainer:
         never waits on the device; `should_stop` is checked between steps and the model keeps what it learned.
         Should the run fail, the model keeps the weights it had (back on the device if they were offloaded).
 
-        early_stopping=N: the run stops once the validation loss (every `eval_every` steps) has not fallen below
-        its lowest for N evaluations in a row, and the model keeps the weights of the step with the lowest one
-        (the starting weights count, at step 0), however the run ends, unless it diverged."""
+        early_stopping=N: the run stops once the validation loss (every `eval_every` steps, default a tenth of the
+        run) has not fallen below its lowest for N evaluations in a row, and the model keeps the weights of the step
+        with the lowest one (the starting weights count, at step 0), however the run ends (a divergence too). Only
+        the scheduled evaluations and the last planned step's count: a stop by hand changes nothing, so a resumed
+        run stops where the run left alone would have."""
         if early_stopping and not self.val_examples:
             raise TrainingError("early stopping watches the validation loss, and this run holds no pairs out: give "
                                 "validation data (--validation-data or --validation-fraction)")
+        if early_stopping and not eval_every:
+            eval_every = max(1, self.total_steps // 10)
         try:
             return self._run(on_step, should_stop, eval_every, save_every, checkpoint, early_stopping)
         except BaseException:
@@ -679,6 +683,11 @@ class Trainer:
         self.best["since"] += 1
         return self.best["since"] < patience
 
+    def _early_stop_reason(self) -> str:
+        n = self.best["since"]
+        return (f"the validation loss had not fallen below {self.best['val_loss']:.4f} (step {self.best['step']}) for "
+                f"{n} evaluation{'s' if n != 1 else ''} by step {self.step}")
+
     def _run(self, on_step, should_stop, eval_every, save_every, checkpoint, early_stopping) -> TrainResult:
         result = TrainResult(truncated=self.truncated, first_step=self.step + 1)
         if self.step == 0 or not early_stopping:  # a resume may turn early stopping off, or on (no best yet then)
@@ -687,6 +696,8 @@ class Trainer:
             self.initial_val_loss = self.validation_loss()
             self._improved(self.initial_val_loss, early_stopping)  # the starting weights are a candidate too
         result.initial_val_loss = self.initial_val_loss
+        if early_stopping and self.best is not None and self.best["since"] >= early_stopping:
+            result.stopped = self._early_stop_reason()  # a resume of a run early stopping ended: nothing to train
         start = time.perf_counter()
         last_time, pending = start, None
         recent: list[float] = []
@@ -722,7 +733,7 @@ class Trainer:
                 on_step(sm)
 
         go = jnp.asarray(True)  # the previous step's `finite`, passed on without waiting for it
-        for epoch, batch in self._batches(self.step):  # resumed: the steps before self.step were trained on
+        for epoch, batch in self._batches(self.step) if not result.stopped else ():  # resumed: the steps before self.step were trained on
             if self.step >= self.total_steps or result.stopped:
                 break
             if should_stop and self._agreed(should_stop):
@@ -750,19 +761,21 @@ class Trainer:
                 if save and not result.diverged:
                     checkpoint(result.history)
                 if not improving:
-                    result.stopped = (f"the validation loss had not fallen below {self.best['val_loss']:.4f} "
-                                      f"(step {self.best['step']}) for {early_stopping} evaluation"
-                                      f"{'s' if early_stopping > 1 else ''} by step {self.step}")
+                    result.stopped = self._early_stop_reason()
                     break
         if pending and not result.diverged:  # the step in flight when the loop ended (a requested stop included)
             val_loss = self.validation_loss() if self.val_examples else None
             report(pending, val_loss)
-            if not result.diverged:
+            if not result.diverged and self.step == self.total_steps:  # the plan's last step counts; a stop's not
                 self._improved(val_loss, early_stopping)
         self.sync_model()
-        if early_stopping and self.best is not None and not result.diverged:  # the model keeps the best weights
+        if early_stopping and self.best is not None:  # the model keeps the best weights
             result.best_step, result.best_val_loss = self.best["step"], self.best["val_loss"]
-            if self.best["step"] != self.step:
+            if result.diverged:
+                result.stopped = result.stopped.split(" The model keeps")[0] + (
+                    f" The model keeps the weights of step {self.best['step']}, the lowest validation loss (early "
+                    "stopping). Lower the learning rate or check the data.")
+            if self.best["step"] != self.step or result.diverged:
                 best = self.best["params"] if jax.process_count() == 1 else to_host(self.best["params"])
                 nnx.update(self.model, jax.tree.map(jnp.asarray, best))
         result.steps, result.seconds = self.step, time.perf_counter() - start
@@ -888,7 +901,7 @@ def _empty_like(batch: dict) -> dict:
 
 
 def train(model, tokenizer, pairs: list[Pair], cfg: TrainConfig | None = None, *, validation_pairs=None,
-          on_step=None, should_stop=None, eval_every=None) -> TrainResult:
-    """Instruction-tune `model` in place on `pairs`; returns the step history."""
+          on_step=None, should_stop=None, eval_every=None, early_stopping=None) -> TrainResult:
+    """Instruction-tune `model` in place on `pairs`; returns the step history (see Trainer.run for early_stopping)."""
     trainer = Trainer(model, tokenizer, pairs, cfg or TrainConfig(), validation_pairs=validation_pairs)
-    return trainer.run(on_step=on_step, should_stop=should_stop, eval_every=eval_every)
+    return trainer.run(on_step=on_step, should_stop=should_stop, eval_every=eval_every, early_stopping=early_stopping)

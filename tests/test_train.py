@@ -607,7 +607,8 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_weights_through_a_resume
     """Validation answers that contradict the training answers: the validation loss falls while the model learns
     the format, then rises as it learns the training answers. The run stops after 2 evaluations without a new
     lowest, its model holds the weights of the lowest (those of a run stopped at that step, bit for bit), and a
-    checkpoint carries that best to a resume."""
+    checkpoint carries that best to a resume, which has nothing left to train. A run stopped by hand between two
+    evaluations and resumed stops where the run left alone did; a run that diverges keeps the lowest's weights."""
     tok = load("tiny")[1]
     pairs = [Pair(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(5) for b in range(4)]
     wrong = [Pair(p.instruction, p.response.replace(" is ", " is not ")) for p in pairs[:4]]
@@ -639,6 +640,27 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_weights_through_a_resume
     assert resumed.step == result.steps and resumed.best["step"] == best_step and resumed.best["since"] == 2
     for a, b in zip(jax.tree.leaves(resumed.best["params"]), jax.tree.leaves(trainer.best["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    again = resumed.run(eval_every=2, early_stopping=2)  # early stopping ended it: no step is left
+    assert again.history == [] and again.stopped == result.stopped and again.best_step == best_step
+
+    cut = fresh()  # stopped by hand one step after the lowest, between two evaluations, then resumed
+    cut.run(eval_every=2, early_stopping=2, should_stop=lambda: cut.step >= best_step + 1,
+            checkpoint=lambda h: None)
+    assert cut.step == best_step + 1
+    cut.save_checkpoint(tmp_path / "cut")
+    went_on = fresh()
+    went_on.restore_checkpoint(tmp_path / "cut")
+    rest = went_on.run(eval_every=2, early_stopping=2)
+    assert (rest.steps, rest.best_step, rest.stopped) == (result.steps, best_step, result.stopped)
+
+    blown = Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs,
+                    dataclasses.replace(cfg, learning_rate=1e6, warmup_steps=0), validation_pairs=wrong)
+    start = [np.asarray(x) for x in jax.tree.leaves(nnx.state(blown.model, nnx.Param))]
+    diverged = blown.run(eval_every=1, early_stopping=5)
+    assert diverged.diverged and diverged.best_step == 0  # the update of step 1 already wrecked it (NaN loss)
+    assert "The model keeps the weights of step 0, the lowest validation loss (early stopping)" in diverged.stopped
+    for a, b in zip(start, jax.tree.leaves(nnx.state(blown.model, nnx.Param))):
+        np.testing.assert_array_equal(a, np.asarray(b))
     with pytest.raises(jaxtune_train.TrainingError, match="holds no pairs out"):
         Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs, cfg
                 ).run(early_stopping=2)
