@@ -733,7 +733,8 @@ class Trainer:
                 on_step(sm)
 
         go = jnp.asarray(True)  # the previous step's `finite`, passed on without waiting for it
-        for epoch, batch in self._batches(self.step) if not result.stopped else ():  # resumed: the steps before self.step were trained on
+        batches = self._batches(self.step) if not result.stopped else ()  # resumed: from the step after its checkpoint's
+        for epoch, batch in batches:
             if self.step >= self.total_steps or result.stopped:
                 break
             if should_stop and self._agreed(should_stop):
