@@ -165,9 +165,17 @@ def load_directory(directory: str | os.PathLike, *, allow_pickle: bool = False, 
 
 def _load_tokenizer(directory: Path, config: GPT2Config):
     if any((directory / f).exists() for f in ("tokenizer.json", "vocab.json")):
-        from transformers import AutoTokenizer
-
-        return _with_padding(AutoTokenizer.from_pretrained(str(directory)))
+        try:
+            named = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            named = None  # AutoTokenizer reads it again below and says what is wrong with it
+        if named in (None, "GPT2Tokenizer", "GPT2TokenizerFast"):
+            # GPT-2's own class, imported directly: AutoTokenizer imports PyTorch where it is installed, a second
+            # more at every launch for the same tokenizer
+            from transformers import GPT2TokenizerFast as tokenizer_class
+        else:
+            from transformers import AutoTokenizer as tokenizer_class
+        return _with_padding(tokenizer_class.from_pretrained(str(directory)))
     if config.vocab_size == 50257:
         log.warning("%s has no tokenizer files; using the offline GPT-2 tokenizer", directory)
         return offline_tokenizer()

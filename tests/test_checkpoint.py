@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,22 @@ def test_saved_model_loads_in_pytorch(hf_dir, tmp_path):
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 50256
     modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
     assert modes["model.safetensors"] == modes["config.json"]  # readable as the other files are (it was 0600)
+
+
+def test_a_gpt2_tokenizer_loads_without_pytorch_and_another_class_through_auto(hf_dir, tmp_path):
+    """A launch reads GPT-2's tokenizer without importing PyTorch (AutoTokenizer would: a second more on every
+    start); a folder naming another tokenizer class still gets that class, as AutoTokenizer gives it."""
+    probe = ("import sys; from jaxtune.checkpoint import load; m, tok = load(sys.argv[1]); "
+             "print(tok('Hello world').input_ids, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe, str(hf_dir)], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[0] == "[15496, 995] False", out.stdout + out.stderr
+    other = tmp_path / "other"
+    shutil.copytree(hf_dir, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    _, tok = load(str(other))
+    assert type(tok) is type(transformers.AutoTokenizer.from_pretrained(other)) is transformers.PreTrainedTokenizerFast
+    assert tok("Hello world").input_ids == [15496, 995] and tok.pad_token == tok.eos_token == "<|endoftext|>"
 
 
 def test_hub_layout_without_prefix_and_with_buffers(hf_dir, tmp_path, torch_model):
