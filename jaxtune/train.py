@@ -733,6 +733,8 @@ class Trainer:
                 on_step(sm)
 
         go = jnp.asarray(True)  # the previous step's `finite`, passed on without waiting for it
+        if self.mesh is not None:  # laid out as the step returns it: the second step would compile the step again
+            go = place_global(np.asarray(True), NamedSharding(self.mesh, P()))
         batches = self._batches(self.step) if not result.stopped else ()  # resumed: from the step after its checkpoint's
         for epoch, batch in batches:
             if self.step >= self.total_steps or result.stopped:

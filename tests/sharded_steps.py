@@ -26,6 +26,7 @@ def run(devices, fsdp):
     result = trainer.run()
     params = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model))}
     kernel = trainer.params["h"][0]["mlp"]["c_fc"]["kernel"].get_value()
+    compiles.append(trainer._step._cache_size())  # programs jit made for the train step over the whole run
     return [s.loss for s in result.history], params, str(getattr(kernel.sharding, "spec", "")), len(kernel.sharding.device_set)
 
 
@@ -40,6 +41,7 @@ def run_lora(devices, fsdp, quantize="none"):
     adapters = {"/".join(map(str, k)): np.asarray(v.get_value()) for k, v in nnx.to_flat_state(nnx.state(model, LoRAParam))}
     fc = trainer.frozen["h"][0]["mlp"]["c_fc"]
     kernel = (fc["kernel"] if quantize == "none" else fc["kernel_codes"]).get_value()
+    compiles.append(trainer._step._cache_size())
     return [s.loss for s in result.history], adapters, str(getattr(kernel.sharding, "spec", ""))
 
 
@@ -47,6 +49,7 @@ def plan(fsdp, config=config, length=32):
     return plan_step_memory(config, TrainConfig(batch_size=8, max_length=length, fsdp=fsdp), devices=jax.devices())
 
 
+compiles = []
 wider = GPT2Config(n_positions=256, n_embd=128, n_layer=2, n_head=4)  # activations outweigh the state
 
 
@@ -71,5 +74,6 @@ print(json.dumps({
     "lora_one": lora_one, "lora_data": lora_data, "lora_fsdp": lora_fsdp, "lora_base_spec": lora_base_spec,
     "lora_data_max_diff": max(float(np.abs(l1[k] - l8[k]).max()) for k in l1),
     "lora_fsdp_max_diff": max(float(np.abs(l1[k] - lf[k]).max()) for k in l1),
+    "step_programs": compiles,
     "data_spec": data_spec, "fsdp_spec": fsdp_spec, "data_devices": data_devices, "fsdp_devices": fsdp_devices,
 }))

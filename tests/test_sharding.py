@@ -54,6 +54,12 @@ def test_qlora_data_parallel_and_fsdp_match_one_device(sharded):
     assert "fsdp" in sharded["qlora_codes_spec"]
 
 
+def test_each_run_compiles_its_train_step_once(sharded):
+    """One program per run, one device or eight: the first step's `go` flag once came from the host and the later
+    ones from the previous step on the mesh, so every multi-device run compiled its step twice."""
+    assert sharded["step_programs"] == [1] * 9
+
+
 def test_fsdp_spreads_the_training_state_over_the_devices(sharded):
     """XLA's memory plan per device: with fsdp, each of the 8 devices holds an eighth of the parameters, the
     AdamW moments and the batch; replicated, each holds all of them."""
