@@ -278,10 +278,12 @@ def _adapter_base(directory) -> str | None:
     return named if isinstance(named, str) and named else None
 
 
-def own_base(directory) -> bool:
+def own_base(directory, named: str | None = None) -> bool:
     """A LoRA adapter folder whose base is the copy beside it, base/ (a run on the embedded model, whose weights exist
-    nowhere else): that base travels with the adapter."""
-    return _adapter_base(directory) == "base" and (Path(directory) / "base" / "model.safetensors").exists()
+    nowhere else): that base travels with the adapter. `named`: the base its adapter_config.json names, when the
+    caller has read it already."""
+    named = _adapter_base(directory) if named is None else named
+    return named == "base" and (Path(directory) / "base" / "model.safetensors").exists()
 
 
 def push(directory, repo_id: str, *, token: str | None, private: bool = True, commit_message: str | None = None,
@@ -301,7 +303,7 @@ def push(directory, repo_id: str, *, token: str | None, private: bool = True, co
         raise ValueError(f"{directory} holds no model.safetensors or adapter_model.safetensors: there is nothing to "
                          "push yet")
     named = _adapter_base(directory) if adapter else None
-    with_base = named == "base" and (directory / "base" / "model.safetensors").exists()  # own_base
+    with_base = adapter and own_base(directory, named)
     if adapter and not with_base and not hub_id(named):
         raise ValueError(f"the adapter in {directory} was trained on {named or 'a base it does not name'}, which is "
                          "not on the hub: nobody who downloads the adapter could load it. Push the merged model "
