@@ -236,7 +236,8 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         resumes = list(trainer.checkpoint_extra.get("resumes") or [])
         if changed:  # allowed (they change neither shapes nor data), and said: the steps from here use the new values
             log(f"from step {trainer.step + 1} on: {'; '.join(changed)} (config.yaml now holds the new values)")
-        if changed or trainer.step < trainer.total_steps:  # each resume that trains or changes something
+        trains = trainer.step < trainer.total_steps and not trainer.finished_early(cfg.early_stopping)
+        if changed or trains:  # each resume that trains or changes something
             resumes.append({"step": trainer.step, "changes": changed})
         if resumes:  # carried by later checkpoints, for the model card: config.yaml alone no longer repeats the run
             fingerprint["resumes"] = resumes
@@ -284,7 +285,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
 
     eval_every = cfg.eval_every
     if cfg.early_stopping:
-        eval_every = eval_every or max(1, trainer.total_steps // 10)
+        eval_every = eval_every or trainer.default_eval_every()
         log(f"early stopping: the validation loss every {plural(eval_every, 'step')}; the run stops after "
             f"{plural(cfg.early_stopping, 'evaluation')} without a new lowest, and the model keeps the weights of the "
             "lowest")

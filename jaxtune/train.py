@@ -663,12 +663,20 @@ class Trainer:
             raise TrainingError("early stopping watches the validation loss, and this run holds no pairs out: give "
                                 "validation data (--validation-data or --validation-fraction)")
         if early_stopping and not eval_every:
-            eval_every = max(1, self.total_steps // 10)
+            eval_every = self.default_eval_every()
         try:
             return self._run(on_step, should_stop, eval_every, save_every, checkpoint, early_stopping)
         except BaseException:
             self.restore_model()
             raise
+
+    def finished_early(self, early_stopping: int | None) -> bool:
+        """Whether early stopping ended this run already (a resume of it trains nothing)."""
+        return bool(early_stopping and self.best is not None and self.best["since"] >= early_stopping)
+
+    def default_eval_every(self) -> int:
+        """Early stopping's evaluation spacing when none is given: a tenth of the run."""
+        return max(1, self.total_steps // 10)
 
     def _improved(self, val_loss: float | None, patience: int | None) -> bool:
         """Early stopping's bookkeeping after an evaluation of the current weights: False once the validation loss
@@ -696,14 +704,15 @@ class Trainer:
             self.initial_val_loss = self.validation_loss()
             self._improved(self.initial_val_loss, early_stopping)  # the starting weights are a candidate too
         result.initial_val_loss = self.initial_val_loss
-        if early_stopping and self.best is not None and self.best["since"] >= early_stopping:
+        if self.finished_early(early_stopping):
             result.stopped = self._early_stop_reason()  # a resume of a run early stopping ended: nothing to train
         start = time.perf_counter()
         last_time, pending = start, None
         recent: list[float] = []
+        divergence = None  # (step, what became non-finite): said once the loop is over, with the weights kept
 
         def report(item, val_loss=None):
-            nonlocal last_time
+            nonlocal last_time, divergence
             step, epoch, metrics, positions = item
             m = jax.device_get(metrics)
             now = time.perf_counter()
@@ -717,10 +726,7 @@ class Trainer:
                 result.diverged = True
                 what = next((f"{name} became {float(m[name])}" for name in ("loss", "grad_norm")
                              if not np.isfinite(float(m[name]))), "the update was not finite")
-                what = what.replace("grad_norm", "the gradient norm").replace("loss", "the loss", 1)
-                result.stopped = (f"training diverged at step {step}: {what}. The model keeps the weights of step "
-                                  f"{step - 1}, the last step whose loss and update were finite"
-                                  f"{' (the starting weights)' if step == 1 else ''}. Lower the learning rate or check the data.")
+                divergence = (step, what.replace("grad_norm", "the gradient norm").replace("loss", "the loss", 1))
                 return
             sm = StepMetrics(step=step, total_steps=self.total_steps, epoch=epoch, loss=float(m["loss"]),
                              learning_rate=float(m["learning_rate"]), grad_norm=float(m["grad_norm"]),
@@ -737,7 +743,7 @@ class Trainer:
             go = place_global(np.asarray(True), NamedSharding(self.mesh, P()))
         batches = self._batches(self.step) if not result.stopped else ()  # resumed: from the step after its checkpoint's
         for epoch, batch in batches:
-            if self.step >= self.total_steps or result.stopped:
+            if self.step >= self.total_steps or result.stopped or result.diverged:
                 break
             if should_stop and self._agreed(should_stop):
                 result.stopped, result.stop_requested = f"stopped by request after step {self.step}", True
@@ -772,12 +778,16 @@ class Trainer:
             if not result.diverged and self.step == self.total_steps:  # the plan's last step counts; a stop's not
                 self._improved(val_loss, early_stopping)
         self.sync_model()
-        if early_stopping and self.best is not None:  # the model keeps the best weights
+        keeps_best = bool(early_stopping and self.best is not None)
+        if divergence:
+            step, what = divergence
+            kept = (f"{self.best['step']}, the lowest validation loss (early stopping)" if keeps_best else
+                    f"{step - 1}, the last step whose loss and update were finite"
+                    f"{' (the starting weights)' if step == 1 else ''}")
+            result.stopped = (f"training diverged at step {step}: {what}. The model keeps the weights of step {kept}. "
+                              "Lower the learning rate or check the data.")
+        if keeps_best:  # the model keeps the best weights
             result.best_step, result.best_val_loss = self.best["step"], self.best["val_loss"]
-            if result.diverged:
-                result.stopped = result.stopped.split(" The model keeps")[0] + (
-                    f" The model keeps the weights of step {self.best['step']}, the lowest validation loss (early "
-                    "stopping). Lower the learning rate or check the data.")
             if self.best["step"] != self.step or result.diverged:
                 best = self.best["params"] if jax.process_count() == 1 else to_host(self.best["params"])
                 nnx.update(self.model, jax.tree.map(jnp.asarray, best))

@@ -664,3 +664,32 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_weights_through_a_resume
     with pytest.raises(jaxtune_train.TrainingError, match="holds no pairs out"):
         Trainer(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, pairs, cfg
                 ).run(early_stopping=2)
+
+
+def test_a_command_line_run_early_stopping_ended_resumes_to_nothing_and_says_so(tmp_path):
+    """`train --resume` of a run that early stopping ended (runs.execute, in this process): nothing trains, the log
+    says to raise --early-stopping, and the model card records no resume (nothing was resumed)."""
+    import json
+
+    from jaxtune import RunConfig
+    from jaxtune.checkpoint import save
+    from jaxtune.runs import execute
+
+    tok = load("tiny")[1]
+    save(build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0), tok, tmp_path / "base")
+    pairs = [{"instruction": f"What is {a} plus {b}?", "response": f"{a} plus {b} is {a + b}."}
+             for a in range(5) for b in range(4)]
+    wrong = [{**p, "response": p["response"].replace(" is ", " is not ")} for p in pairs[:4]]
+    for name, rows in (("data", pairs), ("val", wrong)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RunConfig.from_dict(dict(
+        model=str(tmp_path / "base"), data=str(tmp_path / "data.jsonl"), validation_data=str(tmp_path / "val.jsonl"),
+        output=str(tmp_path / "run"), eval_every=2, early_stopping=2, save_every=1000, samples=0,
+        train=dict(epochs=20, batch_size=4, learning_rate=1e-2, max_length=32, seed=3, warmup_steps=2)))
+    first = execute(cfg, log=lambda m: None)
+    assert first.result.stopped and "had not fallen below" in first.result.stopped
+    again = execute(cfg, resume=tmp_path / "run", log=lambda m: None)
+    assert again.result.history[-1].step == first.result.steps and again.result.best_step == first.result.best_step
+    assert "no step left to run" in again.summary and "raise --early-stopping" in again.summary, again.summary
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "| resumed |" not in card and "was resumed" not in card, card
