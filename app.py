@@ -216,17 +216,20 @@ BOUNDS = {
 }
 
 
-def run_bytes(config: GPT2Config, batch_size: int, max_length: int, lora_rank: int = 0) -> int:
+def run_bytes(config: GPT2Config, batch_size: int, max_length: int, lora_rank: int = 0, keep_best: bool = False) -> int:
     """A training run's memory by this app's estimate: BYTES_PER_PARAMETER for each parameter (LoRA and QLoRA:
     LORA_BYTES_PER_PARAMETER, and 16 for each adapter parameter on the default targets), and activations of 68 x width + 10 x heads
     x length bytes per token and layer (Korthikanti et al.'s count, in float32) plus 12 x vocab per token for the
-    logits, times 1.5: that matches XLA's plan for gpt2-xl on CPU (27 GiB a 1024-token row)."""
+    logits, times 1.5: that matches XLA's plan for gpt2-xl on CPU (27 GiB a 1024-token row). Keep the best holds a
+    float32 copy of the trained parameters (the lowest validation loss's) in host memory: 4 bytes each more."""
     per_token = (config.n_layer * (68 * config.n_embd + 10 * config.n_head * max_length) + 12 * config.vocab_size) * 1.5
     if lora_rank:  # adapters on c_attn (width + 3 x width), attn.c_proj (2 x width), mlp.c_proj (4 x width + width)
-        weights = LORA_BYTES_PER_PARAMETER * _parameters(config) + 16 * config.n_layer * lora_rank * 11 * config.n_embd
+        trained = config.n_layer * lora_rank * 11 * config.n_embd
+        weights = LORA_BYTES_PER_PARAMETER * _parameters(config) + 16 * trained
     else:
-        weights = BYTES_PER_PARAMETER * _parameters(config)
-    return int(weights + batch_size * max_length * per_token)
+        trained = _parameters(config)
+        weights = BYTES_PER_PARAMETER * trained
+    return int(weights + 4 * trained * keep_best + batch_size * max_length * per_token)
 
 
 @functools.lru_cache(maxsize=64)
@@ -988,18 +991,22 @@ def _check_run_size(epochs: int, pairs: int, batch_size: int):
                        f"{max(MAX_EXAMPLES_SEEN // pairs, 1):,}.", title="Run too long")
 
 
-def _check_memory(config: GPT2Config, name: str, batch_size: int, asked_length: int, lora_rank: int = 0):
+def _check_memory(config: GPT2Config, name: str, batch_size: int, asked_length: int, lora_rank: int = 0,
+                  keep_best: bool = False):
     max_length = min(asked_length, config.n_positions)  # what the run would use
-    need = run_bytes(config, batch_size, max_length, lora_rank)
+    need = run_bytes(config, batch_size, max_length, lora_rank, keep_best)
     if need > RUN_MEMORY:
-        how = f"LoRA rank {lora_rank}" if lora_rank else "Full fine-tuning"
-        lora = not lora_rank and run_bytes(config, batch_size, max_length, LORA_RANK) <= RUN_MEMORY
+        how = (f"LoRA rank {lora_rank}" if lora_rank else "Full fine-tuning") + (
+            " keeping the best weights" if keep_best else "")
+        lora = not lora_rank and run_bytes(config, batch_size, max_length, LORA_RANK, keep_best) <= RUN_MEMORY
         capped = f" (its {config.n_positions} positions; {asked_length} was asked)" if asked_length > max_length else ""
+        ways = (["untick Keep the best (it holds one more copy of the trained weights)"]
+                if keep_best and run_bytes(config, batch_size, max_length, lora_rank) <= RUN_MEMORY else [])
+        ways += ["pick LoRA or QLoRA (8 bytes a parameter instead of 24)"] if lora else []
+        ways = ", or ".join(ways + ["lower the batch size or the max length, or pick a smaller model."])
         raise gr.Error(f"{how} with batch size {batch_size} x max length {max_length}{capped} on {name} needs about "
                        f"{need / 2**30:.1f} GiB by this server's estimate; a run has {RUN_MEMORY / 2**30:.1f} GiB here. "
-                       + ("Pick LoRA or QLoRA (8 bytes a parameter instead of 24), or lower" if lora else
-                          "Lower") + " the batch size or the max length, or pick a smaller model.",
-                       title="Too large for this machine")
+                       + ways[0].upper() + ways[1:], title="Too large for this machine")
 
 
 def _time_limit(during: str, started: float) -> gr.Error:
@@ -1108,7 +1115,7 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
                        title="Cannot train with these settings")
     _check_run_size(epochs, len(pairs) - n_val, batch_size)
     if name in PRESETS:  # a known architecture: a run too large for this machine is refused before it is downloaded
-        _check_memory(PRESETS[name], name, batch_size, max_length, lora_rank)
+        _check_memory(PRESETS[name], name, batch_size, max_length, lora_rank, keep_best)
     try:
         base, _ = _shared_base(name, seed)
     except (ModelLoadError, jaxtune.ConfigError) as e:
@@ -1116,7 +1123,7 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
     if time.monotonic() - started > MAX_TRAIN_SECONDS:
         raise _time_limit("while loading the model", started)
     tcfg.max_length = min(max_length, base.config.n_positions)
-    _check_memory(base.config, name, batch_size, max_length, lora_rank)
+    _check_memory(base.config, name, batch_size, max_length, lora_rank, keep_best)
     steps = min(MAX_STEPS, epochs * math.ceil((len(pairs) - n_val) / batch_size))  # packed runs take fewer
     cfg = RunConfig(model=name, validation_fraction=validation_fraction, train=tcfg, samples=2, keep_checkpoints=2,
                     eval_every=max(1, steps // 10) if n_val else None,  # the validation curve: about 10 points

@@ -1335,6 +1335,15 @@ def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
     full, lora = app.run_bytes(large, 4, 128), app.run_bytes(large, 4, 128, lora_rank=16)
     adapters = 16 * large.n_layer * 16 * 11 * large.n_embd  # 16 bytes each: c_attn, attn.c_proj, mlp.c_proj at r=16
     assert full - lora == pytest.approx(16 * app._parameters(large) - adapters, rel=1e-6)  # 24 - 8 bytes a parameter
+    # Keep the best holds a float32 copy of what trains: 4 bytes a parameter (full), 4 an adapter parameter (LoRA)
+    assert app.run_bytes(large, 4, 128, keep_best=True) - full == 4 * app._parameters(large)
+    assert app.run_bytes(large, 4, 128, lora_rank=16, keep_best=True) - lora == adapters // 4
+    medium = PRESETS["gpt2-medium"]  # 355M: about 9.9 GiB to fine-tune, 11.2 with one more copy of its weights
+    monkeypatch.setattr(app, "RUN_MEMORY", int(10.5 * 2**30))
+    app._check_memory(medium, "gpt2-medium", 4, 128)
+    with pytest.raises(gr.Error, match=r"Full fine-tuning keeping the best weights with batch size 4 .* Untick Keep "
+                                       r"the best \(it holds one more copy of the trained weights\), or pick LoRA"):
+        app._check_memory(medium, "gpt2-medium", 4, 128, keep_best=True)
 
 
 def test_zips_asked_for_at_once_are_built_once(monkeypatch, tmp_path):
