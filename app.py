@@ -462,6 +462,7 @@ _TUNED: OrderedDict = OrderedDict()  # (run id, model file mtime) -> (model, tok
 _TUNED_LOCK = threading.Lock()
 _SESSIONS: weakref.WeakSet = weakref.WeakSet()
 _BY_HASH: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # Gradio's session hash -> Session
+_BY_HASH_LOCK = threading.Lock()
 _WORKDIRS: set[Path] = set()  # every session folder not yet removed
 
 
@@ -648,10 +649,19 @@ def _remove_dir(directory: Path):
 
 
 def _session(session, request=None) -> Session:
-    """The session's object, made on its first call; known by Gradio's session hash, for `_unload`."""
-    session = session if isinstance(session, Session) else Session()
-    if getattr(request, "session_hash", None):
-        _BY_HASH[request.session_hash] = session
+    """The session's object, made on its first call; known by Gradio's session hash, for `_unload`. A page's first
+    events (its load events, the first poll, a click right after a reload) can all start before any of them has
+    stored the page's state: they share one object through the hash, or each would make its own and the last to
+    finish would drop what the others kept (a first Load example press, so the second asked again)."""
+    key = getattr(request, "session_hash", None)
+    if isinstance(session, Session):
+        if key:
+            _BY_HASH[key] = session
+        return session
+    with _BY_HASH_LOCK:
+        session = (_BY_HASH.get(key) if key else None) or Session()
+        if key:
+            _BY_HASH[key] = session
     return session
 
 

@@ -1346,6 +1346,31 @@ def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
         app._check_memory(medium, "gpt2-medium", 4, 128, keep_best=True)
 
 
+def test_a_pages_first_events_share_one_session(monkeypatch, tmp_path):
+    """A reloaded page's first events (load events, the first poll, a click) all start with no session stored: they
+    get one object, so what one keeps (a first Load example press) is not dropped by another finishing after it.
+    Each made its own, and a quick second press asked again (seen under load in the browser test)."""
+    import gradio as gr
+
+    import app
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    request = gr.Request(session_hash="page-1")
+    barrier = threading.Barrier(8)
+
+    def first_event(_):
+        barrier.wait()
+        return app._session(None, request)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        sessions = list(pool.map(first_event, range(8)))
+    assert all(s is sessions[0] for s in sessions)
+    sessions[0].example_asked = 1.0  # what the click's event kept
+    assert app._session(None, request).example_asked == 1.0  # an event that started before it was stored sees it
+    assert app._session(None, gr.Request(session_hash="page-2")) is not sessions[0]  # another page, its own
+    app._unload(request)
+
+
 def test_zips_asked_for_at_once_are_built_once(monkeypatch, tmp_path):
     """The page's poll and a pick can ask for a run's zip at the same moment: both get the one zip, whole, and no
     temporary file is left (they used to share one temporary name, and one rename failed: 'Something went wrong')."""
