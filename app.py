@@ -1401,8 +1401,15 @@ def _plot(run) -> dict:
     losses = frame["loss"][frame["loss"].map(math.isfinite)]
     low, high = (math.floor(losses.min()), math.ceil(losses.max())) if len(losses) else (0, 12)
     total = run.total_steps if run is not None and run.total_steps else None
-    return gr.update(value=frame, y_lim=[low, max(high, low + 1)],
+    return gr.update(value=frame, y_lim=[low, max(high, low + 1)], label=_plot_label(run),
                      x_lim=[0, max(total or 0, int(frame["step"].max()), 10)])  # 10 at least: whole-step ticks
+
+
+def _plot_label(run) -> str:
+    """The plot's title; with Keep the best, the step whose weights the model holds when it is not the last."""
+    kept = run.best_step if run is not None and run.best_step not in (None, run.step) else None
+    return "Loss: train (orange), validation (blue)" + (
+        "" if kept is None else f" · the model keeps step {kept}'s weights, the lowest validation loss")
 
 
 def _plot_frame(run) -> pd.DataFrame:
@@ -1630,7 +1637,8 @@ def _view(session: Session, force: bool = False, shown: dict | None = None) -> l
     picks = _picks(session, shown or {}, usable)
     views = {
         "progress": (_progress_html(watched), None),
-        "plot": ((session.watch, len(watched.history) if watched else 0), lambda: _plot(watched)),
+        "plot": ((session.watch, len(watched.history) if watched else 0, watched and watched.best_step),
+                 lambda: _plot(watched)),
         "log": ((session.watch, len(watched.log) if watched else 0), lambda: "\n".join(watched.log) if watched else ""),
         "table": ([(r.id, r.status, r.step, r.train_loss, r.val_loss, r.best_step) for r in runs],
                   lambda: _runs_frame(runs)),
@@ -2216,7 +2224,7 @@ def build_app() -> gr.Blocks:
                 empty = _plot(None)
                 plot = gr.LinePlot(empty["value"], x_lim=empty["x_lim"], y_lim=empty["y_lim"], x="step", y="loss",
                                    color="split", colors_in_legend=[],
-                                   label="Loss: train (orange), validation (blue)",
+                                   label=_plot_label(None),
                                    color_map={"train": "#f97316", "validation": "#2563eb"}, elem_id="loss-plot")
                 log_box = gr.Textbox(label="Log (the whole run)", lines=12, max_lines=12, elem_id="log",
                                      autoscroll=True)

@@ -1225,6 +1225,9 @@ def test_keep_the_best_stops_early_and_keeps_the_lowest_validation_loss(monkeypa
     assert row["Validation loss"] == f"{run.val_loss:.4f}" + (f" (step {run.best_step}, kept)"
                                                               if run.best_step != run.step else "")
     assert any(" early stopping: the validation loss every" in line for line in run.log), run.log
+    assert run.best_step < run.step  # this seeded run went on past its lowest (step 21 of 30)
+    label = app._plot(run)["label"]  # the plot's title names the step kept
+    assert label.endswith(f" · the model keeps step {run.best_step}'s weights, the lowest validation loss"), label
     card = (run.dir / "README.md").read_text()
     assert f"| early stopping | after {app.EARLY_STOPPING} evaluations without a lower validation loss" in card
 
