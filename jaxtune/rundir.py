@@ -90,9 +90,10 @@ def _listing(names: list[str], limit: int = 5) -> str:
 
 
 def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = None, subfolder: bool = False) -> Path:
-    """The directory a run writes to, checked before anything is trained: new or empty; the run being resumed;
-    or a jaxtune run replaced with `overwrite` (its files alone are removed). A folder holding other files is
-    refused, unless `subfolder` asks for a new `run-YYYYMMDD-HHMMSS` folder inside it."""
+    """The directory a run writes to, checked before anything is read or trained: new or empty; the run being
+    resumed; or a jaxtune run replaced with `overwrite` (the run removes its files, and only those, once its data
+    and model are loaded: a mistake found before then leaves it whole). A folder holding other files is refused,
+    unless `subfolder` asks for a new `run-YYYYMMDD-HHMMSS` folder inside it."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--output {out} is a file; give a directory")
@@ -118,7 +119,6 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
         raise RunDirError(f"--output {out} already holds a jaxtune run, with no checkpoint to resume from (runs keep "
                           "them with --save-every, and on Ctrl-C); pass --overwrite to replace it, or choose another "
                           "directory")
-    remove_owned(out)
     return out
 
 

@@ -51,6 +51,12 @@ def test_runs_never_delete_or_write_among_files_jaxtune_did_not_write(tmp_path, 
     thesis.unlink()
     p = train(hf_dir, data, tmp_path / "run")  # a jaxtune run, and no --overwrite: refused, and it says how
     assert p.returncode == 2 and "--resume" in p.stderr and "--overwrite" in p.stderr
+    before = sorted(x.name for x in (tmp_path / "run").iterdir())
+    for mistake, said in ((["--data", str(tmp_path / "missing.jsonl")], "no such file"),
+                          (["--model", "no-such-model"], "no-such-model")):
+        p = train(hf_dir, data, tmp_path / "run", "--overwrite", *mistake)  # a mistake found before training: the
+        assert p.returncode == 2 and said in p.stderr, p.stderr  # run it would have replaced stays whole (it was wiped)
+        assert sorted(x.name for x in (tmp_path / "run").iterdir()) == before
     p = train(hf_dir, data, tmp_path / "run", "--overwrite", "--epochs", "1")
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and len(losses(tmp_path / "run")) == 3  # the old run's are gone
