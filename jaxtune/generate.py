@@ -33,10 +33,13 @@ _DECODE_CHUNK = 16  # decoding steps between looks at which rows have finished
 
 # ---------------------------------------------------------------------------------------------- the next token
 def filtered_logits(logits_BV, temperature, top_k, top_p, *, use_top_k: bool = True, use_top_p: bool = True):
-    """Logits divided by temperature, then every token outside the top-k (0 = off) and then outside the top-p
+    """Logits (less each row's largest) divided by temperature, then every token outside the top-k (0 = off) and then outside the top-p
     nucleus (1.0 = off) set to -inf: transformers' Temperature-, TopK- and TopPLogitsWarper, in generate's order.
     use_top_k / use_top_p (static) skip the sort when the caller knows a filter is off."""
-    logits_BV = logits_BV.astype(jnp.float32) / temperature
+    # each row's largest logit taken off first changes no probability, and a tiny temperature then gives 0 for the
+    # largest and -inf for the rest (greedy, its limit) instead of inf - inf = NaN and a token drawn from noise
+    logits_BV = logits_BV.astype(jnp.float32)
+    logits_BV = (logits_BV - jnp.max(logits_BV, axis=-1, keepdims=True)) / temperature
     if not (use_top_k or use_top_p):
         return logits_BV
     V = logits_BV.shape[-1]
@@ -186,6 +189,9 @@ def _sampling(temperature, top_k, top_p, seed):
         raise ValueError(f"top_p={top_p} must be above 0 and at most 1 (1 keeps every token)")
     seed = checked_int("seed", seed, 0, 2**32 - 1)
     greedy = temperature <= 0
+    # within float32's normal numbers: XLA flushes a subnormal temperature to 0 (0 / 0), and the largest float32 is
+    # as uniform as infinity
+    temperature = min(max(temperature, float(np.finfo(np.float32).tiny)), float(np.finfo(np.float32).max))
     values = (jnp.float32(temperature if not greedy else 1.0), jnp.int32(top_k), jnp.float32(top_p))
     return values, (greedy, top_k > 0, top_p < 1.0), seed  # the flags pick a program; the values are its inputs
 

@@ -203,6 +203,29 @@ def test_filtered_distribution_matches_transformers_warpers(temperature, top_k, 
         assert (ref == 0).any()  # the filters did remove tokens here
 
 
+def test_extreme_temperatures_sample_their_limits(varied, tokenizer):
+    """A temperature near 0 samples what greedy decoding picks (it drew from NaNs: '$\"\"\"'), and one beyond float32
+    samples uniformly, without numpy's overflow warning reaching the user."""
+    import warnings
+
+    import jax
+    import numpy as np
+
+    from jaxtune.generate import filtered_logits
+
+    model, _ = varied
+    prompts = [format_prompt(i) for i in INSTRUCTIONS[:3]]
+    greedy = generate_ids(model, tokenizer, prompts, max_new_tokens=8)
+    for t in (1e-45, 1e-30):
+        assert generate_ids(model, tokenizer, prompts, max_new_tokens=8, temperature=t, seed=3) == greedy
+    logits = np.random.default_rng(0).normal(0, 3, (2, 50)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate_ids(model, tokenizer, prompts[:1], max_new_tokens=2, temperature=1e308)
+    flat = np.asarray(jax.nn.softmax(filtered_logits(logits, np.float32(3e38), 0, 1.0), axis=-1))
+    np.testing.assert_allclose(flat, 1 / 50, rtol=1e-6)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.4, 6, 0.8)])
 def test_sampled_tokens_follow_the_filtered_distribution(temperature, top_k, top_p):
     """Draws as generation makes them (a row each, keys from the seed and the row) have the reference's frequencies."""
