@@ -147,15 +147,19 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
     for key, wanted in (("use_dora", False), ("use_rslora", False), ("modules_to_save", None)):
         if cfg.get(key) not in (wanted, None, [], False):
             raise ModelLoadError(f"{directory}: {key}={cfg[key]!r} is not supported by jaxtune's LoRA")
+    given = base
     base = base or cfg.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{directory}: adapter_config.json names no base model; pass one (--base)")
     named = base
-    if not os.path.isabs(base) and (directory / base).is_dir():
+    if not given and not os.path.isabs(base) and (directory / base).is_dir():
         base = str(directory / base)
     try:
         model, tokenizer = (load_base or load)(base)
     except ModelLoadError as e:
+        if given:  # the caller's own choice: nothing to say about the adapter's
+            raise ModelLoadError(f"{e}. It was given as the base of the adapter in {directory} (--base; base= to "
+                                 "jaxtune.load): give a model folder or hub name there") from None
         raise ModelLoadError(f"{e}. It is the base the adapter in {directory} names ({named!r}); if it is elsewhere "
                              "now, pass it with --base DIR (to generate or eval; base= to jaxtune.load)") from None
     targets = cfg.get("target_modules") or ["c_attn"]

@@ -119,6 +119,12 @@ def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
     (tmp_path / "mybase").rename(tmp_path / "moved")
     p = run("generate", "--model", str(tmp_path / "run"), "--instruction", "Hi", "--max-new-tokens", "2")
     assert p.returncode == 2 and "if it is elsewhere now, pass it with --base DIR" in p.stderr, p.stderr
+    from jaxtune.checkpoint import ModelLoadError, load
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(ModelLoadError) as wrong:  # a base the user gave that is no model: said as theirs
+        load(str(tmp_path / "run"), base=str(tmp_path / "notes"))
+    assert f"{tmp_path / 'notes'}: no config.json" in str(wrong.value) and "It was given as the base of the " \
+        "adapter" in str(wrong.value) and "names" not in str(wrong.value), str(wrong.value)
     p = run("generate", "--model", str(tmp_path / "run"), "--base", str(tmp_path / "moved"), "--instruction", "Hi",
             "--max-new-tokens", "2")
     assert p.returncode == 0, p.stderr
