@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +74,38 @@ def invalid_character(text: str) -> int | None:
         return e.start
 
 
+def as_pairs(pairs, what: str = "pairs") -> list[Pair]:
+    """Pairs given in Python, checked as a file's rows are: Pair objects, {"instruction": ..., "response": ...} dicts
+    or (instruction, response) tuples, each with non-empty text on both sides. A path, or one text, is refused with
+    what to call instead."""
+    if isinstance(pairs, (str, bytes, os.PathLike)):
+        raise DataError(f"{what}: got {type(pairs).__name__} {str(pairs)[:60]!r}, not a list of pairs; read a file "
+                        "with jaxtune.read_pairs(path), or make pairs with jaxtune.Pair(instruction, response)")
+    try:
+        items = list(pairs)
+    except TypeError:
+        raise DataError(f"{what}: got {type(pairs).__name__}, not a list of pairs (jaxtune.Pair, or dicts with "
+                        "'instruction' and 'response')") from None
+    out = []
+    for n, item in enumerate(items, start=1):
+        where = f"{what}[{n - 1}]"
+        if isinstance(item, Pair):
+            out.append(check_pair(item.instruction, item.response, item.where or where))
+        elif isinstance(item, dict):
+            out.append(check_pair(item.get("instruction"), item.get("response"), where))
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            out.append(check_pair(item[0], item[1], where))
+        else:
+            raise DataError(f"{where}: {item!r:.60} ({type(item).__name__}) is not a pair; give jaxtune.Pair("
+                            "instruction, response), a dict with 'instruction' and 'response', or an (instruction, "
+                            "response) tuple")
+    return out
+
+
 def pairs_from_lists(instructions, responses, source: str = "row") -> list[Pair]:
+    for name, value in (("instructions", instructions), ("responses", responses)):
+        if isinstance(value, str):
+            raise DataError(f"{name}: one text ({value[:40]!r}); give a list of texts, one for each pair")
     if len(instructions) != len(responses):
         raise DataError(f"{len(instructions)} instructions but {len(responses)} responses: they must pair up")
     if not instructions:

@@ -33,9 +33,9 @@ _DECODE_CHUNK = 16  # decoding steps between looks at which rows have finished
 
 # ---------------------------------------------------------------------------------------------- the next token
 def filtered_logits(logits_BV, temperature, top_k, top_p, *, use_top_k: bool = True, use_top_p: bool = True):
-    """Logits (less each row's largest) divided by temperature, then every token outside the top-k (0 = off) and then outside the top-p
-    nucleus (1.0 = off) set to -inf: transformers' Temperature-, TopK- and TopPLogitsWarper, in generate's order.
-    use_top_k / use_top_p (static) skip the sort when the caller knows a filter is off."""
+    """Logits (less each row's largest) divided by temperature, then every token outside the top-k (0 = off) and
+    then outside the top-p nucleus (1.0 = off) set to -inf: transformers' Temperature-, TopK- and TopPLogitsWarper,
+    in generate's order. use_top_k / use_top_p (static) skip the sort when the caller knows a filter is off."""
     # each row's largest logit taken off first changes no probability, and a tiny temperature then gives 0 for the
     # largest and -inf for the rest (greedy, its limit) instead of inf - inf = NaN and a token drawn from noise
     logits_BV = logits_BV.astype(jnp.float32)
@@ -313,10 +313,15 @@ def _response_text(tokenizer, ids: list[int]) -> str:
 
 def _checked_instructions(instructions) -> list[str]:
     many = not isinstance(instructions, str)
+    if many and not isinstance(instructions, (list, tuple)):
+        raise ValueError(f"instructions: give one text (a str) or a list of them, not {type(instructions).__name__} "
+                         f"({instructions!r:.60})")
     items = list(instructions) if many else [instructions]
     for k, text in enumerate(items):
-        if not isinstance(text, str) or not text.strip():
-            which = f"instruction {k + 1} of {len(items)}" if many else "the instruction"
+        which = f"instruction {k + 1} of {len(items)}" if many else "the instruction"
+        if not isinstance(text, str):
+            raise ValueError(f"{which} is not text: {text!r:.60} ({type(text).__name__})")
+        if not text.strip():
             raise ValueError(f"{which} is empty; type what the model should do")
     return items
 

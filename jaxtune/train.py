@@ -24,7 +24,8 @@ from jaxtune.config import TrainConfig
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtune.data import EncodedSet, Pair, batch_length, encode_pairs, epoch_batches, plan_epoch, targets_size
+from jaxtune.data import (EncodedSet, Pair, as_pairs, batch_length, encode_pairs, epoch_batches, plan_epoch,
+                          targets_size)
 from jaxtune.lora import LoRAParam, add_lora, has_lora
 from jaxtune.quantize import quantize_base
 from jaxtune.rundir import verify_checksums, write_checksums
@@ -338,6 +339,9 @@ class Trainer:
     def __init__(self, model, tokenizer, pairs: list[Pair] | EncodedSet, cfg: TrainConfig, *,
                  validation_pairs: list[Pair] | None = None,
                  devices=None, offload_model: bool | None = None):
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg: a {type(cfg).__name__}; give a jaxtune.TrainConfig (TrainConfig(**settings) from a "
+                            "dict)")
         if not pairs:
             raise TrainingError("no training pairs")
         if cfg.max_length > model.config.n_positions:
@@ -346,7 +350,8 @@ class Trainer:
         encoded = self.encoded(pairs, cfg)
         # rows whose response max_length cuts off entirely carry no target: left out, and named in `dropped`
         self.examples, self.truncated, self.dropped = encoded.examples, encoded.truncated, encoded.dropped
-        self.val_examples = self.encoded(validation_pairs, cfg).examples if validation_pairs else []
+        self.val_examples = (self.encoded(validation_pairs, cfg, "validation_pairs").examples if validation_pairs
+                             else [])
         # every epoch's batches are a function of (seed, epoch), planned when the epoch starts, so a resumed run
         # continues with exactly the batches the stopped run would have seen and no run holds more than one
         # epoch's plan (an epoch count of 10**9 costs nothing up front). Unpacked epochs all have the same number
@@ -425,13 +430,14 @@ class Trainer:
         batch = next(iter(self._batches()))[1] if batch is None else batch
         return self._step.lower(*self._step_args(batch, jax.random.key(0), jnp.asarray(True)))
 
-    def encoded(self, pairs, cfg: TrainConfig) -> EncodedSet:
-        """Pairs tokenized once (`data.encode_pairs`); an EncodedSet (e.g. from `inspect_rows`) is taken as it is."""
+    def encoded(self, pairs, cfg: TrainConfig, what: str = "pairs") -> EncodedSet:
+        """Pairs tokenized once (`data.encode_pairs`), checked as a file's rows are (`data.as_pairs`); an EncodedSet
+        (e.g. from `inspect_rows`) is taken as it is."""
         if isinstance(pairs, EncodedSet):
             if pairs.max_length != cfg.max_length:
                 raise TrainingError(f"the pairs were encoded for max_length={pairs.max_length}, not {cfg.max_length}")
             return pairs
-        return encode_pairs(self.tokenizer, list(pairs), loss_on=cfg.loss_on, max_length=cfg.max_length)
+        return encode_pairs(self.tokenizer, as_pairs(pairs, what), loss_on=cfg.loss_on, max_length=cfg.max_length)
 
     def plan(self, epoch: int) -> list:
         """Epoch `epoch`'s batches (rows of example indices); the last two planned are kept."""

@@ -693,3 +693,40 @@ def test_a_command_line_run_early_stopping_ended_resumes_to_nothing_and_says_so(
     assert "no step left to run" in again.summary and "raise --early-stopping" in again.summary, again.summary
     card = (tmp_path / "run" / "README.md").read_text()
     assert "| resumed |" not in card and "was resumed" not in card, card
+
+
+def test_pairs_given_in_python_are_checked_like_a_files_rows(tmp_path):
+    """The Python API takes pairs as Pair objects, dicts or tuples (the same examples either way), and refuses what
+    a data file's rows would be refused for, or a path or a text in place of the list, saying what to call."""
+    from pathlib import Path
+
+    from jaxtune.data import DataError, pairs_from_lists
+
+    tok = load("tiny")[1]
+    cfg = TrainConfig(max_steps=1, batch_size=2, max_length=32)
+    model = build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0)
+    as_objects = Trainer(model, tok, [Pair("Hi?", "Hello."), Pair("Bye?", "Goodbye.")], cfg).examples
+    for given in ([{"instruction": "Hi?", "response": "Hello."}, ("Bye?", "Goodbye.")],
+                  (p for p in [("Hi?", "Hello."), ["Bye?", "Goodbye."]])):
+        examples = Trainer(model, tok, given, cfg).examples
+        assert [e.input_ids.tolist() for e in examples] == [e.input_ids.tolist() for e in as_objects]
+    refused = [([Pair("   ", "x")], r"pairs\[0\]: field 'instruction' is empty"),
+               ([Pair("a", "")], r"pairs\[0\]: field 'response' is empty"),
+               ([("a", "b"), Pair("a", 5)], r"pairs\[1\]: field 'response' must be text, got int"),
+               ([{"instruction": "a"}], r"pairs\[0\]: missing field 'response'"),
+               (["just a text"], r"pairs\[0\]: 'just a text' \(str\) is not a pair; give jaxtune.Pair"),
+               (Path("data.jsonl"), r"not a list of pairs; read a file with jaxtune.read_pairs\(path\)"),
+               ("data.jsonl", r"read a file with jaxtune.read_pairs")]
+    for pairs, said in refused:
+        with pytest.raises(DataError, match=said):
+            Trainer(model, tok, pairs, cfg)
+    with pytest.raises(DataError, match=r"validation_pairs\[0\]: field 'response' is empty"):
+        Trainer(model, tok, [("a", "b")], cfg, validation_pairs=[("c", " ")])
+    with pytest.raises(TypeError, match=r"cfg: a dict; give a jaxtune.TrainConfig"):
+        jaxtune_train.train(model, tok, [("a", "b")], {"epochs": 1})
+    with pytest.raises(DataError, match="instructions: one text"):
+        pairs_from_lists("ab", "cd")
+    for bad, said in ((None, "give one text .* not NoneType"), (5, "not int"),
+                      (["ok", 7], r"instruction 2 of 2 is not text: 7 \(int\)")):
+        with pytest.raises(ValueError, match=said):
+            generate(model, tok, bad, max_new_tokens=1)
