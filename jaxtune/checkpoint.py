@@ -216,6 +216,9 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
     offloads the model (on a GPU or TPU) then copies to the device only what the run trains and reads, and QLoRA
     quantizes the base one projection at a time, so the device never holds the model's float32 weights.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise ModelLoadError(f"model: {name_or_path!r} names no model; give a hub id (gpt2), a model folder, 'tiny' "
+                             "(embedded) or 'auto'")
     name = str(name_or_path)
     path = Path(name).expanduser()
     adapter = name not in ("auto", EMBEDDED) and path.is_dir() and is_adapter_dir(path)

@@ -226,6 +226,9 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
                split: str = "train") -> list[Pair]:
     """Pairs from a .jsonl, .json (a list of objects), .csv, .tsv or .parquet file, or a Hugging Face data set (a hub
     name such as `org/name`, or a local data-set folder) and its `split`; errors name file, line and field."""
+    if instruction_column is not None and instruction_column == response_column:
+        raise DataError(f"--instruction-column and --response-column are both {instruction_column!r}: the model would "
+                        "learn to repeat the instruction; give the response's own column")
     path = Path(path)
     cols = dict(instruction_column=instruction_column, response_column=response_column)
     if path.is_dir() or (not path.exists() and not path.suffix and not str(path).startswith((".", "/", "~"))):

@@ -26,6 +26,9 @@ def check_reporters(names) -> list[str]:
     unknown = [n for n in names if n not in REPORTERS]
     if unknown:
         raise TrackingError(f"report_to: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(REPORTERS)}")
+    if "none" in names and len(set(names)) > 1:
+        raise TrackingError(f"report_to: 'none' with {', '.join(repr(n) for n in names if n != 'none')}: 'none' "
+                            "reports nowhere; give it alone, or leave it out")
     names = [n for n in dict.fromkeys(names) if n != "none"]
     import importlib
 

@@ -98,6 +98,9 @@ def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load(str(tmp_path / "empty"))
+    for nothing in ("", "  ", None):  # not the working folder's config.json, nor a model called 'None'
+        with pytest.raises(ModelLoadError, match=r"names no model; give a hub id \(gpt2\), a model folder"):
+            load(nothing)
 
 
 def test_auto_falls_back_to_the_embedded_model_and_says_so(tmp_path, monkeypatch):

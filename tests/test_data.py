@@ -202,6 +202,8 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
     assert [(p.instruction, p.response) for p in read_pairs(alpaca)] == [("Translate\n\nchat", "cat"), ("Say hi", "hi")]
     custom = write(tmp_path / "c.csv", "q,a\nWhy?,Because.\n")
     assert read_pairs(custom, instruction_column="q", response_column="a")[0].response == "Because."
+    with pytest.raises(DataError, match="both 'q': the model would learn to repeat the instruction"):
+        read_pairs(custom, instruction_column="q", response_column="q")
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -83,6 +83,11 @@ def test_metrics_reach_tensorboard_trackio_and_wandb(tmp_path):
 
 
 def test_a_missing_tracker_package_is_an_install_hint(tmp_path):
+    from jaxtune.tracking import TrackingError, check_reporters
+
+    with pytest.raises(TrackingError, match="'none' with 'tensorboard': 'none' reports nowhere; give it alone"):
+        check_reporters(["none", "tensorboard"])
+    assert check_reporters(["none"]) == [] and check_reporters(["tensorboard", "tensorboard"]) == ["tensorboard"]
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     code = ("import sys; sys.modules['wandb'] = None; from jaxtune.cli import main; "
             f"sys.exit(main(['train', '--model', 'tiny', '--data', {str(data)!r}, '--output', {str(tmp_path / 'o')!r}, "
