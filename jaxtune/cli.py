@@ -123,12 +123,16 @@ def run_config(args) -> RunConfig:
     if getattr(args, "config", None):
         path = Path(args.config)
         if not path.exists() and getattr(args, "resume", None) and path == Path(args.resume) / "checkpoints" / "config.yaml":
-            raise DataError(f"--resume {args.resume}: no checkpoint there to resume from (a run keeps checkpoints with "
-                            "--save-every, and on Ctrl-C); give the --output folder of a run that saved one")
+            resume = Path(args.resume)
+            what = ("no such folder" if not resume.exists() else "a file, not a run's folder" if not resume.is_dir()
+                    else "no checkpoint there to resume from (a run keeps checkpoints with --save-every, and on "
+                         "Ctrl-C)")
+            raise DataError(f"--resume {args.resume}: {what}; give the --output folder of a run that saved one")
         if not path.exists():
             raise DataError(f"--config {path}: no such file")
         try:
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            with path.open(encoding="utf-8") as f:  # read from the file: YAML's errors name it
+                values = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise DataError(f"--config {path}: not valid YAML ({e})") from None
         if not isinstance(values, dict):

@@ -136,6 +136,24 @@ def test_config_and_strict_errors(tmp_path):
     assert p.returncode == 2 and "--data is required" in p.stderr
 
 
+def test_a_resume_or_config_that_is_not_there_says_what_it_is(tmp_path, capsys):
+    """In this process (nothing loads before these are refused): a --resume folder that does not exist or is a file
+    is said as such, not as a run without checkpoints; a YAML syntax error names its file, line and column."""
+    from jaxtune.cli import main
+
+    (tmp_path / "a.txt").write_text("notes")
+    (tmp_path / "empty").mkdir()
+    for given, said in (("nope", "no such folder"), ("a.txt", "a file, not a run's folder"),
+                        ("empty", "no checkpoint there to resume from")):
+        assert main(["train", "--resume", str(tmp_path / given)]) == 2
+        err = capsys.readouterr().err
+        assert f"--resume {tmp_path / given}: {said}" in err and "; give the --output folder of a run" in err, err
+    (tmp_path / "broken.yaml").write_text("model: tiny\ntrain:\n  epochs: [3\n")
+    assert main(["train", "--config", str(tmp_path / "broken.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f'in "{tmp_path / "broken.yaml"}", line' in err and "<unicode string>" not in err, err
+
+
 def test_config_mistakes_say_what_was_meant():
     """YAML reads 5e-3 as text: it is taken as the number; an option in the wrong place or misspelt is named with
     where it goes; a list where one path goes is refused as such."""
