@@ -13,7 +13,7 @@ import yaml
 
 from jaxtune.checkpoint import ModelLoadError, load
 
-from jaxtune.config import LOSS_MODES, ConfigError, RunConfig
+from jaxtune.config import LOSS_MODES, ConfigError, RunConfig, checked_int
 from jaxtune.data import DataError, invalid_character
 from jaxtune.generate import generate
 from jaxtune.rundir import RunDirError
@@ -258,7 +258,12 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     from jaxtune.data import format_prompt, tokenize_text
+    from jaxtune.generate import _checked_instructions, _sampling
 
+    # the settings are checked before the model loads; an answer of no tokens prints nothing, as eval refuses it
+    checked_int("max_new_tokens", args.max_new_tokens, 1, 2**20)
+    _checked_instructions(args.instruction)
+    _sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle, base=args.base)
     print(generate(model, tokenizer, args.instruction, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))

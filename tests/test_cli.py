@@ -148,6 +148,12 @@ def test_a_resume_or_config_that_is_not_there_says_what_it_is(tmp_path, capsys):
         assert main(["train", "--resume", str(tmp_path / given)]) == 2
         err = capsys.readouterr().err
         assert f"--resume {tmp_path / given}: {said}" in err and "; give the --output folder of a run" in err, err
+    for flags, said in ((["--max-new-tokens", "0"], "max_new_tokens=0 is out of range"),  # printed nothing
+                        (["--temperature", "-0.5"], "temperature=-0.5 must be a finite number of at least 0")):
+        # generate's settings are checked before the model (here none) is loaded
+        assert main(["generate", "--model", str(tmp_path / "nope"), "--instruction", "Hi", *flags]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "nope" not in err, err
     (tmp_path / "broken.yaml").write_text("model: tiny\ntrain:\n  epochs: [3\n")
     assert main(["train", "--config", str(tmp_path / "broken.yaml")]) == 2
     err = capsys.readouterr().err
