@@ -52,7 +52,7 @@ class Pair:
 def check_pair(instruction, response, where: str) -> Pair:
     for name, value in (("instruction", instruction), ("response", response)):
         if value is None:
-            raise DataError(f"{where}: missing field {name!r}")
+            raise DataError(f"{where}: field {name!r} is missing or null; fill it in or remove the row")
         if not isinstance(value, str):
             raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__} ({value!r})")
         if not value.strip():
@@ -176,8 +176,11 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; its message says what went wrong
-        what = "cannot read the Parquet file" if parquet else f"could not load the data set (split {split!r})"
-        raise DataError(f"{source}: {what}: {e}. Check the name and --split, or pass a local file") from None
+        if parquet:  # a local file: neither its name nor a split is in question
+            raise DataError(f"{source}: cannot read the Parquet file: {e}. Check that it is a Parquet file (or give "
+                            "the data as .jsonl, .json or .csv)") from None
+        raise DataError(f"{source}: could not load the data set (split {split!r}): {e}. Check the name and --split, "
+                        "or pass a local file") from None
     return [record_to_pair(dict(r), f"{label} row {n}", **cols) for n, r in enumerate(table, start=1)]
 
 
@@ -238,6 +241,9 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
         return pairs
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if split != "train":  # a file is one table: a split it would ignore is refused
+        raise DataError(f"--split {split}: {path} is a file, which holds one table of pairs; --split picks a part of "
+                        "a Hugging Face data set. Leave it out, or give the held-out file with --validation-data")
     if path.suffix.lower() == ".parquet":
         pairs = _records_from_datasets(str(path), split, cols, parquet=True)
         if not pairs:

@@ -72,7 +72,7 @@ def training_overlap(model_dir, pairs: list[Pair]) -> int | None:
         data = cfg.get("data")
         if not isinstance(data, str) or not Path(data).is_file():
             return None
-        trained = read_pairs(data, split=cfg.get("split") or "train", instruction_column=cfg.get("instruction_column"),
+        trained = read_pairs(data, instruction_column=cfg.get("instruction_column"),  # a file: no split
                              response_column=cfg.get("response_column"))
         if not cfg.get("validation_data") and cfg.get("validation_fraction"):
             trained = split_validation(trained, float(cfg["validation_fraction"]),

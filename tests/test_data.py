@@ -204,6 +204,13 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
     assert read_pairs(custom, instruction_column="q", response_column="a")[0].response == "Because."
     with pytest.raises(DataError, match="both 'q': the model would learn to repeat the instruction"):
         read_pairs(custom, instruction_column="q", response_column="q")
+    with pytest.raises(DataError, match=r"--split validation: .*c.csv is a file, which holds one table of pairs"):
+        read_pairs(custom, split="validation")  # it was ignored, and config.yaml recorded it
+    fake = write(tmp_path / "fake.parquet", "instruction,response\nHi,Hello\n")
+    with pytest.raises(DataError, match=r"fake.parquet: cannot read the Parquet file: .*Check that it is a Parquet "
+                                        r"file") as e:
+        read_pairs(fake)
+    assert "--split" not in str(e.value)
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -713,7 +713,7 @@ def test_pairs_given_in_python_are_checked_like_a_files_rows(tmp_path):
     refused = [([Pair("   ", "x")], r"pairs\[0\]: field 'instruction' is empty"),
                ([Pair("a", "")], r"pairs\[0\]: field 'response' is empty"),
                ([("a", "b"), Pair("a", 5)], r"pairs\[1\]: field 'response' must be text, got int"),
-               ([{"instruction": "a"}], r"pairs\[0\]: missing field 'response'"),
+               ([{"instruction": "a"}], r"pairs\[0\]: field 'response' is missing or null"),
                (["just a text"], r"pairs\[0\]: 'just a text' \(str\) is not a pair; give jaxtune.Pair"),
                (Path("data.jsonl"), r"not a list of pairs; read a file with jaxtune.read_pairs\(path\)"),
                ("data.jsonl", r"read a file with jaxtune.read_pairs")]
