@@ -204,6 +204,25 @@ def hub_snapshot(repo_id: str, *, local_only: bool) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES, local_files_only=local_only))
 
 
+def check_available(name: str) -> Path | None:
+    """For a name that is neither 'auto', 'tiny' nor a folder: ModelLoadError when it cannot load (a file, a folder
+    that is not there, a hub id neither cached nor reachable), without loading anything. Returns the cached snapshot
+    of a hub id, or None when the hub will have to be asked."""
+    path = Path(name).expanduser()
+    if path.exists():
+        raise ModelLoadError(f"{name} is a file; pass the directory that holds config.json and model.safetensors")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model directory {name} does not exist")
+    try:
+        return hub_snapshot(name, local_only=True)
+    except Exception:  # noqa: BLE001 - not cached: the hub, if it answers
+        if not hub_reachable():
+            raise ModelLoadError(
+                f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached. Check the name, "
+                f"connect to the network, pass a local model directory, or use {EMBEDDED!r} (the embedded model)") from None
+    return None
+
+
 def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.float32, seed: int = 0,
          base: str | None = None, host: bool = False):
     """(model, tokenizer) for a hub id, a local Hugging Face directory, 'tiny' (embedded) or 'auto'.
@@ -255,17 +274,8 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
         model, tok = load_directory(path, allow_pickle=allow_pickle, dtype=dtype, host=host)
         model.source = str(path)
         return model, tok
-    if path.exists():
-        raise ModelLoadError(f"{name} is a file; pass the directory that holds config.json and model.safetensors")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelLoadError(f"model directory {name} does not exist")
-    try:
-        snapshot = hub_snapshot(name, local_only=True)
-    except Exception:  # noqa: BLE001 - not cached: try the hub
-        if not hub_reachable():
-            raise ModelLoadError(
-                f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached. Check the name, "
-                f"connect to the network, pass a local model directory, or use {EMBEDDED!r} (the embedded model)") from None
+    snapshot = check_available(name)
+    if snapshot is None:  # not cached, and the hub answers
         try:
             snapshot = hub_snapshot(name, local_only=False)
         except Exception as e:  # noqa: BLE001

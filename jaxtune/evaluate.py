@@ -359,14 +359,17 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
     """What `python -m jaxtune eval` does: read the pairs, load and evaluate each model in turn, write the reports.
     `base` loads every LoRA adapter among the models on that base instead of the one it names (a base that moved).
     Returns (results, written paths). Raises DataError or ModelLoadError with a message for the user."""
-    from jaxtune.checkpoint import ModelLoadError, load
+    from jaxtune.checkpoint import ModelLoadError, check_available, load
     from jaxtune.config import checked_int
     from jaxtune.lora import is_adapter_dir
 
     max_new_tokens = checked_int("max_new_tokens", max_new_tokens, 1, 2**20)
-    for name in models:  # a mistyped folder is said before any model is evaluated, not after the first
+    batch_size = checked_int("batch_size", batch_size, 1, 4096)
+    for name in models:  # a mistyped folder or name is said before any model is evaluated, not after the first
         if str(name).startswith(("/", ".", "~")) and not Path(name).expanduser().is_dir():
             raise DataError(f"{name}: no such model folder")
+        if str(name) not in ("auto", "tiny") and not Path(name).expanduser().is_dir():
+            check_available(str(name))
     adapters = [name for name in models if Path(name).expanduser().is_dir() and is_adapter_dir(Path(name).expanduser())]
     if base is not None and not adapters:
         raise ModelLoadError(f"--base {base} is for LoRA adapter folders, and none of {', '.join(map(str, models))} is "
