@@ -120,6 +120,12 @@ def split_trainable(model, cfg: TrainConfig):
 def prepare_model(model, cfg: TrainConfig):
     """What cfg changes in the model itself, in place (once: a prepared model is left as it is): the remat flag, and
     for LoRA the adapters and (QLoRA) the quantized base."""
+    if not cfg.lora_rank and has_lora(model):
+        raise TrainingError("the model carries LoRA adapters (from a LoRA run, or an adapter folder loaded with its "
+                            "base): full fine-tuning would change the base under them, and saving it would write the "
+                            "adapters alone. Train a merged model instead (Python: jaxtune.lora.merge(model); a LoRA "
+                            "run's merged/ folder, written with --merge), or train the adapters on (lora_rank, "
+                            "--lora-rank)")
     model.remat = cfg.remat  # static: part of the graph definition the step is traced from
     if cfg.lora_rank and not has_lora(model):
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)

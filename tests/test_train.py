@@ -730,3 +730,21 @@ def test_pairs_given_in_python_are_checked_like_a_files_rows(tmp_path):
                       (["ok", 7], r"instruction 2 of 2 is not text: 7 \(int\)")):
         with pytest.raises(ValueError, match=said):
             generate(model, tok, bad, max_new_tokens=1)
+
+
+def test_full_fine_tuning_refuses_a_model_that_carries_adapters():
+    """A LoRA run leaves its adapters in the model: full fine-tuning it afterwards changed the base under them and
+    `save` wrote the adapters alone, losing the full fine-tune. It is refused, saying what to do; the merged model
+    trains."""
+    from jaxtune.lora import has_lora, merge
+
+    tok = load("tiny")[1]
+    model = build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0)
+    pairs = [Pair("Hi?", "Hello."), Pair("Bye?", "Goodbye.")]
+    jaxtune_train.train(model, tok, pairs, TrainConfig(max_steps=1, batch_size=2, max_length=32, lora_rank=2))
+    assert has_lora(model)
+    with pytest.raises(jaxtune_train.TrainingError, match=r"carries LoRA adapters.*jaxtune.lora.merge\(model\)"):
+        Trainer(model, tok, pairs, TrainConfig(max_steps=1, batch_size=2, max_length=32))
+    merged = merge(model)
+    assert not has_lora(merged)
+    Trainer(merged, tok, pairs, TrainConfig(max_steps=1, batch_size=2, max_length=32)).run()
