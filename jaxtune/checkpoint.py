@@ -25,7 +25,7 @@ from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter
 from jaxtune.model import GPT2LMHeadModel, abstract, build
 from jaxtune.quantize import dequantized, is_quantized
-from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text, readable_by_all
+from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text, owned, readable_by_all
 
 log = logging.getLogger("jaxtune")
 
@@ -300,7 +300,7 @@ def to_host(model):
 # ---------------------------------------------------------------------------------------------- saving
 def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
          keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None, adapter_base: str | None = None,
-         role: str | None = None) -> Path:
+         role: str | None = None, overwrite: bool = False) -> Path:
     """Write a Hugging Face directory (config.json, model.safetensors, tokenizer, generation_config.json) that
     transformers.GPT2LMHeadModel and AutoTokenizer load as they are.
 
@@ -308,7 +308,9 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     disk leaves the previous model or none, never half of one. A README.md model card (see `jaxtune.card`) describes the model and, with
     `run_info`, how it was trained; `role` ("base", "merged") says a LoRA run's base/ or merged/ folder is what it saves
     (see `model_card`). An existing `directory` is replaced only when all
-    it holds is jaxtune's (see `jaxtune.rundir`); its `keep` entries (a run's checkpoints) move into the new one.
+    it holds is jaxtune's (see `jaxtune.rundir`); its `keep` entries (a run's checkpoints) move into the new one. A
+    training run's folder (its metrics, config or checkpoints) is replaced only with `overwrite`: the run that wrote
+    it passes that; anyone else would lose the run's records.
     """
     from safetensors.numpy import save_file
 
@@ -319,6 +321,10 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     if others:
         raise RunDirError(f"{directory} holds files jaxtune did not write ({', '.join(others[:5])}); jaxtune never "
                           "replaces them. Save the model into a new or empty directory")
+    records = sorted(owned(directory) & {"metrics.jsonl", "config.yaml", "checkpoints", "samples.jsonl"})
+    if records and not overwrite:
+        raise RunDirError(f"{directory} holds a training run ({', '.join(records)}); saving a model there would "
+                          "replace the run and its records. Save into a new directory, or pass overwrite=True")
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the model folder it becomes is an ordinary one

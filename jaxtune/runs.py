@@ -329,7 +329,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     # copy written beside the adapter (base/), since its weights exist nowhere else
     own_base = lora and not (hub_id(base_name) or Path(base_name).expanduser().is_dir())
     try:
-        save(model, tokenizer, out, keep=KEEP + ("base", "merged"), run_info=run_info,
+        save(model, tokenizer, out, keep=KEEP + ("base", "merged"), run_info=run_info, overwrite=True,
              adapter_base="base" if own_base else base_name, extra_files={
                  "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
                  "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),

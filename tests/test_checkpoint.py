@@ -39,6 +39,24 @@ def test_saved_model_loads_in_pytorch(hf_dir, tmp_path):
     assert modes["model.safetensors"] == modes["config.json"]  # readable as the other files are (it was 0600)
 
 
+def test_save_replaces_a_model_folder_but_not_a_training_run_unless_told(hf_dir, tmp_path):
+    """Saving twice into one folder replaces the model; a training run's folder (its metrics, config, checkpoints)
+    is replaced only with overwrite=True: `save` into a run's folder deleted its records without a word."""
+    from jaxtune.rundir import RunDirError
+
+    model, tok = load(str(hf_dir))
+    save(model, tok, tmp_path / "plain")
+    save(model, tok, tmp_path / "plain")  # a model alone: replaced, as before
+    run = save(model, tok, tmp_path / "run", extra_files={"metrics.jsonl": '{"step": 1}\n', "config.yaml": "x: 1\n"})
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(RunDirError, match=r"holds a training run \(config.yaml, metrics.jsonl\); saving a model "
+                                          r"there would replace the run .* pass overwrite=True"):
+        save(model, tok, run)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    save(model, tok, run, overwrite=True)
+    assert not (run / "metrics.jsonl").exists() and (run / "model.safetensors").exists()
+
+
 def test_a_gpt2_tokenizer_loads_without_pytorch_and_another_class_through_auto(hf_dir, tmp_path):
     """A launch reads GPT-2's tokenizer without importing PyTorch (AutoTokenizer would: a second more on every
     start); a folder naming another tokenizer class still gets that class, as AutoTokenizer gives it."""
