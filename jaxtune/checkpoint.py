@@ -22,7 +22,7 @@ from flax import nnx
 
 from jaxtune.card import model_card, tidy_tokenizer_config
 from jaxtune.config import PRESETS, ConfigError, GPT2Config
-from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter
+from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter, without_adapters
 from jaxtune.model import GPT2LMHeadModel, abstract, build
 from jaxtune.quantize import dequantized, is_quantized
 from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text, owned, readable_by_all
@@ -298,6 +298,19 @@ def to_host(model):
 
 
 # ---------------------------------------------------------------------------------------------- saving
+def _named_base(model) -> str | None:
+    """The base a LoRA model's adapter names when the caller names none: the hub id or folder it was loaded from;
+    None when its weights exist nowhere else (the embedded model, one built in Python), to be saved beside it."""
+    if getattr(model, "adapter_base", None):  # an adapter folder loaded with its base
+        return model.adapter_base
+    source = str(getattr(model, "source", ""))
+    if source.endswith(" (Hugging Face hub)"):
+        return source.removesuffix(" (Hugging Face hub)")
+    if source.startswith("gpt2 (auto: "):
+        return "gpt2"
+    return str(Path(source).resolve()) if source and Path(source).is_dir() else None
+
+
 def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
          keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None, adapter_base: str | None = None,
          role: str | None = None, overwrite: bool = False) -> Path:
@@ -334,8 +347,12 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     try:
         config = model.config
         try:
-            if has_lora(model):  # the adapters alone, as PEFT writes them; the base is named, not copied
-                save_adapter(model, tmp, base_model=adapter_base or getattr(model, "source", "gpt2"))
+            if has_lora(model):  # the adapters alone, as PEFT writes them; the base is named, not copied...
+                adapter_base = adapter_base or _named_base(model)
+                if adapter_base is None:  # ...unless its weights exist nowhere else: then a copy goes beside them
+                    save(without_adapters(model), tokenizer, tmp / "base", role="base")
+                    adapter_base = "base"
+                save_adapter(model, tmp, base_model=adapter_base)
             else:
                 (tmp / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
                 gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,

@@ -57,6 +57,29 @@ def test_save_replaces_a_model_folder_but_not_a_training_run_unless_told(hf_dir,
     assert not (run / "metrics.jsonl").exists() and (run / "model.safetensors").exists()
 
 
+def test_a_lora_model_saved_from_python_names_a_base_that_loads(hf_dir, tmp_path):
+    """jaxtune.save of a LoRA model: on the embedded model (whose weights exist nowhere else) the base is written
+    beside the adapter, as the command line does; on a model folder the adapter names that folder. The adapter
+    named 'tiny (embedded offline model: ...)', which nothing could load."""
+    import json
+
+    from jaxtune.lora import add_lora
+
+    for name in ("tiny", str(hf_dir)):
+        model, tok = load(name)
+        add_lora(model, 2, seed=1)
+        for layer in [m for _, m in model.iter_modules() if hasattr(m, "lora")]:  # B = 0 would hide a lost adapter
+            layer.lora.lora_b[...] = jnp.full_like(layer.lora.lora_b[...], 0.05)
+        out = save(model, tok, tmp_path / f"adapter-{len(name)}")
+        named = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+        assert named == ("base" if name == "tiny" else str(hf_dir.resolve())), named
+        again, _ = load(str(out))
+        assert np.abs(np.asarray(again(jnp.asarray(IDS))) - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-5
+        resaved = save(again, tok, tmp_path / f"again-{len(name)}")  # a loaded adapter names its base again
+        assert json.loads((resaved / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+            (str((out / "base").resolve()) if name == "tiny" else str(hf_dir.resolve()))
+
+
 def test_a_gpt2_tokenizer_loads_without_pytorch_and_another_class_through_auto(hf_dir, tmp_path):
     """A launch reads GPT-2's tokenizer without importing PyTorch (AutoTokenizer would: a second more on every
     start); a folder naming another tokenizer class still gets that class, as AutoTokenizer gives it."""
