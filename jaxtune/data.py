@@ -234,6 +234,9 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
                         "learn to repeat the instruction; give the response's own column")
     path = Path(path)
     cols = dict(instruction_column=instruction_column, response_column=response_column)
+    if path.is_dir() and any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+        raise DataError(f"{path} is a model folder (a run's output?), not data; give the pairs as a .jsonl, .json, "
+                        ".csv or .parquet file, or a data set")
     if path.is_dir() or (not path.exists() and not path.suffix and not str(path).startswith((".", "/", "~"))):
         pairs = _records_from_datasets(str(path), split, cols, parquet=False)
         if not pairs:

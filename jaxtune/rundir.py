@@ -97,6 +97,9 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--output {out} is a file; give a directory")
+    above = next((p for p in out.parents if p.exists()), None)  # said now, not after the data and model are read
+    if above is not None and not above.is_dir():
+        raise RunDirError(f"--output {out}: {above} is a file, not a folder; give a directory path")
     if subfolder:
         stamp = time.strftime("run-%Y%m%d-%H%M%S")
         for n in range(1000):

@@ -204,6 +204,10 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
     assert read_pairs(custom, instruction_column="q", response_column="a")[0].response == "Because."
     with pytest.raises(DataError, match="both 'q': the model would learn to repeat the instruction"):
         read_pairs(custom, instruction_column="q", response_column="q")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"run is a model folder \(a run's output\?\), not data; give the pairs as"):
+        read_pairs(tmp_path / "run")  # datasets said "An error occurred while generating the dataset"
     with pytest.raises(DataError, match=r"--split validation: .*c.csv is a file, which holds one table of pairs"):
         read_pairs(custom, split="validation")  # it was ignored, and config.yaml recorded it
     fake = write(tmp_path / "fake.parquet", "instruction,response\nHi,Hello\n")
