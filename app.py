@@ -613,6 +613,8 @@ class Session:
         self.pick: str | None = None
         self.table_ids: list[str] = []  # the runs table's rows
         self.sent: dict = {}  # what the page already shows, so a poll sends only what changed
+        self.zips: dict = {}  # the zips made for Export: (run id, kind, model file's time) -> path
+        self.view_lock = threading.RLock()  # one view at a time, and no pick while one is made (see `_view`)
         self.chose: dict = {}  # what the page last chose by itself for Try's run A and Evaluate's runs
         self.attached = False  # this browser's stored run ids were read
         self.export_kind = "adapter"  # what Export gives for a LoRA run: the adapter, or the merged model
@@ -1303,26 +1305,30 @@ def delete_in_page(run_id, session, request: gr.Request = None):
 def pick_run(run_id, session, request: gr.Request = None):
     """A run chosen in the runs list: the train panel shows it, and Export, Resume and Delete act on it."""
     session = _session(session, request)
-    if isinstance(run_id, str) and REGISTRY.get(run_id) is not None and (not PUBLIC or run_id in session.ids):
-        session.pick = session.watch = run_id
-    return [session, *_view_after_pick(session)]
+    with session.view_lock:
+        if isinstance(run_id, str) and REGISTRY.get(run_id) is not None and (not PUBLIC or run_id in session.ids):
+            session.pick = session.watch = run_id
+        return [session, *_view_after_pick(session)]
 
 
 def _view_after_pick(session: Session) -> list:
-    """The view after a pick; the next poll then sends everything again. A poll computed just before the pick can
-    reach the page after it, with the old run's panel (its Export choice, say): the full poll puts the pick back."""
-    view = _view(session)
-    session.sent.clear()
-    return view
+    """The view after a pick (made under the page's view lock, with the pick); the next poll then sends everything
+    again. A poll made before the pick can still reach the page after it (its reply is on its way), with the old run's
+    panel or Export choice: the full poll puts the pick back."""
+    with session.view_lock:
+        view = _view(session)
+        session.sent.clear()
+        return view
 
 
 @_guarded
 def pick_row(session, evt: gr.SelectData, request: gr.Request = None):
     session = _session(session, request)
     row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
-    if isinstance(row, int) and 0 <= row < len(session.table_ids):
-        session.pick = session.watch = session.table_ids[row]
-    return [session, *_view_after_pick(session)]
+    with session.view_lock:
+        if isinstance(row, int) and 0 <= row < len(session.table_ids):
+            session.pick = session.watch = session.table_ids[row]
+        return [session, *_view_after_pick(session)]
 
 
 @_guarded
@@ -1538,15 +1544,15 @@ def _zip(run, session: Session, kind: str = "adapter") -> str:
     tokenizer; and base/ when its base is the embedded model), or the merged full model."""
     kind = kind if _is_lora(run) else "model"
     stamp = _model_file(run).stat().st_mtime_ns
-    key = ("zip", run.id, kind, stamp)
+    key = (run.id, kind, stamp)
     with _ZIP_LOCKS_LOCK:  # the page's poll and a pick can ask for the same zip at once: one builds it, one waits
         lock = _ZIP_LOCKS.setdefault((id(session), run.id, kind), threading.Lock())
     with lock:
-        path = session.sent.get(key)
+        path = session.zips.get(key)
         if path and Path(path).exists():
             return path
         path = _build_zip(run, session, kind)
-        session.sent[key] = path
+        session.zips[key] = path
         return path
 
 
@@ -1608,7 +1614,14 @@ PLOT_RESENDS = 2
 
 def _view(session: Session, force: bool = False, shown: dict | None = None) -> list:
     """Everything the poll redraws, in VIEW's order; what the page already shows is skipped. `shown`: Try's and
-    Evaluate's run pickers as the page has them (see `_picks`)."""
+    Evaluate's run pickers as the page has them (see `_picks`). One at a time per page, and picks change the session
+    only between them: a poll that read the export kind before the user changed it compared what it made with what
+    the pick had just sent, and sent the old kind's zip back after it."""
+    with session.view_lock:
+        return _make_view(session, force, shown)
+
+
+def _make_view(session: Session, force: bool, shown: dict | None) -> list:
     runs = _visible(session)
     by_id = {r.id: r for r in runs}
     watched = REGISTRY.get(session.watch)
@@ -1998,8 +2011,10 @@ def export_zip(run_id=None, kind="adapter", session=None, request: gr.Request = 
 def pick_export(kind, session, request: gr.Request = None):
     """Adapter or merged model: the download button gets that zip."""
     session = _session(session, request)
-    session.export_kind = _export_kind(kind)
-    return [session, *_view(session)]
+    kind = _export_kind(kind)
+    with session.view_lock:
+        session.export_kind = kind
+        return [session, *_view_after_pick(session)]
 
 
 @_guarded

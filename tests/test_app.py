@@ -1394,3 +1394,35 @@ def test_zips_asked_for_at_once_are_built_once(monkeypatch, tmp_path):
     with zipfile.ZipFile(paths[4]) as z:
         assert "model.safetensors" in z.namelist() and z.testzip() is None
     assert not [p for p in Path(paths[0]).parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_poll_in_flight_does_not_send_back_the_export_kind_the_user_left(monkeypatch, tmp_path):
+    """A poll that read "adapter" just before the user picked "Merged full model" used to compare what it made with
+    what the page had only after the pick had sent the merged zip: it then sent the adapter's zip back, last, and the
+    next Download gave the adapter (seen once in CI's browser test). A page's views are now made one at a time."""
+    app, run = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    session = app.Session()
+    session.ids, session.pick, session.attached = [run.id], run.id, True
+    app._view(session, force=True)
+    session.sent.clear()  # as after a pick in the runs table: the next poll sends everything, the export button too
+    zip_made, in_poll, go = app._zip, threading.Event(), threading.Event()
+
+    def held_zip(run_, session_, kind="adapter"):
+        if threading.current_thread().name == "poll":
+            in_poll.set()
+            go.wait(10)
+        return zip_made(run_, session_, kind)
+
+    monkeypatch.setattr(app, "_zip", held_zip)
+    done = []  # (which, the export button's update), in the order they finished
+    poll = threading.Thread(target=lambda: done.append(("poll", app.poll(session, [])[9])), name="poll")
+    pick = threading.Thread(target=lambda: done.append(("pick", app.pick_export("merged", session)[9])))
+    poll.start()
+    assert in_poll.wait(30)
+    pick.start()
+    pick.join(1.5)  # the pick had all the time it needed to finish before the poll went on
+    go.set()
+    poll.join(60), pick.join(60)
+    assert [w for w, _ in done] == ["poll", "pick"]  # the pick waited for the poll's view
+    assert done[-1][1]["value"].endswith("-merged.zip") and "merged model" in done[-1][1]["label"]
+    assert str(app.poll(session, [])[9]["value"]).endswith("-merged.zip")  # the next poll sends the merged zip again
