@@ -228,8 +228,11 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
     """(model, tokenizer) for a hub id, a local Hugging Face directory, 'tiny' (embedded) or 'auto'.
 
     'auto' takes gpt2 from the cache or the hub when it can and otherwise the embedded model; `model.source`
-    says which was used. A LoRA adapter folder (adapter_config.json, jaxtune's or PEFT's) loads with its base
-    model, from its config or `base`. A named model that cannot be had raises ModelLoadError, never a substitute.
+    says which was used. `model.origin` is where its weights can be loaded again (a hub id, an absolute folder; for
+    an adapter folder, its base's), or is absent when they exist nowhere else (the embedded model): what a save of
+    the model with LoRA adapters names as their base. A LoRA adapter folder (adapter_config.json, jaxtune's or
+    PEFT's) loads with its base model, from its config or `base`. A named model that cannot be had raises
+    ModelLoadError, never a substitute.
 
     `host` keeps the weights in host memory (NumPy arrays) instead of putting them on the device. A Trainer that
     offloads the model (on a GPU or TPU) then copies to the device only what the run trains and reads, and QLoRA
@@ -251,6 +254,7 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
             try:
                 model, tok = load_directory(hub_snapshot("gpt2", local_only=local_only), dtype=dtype, host=host)
                 model.source = "gpt2 (auto: " + ("from the local cache)" if local_only else "downloaded from the hub)")
+                model.origin = "gpt2"
                 return model, tok
             except Exception as e:  # noqa: BLE001 - any failure here means: fall back, and say so
                 log.info("auto: gpt2 not available %s (%s)", "in the cache" if local_only else "from the hub", e)
@@ -272,7 +276,7 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
                             dtype=dtype)
     if path.is_dir():
         model, tok = load_directory(path, allow_pickle=allow_pickle, dtype=dtype, host=host)
-        model.source = str(path)
+        model.source, model.origin = str(path), str(path.resolve())
         return model, tok
     snapshot = check_available(name)
     if snapshot is None:  # not cached, and the hub answers
@@ -282,7 +286,7 @@ def load(name_or_path: str = "auto", *, allow_pickle: bool = False, dtype=jnp.fl
             raise ModelLoadError(f"could not download model {name!r} from the Hugging Face hub: {e}. Check the name "
                                  "(e.g. gpt2, distilgpt2, gpt2-medium) or pass a local model directory") from e
     model, tok = load_directory(snapshot, allow_pickle=allow_pickle, dtype=dtype, host=host)
-    model.source = f"{name} (Hugging Face hub)"
+    model.source, model.origin = f"{name} (Hugging Face hub)", name
     return model, tok
 
 
@@ -298,19 +302,6 @@ def to_host(model):
 
 
 # ---------------------------------------------------------------------------------------------- saving
-def _named_base(model) -> str | None:
-    """The base a LoRA model's adapter names when the caller names none: the hub id or folder it was loaded from;
-    None when its weights exist nowhere else (the embedded model, one built in Python), to be saved beside it."""
-    if getattr(model, "adapter_base", None):  # an adapter folder loaded with its base
-        return model.adapter_base
-    source = str(getattr(model, "source", ""))
-    if source.endswith(" (Hugging Face hub)"):
-        return source.removesuffix(" (Hugging Face hub)")
-    if source.startswith("gpt2 (auto: "):
-        return "gpt2"
-    return str(Path(source).resolve()) if source and Path(source).is_dir() else None
-
-
 def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, extra_files: dict[str, str] | None = None,
          keep: tuple[str, ...] = ("checkpoints",), run_info: dict | None = None, adapter_base: str | None = None,
          role: str | None = None, overwrite: bool = False) -> Path:
@@ -348,7 +339,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
         config = model.config
         try:
             if has_lora(model):  # the adapters alone, as PEFT writes them; the base is named, not copied...
-                adapter_base = adapter_base or _named_base(model)
+                adapter_base = adapter_base or getattr(model, "origin", None)  # where load found it
                 if adapter_base is None:  # ...unless its weights exist nowhere else: then a copy goes beside them
                     save(without_adapters(model), tokenizer, tmp / "base", role="base")
                     adapter_base = "base"

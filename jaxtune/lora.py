@@ -179,7 +179,7 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
     if tensors:
         raise ModelLoadError(f"{directory}: unexpected adapter tensors {', '.join(sorted(tensors)[:3])}")
     model.source = f"{directory} (LoRA r={cfg['r']} on {base})"
-    model.adapter_base = str(Path(base).resolve()) if Path(base).is_dir() else base  # what a save names again
+    model.origin = str(Path(base).resolve()) if Path(base).is_dir() else base  # what a save names again
     return model, tokenizer
 
 

@@ -127,6 +127,7 @@ def test_hub_id_is_read_from_the_huggingface_cache(hf_dir, tmp_path, monkeypatch
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
     model, tok = load("acme/tiny-gpt2")
     assert model.source == "acme/tiny-gpt2 (Hugging Face hub)"
+    assert model.origin == "acme/tiny-gpt2"  # what a LoRA save of it names as the base (see save)
     assert np.abs(torch_logits(torch_model, IDS) - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-4
 
 
@@ -148,6 +149,7 @@ def test_auto_falls_back_to_the_embedded_model_and_says_so(tmp_path, monkeypatch
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     model, tok = load("auto")
     assert "embedded" in model.source and "untrained" in model.source
+    assert getattr(model, "origin", None) is None  # its weights exist nowhere else: a LoRA save copies them
     assert model.config.vocab_size == 50257 and len(tok) == 50257
     assert load(EMBEDDED)[0].source == model.source.split("using ")[1]
 
