@@ -97,8 +97,10 @@ def test_rouge_l_and_the_library_loss():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "{tmp}/absent", "--data", "{data}", "--output", "{tmp}/out"], "absent: no such model folder"),
-    (["--model", "{base}", "--compare", "{tmp}/absent", "--data", "{data}"], "absent: no such model folder"),
+    (["--model", "{tmp}/absent", "--data", "{data}", "--output", "{tmp}/out"],
+     "model directory {tmp}/absent does not exist"),
+    (["--model", "{base}", "--compare", "{tmp}/absent", "--data", "{data}"],
+     "model directory {tmp}/absent does not exist"),
     (["--model", "{base}", "--compare", "no-such-model-xyz", "--data", "{data}", "--output", "{tmp}/out"],
      "no-such-model-xyz"),  # a hub id
     (["--model", "{base}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
