@@ -207,19 +207,17 @@ def _csv_pairs(path: Path, text: str, delimiter: str, cols: dict) -> list[Pair]:
                             f"and a quote inside it is written twice (\"\")") from None
         if not row:
             continue  # a blank line
-        if header is None:
-            header, header_line = row, line
+        if header is None:  # its columns are checked here: a column it lacks is the header's problem, not a row's
+            header = row
+            for field, candidates in (("instruction", INSTRUCTION_COLUMNS), ("response", RESPONSE_COLUMNS)):
+                _pick(header, cols.get(f"{field}_column"), candidates, field, f"{path.name} line {line} (the header)",
+                      "column")
             continue
         where = f"{path.name} line {line}"
         if len(row) > len(header):
             raise DataError(f"{where}: {len(row) - len(header)} more value(s) than the header's {len(header)} columns; "
                             f"quote fields that contain {delimiter!r}, like \"a{delimiter} b\"")
-        try:
-            pairs.append(record_to_pair(dict(zip(header, row + [None] * (len(header) - len(row)))), where, **cols))
-        except DataError as e:  # a column the header lacks is the header's problem, not the first row's
-            if pairs or " column; expected one of " not in str(e):
-                raise
-            raise DataError(str(e).replace(where, f"{path.name} line {header_line} (the header)", 1)) from None
+        pairs.append(record_to_pair(dict(zip(header, row + [None] * (len(header) - len(row)))), where, **cols))
     if header is not None and not pairs:
         raise DataError(f"{path}: a header line but no rows, so no instruction/response pairs found; add rows below it")
     return pairs

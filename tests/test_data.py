@@ -252,6 +252,10 @@ def test_csv_keeps_line_breaks_in_quoted_fields_and_names_the_line_a_record_star
         read_pairs(write(tmp_path / "b.csv", 'instruction,response\n"a\nb",c\n,\n'))
     with pytest.raises(DataError, match=r"c.csv line 2 \(the header\): no response column; expected one of"):
         read_pairs(write(tmp_path / "c.csv", '\nquestion,notes\nHi,1\n'))  # a column the header lacks: its line
+    with pytest.raises(DataError, match=r"d.csv line 1 \(the header\): no column 'zz' \(columns: instruction, "):
+        read_pairs(write(tmp_path / "d.csv", 'instruction,response\nHi,Hello\n'), response_column="zz")  # named
+    with pytest.raises(DataError, match=r"e.csv line 1 \(the header\): no response column"):
+        read_pairs(write(tmp_path / "e.csv", 'instruction,notes\n'))  # said even with no rows below it
 
 
 def test_csv_from_a_spreadsheet_that_separates_with_semicolons(tmp_path):
