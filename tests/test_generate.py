@@ -72,6 +72,8 @@ def test_prompt_limits_are_clear(hf_dir):
         generate(model, tok, "  ")
     with pytest.raises(ValueError, match="this model reads at most 64"):
         generate(model, tok, "word " * 80)
+    with pytest.raises(TypeError, match=r"generate\(model, tokenizer, ...\); got GPT2Tokenizer\w* and GPT2LMHeadModel"):
+        generate(tok, model, "Hi")  # swapped
     ids = generate_ids(model, tok, format_prompt("word " * 50), max_new_tokens=100)
     assert 0 < len(ids) <= 64 - len(tok(format_prompt("word " * 50)).input_ids)
 
