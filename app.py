@@ -1609,6 +1609,15 @@ def _picks(session: Session, shown: dict, usable: list) -> tuple:
     return a, b if b in ids else None, runs
 
 
+def _choices(choices: list, value, shown: dict | None, key: str):
+    """A run picker's new choices, with its value only where that changes what the page sent with the poll: a pick
+    the user makes while the poll is on its way then stays (Gradio 6 keeps a dropdown's value when only its choices
+    change), where sending the value back would undo it."""
+    if shown is not None and key in shown and shown[key] == value:
+        return gr.update(choices=choices)
+    return gr.update(choices=choices, value=value)
+
+
 PLOT_RESENDS = 2
 
 
@@ -1656,9 +1665,9 @@ def _make_view(session: Session, force: bool, shown: dict | None) -> list:
         "table": ([(r.id, r.status, r.step, r.train_loss, r.val_loss, r.best_step) for r in runs],
                   lambda: _runs_frame(runs)),
         "pick": ((tuple(choices), session.pick), lambda: gr.update(choices=choices, value=session.pick)),
-        "try": (tuple(try_choices), lambda: (gr.update(choices=try_choices, value=picks[0]),
-                                             gr.update(choices=try_choices, value=picks[1]))),
-        "eval": (tuple(try_choices), lambda: gr.update(choices=try_choices, value=picks[2])),
+        "try": (tuple(try_choices), lambda: (_choices(try_choices, picks[0], shown, "run_a"),
+                                             _choices(try_choices, picks[1], shown, "run_b"))),
+        "eval": (tuple(try_choices), lambda: _choices(try_choices, picks[2], shown, "eval")),
         "export": ((export, _is_lora(picked)), lambda: (
             gr.update(value=export, interactive=export is not None,
                       label=_export_label(picked, session.export_kind) if export else "Download the picked run (.zip)"),

@@ -611,6 +611,35 @@ def test_browser_evaluate_compares_the_base_and_a_run(app_url, browser, tmp_path
     page.close()
 
 
+def test_browser_runs_picked_for_evaluate_stay_picked_when_a_new_run_appears(app_url, browser):
+    """The user adds an older run to Evaluate's picker; a run that then finishes changes the picker's choices and
+    leaves the picks as they were (the poll sends the choices alone: Gradio keeps the value it does not send)."""
+    client = Client(app_url, verbose=False)
+    names = []
+    for _ in range(2):
+        client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=1, validation_fraction=0), api_name="/train")
+        names.append(client.predict(api_name="/runs")[0]["name"])
+    older, newer = names
+    page = _open(browser, app_url)
+    picker = page.locator("#eval-runs")
+    tokens = "() => [...document.querySelectorAll('#eval-runs .token')].map(t => t.innerText.split(' · ')[0].trim())"
+    page.wait_for_function(f"n => ({tokens})().includes(n)", arg=newer)  # the page's own choice: the newest
+    picker.locator("input").click()
+    picker.get_by_role("option", name=re.compile(re.escape(older + " ·"))).click()
+    page.keyboard.press("Escape")
+    page.evaluate("() => document.activeElement.blur()")
+    page.wait_for_function(f"n => ({tokens})().includes(n)", arg=older)
+    client.predict(TWO_ROWS, **dict(TRAIN_ARGS, epochs=1, validation_fraction=0), api_name="/train")
+    third = client.predict(api_name="/runs")[0]["name"]
+    page.evaluate("() => document.activeElement.blur()")
+    picker.locator("input").click()
+    picker.get_by_role("option", name=re.compile(re.escape(third + " ·"))).wait_for()  # the new choices arrived
+    page.keyboard.press("Escape")
+    time.sleep(2)  # two more polls
+    assert sorted(page.evaluate(tokens)) == sorted([newer, older])
+    page.close()
+
+
 EIGHT = {"headers": ["Instruction", "Response"], "data": [[f"Question {i}?", f"Answer number {i}."] for i in range(8)]}
 EVAL_ARGS = dict(source="split", file=None, instruction_column="", response_column="", table=EIGHT,
                  validation_fraction=0.25, seed=3, max_length=64, loss_on="response", include_base=True, run_ids=[],
@@ -1173,12 +1202,15 @@ def test_new_runs_keep_the_runs_a_user_picked_and_the_picker_follows_a_start(mon
     _, third = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
     session.ids.append(third.id)
     view = app._view(session, shown=shown)
-    assert view[5]["value"] == first.id and view[6]["value"] == second.id  # kept
+    assert [c[1] for c in view[5]["choices"]] == [third.id, second.id, first.id]
+    assert "value" not in view[5] and "value" not in view[6]  # kept: the page keeps what it shows (and a pick made
+    # since the poll left), which sending the value back would undo
     assert view[7]["value"] == [third.id]  # the page's own choice follows the newest run
-    shown = {"run_a": first.id, "run_b": None, "eval": [first.id, third.id]}  # now the user picks Evaluate's too
+    shown = {"run_a": first.id, "run_b": second.id, "eval": [first.id, third.id]}  # now the user picks Evaluate's too
     app.REGISTRY.delete(second.id)
     view = app._view(session, shown=shown)
-    assert view[5]["value"] == first.id and view[7]["value"] == [first.id, third.id]
+    assert "value" not in view[5] and "value" not in view[7]
+    assert view[6]["value"] is None  # the picked run B was deleted
     session.pick = first.id
     table = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
     saved, session, *view = app.start_run(table, *dict(TRAIN_ARGS, epochs=5000, validation_fraction=0).values(),
