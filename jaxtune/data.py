@@ -209,8 +209,8 @@ def _csv_pairs(path: Path, text: str, delimiter: str, cols: dict) -> list[Pair]:
             continue  # a blank line
         if header is None:  # its columns are checked here: a column it lacks is the header's problem, not a row's
             header = row
-            for field, candidates in (("instruction", INSTRUCTION_COLUMNS), ("response", RESPONSE_COLUMNS)):
-                _pick(header, cols.get(f"{field}_column"), candidates, field, f"{path.name} line {line} (the header)",
+            for side, candidates in (("instruction", INSTRUCTION_COLUMNS), ("response", RESPONSE_COLUMNS)):
+                _pick(header, cols.get(f"{side}_column"), candidates, side, f"{path.name} line {line} (the header)",
                       "column")
             continue
         where = f"{path.name} line {line}"
