@@ -833,7 +833,7 @@ def restore_page(page, settings=None):
     table = gr.skip()
     if isinstance(rows, list) and rows:
         try:
-            table = _frame(_table_rows(rows)[:TABLE_ROWS])
+            table = _frame(_table_rows(rows))  # rows the user added beyond a loaded file's TABLE_ROWS too
         except gr.Error:
             pass
     name = page.get("model")
@@ -2360,20 +2360,25 @@ def build_app() -> gr.Blocks:
                   **raw).then(**private_preview)
         for widget in settings:
             widget.change(remember_settings, settings, settings_state, trigger_mode="always_last", **quiet, **raw)
+        remember = dict(fn=remember_page, inputs=[table, model_name, session], outputs=page_state,
+                        trigger_mode="always_last", **quiet, **raw)
         for trigger in (table.change, model_name.change):
-            trigger(remember_page, [table, model_name, session], page_state, trigger_mode="always_last", **quiet,
-                    **raw)
+            trigger(**remember)
         poll_inputs = [session, saved, try_a, try_b, eval_runs]
         timer.tick(poll, poll_inputs, [session, *view], trigger_mode="once", **quiet, **raw)
+        # after a load, what the page keeps is written again even when the table looks the same (the example's first
+        # rows over themselves: no change event), or a reload would not say that the pairs beyond it stayed behind
         example_btn.click(load_example_in_page, [table, session], [table, session, data_note, table_only],
-                          api_visibility="private", **raw).then(**private_preview)
+                          api_visibility="private", **raw).then(**private_preview).then(**remember)
         example_api.click(load_example, session, [table, session], api_name="load_example", **raw)
         upload_inputs = [upload, instruction_col, response_col, table, session]
         upload.upload(upload_in_page, upload_inputs, [table, data_note, session, upload], **quiet, **raw) \
-            .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
+            .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview) \
+            .then(**remember)
         upload_api.click(upload_file, upload_inputs, [table, data_note, session], api_name="upload", **raw)
         table_only.click(use_table_only, session, [data_note, session], api_name="use_table_only") \
-            .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview)
+            .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview) \
+            .then(**remember)
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
             trigger(show_progress="hidden", **private_preview)
         model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup, applied],
