@@ -618,6 +618,8 @@ class Session:
         self.chose: dict = {}  # what the page last chose by itself for Try's run A and Evaluate's runs
         self.attached = False  # this browser's stored run ids were read
         self.export_kind = "adapter"  # what Export gives for a LoRA run: the adapter, or the merged model
+        self.command_for: str | None = None  # the run Show command's panel shows
+        self.stop_note_for: str | None = None  # the run Stop's note is about
         self.eval_reports: list[str] = []  # the last evaluation's report files
         self.delete_asked: tuple[str, float] | None = None  # (run id, when): the page's Delete, pressed once
         self.example_asked: float | None = None  # when the page's Load example data was pressed over rows of its own
@@ -1229,9 +1231,16 @@ def stop_run(session, request: gr.Request = None):
     session = _session(session, request)
     run = REGISTRY.get(session.watch)
     if run is None or run.status not in ACTIVE:
-        return "No run of yours is queued or training."
+        live = [r for r in REGISTRY.list(session.ids) if r.status in ACTIVE]
+        shown = f"{run.name}, the run shown, is {run.status}" if run is not None else "No run is shown"
+        if live:
+            return (f"{shown}. " + "; ".join(f"{r.name} is {r.status}" for r in live) +
+                    f": pick {'it' if len(live) == 1 else 'one'} in the runs table, then press Stop.")
+        return f"{shown}; no run of yours is queued or training." if run is not None else \
+            "No run of yours is queued or training."
     waiting = run.status == "queued"
     REGISTRY.stop(run.id)  # the run's message says when it stopped (or that it was cancelled while it waited)
+    session.stop_note_for = run.id
     return f"Cancelling {run.name}: it was waiting in the queue." if waiting else \
         f"Stopping {run.name} after the current step (a checkpoint and the model are written)…"
 
@@ -1281,9 +1290,8 @@ def delete_run(run_id, session, request: gr.Request = None):
             _TUNED.pop(key)
     if run.id in session.ids:
         session.ids.remove(run.id)
-    session.watch = None if session.watch == run.id else session.watch
-    session.pick = None if session.pick == run.id else session.pick
-    return f"Deleted {run.name} and its folder."
+    session.pick = None if session.pick == run.id else session.pick  # the next view picks another, and the train
+    return f"Deleted {run.name} and its folder."  # panel follows it there (see _make_view)
 
 
 
@@ -1293,6 +1301,8 @@ def delete_in_page(run_id, session, request: gr.Request = None):
     CONFIRM_SECONDS) deletes it. (The API's /delete deletes at once: its caller names the run.)"""
     session = _session(session, request)
     run = _target(session, run_id, what="delete")
+    if _active(run):  # said now, not after the confirming press
+        raise gr.Error(f"{run.name} is {run.status}; press Stop first, then Delete.", title="Cannot delete")
     asked, session.delete_asked = session.delete_asked, None
     if asked and asked[0] == run.id and time.monotonic() - asked[1] < CONFIRM_SECONDS:
         return delete_run(run.id, session, request)
@@ -1343,6 +1353,7 @@ def show_command(session, request: gr.Request = None):
     flags = (f" --lora-rank {train['lora_rank']}" if train.get("lora_rank") else "") + \
         (f" --quantize {train['quantize']}" if train.get("quantize", "none") != "none" else "")
     command = f"python -m jaxtune train --config {run.dir / 'config.yaml'} --output runs-cli/{run.id}{flags}"
+    session.command_for = run.id if run.id == session.watch else None
     return gr.update(value=command, visible=True), gr.update(value=text, visible=True)  # each copied on its own
 
 
@@ -1633,10 +1644,12 @@ def _view(session: Session, force: bool = False, shown: dict | None = None) -> l
 def _make_view(session: Session, force: bool, shown: dict | None) -> list:
     runs = _visible(session)
     by_id = {r.id: r for r in runs}
-    watched = REGISTRY.get(session.watch)
     usable = [r for r in runs if _usable(r)]
     if session.pick not in by_id:
         session.pick = usable[0].id if usable else (runs[0].id if runs else None)
+    if session.watch is not None and REGISTRY.get(session.watch) is None:  # the run shown was deleted: the panel
+        session.watch = session.pick  # shows the run now picked (a new page shows none until it starts or picks one)
+    watched = REGISTRY.get(session.watch)
     picked = by_id.get(session.pick)
     training = [r for r in runs if r.status == "training" and r.id in session.ids or r.id == session.watch and
                 r.status in ACTIVE]
@@ -1652,8 +1665,10 @@ def _make_view(session: Session, force: bool, shown: dict | None) -> list:
             " and has no model to export yet." if picked.status in ACTIVE else
             " and has no model: it stopped before it saved one. Start training runs it again.")
     if training:
-        note += " " + "; ".join(f"**{r.name}** is {r.status}" for r in training) + \
-            "; Try and Export use runs that have a model (finished or stopped)" + (f" (now **{picked.name}**)." if _usable(picked) else ".")
+        others = [r for r in training if r is not picked]  # the picked run's status is said above
+        note += "".join(f" **{r.name}** is {r.status};" for r in others) + \
+            " Try and Export use runs that have a model (finished or stopped)" + \
+            (f" (now **{picked.name}**)." if _usable(picked) else ".")
     choices = [(_label(r), r.id) for r in runs]
     try_choices = [(_label(r), r.id) for r in usable]
     picks = _picks(session, shown or {}, usable)
@@ -1690,6 +1705,17 @@ def _make_view(session: Session, force: bool, shown: dict | None) -> list:
             out.extend(make())
         else:
             out.append(value if make is None else make())
+    # Show command's panel, while it shows a run the train panel no longer shows, hides; Stop's note, once its run
+    # has stopped, goes (the progress line says how it ended)
+    stale = session.command_for is not None and session.command_for != session.watch
+    session.command_for = None if stale else session.command_for
+    out.extend([gr.update(value="", visible=False)] * 2 if stale else [gr.skip()] * 2)
+    stopping = REGISTRY.get(session.stop_note_for) if session.stop_note_for else None
+    if session.stop_note_for and (stopping is None or stopping.status not in ACTIVE):
+        session.stop_note_for = None
+        out.append("")
+    else:
+        out.append(gr.skip())
     return out
 
 
@@ -2346,7 +2372,7 @@ def build_app() -> gr.Blocks:
         # preprocess=False: the functions get the values as sent, and check them themselves (see BOUNDS)
         raw = dict(preprocess=False)
         view = [progress, plot, log_box, runs_table, run_pick, try_a, try_b, eval_runs, export_btn, export_kind,
-                run_note]
+                run_note, command_line, command, stop_note]
         quiet = dict(show_progress="hidden", api_visibility="private")
         preview_inputs = [table, preview_row, max_length, loss_on, session]
         preview_outputs = [highlighted, counts, problems]

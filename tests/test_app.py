@@ -1209,7 +1209,7 @@ def test_new_runs_keep_the_runs_a_user_picked_and_the_picker_follows_a_start(mon
     _, third = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
     session.ids.append(third.id)
     view = app._view(session, shown=shown)
-    assert [c[1] for c in view[5]["choices"]] == [third.id, second.id, first.id]
+    assert [c[1] for c in view[5]["choices"]][:3] == [third.id, second.id, first.id]  # (earlier tests' runs after)
     assert "value" not in view[5] and "value" not in view[6]  # kept: the page keeps what it shows (and a pick made
     # since the poll left), which sending the value back would undo
     assert view[7]["value"] == [third.id]  # the page's own choice follows the newest run
@@ -1475,3 +1475,49 @@ def test_a_reload_brings_back_every_row_of_the_table():
     rows = [[f"Question {i}?", f"Answer {i}."] for i in range(app.TABLE_ROWS + 1)]
     table, *_ = app.restore_page({"model": "tiny", "rest": 0, "source": "", "table": rows}, None)
     assert table.values.tolist() == rows
+
+
+def test_the_panels_follow_the_run_shown_through_show_command_stop_and_delete(monkeypatch, tmp_path):
+    """Found by a hands-on trial: Show command's panel kept an old run's command after another run was picked; Stop's
+    'Stopping ...' stayed after the run had stopped; a second Stop said no run of the page's was training while one
+    was; Delete asked to confirm deleting a training run, then refused; and after a Delete the train panel showed
+    no run while Export acted on the next one."""
+    import gradio as gr
+
+    app, first = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    _, second = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    session = app.Session()
+    session.ids += [first.id, second.id]
+    COMMAND, STOP_NOTE = 12, 14  # [session, *view]: ..., run note, command line, config.yaml, Stop's note
+    skipped = gr.skip()  # what the page keeps as it is
+    assert app.pick_run(first.id, session)[COMMAND:] == [skipped] * 3  # nothing to change
+    line, config = app.show_command(session)
+    assert first.id in line["value"] and config["visible"]
+    assert app.poll(session, [])[COMMAND:COMMAND + 2] == [skipped] * 2  # still its run
+    out = app.pick_run(second.id, session)
+    assert [(o.get("visible"), o.get("value")) for o in out[COMMAND:COMMAND + 2]] == [(False, "")] * 2  # hidden
+
+    table = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
+    saved, session, *view = app.start_run(table, *dict(TRAIN_ARGS, epochs=5000, validation_fraction=0).values(),
+                                          session, [])
+    live = app.REGISTRY.get(session.watch)
+    with pytest.raises(gr.Error, match="is (queued|training); press Stop first, then Delete"):
+        app.delete_in_page(live.id, session)  # the first press, not after a confirming one
+    assert session.delete_asked is None
+    app.pick_run(second.id, session)  # the panel shows a finished run; one of the page's trains
+    said = app.stop_run(session)
+    assert f"{second.name}, the run shown, is finished. {live.name} is " in said and "pick it in the runs table" in said
+    app.pick_run(live.id, session)
+    assert app.stop_run(session).startswith(f"Stopping {live.name}")
+    deadline = time.time() + 120
+    while live.status in app.ACTIVE:
+        assert time.time() < deadline
+        assert app.poll(session, [])[STOP_NOTE] == skipped or live.status not in app.ACTIVE
+        time.sleep(0.2)
+    assert app.poll(session, [])[STOP_NOTE] == ""  # the run stopped: its note goes
+    assert app.poll(session, [])[STOP_NOTE] == skipped  # once
+
+    app.pick_run(first.id, session)
+    assert "Deleted" in app.delete_run(first.id, session)
+    app.poll(session, [])
+    assert session.pick == session.watch is not None and session.watch != first.id  # one run, in every panel
