@@ -1391,7 +1391,10 @@ def _progress_html(run) -> str:
         bits = [f"{run.name}: loading the model and the data"]
     else:
         bits = [f"step {step}/{total}", f"{pct:.0f}%"]
-        if run.status == "training":
+        if run.status == "training" and run.warming_up:
+            bits.append("compiling the train step (or loading it from the compilation cache): the first step waits "
+                        "for it")
+        elif run.status == "training":
             if run.eta is not None:
                 bits.append(f"ETA {int(run.eta // 60)}m {int(run.eta % 60):02d}s")
             if run.tokens_per_sec:

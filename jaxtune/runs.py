@@ -456,6 +456,7 @@ class Run:
     stop_reason: str | None = None
     last_seen: float = field(default_factory=time.time)
     resuming: bool = False
+    warming_up: bool = False  # training, and its first step (the train step's compile or cache load) not done yet
 
     FIELDS = ("id", "name", "model", "pairs", "created", "status", "started", "ended", "step", "total_steps",
               "train_loss", "val_loss", "message", "saved", "best_step")
@@ -600,10 +601,13 @@ class Registry:
 
         def on_start(trainer):
             run.total_steps, run.step = trainer.total_steps, trainer.step
+            run.eta = run.tokens_per_sec = None  # a resumed run's pace before it stopped says nothing now
+            run.warming_up = True
             if run.resuming:  # the steps before the checkpoint, as execute rewrote them: the plot goes on from them
                 run.history = _read_jsonl(run.dir / "metrics.jsonl")
 
         def on_step(s):
+            run.warming_up = False
             entry = s.to_dict()
             run.history.append(entry)
             run.step, run.total_steps, run.eta, run.tokens_per_sec = s.step, s.total_steps, s.eta, s.tokens_per_sec

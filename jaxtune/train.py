@@ -731,7 +731,8 @@ class Trainer:
             dt = now - last_time
             last_time = now
             recent.append(dt)
-            pace = sum(recent[-10:]) / len(recent[-10:])
+            paced = recent[1:][-10:] or recent  # the first step also waited for the compiler: not a step's pace
+            pace = sum(paced) / len(paced)
             if not m["finite"]:
                 # this step and any dispatched after it changed nothing (see make_train_step): the state is step - 1's
                 self.step = step - 1

@@ -1521,3 +1521,17 @@ def test_the_panels_follow_the_run_shown_through_show_command_stop_and_delete(mo
     assert "Deleted" in app.delete_run(first.id, session)
     app.poll(session, [])
     assert session.pick == session.watch is not None and session.watch != first.id  # one run, in every panel
+
+
+def test_the_progress_line_says_the_first_step_waits_for_the_compiler(tmp_path):
+    """Until its first step, a run's line said 'step 0/70 · 0% · training' for 20 s, and a resumed run kept the ETA
+    and rate it had before it stopped: now it says what it waits for, and shows no figure from before."""
+    import app
+    from jaxtune.runs import Run
+
+    run = Run(id="x", dir=tmp_path, name="r", model="tiny", pairs=2, created=0.0, status="training", total_steps=70,
+              warming_up=True, eta=12.0, tokens_per_sec=300.0)
+    text = app._progress_html(run)
+    assert "step 0/70" in text and "compiling the train step" in text and "ETA" not in text and "tokens/s" not in text
+    run.warming_up, run.step = False, 1
+    assert "ETA 0m 12s" in app._progress_html(run) and "compiling" not in app._progress_html(run)
