@@ -1488,7 +1488,7 @@ def _runs_frame(runs) -> pd.DataFrame:
              r.status, time.strftime("%m-%d %H:%M", time.localtime(r.created))]
             for r in runs]
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"Pairs": "int64"}) if rows else \
-        pd.DataFrame([["(no runs yet)", "", "", 0, "", "", "", "", ""]], columns=RUN_COLUMNS)
+        pd.DataFrame([["(no runs yet)", "", "", "", "", "", "", "", ""]], columns=RUN_COLUMNS)
 
 
 def _label(run) -> str:
@@ -1786,9 +1786,26 @@ def _run_base(run) -> tuple[str, int]:
 @_guarded
 def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_a=None, run_b=None, session=None,
                request: gr.Request = None):
+    """The API's /generate: the base model's answer and up to two runs' (see `_answers`), streamed, as text."""
+    for texts, _ in _answers(instruction, temperature, top_p, max_new_tokens, model_name, run_a, run_b, session,
+                             request):
+        yield texts
+
+
+@_guarded
+def try_in_page(instruction, temperature, top_p, max_new_tokens, model_name, run_a=None, run_b=None, session=None,
+                request: gr.Request = None):
+    """The page's Try: the same answers, each box headed by the name of the model that answers in it."""
+    for texts, labels in _answers(instruction, temperature, top_p, max_new_tokens, model_name, run_a, run_b, session,
+                                  request):
+        yield texts if labels is None else tuple(gr.update(value=v, label=label) for v, label in zip(texts, labels))
+
+
+def _answers(instruction, temperature, top_p, max_new_tokens, model_name, run_a, run_b, session, request):
     """The base model and up to two runs that have a model (finished or stopped) answer the same instruction side by
-    side (streamed). With no run chosen, run A is this session's newest such run."""
-    yield "", "", ""  # the previous answers go at once: should this prompt be refused or fail, none stays beside it
+    side (streamed): (the three texts, the three boxes' labels or None). With no run chosen, run A is this session's
+    newest such run."""
+    yield ("", "", ""), None  # the previous answers go at once: should this prompt be refused or fail, none stays
     instruction = _text("Instruction", instruction, MAX_INSTRUCTION_CHARS)
     if not instruction.strip():
         raise gr.Error("Type an instruction first.", title="No instruction")
@@ -1829,7 +1846,13 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_
         else:
             model, tok = _tuned(run)
             streams.append((i, jaxtune.stream(model, tok, instruction, **kw)))
-    yield tuple(texts)  # the notes on runs that cannot answer
+    labels = [f"Base model: {base_name}"] + [f"Run {ab}" + (f": {run.name}" if run is not None else "")
+                                             for ab, run in zip("AB", chosen)]  # which answered what, by name
+
+    def shown(values):
+        return tuple(values), labels
+
+    yield shown(texts)  # the notes on runs that cannot answer
     while streams:  # take turns, so the answers grow side by side
         for item in list(streams):
             i, it = item
@@ -1840,8 +1863,8 @@ def try_models(instruction, temperature, top_p, max_new_tokens, model_name, run_
                 continue
             except ValueError as e:  # the library's own message: the prompt does not fit the model
                 raise gr.Error(f"{e}.", title="Cannot generate")
-        yield tuple(texts)
-    yield tuple(t or "(empty response)" if i == 0 or chosen[i - 1] is not None and _usable(chosen[i - 1]) else t
+        yield shown(texts)
+    yield shown(t or "(empty response)" if i == 0 or chosen[i - 1] is not None and _usable(chosen[i - 1]) else t
                 for i, t in enumerate(texts))
 
 
@@ -2367,6 +2390,7 @@ def build_app() -> gr.Blocks:
             api_train = gr.Button(elem_id="api-train")
             api_runs = gr.Button(elem_id="api-runs")
             api_export = gr.Button(elem_id="api-export")
+            api_generate = gr.Button(elem_id="api-generate")
             api_stop = gr.Button(elem_id="api-stop")
             api_text = gr.Textbox()
             api_json = gr.JSON()
@@ -2440,8 +2464,11 @@ def build_app() -> gr.Blocks:
         export_kind.input(pick_export, [export_kind, session], [session, *view], **quiet, **raw)
         try_inputs = [instruction, temperature, top_p, max_new, model_name, try_a, try_b, session]
         try_outputs = [base_out, tuned_out, tuned_b_out]
-        try_btn.click(try_models, try_inputs, try_outputs, api_name="generate", concurrency_limit=2, **raw)
-        instruction.submit(try_models, try_inputs, try_outputs, api_visibility="private", concurrency_limit=2, **raw)
+        api_generate.click(try_models, try_inputs, try_outputs, api_name="generate", concurrency_limit=2,
+                           concurrency_id="try", **raw)
+        for trigger in (try_btn.click, instruction.submit):  # two answer at once at the most, the API's included
+            trigger(try_in_page, try_inputs, try_outputs, api_visibility="private", concurrency_limit=2,
+                    concurrency_id="try", **raw)
         eval_source.change(lambda s: gr.update(visible=s == "upload"), eval_source, eval_upload, **quiet)
         eval_btn.click(evaluate, [eval_source, eval_upload, instruction_col, response_col, table, val_fraction, seed,
                                   max_length, loss_on, eval_base, eval_runs, eval_max_new, model_name, session],

@@ -503,6 +503,9 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
     # streamed: a few dozen steps on two pairs already shape the tuned answer
     page.wait_for_function("() => document.querySelector('#tuned-out textarea').value.startsWith('It ships')",
                            timeout=60_000)
+    shown = page.locator("#run-pick input").input_value().split(" · ")[0]  # the run just trained: Try's run A
+    assert f"Run A: {shown}" in page.locator("#tuned-out").inner_text()  # each answer is headed by its model's name
+    assert "Base model: tiny" in page.locator("#base-out").inner_text()
     _shot(page, tmp_path, "4-try")
 
     with page.expect_download(timeout=30_000) as download:
