@@ -2147,6 +2147,22 @@ HEAD = """<script>
     input.dispatchEvent(new Event("change", {bubbles: true}));
   }, true);
 })();
+// The log shows its newest lines as they come (Gradio's autoscroll does not follow a value the server sends), unless
+// the reader has scrolled up to older ones: then it stays where they are until they scroll back down to the end.
+(() => {
+  let seen = -1, atEnd = true;
+  document.addEventListener("scroll", (e) => {
+    const box = e.target;
+    if (box instanceof Element && box.matches("#log textarea"))
+      atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 8;
+  }, true);
+  setInterval(() => {
+    const box = document.querySelector("#log textarea");
+    if (!box || box.value.length === seen) return;
+    seen = box.value.length;
+    if (atEnd) box.scrollTop = box.scrollHeight;
+  }, 300);
+})();
 </script>"""
 
 

@@ -487,6 +487,8 @@ def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_pat
     stopped_at = _step(page)
     assert 20 <= stopped_at < 300 and "keeps what it learned" in _progress_text(page)
     page.wait_for_function("() => document.querySelector('#log textarea').value.includes('keeps what it learned')")
+    page.wait_for_function("() => { const t = document.querySelector('#log textarea'); return t.scrollHeight > "
+                           "t.clientHeight && t.scrollTop + t.clientHeight >= t.scrollHeight - 8; }")  # at its end
     _shot(page, tmp_path, "3-stopped")
     page.reload()  # a run that has ended: its whole curve comes back (the plot dropped data sent before it mounted)
     _wait_progress(page, "stopped", timeout=30_000)
