@@ -921,8 +921,11 @@ def upload_in_page(file, instruction_column, response_column, table, session, re
     try:
         return (*upload_file(file, instruction_column, response_column, table, session, request), None)
     except gr.Error as e:
-        gr.Warning(e.message, title=e.title or "Could not read the file")
-        return gr.skip(), gr.skip(), session, None
+        title = e.title or "Could not read the file"
+        gr.Warning(e.message, title=title)
+        note = f"⚠ **{_escape(title)}:** {_escape(e.message)}"  # stays on the page, where the warning fades
+        rest = _data_note(session)  # the pairs loaded before, still beyond the table
+        return gr.skip(), note + (f"\n\n{rest}" if rest else ""), session, None
 
 
 def _read_upload(file, instruction_column, response_column, after: str):
@@ -941,6 +944,8 @@ def _read_upload(file, instruction_column, response_column, after: str):
         pairs = _read_parquet(path, name, cols) if path.lower().endswith(".parquet") else read_pairs(path, **cols)
     except DataError as e:  # its messages name the file by the server's path: name it by the user's file name
         message = str(e).replace(path, name).replace(str(Path(path).parent) + os.sep, "")
+        message = re.sub(r"with --(instruction|response)-column \(in the app: (\w+ column)\)", r"in the \2 field above "
+                         "the upload (or with --\\1-column on the command line)", message)
         raise gr.Error(f"{message}. {after}", title="Could not read the file")
     if not pairs:
         raise gr.Error(f"{name} holds no pairs. {after}", title="Could not read the file")

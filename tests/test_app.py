@@ -814,6 +814,9 @@ def test_browser_a_file_dropped_on_the_table_is_read_as_an_upload(app_url, brows
     page.wait_for_function("() => !document.querySelector('#upload').innerText.includes('dropped')")  # emptied
     page.evaluate(DROP_JS, ["bad.csv", "question,notes\nHi,1\n"])  # no response column
     page.wait_for_function("() => /no response column.*Your table was left as it was/.test(document.body.innerText)")
+    note = page.locator("#data-note").inner_text()  # said where it stays, not only in a warning that fades
+    assert "bad.csv line 1 (the header): no response column" in note and "in the Response column field above the " \
+        "upload (or with --response-column on the command line)" in note, note
     page.wait_for_function("() => !document.querySelector('#upload').innerText.includes('bad')")  # emptied again
     assert "You are welcome" in page.locator("#pairs-table").inner_text()
     assert "3 pairs" in page.locator("#counts").inner_text()
