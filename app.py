@@ -983,12 +983,17 @@ def preview(table, row_number, max_length, loss_on, session):
     problems = "\n".join(issues[:20]) + (f"\n- … and {len(issues) - 20} more" if len(issues) > 20 else "")
     if not report.pairs:
         return [("Add at least one row with an instruction and a response.", None)], counts, problems
-    index = min(row_number, len(report.pairs)) - 1
+    numbers = [int(p.where[4:]) if p.where.startswith("row ") and p.where[4:].isdigit() else 0 for p in report.pairs]
+    index = next((k for k, n in enumerate(numbers) if n >= row_number), len(numbers) - 1)
     pair = report.pairs[index]
     e = encode(TOKENIZER, pair.instruction, pair.response, loss_on=loss_on, max_length=max_length)
     spans = [(TOKENIZER.decode([t]) if t != TOKENIZER.eos_token_id else "<|endoftext|>", "loss" if m else None)
              for t, m in zip(e.input_ids.tolist(), e.loss_mask.tolist())]
-    return spans, counts + f" · showing {pair.where}", problems
+    shown = f" · showing {pair.where}"
+    if numbers[index] != row_number:  # the row asked for is left out (a problem below, a blank) or past the end
+        shown += (f" (row {row_number:,} is past the last row)" if row_number > max(numbers) else
+                  f" (row {row_number:,} is left out: see below)")
+    return spans, counts + shown, problems
 
 
 

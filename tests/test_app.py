@@ -993,6 +993,10 @@ def test_preview_lists_problems_with_row_numbers(app_url):
                                              api_name="/preview")
     assert "row 2: empty instruction" in problems and "row 3: duplicate of row 1" in problems
     assert "row 4: longer than 32 tokens" in problems and "1 will be truncated" in counts
+    # the row number is the table's: a row left out is said, with the next row shown (it showed row 3 as 'row 2')
+    _, counts, _ = client.predict({"headers": ["Instruction", "Response"], "data": rows}, 2, 32, "response",
+                                  api_name="/preview")
+    assert re.search(r"showing row [34] \(row 2 is left out: see below\)", counts), counts
 
 
 # ---------------------------------------------------------------------------------------------- bounds
@@ -1096,7 +1100,7 @@ def test_table_generate_and_preview_values_are_checked(app_url):
         "error", "Preview row must be a whole number from 1 to 1,000,000; got nan. Enter a finite number.")
     # the preview follows the widgets as they are typed in: out-of-range numbers take the nearest allowed value
     _, counts, _ = client.predict(TWO_ROWS, 10**9, 10**9, "response", api_name="/preview")
-    assert "2 pairs" in counts and "showing row 2" in counts
+    assert "2 pairs" in counts and "showing row 2 (row 1,000,000 is past the last row)" in counts
 
 
 def test_push_without_network_is_a_clear_error(app_url):
