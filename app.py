@@ -2231,16 +2231,27 @@ def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warm
     new = model_defaults(model_name if isinstance(model_name, str) else "auto")
     if not isinstance(applied, (list, tuple)) or len(applied) != len(DEFAULT_FIELDS):
         applied = _defaults_of(model_defaults("auto"))  # what the page starts with
-    out, kept = [], []
-    for f, value, default in zip(DEFAULT_FIELDS, (epochs, batch_size, learning_rate, max_length, warmup_steps), applied):
-        if value == default or value is None:
-            out.append(getattr(new, f))
-        else:
-            out.append(gr.skip())
-            if value != getattr(new, f):
-                kept.append(f"{f.replace('_', ' ')} {value:g} (default {getattr(new, f):g})")
-    note = new.why + (f" Your own values were kept: {', '.join(kept)}." if kept else "")
-    return [*out, note, _defaults_of(new)]
+    values = (epochs, batch_size, learning_rate, max_length, warmup_steps)
+    out = [getattr(new, f) if value == default or value is None else gr.skip()
+           for f, value, default in zip(DEFAULT_FIELDS, values, applied)]
+    own = [v if isinstance(o, dict) else None for v, o in zip(values, out)]  # the fields left as the user typed them
+    return [*out, _defaults_note(new, own), _defaults_of(new)]
+
+
+def _defaults_note(new: Defaults, values) -> str:
+    """The line under the training fields: why these defaults, and the user's own values that differ from them."""
+    kept = [f"{f.replace('_', ' ')} {value:g} (default {getattr(new, f):g})" for f, value in zip(DEFAULT_FIELDS, values)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value != getattr(new, f)]
+    return new.why + (f" Your own values were kept: {', '.join(kept)}." if kept else "")
+
+
+def typed_defaults_note(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps, applied=None):
+    """The line again after a training field is typed in: it named the value kept when the model changed, not the
+    value now in the field. A field that holds the default the page put there is not the user's."""
+    new = model_defaults(model_name if isinstance(model_name, str) else "auto")
+    applied = applied if isinstance(applied, (list, tuple)) and len(applied) == len(DEFAULT_FIELDS) else _defaults_of(new)
+    values = (epochs, batch_size, learning_rate, max_length, warmup_steps)
+    return _defaults_note(new, [None if v == a else v for v, a in zip(values, applied)])
 
 
 def build_app() -> gr.Blocks:
@@ -2462,6 +2473,9 @@ def build_app() -> gr.Blocks:
             trigger(show_progress="hidden", **private_preview)
         model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup, applied],
                           [epochs, batch_size, learning_rate, max_length, warmup, defaults_note, applied], **quiet)
+        for field in (epochs, batch_size, learning_rate, max_length, warmup):
+            field.input(typed_defaults_note, [model_name, epochs, batch_size, learning_rate, max_length, warmup,
+                                              applied], defaults_note, trigger_mode="always_last", **quiet)
         method.input(method_note, [method, model_name], None, **quiet)
         method.change(lambda m: gr.update(visible=m != "Full fine-tuning"), method, lora_rank, **quiet)
         train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,

@@ -418,6 +418,11 @@ def test_browser_defaults_follow_the_model(app_url, browser):
     assert page.get_by_label("Epochs").input_value() == "7"  # and only it: the others take tiny's defaults
     assert page.get_by_label("Learning rate").input_value() == "0.005"
     assert "Your own values were kept: epochs 7 (default 20)." in page.locator("#defaults-note").inner_text()
+    page.get_by_label("Epochs").fill("6")  # typed again: the line names the value now in the field, not the 7
+    page.wait_for_function("() => document.querySelector('#defaults-note').innerText.includes('epochs 6 (default 20)')")
+    page.get_by_label("Epochs").fill("20")  # the default itself: nothing of the user's to name
+    page.wait_for_function("() => !document.querySelector('#defaults-note').innerText.includes('were kept')")
+    assert "random weights" in page.locator("#defaults-note").inner_text()
     page.close()
 
 
