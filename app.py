@@ -1495,7 +1495,8 @@ def _runs_frame(runs) -> pd.DataFrame:
              f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or ""),
              loss(r.train_loss), loss(r.val_loss) + (f" (step {r.best_step}, kept)" if r.best_step not in (None, r.step)
                                                      else ""),
-             r.status, time.strftime("%m-%d %H:%M", time.localtime(r.created))]
+             "cancelled" if r.status == "stopped" and not r.total_steps else r.status,  # stopped before it trained
+             time.strftime("%m-%d %H:%M", time.localtime(r.created))]
             for r in runs]
     return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"Pairs": "int64"}) if rows else \
         pd.DataFrame([["(no runs yet)", "", "", "", "", "", "", "", ""]], columns=RUN_COLUMNS)

@@ -1552,3 +1552,6 @@ def test_the_progress_line_says_the_first_step_waits_for_the_compiler(tmp_path):
     assert "step 0/70" in text and "compiling the train step" in text and "ETA" not in text and "tokens/s" not in text
     run.warming_up, run.step = False, 1
     assert "ETA 0m 12s" in app._progress_html(run) and "compiling" not in app._progress_html(run)
+    waited = Run(id="y", dir=tmp_path, name="w", model="tiny", pairs=2, created=0.0, status="stopped",
+                 message="cancelled while it waited in the queue")  # Stop before it trained: the table says so
+    assert app._runs_frame([run, waited])["Status"].tolist() == ["training", "cancelled"]
