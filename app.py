@@ -1448,6 +1448,8 @@ def _plot_frame(run) -> pd.DataFrame:
     (NaN) one holds its place; it draws nothing."""
     history = run.history if run is not None else []
     rows = [(h["step"], h["loss"], "train") for h in history]
+    before = getattr(run, "initial_val_loss", None) if history else None  # the starting point, where there is one
+    rows += [(0, before, "validation")] if before is not None else []
     rows += [(h["step"], h["val_loss"], "validation") for h in history if h.get("val_loss") is not None]
     if not any(r[2] == "validation" for r in rows):
         rows.append((history[0]["step"] if history else 0, float("nan"), "validation"))

@@ -456,10 +456,11 @@ class Run:
     stop_reason: str | None = None
     last_seen: float = field(default_factory=time.time)
     resuming: bool = False
+    initial_val_loss: float | None = None  # the validation loss before the first step (the plot's step 0)
     warming_up: bool = False  # training, and its first step (the train step's compile or cache load) not done yet
 
     FIELDS = ("id", "name", "model", "pairs", "created", "status", "started", "ended", "step", "total_steps",
-              "train_loss", "val_loss", "message", "saved", "best_step")
+              "train_loss", "val_loss", "message", "saved", "best_step", "initial_val_loss")
 
     def info(self) -> dict:
         return {k: getattr(self, k) for k in self.FIELDS}
@@ -597,9 +598,10 @@ class Registry:
                 return True
             return False
 
-        last_write = [0.0]
+        last_write, trainer_of = [0.0], []
 
         def on_start(trainer):
+            trainer_of.append(trainer)
             run.total_steps, run.step = trainer.total_steps, trainer.step
             run.eta = run.tokens_per_sec = None  # a resumed run's pace before it stopped says nothing now
             run.warming_up = True
@@ -608,6 +610,10 @@ class Registry:
 
         def on_step(s):
             run.warming_up = False
+            before = trainer_of[-1].initial_val_loss if trainer_of else None
+            if before is not None and run.initial_val_loss != before:  # measured before this run's first step
+                run.initial_val_loss = before
+                self._add_log(run, f"validation loss before the first step: {before:.4f}")
             entry = s.to_dict()
             run.history.append(entry)
             run.step, run.total_steps, run.eta, run.tokens_per_sec = s.step, s.total_steps, s.eta, s.tokens_per_sec

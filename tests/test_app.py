@@ -1277,6 +1277,10 @@ def test_keep_the_best_stops_early_and_keeps_the_lowest_validation_loss(monkeypa
     assert yaml.safe_load((run.dir / "config.yaml").read_text())["early_stopping"] == app.EARLY_STOPPING
     vals = [h["val_loss"] for h in run.history if h.get("val_loss") is not None]
     assert len(vals) >= 2 and run.val_loss <= min(vals)
+    frame = app._plot_frame(run)  # the validation line starts where the summary's does: before the first step
+    start = frame[(frame["split"] == "validation") & (frame["step"] == 0)]["loss"].tolist()
+    assert start == [run.initial_val_loss] and f"validation loss {run.initial_val_loss:.4f} -> " in run.message
+    assert f"validation loss before the first step: {run.initial_val_loss:.4f}" in "\n".join(run.log)
     row = app._runs_frame([run]).iloc[0]  # the runs table names the step kept
     assert row["Validation loss"] == f"{run.val_loss:.4f}" + (f" (step {run.best_step}, kept)"
                                                               if run.best_step != run.step else "")
