@@ -1531,7 +1531,7 @@ def _is_lora(run) -> bool:
     return run is not None and is_adapter_dir(run.dir)
 
 
-EXPORT_KINDS = {"adapter": "Adapter (PEFT, a few MB)", "merged": "Merged full model"}
+EXPORT_KINDS = {"adapter": "Adapter (PEFT's files)", "merged": "Merged full model"}
 ZIP_SKIP = {"run.json", "data.jsonl", "checkpoints", "train.log"}  # train.log names the server's folders
 
 
@@ -2083,12 +2083,22 @@ def export_zip(run_id=None, kind="adapter", session=None, request: gr.Request = 
 
 @_guarded
 def pick_export(kind, session, request: gr.Request = None):
-    """Adapter or merged model: the download button gets that zip."""
+    """Adapter or merged model, at once: the download button waits, disabled, while that zip is made (`show_export`);
+    it held the other kind's file until then, and a quick click downloaded it. Every view after this one makes the
+    new kind's zip."""
     session = _session(session, request)
     kind = _export_kind(kind)
     with session.view_lock:
         session.export_kind = kind
-        return [session, *_view_after_pick(session)]
+        session.sent.pop("export", None)
+    return session, gr.update(interactive=False, label=f"Preparing the {EXPORT_KINDS[kind].lower()} (.zip)…")
+
+
+@_guarded
+def show_export(session, request: gr.Request = None):
+    """After `pick_export`: the view, with the download button holding the zip of the kind picked."""
+    session = _session(session, request)
+    return [session, *_view_after_pick(session)]
 
 
 @_guarded
@@ -2504,7 +2514,8 @@ def build_app() -> gr.Blocks:
         api_runs.click(runs_json, session, api_json, api_name="runs")
         api_stop.click(stop_by_id, [api_text, session], api_text, api_name="stop_run", concurrency_limit=None, **raw)
         api_export.click(export_zip, [run_pick, export_kind, session], [api_file, session], api_name="export", **raw)
-        export_kind.input(pick_export, [export_kind, session], [session, *view], **quiet, **raw)
+        export_kind.input(pick_export, [export_kind, session], [session, export_btn], queue=False, **quiet, **raw) \
+            .then(show_export, session, [session, *view], **quiet)
         try_inputs = [instruction, temperature, top_p, max_new, model_name, try_a, try_b, session]
         try_outputs = [base_out, tuned_out, tuned_b_out]
         api_generate.click(try_models, try_inputs, try_outputs, api_name="generate", concurrency_limit=2,

@@ -557,13 +557,13 @@ def test_browser_exports_a_lora_run_as_adapter_or_merged_model(app_url, browser,
     button = page.locator("#export")
     page.wait_for_function("n => document.querySelector('#export').innerText.includes(n + ': adapter + its embedded "
                            "base')", arg=run["name"])
-    for kind, label, wanted in [("adapter", "Adapter (PEFT, a few MB)", "adapter_model.safetensors"),
+    for kind, label, wanted in [("adapter", "Adapter (PEFT's files)", "adapter_model.safetensors"),
                                 ("merged", "Merged full model", "model.safetensors")]:
-        if kind == "merged":
-            page.locator("#export-kind").get_by_label(label).check()
-            page.wait_for_function("() => document.querySelector('#export').innerText.includes('merged model (.zip)')")
+        if kind == "merged":  # picked, then Download pressed at once, as a user would: the button waits for its zip
+            page.locator("#export-kind").get_by_label(label).check()  # (it held the adapter's until the merged was made)
+            page.wait_for_timeout(300)
         with page.expect_download(timeout=30_000) as download:
-            button.click()
+            button.click()  # (Playwright waits while the button is disabled)
         download.value.save_as(tmp_path / f"{kind}.zip")
         with zipfile.ZipFile(tmp_path / f"{kind}.zip") as z:
             assert wanted in z.namelist() and ("adapter_config.json" in z.namelist()) == (kind == "adapter")
@@ -1470,7 +1470,13 @@ def test_a_poll_in_flight_does_not_send_back_the_export_kind_the_user_left(monke
     monkeypatch.setattr(app, "_zip", held_zip)
     done = []  # (which, the export button's update), in the order they finished
     poll = threading.Thread(target=lambda: done.append(("poll", app.poll(session, [])[9])), name="poll")
-    pick = threading.Thread(target=lambda: done.append(("pick", app.pick_export("merged", session)[9])))
+    picked = []  # the download button as the pick left it: disabled until its zip is in it
+
+    def pick_then_show():
+        picked.append(app.pick_export("merged", session)[1])
+        done.append(("pick", app.show_export(session)[9]))
+
+    pick = threading.Thread(target=pick_then_show)
     poll.start()
     assert in_poll.wait(30)
     pick.start()
@@ -1478,6 +1484,7 @@ def test_a_poll_in_flight_does_not_send_back_the_export_kind_the_user_left(monke
     go.set()
     poll.join(60), pick.join(60)
     assert [w for w, _ in done] == ["poll", "pick"]  # the pick waited for the poll's view
+    assert picked[0]["interactive"] is False and "Preparing the merged full model" in picked[0]["label"]
     assert done[-1][1]["value"].endswith("-merged.zip") and "merged model" in done[-1][1]["label"]
     assert str(app.poll(session, [])[9]["value"]).endswith("-merged.zip")  # the next poll sends the merged zip again
 
