@@ -570,9 +570,10 @@ class DataReport:
     dropped: list[str] = field(default_factory=list)  # rows left out: nothing of the response fits in max_length
 
     def summary(self) -> str:
-        return (f"{len(self.pairs)} pairs, {self.tokens:,} tokens, {self.truncated} will be truncated"
+        n, k = len(self.pairs), len(self.problems)
+        return (f"{n:,} pair{'' if n == 1 else 's'}, {self.tokens:,} tokens, {self.truncated} will be truncated"
                 + (f", {len(self.dropped)} left out (no room for the response)" if self.dropped else "")
-                + (f", {len(self.problems)} problem(s)" if self.problems else ""))
+                + (f", {k} problem{'' if k == 1 else 's'}" if k else ""))
 
 
 def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "response", first_row: int = 1) -> DataReport:

@@ -98,7 +98,7 @@ def test_rows_with_no_room_for_the_response_are_left_out_and_counted(tokenizer):
     assert [e.input_ids.tolist() for e in report.encoded] == [e.input_ids.tolist() for e in s.examples]
     assert "d.jsonl line 2: nothing of the response fits in max_length 8 tokens; the row is left out (raise max " \
            "length or shorten the instruction)" in report.warnings
-    assert report.summary() == "1 pairs, 8 tokens, 1 will be truncated, 1 left out (no room for the response)"
+    assert report.summary() == "1 pair, 8 tokens, 1 will be truncated, 1 left out (no room for the response)"
 
 
 def test_encode_pairs_in_batches_equals_encoding_one_by_one(tokenizer):
