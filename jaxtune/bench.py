@@ -521,6 +521,7 @@ def decode_latency(args) -> dict:
     from jaxtune.data import format_prompt
     from jaxtune.generate import stream
     from jaxtune.model import build
+    from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(os.cpu_count() or 1)
     tok, n = offline_tokenizer(), args.new_tokens
@@ -542,17 +543,29 @@ def decode_latency(args) -> dict:
 
     ids = torch.tensor([tok(prompt).input_ids], device=device)
 
-    def torch_run():
+    class Clock(BaseStreamer):
+        """Notes when each new token reaches the host: `generate` hands a streamer the prompt first, then each
+        token as it is chosen (moved to the CPU, so a GPU's work is waited for)."""
+
+        def __init__(self):
+            self.times, self.prompt_seen = [], False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self):
+            pass
+
+    def torch_run():  # one call, timed as jax_run times `stream`: both figures come from the same run
+        clock = Clock()
         with torch.no_grad():
             start = time.perf_counter()
-            first_out = pt.generate(ids, max_new_tokens=1, min_new_tokens=1, do_sample=False, pad_token_id=eos)
-            first_out.cpu()  # waits for the GPU, as a streamed token must reach the host
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            out = pt.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos).cpu()
-            total = time.perf_counter() - start
-        count = out.shape[1] - ids.shape[1]
-        return first, (total - first) / max(count - 1, 1), count
+            pt.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=eos, streamer=clock)
+            end = time.perf_counter()
+        first, count = clock.times[0] - start, len(clock.times)
+        return first, (end - start - first) / max(count - 1, 1), count
 
     out = {}
     for name, fn in (("jax", jax_run), ("torch", torch_run)):
