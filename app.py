@@ -61,7 +61,7 @@ from jaxtune.sharding import enable_compilation_cache  # noqa: E402
 from jaxtune.checkpoint import (EMBEDDED, ModelLoadError, hub_reachable, hub_snapshot, load_directory,  # noqa: E402
                                 offline_tokenizer, to_host)
 from jaxtune.config import LOSS_MODES, PRESETS, GPT2Config, RunConfig, TrainConfig  # noqa: E402
-from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError, encode,  # noqa: E402
+from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError,  # noqa: E402
                           inspect_rows, invalid_character, read_pairs, record_to_pair)
 from jaxtune.lora import is_adapter_dir, load_adapter, merge, merged_beside  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
@@ -983,10 +983,9 @@ def preview(table, row_number, max_length, loss_on, session):
     problems = "\n".join(issues[:20]) + (f"\n- … and {len(issues) - 20} more" if len(issues) > 20 else "")
     if not report.pairs:
         return [("Add at least one row with an instruction and a response.", None)], counts, problems
-    numbers = [int(p.where[4:]) if p.where.startswith("row ") and p.where[4:].isdigit() else 0 for p in report.pairs]
+    numbers = report.numbers
     index = next((k for k, n in enumerate(numbers) if n >= row_number), len(numbers) - 1)
-    pair = report.pairs[index]
-    e = encode(TOKENIZER, pair.instruction, pair.response, loss_on=loss_on, max_length=max_length)
+    pair, e = report.pairs[index], report.encoded[index]
     spans = [(TOKENIZER.decode([t]) if t != TOKENIZER.eos_token_id else "<|endoftext|>", "loss" if m else None)
              for t, m in zip(e.input_ids.tolist(), e.loss_mask.tolist())]
     shown = f" · showing {pair.where}"

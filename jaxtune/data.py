@@ -568,6 +568,7 @@ class DataReport:
     truncated: int
     encoded: list[Encoded] = field(default_factory=list)  # encoded[k] is pairs[k], ready for the trainer
     dropped: list[str] = field(default_factory=list)  # rows left out: nothing of the response fits in max_length
+    numbers: list[int] = field(default_factory=list)  # numbers[k]: pairs[k]'s place among the rows (from first_row)
 
     def summary(self) -> str:
         n, k = len(self.pairs), len(self.problems)
@@ -580,7 +581,7 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
     """Check (instruction, response) rows before training: empty cells are problems (the row is left out),
     duplicates and over-long rows are warnings, and so are rows left out because the instruction fills max_length.
     Row numbers start at `first_row`. The usable rows come back encoded, each once, in batched tokenizer calls."""
-    candidates, problems, duplicate, seen = [], [], {}, {}
+    candidates, numbers, problems, duplicate, seen = [], [], [], {}, {}
     for n, row in enumerate(rows, start=first_row):
         if isinstance(row, Pair):  # pairs read from a file name their own place ("data.jsonl line 7")
             instruction, response, where = row.instruction, row.response, row.where or f"row {n}"
@@ -600,6 +601,7 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
             duplicate[len(candidates)] = f"{where}: duplicate of {seen[key]}"
         seen.setdefault(key, where)
         candidates.append(Pair(instruction, response, where))
+        numbers.append(n)
     report = DataReport([], problems, [], 0, 0)
     for k, (p, e) in enumerate(_encode_all(tokenizer, candidates, loss_on, max_length)):
         if k in duplicate:
@@ -616,4 +618,5 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
         report.tokens += len(e.input_ids)
         report.pairs.append(p)
         report.encoded.append(e)
+        report.numbers.append(numbers[k])
     return report

@@ -99,6 +99,15 @@ def test_rows_with_no_room_for_the_response_are_left_out_and_counted(tokenizer):
     assert "d.jsonl line 2: nothing of the response fits in max_length 8 tokens; the row is left out (raise max " \
            "length or shorten the instruction)" in report.warnings
     assert report.summary() == "1 pair, 8 tokens, 1 will be truncated, 1 left out (no room for the response)"
+    assert report.numbers == [1]
+
+
+def test_inspect_rows_numbers_each_usable_pair_by_its_place_among_the_rows(tokenizer):
+    """The app's preview finds a table row by these numbers; blank, empty, duplicate and left-out rows keep theirs."""
+    rows = [["Hi", "Hello"], ["", ""], ["", "orphan"], ["Hi", "Hello"], ["word " * 40, "late"], ["Bye", "Goodbye"]]
+    report = inspect_rows(rows, tokenizer, max_length=16, first_row=3)
+    assert report.numbers == [3, 6, 8] and [p.where for p in report.pairs] == ["row 3", "row 6", "row 8"]
+    assert report.dropped == ["row 7"] and any(p.startswith("row 5: empty instruction") for p in report.problems)
 
 
 def test_encode_pairs_in_batches_equals_encoding_one_by_one(tokenizer):
