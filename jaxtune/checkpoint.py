@@ -25,7 +25,7 @@ from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter, without_adapters
 from jaxtune.model import GPT2LMHeadModel, abstract, build
 from jaxtune.quantize import dequantized, is_quantized
-from jaxtune.rundir import MANIFEST, RunDirError, foreign, manifest_text, owned, readable_by_all
+from jaxtune.rundir import MANIFEST, RUN_RECORDS, RunDirError, foreign, manifest_text, owned, readable_by_all
 
 log = logging.getLogger("jaxtune")
 
@@ -325,7 +325,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     if others:
         raise RunDirError(f"{directory} holds files jaxtune did not write ({', '.join(others[:5])}); jaxtune never "
                           "replaces them. Save the model into a new or empty directory")
-    records = sorted(owned(directory) & {"metrics.jsonl", "config.yaml", "checkpoints", "samples.jsonl"})
+    records = sorted(owned(directory) & set(RUN_RECORDS))
     if records and not overwrite:
         raise RunDirError(f"{directory} holds a training run ({', '.join(records)}); saving a model there would "
                           "replace the run and its records. Save into a new directory, or pass overwrite=True")
@@ -341,7 +341,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
             if has_lora(model):  # the adapters alone, as PEFT writes them; the base is named, not copied...
                 adapter_base = adapter_base or getattr(model, "origin", None)  # where load found it
                 if adapter_base is None:  # ...unless its weights exist nowhere else: then a copy goes beside them
-                    save(without_adapters(model), tokenizer, tmp / "base", role="base")
+                    save(without_adapters(model), tokenizer, tmp / "base", run_info=run_info, role="base")
                     adapter_base = "base"
                 save_adapter(model, tmp, base_model=adapter_base)
             else:
@@ -362,7 +362,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
         (tmp / "README.md").write_text(model_card(config, run=run_info, adapter=adapter, role=role), encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        kept = [name for name in keep if (directory / name).exists()]
+        kept = [name for name in keep if (directory / name).exists() and not (tmp / name).exists()]  # not base/ anew
         (tmp / MANIFEST).write_text(manifest_text([p.name for p in tmp.iterdir()] + kept))
         _fsync_tree(tmp)
         for name in kept:  # e.g. a run's training checkpoints survive the export beside them

@@ -18,6 +18,8 @@ from pathlib import Path
 
 MANIFEST = ".jaxtune-run.json"
 CHECKSUMS = "jaxtune-files.json"  # inside each checkpoint step's folder
+# What makes a folder a training run's, not only a model's: a save over them would lose the run (see `save`)
+RUN_RECORDS = ("metrics.jsonl", "samples.jsonl", "config.yaml", "checkpoints")
 
 # Options a resumed run must share with the stopped one: each changes the shapes, the data or its order, or what
 # the saved state means. Anything else (epochs, max_steps, the rate's schedule, evaluation, saving) may change.

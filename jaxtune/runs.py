@@ -27,8 +27,7 @@ import yaml
 
 from jaxtune.config import RunConfig
 from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, pack_rows, read_pairs
-from jaxtune.card import hub_id
-from jaxtune.lora import merge, without_adapters
+from jaxtune.lora import merge
 from jaxtune.quantize import quantized_bytes
 from jaxtune.tracking import Tracker, check_reporters
 from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_changes,
@@ -325,20 +324,17 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "total_steps": trainer.total_steps, "stopped": result.stopped, "best_step": result.best_step,
                 "resumes": fingerprint.get("resumes", [])}
     lora = bool(tcfg.lora_rank)
-    # a LoRA folder names its base: a hub id or a folder as given, or, for the embedded or auto-chosen model, a
-    # copy written beside the adapter (base/), since its weights exist nowhere else
-    own_base = lora and not (hub_id(base_name) or Path(base_name).expanduser().is_dir())
-    try:
-        save(model, tokenizer, out, keep=KEEP + ("base", "merged"), run_info=run_info, overwrite=True,
-             adapter_base="base" if own_base else base_name, extra_files={
-                 "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
-                 "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
-                 "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
-        for name, wanted, make in (("base", own_base, without_adapters), ("merged", lora and cfg.merge, merge)):
-            if wanted:
-                claim(out, [name])
-                save(make(model), tokenizer, out / name, run_info=run_info, role=name)
-                log(f"{'the base model' if name == 'base' else 'the merged model'} written to {out / name}")
+    try:  # a LoRA folder names its base where load found it (model.origin), or holds a copy (base/): see `save`
+        save(model, tokenizer, out, keep=KEEP + ("base", "merged"), run_info=run_info, overwrite=True, extra_files={
+            "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
+            "samples.jsonl": "".join(json.dumps(s) + "\n" for s in samples),
+            "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+        if lora and json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "base":
+            log(f"the base model written to {out / 'base'}")
+        if lora and cfg.merge:
+            claim(out, ["merged"])
+            save(merge(model), tokenizer, out / "merged", run_info=run_info, role="merged")
+            log(f"the merged model written to {out / 'merged'}")
     except OSError as e:
         outcome.code, outcome.summary = 3, _save_failed(e, out, trainer, checkpoint, result, log)
         return outcome
