@@ -2236,17 +2236,21 @@ def _defaults_of(d: Defaults) -> list:
     return [getattr(d, f) for f in DEFAULT_FIELDS]
 
 
-def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps, applied=None):
-    """A new model brings its defaults field by field: a field still holding the default the page put there
-    (`applied`, kept per page; a reload sets it to the restored model's) takes the new model's, a value the user
-    typed stays and the line says what the default would be. Returns the fields, the line and the new `applied`."""
-    new = model_defaults(model_name if isinstance(model_name, str) else "auto")
+def _own_values(values, applied) -> list:
+    """The training fields' values that are the user's (None for the others): a field holding the default the page
+    put there (`applied`, kept per page; a reload sets it to the restored model's) or nothing is not the user's."""
     if not isinstance(applied, (list, tuple)) or len(applied) != len(DEFAULT_FIELDS):
         applied = _defaults_of(model_defaults("auto"))  # what the page starts with
-    values = (epochs, batch_size, learning_rate, max_length, warmup_steps)
-    out = [getattr(new, f) if value == default or value is None else gr.skip()
-           for f, value, default in zip(DEFAULT_FIELDS, values, applied)]
-    own = [v if isinstance(o, dict) else None for v, o in zip(values, out)]  # the fields left as the user typed them
+    return [None if value is None or value == default else value for value, default in zip(values, applied)]
+
+
+def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps, applied=None):
+    """A new model brings its defaults field by field: a field that is not the user's takes the new model's, a value
+    the user typed stays and the line says what the default would be. Returns the fields, the line and the new
+    `applied`."""
+    new = model_defaults(model_name if isinstance(model_name, str) else "auto")
+    own = _own_values((epochs, batch_size, learning_rate, max_length, warmup_steps), applied)
+    out = [getattr(new, f) if value is None else gr.skip() for f, value in zip(DEFAULT_FIELDS, own)]
     return [*out, _defaults_note(new, own), _defaults_of(new)]
 
 
@@ -2258,12 +2262,9 @@ def _defaults_note(new: Defaults, values) -> str:
 
 
 def typed_defaults_note(model_name, epochs, batch_size, learning_rate, max_length, warmup_steps, applied=None):
-    """The line again after a training field is typed in: it named the value kept when the model changed, not the
-    value now in the field. A field that holds the default the page put there is not the user's."""
+    """The line again after a training field is typed in, naming the values now in the fields that are the user's."""
     new = model_defaults(model_name if isinstance(model_name, str) else "auto")
-    applied = applied if isinstance(applied, (list, tuple)) and len(applied) == len(DEFAULT_FIELDS) else _defaults_of(new)
-    values = (epochs, batch_size, learning_rate, max_length, warmup_steps)
-    return _defaults_note(new, [None if v == a else v for v, a in zip(values, applied)])
+    return _defaults_note(new, _own_values((epochs, batch_size, learning_rate, max_length, warmup_steps), applied))
 
 
 def build_app() -> gr.Blocks:
