@@ -66,7 +66,7 @@ from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, DataError
 from jaxtune.lora import is_adapter_dir, load_adapter, merge, merged_beside  # noqa: E402
 from jaxtune.model import abstract, num_params  # noqa: E402
 from jaxtune.rundir import RunDirError  # noqa: E402
-from jaxtune.runs import ACTIVE, Registry, default_root, plural, split_validation  # noqa: E402
+from jaxtune.runs import ACTIVE, Registry, default_root, held_out, plural, split_validation  # noqa: E402
 from jaxtune.train import offloads_by_default  # noqa: E402
 
 log = logging.getLogger("jaxtune.app")
@@ -1131,7 +1131,7 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
     if validation_fraction and len(pairs) < 4:
         lines.append(f"validation: none (a validation fraction needs at least 4 pairs; there are {len(pairs)})")
         validation_fraction = 0.0
-    n_val = max(1, round(len(pairs) * validation_fraction)) if validation_fraction else 0
+    n_val = held_out(len(pairs), validation_fraction)
     if keep_best and not n_val:
         raise gr.Error("Keep the best weighs each step's weights by their validation loss, and this run holds no pairs "
                        "out: set a validation fraction (0.1 or more, with at least 4 pairs), or untick Keep the best.",
@@ -1492,14 +1492,17 @@ def _runs_frame(runs) -> pd.DataFrame:
     def loss(x):
         return "" if x is None else f"{x:.4f}"
 
-    rows = [[r.name, r.model, _method_label(r), r.pairs,
+    def pairs(r):  # the pairs it trains on, and those it holds out for validation
+        return f"{r.pairs - r.held_out:,}" + (f" + {r.held_out:,} held out" if r.held_out else "")
+
+    rows = [[r.name, r.model, _method_label(r), pairs(r),
              f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or ""),
              loss(r.train_loss), loss(r.val_loss) + (f" (step {r.best_step}, kept)" if r.best_step not in (None, r.step)
                                                      else ""),
              "cancelled" if r.status == "stopped" and not r.total_steps else r.status,  # stopped before it trained
              time.strftime("%m-%d %H:%M", time.localtime(r.created))]
             for r in runs]
-    return pd.DataFrame(rows, columns=RUN_COLUMNS).astype({"Pairs": "int64"}) if rows else \
+    return pd.DataFrame(rows, columns=RUN_COLUMNS) if rows else \
         pd.DataFrame([["(no runs yet)", "", "", "", "", "", "", "", ""]], columns=RUN_COLUMNS)
 
 
@@ -1541,7 +1544,7 @@ def _run_info(run) -> dict:
     except (OSError, ValueError, yaml.YAMLError):
         cfg = {}
     fraction = float(cfg.get("validation_fraction") or 0)
-    n_val = max(1, int(round(run.pairs * fraction))) if fraction else 0  # runs.split_validation's count
+    n_val = held_out(run.pairs, fraction)  # from the config: run.json before 'held_out' did not say it
     return {"base_model": cfg.get("model") or run.model, "config": cfg, "pairs": run.pairs - n_val,
             "validation_pairs": n_val, "steps": run.step, "final_loss": run.train_loss, "val_loss": run.val_loss,
             "best_step": run.best_step}
@@ -1860,11 +1863,7 @@ def _answers(instruction, temperature, top_p, max_new_tokens, model_name, run_a,
             streams.append((i, jaxtune.stream(model, tok, instruction, **kw)))
     labels = [f"Base model: {base_name}"] + [f"Run {ab}" + (f": {run.name}" if run is not None else "")
                                              for ab, run in zip("AB", chosen)]  # which answered what, by name
-
-    def shown(values):
-        return tuple(values), labels
-
-    yield shown(texts)  # the notes on runs that cannot answer
+    yield tuple(texts), labels  # the notes on runs that cannot answer
     while streams:  # take turns, so the answers grow side by side
         for item in list(streams):
             i, it = item
@@ -1875,9 +1874,9 @@ def _answers(instruction, temperature, top_p, max_new_tokens, model_name, run_a,
                 continue
             except ValueError as e:  # the library's own message: the prompt does not fit the model
                 raise gr.Error(f"{e}.", title="Cannot generate")
-        yield shown(texts)
-    yield shown(t or "(empty response)" if i == 0 or chosen[i - 1] is not None and _usable(chosen[i - 1]) else t
-                for i, t in enumerate(texts))
+        yield tuple(texts), labels
+    yield tuple(t or "(empty response)" if i == 0 or chosen[i - 1] is not None and _usable(chosen[i - 1]) else t
+                for i, t in enumerate(texts)), labels
 
 
 

@@ -57,10 +57,15 @@ def plural(n: int, word: str) -> str:
     return f"{n:,} {word}{'' if n == 1 else 's'}"
 
 
+def held_out(pairs: int, fraction: float) -> int:
+    """How many of `pairs` a validation fraction holds out (at least one, when it is set)."""
+    return max(1, int(round(pairs * fraction))) if fraction else 0
+
+
 def split_validation(pairs, fraction: float, seed: int):
     """(train, validation): a seeded share held out, each kept in file order."""
     order = np.random.default_rng(seed).permutation(len(pairs))
-    n_val = max(1, int(round(len(pairs) * fraction)))
+    n_val = held_out(len(pairs), fraction)
     if n_val >= len(pairs):
         raise DataError(f"validation_fraction={fraction} leaves no training pairs out of {len(pairs)}")
     return [pairs[i] for i in sorted(order[n_val:])], [pairs[i] for i in sorted(order[:n_val])]
@@ -211,10 +216,10 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
             f"({adapters / num_params(model):.2%} of the model); the base is frozen"
             + (f", its projections held in {tcfg.quantize} ({quantized_bytes(model) / 2**20:,.1f} MiB)"
                if tcfg.quantize != "none" else ""))
-    held_out = ", " + plural(len(val_pairs), "validation pair") if val_pairs else ""
+    validation = ", " + plural(len(val_pairs), "validation pair") if val_pairs else ""
     log(f"data: {plural(len(report.pairs), 'pair')}, {report.tokens:,} tokens ({trainer.truncated} truncated at "
         f"{tcfg.max_length} tokens{f', {len(report.dropped)} left out' if report.dropped else ''}, "
-        f"{len(report.warnings)} warning(s)){held_out}; "
+        f"{len(report.warnings)} warning(s)){validation}; "
         f"{plural(trainer.total_steps, 'step')} on {jax.default_backend()}; real tokens fill "
         f"{trainer.planned_real_token_share:.0%} of the computed positions{' (packed)' if tcfg.pack else ''}")
     if cfg.model == "tiny" and tcfg.learning_rate < 1e-3 and not resume:
@@ -454,9 +459,10 @@ class Run:
     resuming: bool = False
     initial_val_loss: float | None = None  # the validation loss before the first step (the plot's step 0)
     warming_up: bool = False  # training, and its first step (the train step's compile or cache load) not done yet
+    held_out: int = 0  # of `pairs`, those its validation fraction holds out (it trains on the others)
 
     FIELDS = ("id", "name", "model", "pairs", "created", "status", "started", "ended", "step", "total_steps",
-              "train_loss", "val_loss", "message", "saved", "best_step", "initial_val_loss")
+              "train_loss", "val_loss", "message", "saved", "best_step", "initial_val_loss", "held_out")
 
     def info(self) -> dict:
         return {k: getattr(self, k) for k in self.FIELDS}
@@ -536,7 +542,8 @@ class Registry:
                                    "output": str(directory.absolute())})
         (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run = Run(id=run_id, dir=directory, name=name or time.strftime("run %m-%d %H:%M:%S"), model=cfg.model,
-                  pairs=len(pairs), created=time.time())
+                  pairs=len(pairs), held_out=held_out(len(pairs), cfg.validation_fraction if cfg.validation_data is None
+                                                      else 0), created=time.time())
         with self.lock:
             self.runs[run_id] = run
         if note:

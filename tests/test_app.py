@@ -1560,3 +1560,15 @@ def test_the_progress_line_says_the_first_step_waits_for_the_compiler(tmp_path):
     waited = Run(id="y", dir=tmp_path, name="w", model="tiny", pairs=2, created=0.0, status="stopped",
                  message="cancelled while it waited in the queue")  # Stop before it trained: the table says so
     assert app._runs_frame([run, waited])["Status"].tolist() == ["training", "cancelled"]
+
+
+def test_the_runs_table_counts_the_pairs_a_run_trains_on_and_those_it_holds_out(monkeypatch, tmp_path):
+    """It showed 8 pairs for a run that trained on 6 and held out 2."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+    from jaxtune.runs import Run
+
+    runs = [Run(id="a", dir=tmp_path, name="a", model="tiny", pairs=8, created=0, held_out=2),
+            Run(id="b", dir=tmp_path, name="b", model="tiny", pairs=1500, created=0)]
+    assert app._runs_frame(runs)["Pairs"].tolist() == ["6 + 2 held out", "1,500"]

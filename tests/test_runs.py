@@ -53,6 +53,7 @@ def test_runs_queue_in_order_land_on_disk_and_the_command_line_repeats_them(tmp_
     assert losses(tmp_path / "cli" / "metrics.jsonl") == losses(first.dir / "metrics.jsonl") == [h["loss"] for h in first.history]
     again = Registry(tmp_path / "runs")  # a restarted server lists both, as they ended
     assert [(r.name, r.status, r.step) for r in again.list()] == [("second", "finished", 9), ("first", "finished", 9)]
+    assert [(r.pairs, r.held_out) for r in again.list()] == [(12, 3)] * 2  # the runs table: '9 + 3 held out'
 
 
 def test_stop_while_queued_stop_while_training_then_resume(tmp_path):
