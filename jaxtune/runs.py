@@ -657,7 +657,10 @@ class Registry:
             if result.best_step is not None:  # the model's own validation loss, not the last step's
                 run.val_loss, run.best_step = result.best_val_loss, result.best_step
             run.step = result.steps
-            self._add_log(run, run.message)
+            # execute's last line (after its time) said how the run stopped: the message does not say it again
+            said = run.log[-1].partition(" ")[2] if run.log else ""
+            self._add_log(run, run.message[len(said) + 2:] if said and run.message.startswith(said + "; ") else
+                          run.message)
         except Exception as e:  # noqa: BLE001 - the run fails, the server goes on; the log says why
             run.status, run.message = "failed", _user_message(e)
             if run.message.startswith("an internal error"):

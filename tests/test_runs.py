@@ -68,6 +68,8 @@ def test_stop_while_queued_stop_while_training_then_resume(tmp_path):
     wait([long])
     assert long.status == "stopped" and "stopped by request after step" in long.message and long.saved
     stopped_at = long.step
+    log = [line.partition(" ")[2] for line in (long.dir / "train.log").read_text().splitlines()]  # after the time
+    assert log[-2:] == [f"stopped by request after step {stopped_at}", "the model keeps what it learned and was saved"]
     assert long.resumable and (long.dir / "model.safetensors").exists()
     reg.resume(long.id)
     wait([long], until=lambda r: r.status == "training" and r.step > stopped_at + 2)
