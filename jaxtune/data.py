@@ -114,6 +114,34 @@ def pairs_from_lists(instructions, responses, source: str = "row") -> list[Pair]
 
 
 # ---------------------------------------------------------------------------------------------- files
+class _BadRows:
+    """A file's rows that cannot be used, gathered so that one reading names them all, not only the first."""
+
+    SHOWN = 5
+
+    def __init__(self, name: str):
+        self.name, self.errors, self.rows = name, [], 0
+
+    def pair(self, make, *args, **kwargs) -> Pair | None:
+        self.rows += 1
+        try:
+            return make(*args, **kwargs)
+        except DataError as e:
+            self.errors.append(str(e))
+            return None
+
+    def check(self) -> None:
+        n = len(self.errors)
+        if n == 1:
+            raise DataError(self.errors[0])
+        if n and n == self.rows:
+            raise DataError(f"{self.errors[0]} (and each of the other {n - 1:,} rows has a problem too)")
+        if n:
+            shown = "".join(f"\n- {e}" for e in self.errors[: self.SHOWN])
+            raise DataError(f"{self.name}: {n:,} of {self.rows:,} rows cannot be used; fix or remove them and read the "
+                            f"file again:{shown}" + (f"\n- and {n - self.SHOWN:,} more" if n > self.SHOWN else ""))
+
+
 def _pick(columns, wanted: str | None, candidates: tuple[str, ...], field: str, where: str, kind: str) -> str:
     """kind: what the record's keys are called in messages ("column", or "field" for a JSON object, whose keys are
     its own)."""
@@ -181,7 +209,20 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
                             "the data as .jsonl, .json or .csv)") from None
         raise DataError(f"{source}: could not load the data set (split {split!r}): {e}. Check the name and --split, "
                         "or pass a local file") from None
-    return [record_to_pair(dict(r), f"{label} row {n}", **cols) for n, r in enumerate(table, start=1)]
+    bad = _BadRows(label)
+    pairs = [bad.pair(record_to_pair, dict(r), f"{label} row {n}", **cols) for n, r in enumerate(table, start=1)]
+    bad.check()
+    return pairs
+
+
+def _jsonl_pair(path: Path, line: str, n: int, cols: dict) -> Pair:
+    try:
+        record = json.loads(line)
+    except RecursionError:
+        raise DataError(f"{path}: line {n} is not a pair (nested too deeply)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+    return record_to_pair(record, f"{path.name} line {n}", **cols, kind="field")
 
 
 def _csv_delimiter(text: str) -> str:
@@ -191,11 +232,18 @@ def _csv_delimiter(text: str) -> str:
     return next((d for d in (",", ";", "\t") if d in header), ",")
 
 
+def _csv_pair(header: list, row: list, where: str, delimiter: str, cols: dict) -> Pair:
+    if len(row) > len(header):
+        raise DataError(f"{where}: {len(row) - len(header)} more value(s) than the header's {len(header)} columns; "
+                        f"quote fields that contain {delimiter!r}, like \"a{delimiter} b\"")
+    return record_to_pair(dict(zip(header, row + [None] * (len(header) - len(row)))), where, **cols)
+
+
 def _csv_pairs(path: Path, text: str, delimiter: str, cols: dict) -> list[Pair]:
     """RFC 4180 rows: a quoted field keeps its line breaks, and a record is named by the line it starts on. Strict, so
     a quote left open is an error rather than a field that swallows the rest of the file."""
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
-    header, pairs = None, []
+    header, pairs, bad = None, [], _BadRows(path.name)
     while True:
         line = reader.line_num + 1
         try:
@@ -213,11 +261,8 @@ def _csv_pairs(path: Path, text: str, delimiter: str, cols: dict) -> list[Pair]:
                 _pick(header, cols.get(f"{side}_column"), candidates, side, f"{path.name} line {line} (the header)",
                       "column")
             continue
-        where = f"{path.name} line {line}"
-        if len(row) > len(header):
-            raise DataError(f"{where}: {len(row) - len(header)} more value(s) than the header's {len(header)} columns; "
-                            f"quote fields that contain {delimiter!r}, like \"a{delimiter} b\"")
-        pairs.append(record_to_pair(dict(zip(header, row + [None] * (len(header) - len(row)))), where, **cols))
+        pairs.append(bad.pair(_csv_pair, header, row, f"{path.name} line {line}", delimiter, cols))
+    bad.check()
     if header is not None and not pairs:
         raise DataError(f"{path}: a header line but no rows, so no instruction/response pairs found; add rows below it")
     return pairs
@@ -256,16 +301,11 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
     if suffix in (".jsonl", ".ndjson"):
         # "\n" alone ends a line: U+2028, U+2029 and \x85 may stand raw inside a JSON string (str.splitlines splits
         # on them); a "\r" before the "\n" is JSON whitespace
+        bad = _BadRows(path.name)
         for n, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except RecursionError:
-                raise DataError(f"{path}: line {n} is not a pair (nested too deeply)") from None
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
-            pairs.append(record_to_pair(record, f"{path.name} line {n}", **cols, kind="field"))
+            if line.strip():
+                pairs.append(bad.pair(_jsonl_pair, path, line, n, cols))
+        bad.check()
     elif suffix == ".json":
         try:
             records = json.loads(text)
@@ -278,8 +318,10 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
             records = lists[0] if len(lists) == 1 else records
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of objects with instruction and response fields")
-        pairs = [record_to_pair(r, f"{path.name} item {n}", **cols, kind="field")
+        bad = _BadRows(path.name)
+        pairs = [bad.pair(record_to_pair, r, f"{path.name} item {n}", **cols, kind="field")
                  for n, r in enumerate(records, start=1)]
+        bad.check()
     elif suffix in (".csv", ".tsv"):
         pairs = _csv_pairs(path, text, "\t" if suffix == ".tsv" else _csv_delimiter(text), cols)
     else:

@@ -267,6 +267,34 @@ def test_csv_keeps_line_breaks_in_quoted_fields_and_names_the_line_a_record_star
         read_pairs(write(tmp_path / "e.csv", 'instruction,notes\n'))  # said even with no rows below it
 
 
+def test_a_file_with_several_bad_rows_names_them_all_in_one_reading(tmp_path):
+    """It was refused over its first bad row only: fix one, read again, find the next."""
+    good = json.dumps({"instruction": "Hi", "response": "Hello"})
+    lines = [good, json.dumps({"instruction": "Hi", "response": ""}), good, "{not json", good,
+             json.dumps({"instruction": None, "response": "x"})]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as e:
+        read_pairs(tmp_path / "d.jsonl")
+    assert str(e.value).splitlines() == [
+        "d.jsonl: 3 of 6 rows cannot be used; fix or remove them and read the file again:",
+        "- d.jsonl line 2: field 'response' is empty; fill it in or remove the row",
+        f"- {tmp_path / 'd.jsonl'}: line 4 is not valid JSON (Expecting property name enclosed in double quotes at "
+        "column 2)",
+        "- d.jsonl line 6: field 'instruction' is missing or null; fill it in or remove the row"]
+    rows = "instruction,response\n" + "".join(f"q{n},\n" if n % 3 else f"q{n},a{n}\n" for n in range(12))
+    (tmp_path / "d.csv").write_text(rows)  # 8 of 12 rows have no response: 5 are named, then a count
+    with pytest.raises(DataError) as e:
+        read_pairs(tmp_path / "d.csv")
+    lines = str(e.value).splitlines()
+    assert lines[0].startswith("d.csv: 8 of 12 rows cannot be used") and len(lines) == 7
+    assert [x.split(":")[0] for x in lines[1:6]] == [f"- d.csv line {n}" for n in (3, 4, 6, 7, 9)]
+    assert lines[6] == "- and 3 more"
+    (tmp_path / "all.json").write_text(json.dumps([{"q": "a", "a": "b"}] * 3))  # no row can be read
+    with pytest.raises(DataError, match=r"^all\.json item 1: no instruction field; .* \(and each of the other 2 rows "
+                                        r"has a problem too\)$"):
+        read_pairs(tmp_path / "all.json")
+
+
 def test_csv_from_a_spreadsheet_that_separates_with_semicolons(tmp_path):
     """Where the comma is the decimal mark, spreadsheets write CSV with semicolons: the header line says which."""
     text = '\ufeffinstruction;response\r\nHi, there;"Hello; welcome"\r\nPrice?;It costs 4,99 \u20ac.\r\n'
