@@ -1598,6 +1598,8 @@ def _build_zip(run, session: Session, kind: str) -> str:
     files = [(f, f.name) for f in sorted(source.iterdir())
              if f.is_file() and f.name not in ZIP_SKIP and f.name != "config.yaml" and not f.name.startswith(".")]
     config = portable_config_text(run.dir)  # the card's `--config config.yaml --output NEW_FOLDER`, merged too
+    if kind == "merged":  # the run's records go with its model, as in the other zips
+        files += [(run.dir / name, name) for name in ("metrics.jsonl", "samples.jsonl") if (run.dir / name).is_file()]
     if kind == "adapter" and own_base(run.dir):
         files += [(f, f"base/{f.name}") for f in sorted((run.dir / "base").iterdir())
                   if f.is_file() and not f.name.startswith(".")]

@@ -567,6 +567,7 @@ def test_browser_exports_a_lora_run_as_adapter_or_merged_model(app_url, browser,
         download.value.save_as(tmp_path / f"{kind}.zip")
         with zipfile.ZipFile(tmp_path / f"{kind}.zip") as z:
             assert wanted in z.namelist() and ("adapter_config.json" in z.namelist()) == (kind == "adapter")
+            assert {"metrics.jsonl", "samples.jsonl", "config.yaml", "README.md"} <= set(z.namelist())  # both kinds
     page.locator("#runs [role=gridcell]", has_text=full["name"]).first.click()  # a full fine-tune: nothing to pick
     page.locator("#export-kind").wait_for(state="hidden")
     context.close()
