@@ -2142,6 +2142,7 @@ CSS = """
 .jt-step h2 { margin-bottom: 0; }
 #eval-examples [role=gridcell] span { overflow-wrap: break-word; }
 @media (max-width: 560px) { #val-fraction, #pack { min-width: 100% !important; } }  /* a row each on a phone */
+#pairs-table thead th, #pairs-table thead th * { word-break: keep-all; overflow-wrap: normal; }  /* not 'Instructio/n' */
 """
 
 

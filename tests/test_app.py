@@ -402,6 +402,19 @@ def test_browser_layout_at_1280_px_clips_no_label(app_url, browser):
     page.close()
 
 
+def test_browser_on_a_390_px_phone_the_page_fits_and_the_table_headers_stay_whole(app_url, browser):
+    """The pairs table's header read 'Instructio' over 'n' on a phone."""
+    page = _open(browser, app_url, browser.new_context(viewport={"width": 390, "height": 844}))
+    assert page.evaluate("() => document.documentElement.scrollWidth") <= 390  # nothing runs off the side
+    heights = page.evaluate("""() => [...document.querySelectorAll('#pairs-table thead th')].map(th => {
+        const r = document.createRange(); r.selectNodeContents(th);
+        return [th.innerText.trim(), r.getClientRects().length > 0 ? r.getBoundingClientRect().height : 0,
+                ]; })""")
+    assert [h[0] for h in heights][-2:] == ["Instruction", "Response"], heights
+    assert heights[-2][1] == heights[-1][1] > 0, heights  # 'Instruction' on one line, as 'Response' (wider) is
+    page.context.close()
+
+
 def test_browser_defaults_follow_the_model(app_url, browser):
     page = _open(browser, app_url)
     _pick_model(page, "tiny")
