@@ -195,8 +195,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
             "positions")
     tcfg.max_length = min(tcfg.max_length, model.config.n_positions)
     report = _check(pairs, tokenizer, cfg, "training data", log)
-    if val_pairs:
-        _check(val_pairs, tokenizer, cfg, "validation data", log)
+    val_report = _check(val_pairs, tokenizer, cfg, "validation data", log) if val_pairs else None
     if not report.pairs:
         raise DataError(f"{cfg.data}: no row keeps any of its response within max_length {tcfg.max_length} tokens; "
                         "raise --max-length or shorten the instructions")
@@ -313,8 +312,12 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     result.history = history + result.history
     if not lead:
         return outcome
-    held = (val_pairs or pairs)[: cfg.samples]
-    answers = generate(model, tokenizer, [p.instruction for p in held], max_new_tokens=64) if held else []
+    held = (val_report or report).pairs[: cfg.samples]  # rows the check kept: one left out may not fit the model
+    try:
+        answers = generate(model, tokenizer, [p.instruction for p in held], max_new_tokens=64) if held else []
+    except ValueError as e:  # a prompt the model cannot read: the samples are left out, never the model
+        log(f"warning: no samples.jsonl: {e}")
+        held, answers = [], []
     samples = [{"instruction": p.instruction, "reference": p.response, "generated": a} for p, a in zip(held, answers)]
     val = next((s.val_loss for s in reversed(result.history) if s.val_loss is not None), None)
     if result.best_step is not None:  # early stopping: the model is the best step's, and so is its loss

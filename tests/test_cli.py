@@ -27,6 +27,19 @@ def write_jsonl(path, rows):
     return path
 
 
+def test_a_row_left_out_for_its_length_is_no_sample_and_the_run_keeps_its_model(tmp_path):
+    """A row whose instruction the model cannot read was left out of training but taken as a sample: answering it
+    failed after the last step, and the run ended with no model."""
+    rows = [{"instruction": "word " * 300, "response": "ok"}] + PAIRS[:5]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "run"), "--max-steps", "1",
+            "--max-length", "48", "--samples", "2")
+    assert p.returncode == 0 and "d.jsonl line 1: nothing of the response fits" in p.stderr, p.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").exists()
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert [x["instruction"] for x in samples] == [r["instruction"] for r in PAIRS[:2]]
+
+
 def test_train_then_generate(tmp_path):
     """A short run on a slice of the bundled help-desk data, then `generate` with the result."""
     examples = [json.loads(x) for x in (ROOT / "examples" / "customer_service.jsonl").read_text().splitlines()]
