@@ -91,11 +91,13 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = None, subfolder: bool = False) -> Path:
+def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = None, subfolder: bool = False,
+                   reads: dict[str, str | None] | None = None) -> Path:
     """The directory a run writes to, checked before anything is read or trained: new or empty; the run being
     resumed; or a jaxtune run replaced with `overwrite` (the run removes its files, and only those, once its data
     and model are loaded: a mistake found before then leaves it whole). A folder holding other files is refused,
-    unless `subfolder` asks for a new `run-YYYYMMDD-HHMMSS` folder inside it."""
+    unless `subfolder` asks for a new `run-YYYYMMDD-HHMMSS` folder inside it. `reads` ({"--model": path, ...}): what
+    the run reads, none of which `overwrite` may remove."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--output {out} is a file; give a directory")
@@ -117,7 +119,15 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
                           "--subfolder to put the run in a new folder inside it")
     if resume is not None and out.resolve() == Path(resume).resolve():
         return out
-    if not overwrite:
+    if overwrite:
+        for flag, path in (reads or {}).items():
+            inside = path and Path(path).expanduser().exists() and out.resolve() in (
+                Path(path).expanduser().resolve(), *Path(path).expanduser().resolve().parents)
+            if inside:
+                raise RunDirError(f"{flag} {path} is inside --output {out}, which --overwrite replaces: the run would "
+                                  f"delete what it reads, and name it afterwards. Copy it out of {out} first, or "
+                                  "write the run to another directory")
+    else:
         if (out / "checkpoints" / "config.yaml").exists():
             raise RunDirError(f"--output {out} already holds a jaxtune run; continue it with --resume {out}, or pass "
                               "--overwrite to replace it")

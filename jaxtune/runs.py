@@ -166,7 +166,8 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
             f"{jax.device_count()} devices")
     out = Path(cfg.output)
     if not prepared:  # checked before anything is read or trained; nothing is removed until training starts
-        out = prepare_output(out, overwrite=overwrite, resume=resume, subfolder=subfolder)
+        out = prepare_output(out, overwrite=overwrite, resume=resume, subfolder=subfolder, reads={
+            "--model": cfg.model, "--data": cfg.data, "--validation-data": cfg.validation_data})
     model_dir = Path(cfg.model).expanduser()
     if cfg.model not in ("tiny", "auto") and model_dir.is_dir():  # by its absolute path, as the data: the run's
         cfg.model = str(model_dir.resolve())  # config.yaml and a LoRA adapter's base work from any folder

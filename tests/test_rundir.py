@@ -57,6 +57,12 @@ def test_runs_never_delete_or_write_among_files_jaxtune_did_not_write(tmp_path, 
         p = train(hf_dir, data, tmp_path / "run", "--overwrite", *mistake)  # a mistake found before training: the
         assert p.returncode == 2 and said in p.stderr, p.stderr  # run it would have replaced stays whole (it was wiped)
         assert sorted(x.name for x in (tmp_path / "run").iterdir()) == before
+    p = train(tmp_path / "run", data, tmp_path / "run", "--overwrite")  # it would delete the model it trains
+    assert p.returncode == 2 and f"--model {tmp_path / 'run'} is inside --output {tmp_path / 'run'}, which " \
+        "--overwrite replaces" in p.stderr, p.stderr
+    p = train(hf_dir, tmp_path / "run" / "metrics.jsonl", tmp_path / "run", "--overwrite")  # its data too
+    assert p.returncode == 2 and "--data" in p.stderr and "Copy it out of" in p.stderr, p.stderr
+    assert sorted(x.name for x in (tmp_path / "run").iterdir()) == before
     p = train(hf_dir, data, tmp_path / "run", "--overwrite", "--epochs", "1")
     assert p.returncode == 0, p.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and len(losses(tmp_path / "run")) == 3  # the old run's are gone
