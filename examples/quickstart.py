@@ -5,8 +5,11 @@
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-from jaxtune import CustomerServiceTuner, tune_customer_service
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a clone: the jaxtune beside it
+from jaxtune import CustomerServiceTuner, tune_customer_service  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", default="auto", help="hub id, local directory, 'tiny' or 'auto' (default)")
