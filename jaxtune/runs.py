@@ -357,7 +357,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
 def summarize(result, out: Path) -> str:
     """The closing line: steps, speed, memory, losses and where the model is."""
     ran = result.steps - result.first_step + 1
-    if ran <= 0:  # a resume of a run whose checkpoint is its last step, or one that early stopping ended
+    if ran <= 0 and result.stop_requested:  # Ctrl-C or Stop before the first step of this call
+        summary = "stopped before " + ("the first step" if result.steps == 0 else f"step {result.steps + 1}")
+    elif ran <= 0:  # a resume of a run whose checkpoint is its last step, or one that early stopping ended
         summary = (f"no step left to run (the checkpoint holds step {result.steps}, "
                    + ("where early stopping ended the run: raise --early-stopping, or leave it out, to go on)"
                       if result.best_step is not None and result.stopped else "the last)"))

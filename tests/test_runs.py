@@ -126,3 +126,16 @@ def test_the_runs_folder_and_its_cap_come_from_the_environment(tmp_path, monkeyp
         monkeypatch.setenv("JAXTUNE_RUNS_MAX_MB", bad)
         with pytest.raises(SystemExit, match=f"JAXTUNE_RUNS_MAX_MB='{bad}': expected a whole number of megabytes"):
             default_root(public=True, app_dir=tmp_path)
+
+
+def test_the_closing_line_of_a_run_stopped_before_it_trained_says_so(tmp_path):
+    """Ctrl-C before the first step read 'no step left to run (the checkpoint holds step 0, the last)'."""
+    from jaxtune.runs import summarize
+    from jaxtune.train import TrainResult
+
+    stopped = TrainResult(steps=0, stopped="stopped by request after step 0", stop_requested=True, seconds=3.0)
+    assert summarize(stopped, tmp_path).startswith("stopped before the first step in 3.0s")
+    resumed = TrainResult(steps=10, first_step=11, stop_requested=True)  # a resume stopped before its first step
+    assert summarize(resumed, tmp_path).startswith("stopped before step 11")
+    done = TrainResult(steps=10, first_step=11)  # a resume of a run whose checkpoint holds its last step
+    assert summarize(done, tmp_path).startswith("no step left to run (the checkpoint holds step 10, the last)")
