@@ -15,8 +15,8 @@ from jaxtune.checkpoint import ModelLoadError, load
 
 from jaxtune.config import LOSS_MODES, ConfigError, RunConfig, checked_int
 from jaxtune.data import DataError, invalid_character
-from jaxtune.generate import generate
-from jaxtune.rundir import RunDirError
+from jaxtune.generate import generate_ids, response_text
+from jaxtune.rundir import MANIFEST, RunDirError
 from jaxtune.sharding import enable_compilation_cache
 from jaxtune.runs import execute
 from jaxtune.tracking import TrackingError
@@ -125,6 +125,7 @@ def run_config(args) -> RunConfig:
         if not path.exists() and getattr(args, "resume", None) and path == Path(args.resume) / "checkpoints" / "config.yaml":
             resume = Path(args.resume)
             what = ("no such folder" if not resume.exists() else "a file, not a run's folder" if not resume.is_dir()
+                    else "no jaxtune run there" if not (resume / MANIFEST).exists()
                     else "no checkpoint there to resume from (a run keeps checkpoints with --save-every, and on "
                          "Ctrl-C)")
             raise DataError(f"--resume {args.resume}: {what}; give the --output folder of a run that saved one")
@@ -265,11 +266,12 @@ def cmd_generate(args) -> int:
     _checked_instructions(args.instruction)
     _sampling(args.temperature, args.top_k, args.top_p, args.seed)
     model, tokenizer = load(args.model, allow_pickle=args.allow_pickle, base=args.base)
-    print(generate(model, tokenizer, args.instruction, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed))
+    ids = generate_ids(model, tokenizer, format_prompt(args.instruction), max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(response_text(tokenizer, ids))
     prompt = len(tokenize_text(tokenizer, [format_prompt(args.instruction)])[0].ids)
     room = model.config.n_positions - prompt
-    if room < args.max_new_tokens:
+    if room < args.max_new_tokens and tokenizer.eos_token_id not in ids:  # cut at the model's last position
         print(f"note: the model reads {model.config.n_positions} positions and the prompt took {prompt}, so the answer "
               f"had room for {room} of the {args.max_new_tokens} new tokens asked", file=sys.stderr)
     return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from jaxtune.data import DataError, Pair, encode_pairs, epoch_batches, format_prompt, read_pairs
-from jaxtune.generate import DEFAULT_BATCH_SIZE, _response_text, generate_ids
+from jaxtune.generate import DEFAULT_BATCH_SIZE, generate_ids, response_text
 from jaxtune.rundir import readable_by_all
 
 FILES = ("eval.json", "eval.jsonl", "eval.md")
@@ -146,7 +146,7 @@ def rouge_l(answer: str, reference: str) -> float:
 def score_answer(tokenizer, ids: list[int], reference: str) -> dict:
     """One answer (its new token ids) against its reference."""
     stopped = bool(ids) and ids[-1] == tokenizer.eos_token_id
-    answer = _response_text(tokenizer, ids)
+    answer = response_text(tokenizer, ids)
     return {"answer": answer, "rouge_l": rouge_l(answer, reference),
             "exact": _normalised(answer) == _normalised(reference), "stopped": stopped,
             "tokens": len(ids) - int(stopped)}

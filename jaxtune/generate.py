@@ -309,7 +309,8 @@ def _decode_all(graphdef, params, state, index: list[int], P: int, eos: int, val
     yield from _answers(state, index)
 
 
-def _response_text(tokenizer, ids: list[int]) -> str:
+def response_text(tokenizer, ids: list[int]) -> str:
+    """An answer's text from its new token ids (its EOS left out)."""
     ids = [t for t in ids if t != tokenizer.eos_token_id]
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
@@ -337,7 +338,7 @@ def generate(model, tokenizer, instructions: str | Sequence[str], *, max_new_tok
     items = _checked_instructions(instructions)
     ids = generate_ids(model, tokenizer, [format_prompt(i) for i in items], max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, batch_size=batch_size)
-    texts = [_response_text(tokenizer, a) for a in ids]
+    texts = [response_text(tokenizer, a) for a in ids]
     return texts[0] if isinstance(instructions, str) else texts
 
 
@@ -369,4 +370,4 @@ def stream(model, tokenizer, instruction: str, *, max_new_tokens: int = 64, temp
         if i + 1 < max_new_tokens:  # the next token's step runs while this one is decoded to text and shown
             _, state = _decode_steps(graphdef, params, state, jnp.int32(i), jnp.int32(1), jnp.int32(prompt.shape[1]),
                                      eos, values, sampling=sampling)
-        yield _response_text(tokenizer, answer)
+        yield response_text(tokenizer, answer)

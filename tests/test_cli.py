@@ -27,6 +27,19 @@ def write_jsonl(path, rows):
     return path
 
 
+def test_generate_notes_a_cut_answer_only_when_it_was_cut(tmp_path):
+    """The note on the model's positions came after every answer to a large --max-new-tokens, also one the model
+    ended itself at EOS long before."""
+    from jaxtune.checkpoint import EMBEDDED, load, save
+
+    model, tok = load(EMBEDDED)
+    model.ln_f.scale[...] = 0 * model.ln_f.scale[...]  # every position's last hidden state is EOS's embedding:
+    model.ln_f.bias[...] = 10 * model.wte.embedding[...][tok.eos_token_id]  # the model says EOS at once
+    save(model, tok, tmp_path / "stops")
+    g = run("generate", "--model", str(tmp_path / "stops"), "--instruction", "word " * 240, "--max-new-tokens", "64")
+    assert g.returncode == 0 and g.stdout.strip() == "" and "note:" not in g.stderr, g.stderr
+
+
 def test_a_row_left_out_for_its_length_is_no_sample_and_the_run_keeps_its_model(tmp_path):
     """A row whose instruction the model cannot read was left out of training but taken as a sample: answering it
     failed after the last step, and the run ended with no model."""
@@ -66,7 +79,7 @@ def test_train_then_generate(tmp_path):
     g = run("generate", "--model", str(out), "--instruction", examples[0]["instruction"], "--max-new-tokens", "12")
     assert g.returncode == 0, g.stderr and g.stdout.strip()
     assert g.stdout.strip() and "note:" not in g.stderr
-    g = run("generate", "--model", str(out), "--instruction", "word " * 240, "--max-new-tokens", "64")
+    g = run("generate", "--model", "tiny", "--instruction", "word " * 240, "--max-new-tokens", "64")  # random: no EOS
     assert g.returncode == 0 and re.search(r"note: the model reads 256 positions and the prompt took 24\d, so the "
                                            r"answer had room for \d+ of the 64 new tokens asked", g.stderr), g.stderr
 

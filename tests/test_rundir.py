@@ -70,6 +70,8 @@ def test_runs_never_delete_or_write_among_files_jaxtune_did_not_write(tmp_path, 
     assert p.returncode == 2 and "with no checkpoint to resume from" in p.stderr and "--resume" not in p.stderr
     p = run("train", "--resume", str(tmp_path / "run"))
     assert p.returncode == 2 and "no checkpoint there to resume from" in p.stderr and "--config" not in p.stderr
+    p = run("train", "--resume", str(other))  # a folder of the user's: no run at all
+    assert p.returncode == 2 and f"--resume {other}: no jaxtune run there; give the --output folder" in p.stderr
     p = train(hf_dir, data, tmp_path / "d.jsonl" / "run")  # a file in the path: said in a line, no traceback
     assert p.returncode == 2 and f"{tmp_path / 'd.jsonl'} is a file, not a folder; give a directory path" in p.stderr
     assert "data:" not in p.stderr  # said before the data and the model were read
