@@ -215,13 +215,18 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
     return pairs
 
 
+def _json_msg(e: json.JSONDecodeError) -> str:
+    """The decoder's message, without the ' at' that some end with ('Unterminated string starting at')."""
+    return e.msg.removesuffix(" at")
+
+
 def _jsonl_pair(path: Path, line: str, n: int, cols: dict) -> Pair:
     try:
         record = json.loads(line)
     except RecursionError:
         raise DataError(f"{path}: line {n} is not a pair (nested too deeply)") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}: line {n} is not valid JSON ({_json_msg(e)} at column {e.colno})") from None
     return record_to_pair(record, f"{path.name} line {n}", **cols, kind="field")
 
 
@@ -312,7 +317,7 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
         except RecursionError:
             raise DataError(f"{path}: not valid JSON for pairs (nested too deeply); give a list of objects") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+            raise DataError(f"{path}: not valid JSON ({_json_msg(e)} at line {e.lineno}, column {e.colno})") from None
         if isinstance(records, dict):  # {"data": [...]} or a single list-valued key
             lists = [v for v in records.values() if isinstance(v, list)]
             records = lists[0] if len(lists) == 1 else records

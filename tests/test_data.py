@@ -295,6 +295,12 @@ def test_a_file_with_several_bad_rows_names_them_all_in_one_reading(tmp_path):
         read_pairs(tmp_path / "all.json")
 
 
+def test_a_json_error_reads_as_one_sentence(tmp_path):
+    (tmp_path / "u.jsonl").write_text('{"instruction": "abc\n')  # it read 'starting at at column 17'
+    with pytest.raises(DataError, match=r"line 1 is not valid JSON \(Unterminated string starting at column 17\)$"):
+        read_pairs(tmp_path / "u.jsonl")
+
+
 def test_csv_from_a_spreadsheet_that_separates_with_semicolons(tmp_path):
     """Where the comma is the decimal mark, spreadsheets write CSV with semicolons: the header line says which."""
     text = '\ufeffinstruction;response\r\nHi, there;"Hello; welcome"\r\nPrice?;It costs 4,99 \u20ac.\r\n'
