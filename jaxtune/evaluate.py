@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from jaxtune.data import DataError, Pair, encode_pairs, epoch_batches, format_prompt, read_pairs
+from jaxtune.data import DataError, Pair, encode_pairs, epoch_batches, format_prompt, read_pairs, tokenize_text
 from jaxtune.generate import DEFAULT_BATCH_SIZE, generate_ids, response_text
 from jaxtune.rundir import readable_by_all
 
@@ -152,6 +152,17 @@ def score_answer(tokenizer, ids: list[int], reference: str) -> dict:
             "tokens": len(ids) - int(stopped)}
 
 
+def check_prompts(model, tokenizer, pairs: list[Pair], name: str) -> list[str]:
+    """The pairs' prompts, each checked to fit the model: one that does not is named by its pair's place."""
+    prompts = [format_prompt(p.instruction) for p in pairs]
+    limit = model.config.n_positions
+    for p, tokens in zip(pairs, tokenize_text(tokenizer, prompts)):
+        if len(tokens.ids) >= limit:
+            raise DataError(f"{p.where or 'a pair'}: its prompt is {len(tokens.ids):,} tokens, and {name} reads at most "
+                            f"{limit}; shorten the instruction or leave the pair out")
+    return prompts
+
+
 def evaluate_model(model, tokenizer, pairs: list[Pair], *, name: str = "model", max_new_tokens: int = 64,
                    batch_size: int = DEFAULT_BATCH_SIZE,
                    on_progress: Callable[[int, int], None] | None = None) -> ModelEval:
@@ -159,9 +170,10 @@ def evaluate_model(model, tokenizer, pairs: list[Pair], *, name: str = "model", 
     on_progress(answered, total) follows each batch of answers (for a progress bar)."""
     if not pairs:
         raise DataError("no held-out pairs to evaluate on")
+    prompts = check_prompts(model, tokenizer, pairs, name)
     start = time.perf_counter()
     loss = validation_loss(model, tokenizer, pairs)
-    ids = generate_ids(model, tokenizer, [format_prompt(p.instruction) for p in pairs],
+    ids = generate_ids(model, tokenizer, prompts,
                        max_new_tokens=max_new_tokens, batch_size=batch_size, on_progress=on_progress)
     answers = [score_answer(tokenizer, a, p.response) for a, p in zip(ids, pairs)]
     n = len(answers)
@@ -379,6 +391,7 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
     results = []
     for label, name in zip(_labels(models), models):
         model, tokenizer = load(name, allow_pickle=allow_pickle, base=base if name in adapters else None)
+        check_prompts(model, tokenizer, pairs, label)  # before the line that says the work begins
         log(f"{label}: loss on {len(pairs)} pairs, then answering them ...")
         results.append(evaluate_model(model, tokenizer, pairs, name=label, max_new_tokens=max_new_tokens,
                                       batch_size=batch_size))

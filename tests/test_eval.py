@@ -110,10 +110,13 @@ def test_rouge_l_and_the_library_loss():
     (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/mine"],
      "--output {tmp}/mine holds eval.md, which jaxtune did not write; give --output with another folder"),
     (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/held_out.jsonl/x"], "the reports cannot be written"),
+    (["--model", "{base}", "--data", "{tmp}/long.jsonl", "--output", "{tmp}/out"],  # it said 'prompt 2 of 2'
+     "long.jsonl line 2: its prompt is"),
 ])
 def test_errors_are_clear(models, tmp_path, capsys, args, message):
     _, base, _ = models
     data = write_jsonl(tmp_path / "held_out.jsonl", PAIRS[:1])
+    write_jsonl(tmp_path / "long.jsonl", [PAIRS[0], Pair("word " * 200, "ok")])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "eval.md").write_text("my own notes")  # never replaced, and said before any model answers
     message = message.format(tmp=tmp_path)
