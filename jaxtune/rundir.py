@@ -163,7 +163,7 @@ def resume_conflicts(saved: dict, now: dict) -> list[str]:
     a, b = {**_ADDED_LATER, **_flat(saved)}, {**_ADDED_LATER, **_flat(now)}
     for flat in (a, b):  # validation data is compared by content once read (its path may be written another way)
         flat["validation_data"] = bool(flat.get("validation_data"))
-    return [f"{k.removeprefix('train.')}: {a.get(k)!r} -> {b.get(k)!r}" for k in RESUME_FIXED if a.get(k) != b.get(k)]
+    return [_change(k, a.get(k), b.get(k)) for k in RESUME_FIXED if a.get(k) != b.get(k)]
 
 
 def resume_changes(saved: dict, now: dict) -> list[str]:
@@ -172,7 +172,14 @@ def resume_changes(saved: dict, now: dict) -> list[str]:
     a, b = _flat(saved), _flat(now)
     keys = [k for k in b if (k.startswith("train.") or k in ("merge", "eval_every", "early_stopping")) and k not in RESUME_FIXED
             and k in a and a[k] != b[k]]
-    return [f"{k.removeprefix('train.')}: {a[k]!r} -> {b[k]!r}" for k in keys]
+    return [_change(k, a[k], b[k]) for k in keys]
+
+
+def _change(key: str, old, new) -> str:
+    """`max_steps: none -> 3`, as an option is named and set: unset is 'none', not Python's None."""
+    def shown(v):
+        return "none" if v is None else repr(v)
+    return f"{key.removeprefix('train.')}: {shown(old)} -> {shown(new)}"
 
 
 # ---------------------------------------------------------------------------------------------- checkpoint files

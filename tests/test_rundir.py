@@ -95,7 +95,7 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
     p = run(*resume, "--data", str(moved), "--max-steps", "6", "--learning-rate", "1e-3", "--eval-every", "3")
     assert p.returncode == 0, p.stderr
     assert "from step 5 on: " in p.stderr and "learning_rate: 0.003 -> 0.001; max_steps: 4 -> 6" in p.stderr
-    assert "eval_every: None -> 3" in p.stderr  # what changed is said, when validation loss is measured too
+    assert "eval_every: none -> 3" in p.stderr  # what changed is said, when validation loss is measured too
     assert "at step 4/6" in p.stderr, p.stderr[-3000:]  # the finished run's last step was kept: nothing recomputed
     assert len(losses(tmp_path / "run")) == 6
     p = run(*resume)  # a run that has run all its steps
