@@ -380,8 +380,9 @@ def main(argv=None) -> int:
     except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, TrackingError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\naborted (a second Ctrl-C): nothing more was saved", file=sys.stderr)
+    except KeyboardInterrupt:  # train's second Ctrl-C (its first stops and saves), or generate's, eval's, push's
+        print("\naborted (a second Ctrl-C): nothing more was saved" if args.command == "train" else
+              "\naborted by Ctrl-C", file=sys.stderr)
         return 130
     except OSError as e:  # a folder that cannot be written (read-only, a file in the path, no permission, no space)
         hint = {errno.EROFS: "choose a folder on a writable disk", errno.EACCES: "choose a folder you may write to",
