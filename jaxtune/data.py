@@ -187,6 +187,10 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
     label = Path(source).name if parquet else f"{source}[{split}]"
     folder = Path(source)
     saved = folder.is_dir() and ((folder / "dataset_dict.json").exists() or (folder / "state.json").exists())
+    data_files = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".arrow")
+    if folder.is_dir() and not saved and not any(f.suffix.lower() in data_files for f in folder.rglob("*")):
+        raise DataError(f"{source} is a folder with no data files ({', '.join(data_files)}) and no data set saved "
+                        "with datasets' save_to_disk; give a file of pairs, or the folder that holds them")
     try:
         if parquet:
             table = datasets.Dataset.from_parquet(source)

@@ -301,6 +301,15 @@ def test_a_json_error_reads_as_one_sentence(tmp_path):
         read_pairs(tmp_path / "u.jsonl")
 
 
+def test_a_folder_without_data_files_is_said_to_be_one(tmp_path):
+    """It went to `datasets`, which read thesis.txt as a text data set and failed with 'An error occurred while
+    generating the dataset'."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.txt").write_text("four years of work")
+    with pytest.raises(DataError, match=r"notes is a folder with no data files \(\.jsonl, .*give a file of pairs"):
+        read_pairs(tmp_path / "notes")
+
+
 def test_csv_from_a_spreadsheet_that_separates_with_semicolons(tmp_path):
     """Where the comma is the decimal mark, spreadsheets write CSV with semicolons: the header line says which."""
     text = '\ufeffinstruction;response\r\nHi, there;"Hello; welcome"\r\nPrice?;It costs 4,99 \u20ac.\r\n'
