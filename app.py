@@ -944,8 +944,9 @@ def _read_upload(file, instruction_column, response_column, after: str):
         pairs = _read_parquet(path, name, cols) if path.lower().endswith(".parquet") else read_pairs(path, **cols)
     except DataError as e:  # its messages name the file by the server's path: name it by the user's file name
         message = str(e).replace(path, name).replace(str(Path(path).parent) + os.sep, "")
-        message = re.sub(r"with --(instruction|response)-column \(in the app: (\w+ column)\)", r"in the \2 field above "
-                         "the upload (or with --\\1-column on the command line)", message)
+        message = re.sub(r"with --(instruction|response)-column \(\w+_column= in Python\)", lambda m: f"in the "
+                         f"{m[1].capitalize()} column field above the upload (or with --{m[1]}-column on the command "
+                         "line)", message)
         raise gr.Error(f"{message}. {after}", title="Could not read the file")
     if not pairs:
         raise gr.Error(f"{name} holds no pairs. {after}", title="Could not read the file")

@@ -154,7 +154,7 @@ def _pick(columns, wanted: str | None, candidates: tuple[str, ...], field: str, 
             return name
     raise DataError(f"{where}: no {field} {kind}; expected one of {', '.join(candidates)} "
                     f"({kind}s: {', '.join(map(str, columns))}); name yours with --{field}-column "
-                    f"(in the app: {field.capitalize()} column)")
+                    f"({field}_column= in Python)")
 
 
 def record_to_pair(record: dict, where: str, instruction_column=None, response_column=None, *,

@@ -232,7 +232,7 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
      r"line 1: field 'instruction' holds a character that is not valid text at position 2 \(an unpaired surrogate"),
     ("deep.json", "[" * 100_000 + "]" * 100_000, r"deep.json: not valid JSON for pairs \(nested too deeply\)"),
     ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "c"}\n', r"line 2: no response field; expected one of response, output, answer, completion \(fields: instruction\); "
-     r"name yours with --response-column \(in the app: Response column\)"),
+     r"name yours with --response-column \(response_column= in Python\)"),
     ("bad.jsonl", '{"instruction": "", "response": "b"}\n', r"line 1: field 'instruction' is empty"),
     ("bad.jsonl", '{"instruction": "a", "response": "  "}\n', r"line 1: field 'response' is empty"),
     ("bad.jsonl", '{"instruction": 3, "response": "b"}\n', r"line 1: field 'instruction' must be text"),
