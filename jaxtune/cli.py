@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import re
 import signal
 import sys
 from pathlib import Path
@@ -356,6 +357,16 @@ def _merged(folder: Path, scratch: Path) -> Path:
     return scratch
 
 
+def _as_typed(message: str, argv: list[str]) -> str:
+    """A message about an option names it as the user typed it: 'learning_rate=0.0 must be ...' becomes
+    '--learning-rate 0.0 must be ...' when the flag was given (a value from a --config file keeps its key)."""
+    m = re.match(r"(\w+)=(\S+) ", message)
+    flag = m and "--" + m[1].replace("_", "-")
+    if flag and any(a == flag or a.startswith(flag + "=") for a in argv):
+        return f"{flag} {m[2]} {message[m.end():]}"
+    return message
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jaxtune", description="Instruction-tune GPT-2 models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -378,7 +389,7 @@ def main(argv=None) -> int:
     try:
         return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "push": cmd_push}[args.command](args)
     except (DataError, ModelLoadError, ConfigError, TrainingError, RunDirError, TrackingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_as_typed(str(e), argv)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # train's second Ctrl-C (its first stops and saves), or generate's, eval's, push's
         print("\naborted (a second Ctrl-C): nothing more was saved" if args.command == "train" else

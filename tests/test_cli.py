@@ -171,12 +171,12 @@ def test_a_resume_or_config_that_is_not_there_says_what_it_is(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("notes")
     (tmp_path / "empty").mkdir()
     for given, said in (("nope", "no such folder"), ("a.txt", "a file, not a run's folder"),
-                        ("empty", "no checkpoint there to resume from")):
+                        ("empty", "no jaxtune run there")):
         assert main(["train", "--resume", str(tmp_path / given)]) == 2
         err = capsys.readouterr().err
         assert f"--resume {tmp_path / given}: {said}" in err and "; give the --output folder of a run" in err, err
-    for flags, said in ((["--max-new-tokens", "0"], "max_new_tokens=0 is out of range"),  # printed nothing
-                        (["--temperature", "-0.5"], "temperature=-0.5 must be a finite number of at least 0")):
+    for flags, said in ((["--max-new-tokens", "0"], "--max-new-tokens 0 is out of range"),  # printed nothing
+                        (["--temperature", "-0.5"], "--temperature -0.5 must be a finite number of at least 0")):
         # generate's settings are checked before the model (here none) is loaded
         assert main(["generate", "--model", str(tmp_path / "nope"), "--instruction", "Hi", *flags]) == 2
         err = capsys.readouterr().err
@@ -265,11 +265,11 @@ def test_arguments_that_are_not_utf8_are_refused_before_anything_runs(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--temperature", "nan"], "temperature=nan must be a finite number"),
-    (["--top-p", "1.5"], "top_p=1.5 must be above 0 and at most 1"),
-    (["--seed", str(2**70)], "seed=1,180,591,620,717,411,303,424 is out of range"),
-    (["--max-new-tokens", "-3"], "max_new_tokens=-3 is out of range"),
-    (["--top-k", "-1"], "top_k=-1 is out of range"),
+    (["--temperature", "nan"], "--temperature nan must be a finite number"),
+    (["--top-p", "1.5"], "--top-p 1.5 must be above 0 and at most 1"),
+    (["--seed", str(2**70)], "--seed 1,180,591,620,717,411,303,424 is out of range"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens -3 is out of range"),
+    (["--top-k", "-1"], "--top-k -1 is out of range"),
 ])
 def test_generate_refuses_bad_sampling_values(flags, message):
     p = run("generate", "--model", "tiny", "--instruction", "hi", *flags)
@@ -278,10 +278,10 @@ def test_generate_refuses_bad_sampling_values(flags, message):
 
 def test_bad_option_values_are_refused_with_what_and_where(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
-    for flags, message in ((["--seed", str(2**70)], "seed=1,180,591,620,717,411,303,424 is out of range"),
-                           (["--epochs", str(10**9)], "epochs=1,000,000,000 is out of range"),
-                           (["--validation-fraction", "nan"], "validation_fraction=nan must be a finite number"),
-                           (["--keep-checkpoints", "0"], "keep_checkpoints=0 is out of range")):
+    for flags, message in ((["--seed", str(2**70)], "--seed 1,180,591,620,717,411,303,424 is out of range"),
+                           (["--epochs", str(10**9)], "--epochs 1,000,000,000 is out of range"),
+                           (["--validation-fraction", "nan"], "--validation-fraction nan must be a finite number"),
+                           (["--keep-checkpoints", "0"], "--keep-checkpoints 0 is out of range")):
         p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), *flags)
         assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
     bad = tmp_path / "bad.yaml"

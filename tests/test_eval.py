@@ -105,8 +105,8 @@ def test_rouge_l_and_the_library_loss():
      "no-such-model-xyz"),  # a hub id
     (["--model", "{base}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
     (["--model", "tiny", "--data", "{data}"], "give --output DIR"),
-    (["--model", "{base}", "--data", "{data}", "--max-new-tokens", "0"], "max_new_tokens=0"),
-    (["--model", "{base}", "--data", "{data}", "--batch-size", "0"], "batch_size=0"),
+    (["--model", "{base}", "--data", "{data}", "--max-new-tokens", "0"], "--max-new-tokens 0"),
+    (["--model", "{base}", "--data", "{data}", "--batch-size", "0"], "--batch-size 0"),
     (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/mine"],
      "--output {tmp}/mine holds eval.md, which jaxtune did not write; give --output with another folder"),
     (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/held_out.jsonl/x"], "the reports cannot be written"),
