@@ -119,6 +119,8 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
                           "--subfolder to put the run in a new folder inside it")
     if resume is not None and out.resolve() == Path(resume).resolve():
         return out
+    if set(p.name for p in out.iterdir()) <= {MANIFEST, "metrics.jsonl"} and not _has_steps(out / "metrics.jsonl"):
+        return out  # a run that failed before its first step (out of memory, say) left nothing to keep
     if overwrite:
         for flag, path in (reads or {}).items():
             inside = path and Path(path).expanduser().exists() and out.resolve() in (
@@ -135,6 +137,13 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
                           "them with --save-every, and on Ctrl-C); pass --overwrite to replace it, or choose another "
                           "directory")
     return out
+
+
+def _has_steps(metrics: Path) -> bool:
+    try:
+        return bool(metrics.read_text(encoding="utf-8").strip())
+    except OSError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -261,3 +261,18 @@ def test_a_batch_larger_than_the_data_is_cut_to_the_data(tmp_path, hf_dir):
     assert len(steps) == 1 and steps[0]["positions"] == int(rows[1]) * 48  # full rows, no empty ones
     planned = re.search(r"real tokens fill (\d+)% of the computed positions \(packed\)", packed.stderr)[1]
     assert f"({planned}% real tokens" in packed.stdout  # the plan said what the run then computed
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_the_next(tmp_path):
+    """Out of memory at the first step left an empty metrics.jsonl, and the next try was refused as 'a jaxtune run'
+    unless it passed --overwrite; a run with steps is still refused."""
+    from jaxtune.rundir import RunDirError, claim, prepare_output
+
+    out = tmp_path / "run"
+    out.mkdir()
+    claim(out, ["metrics.jsonl"])
+    (out / "metrics.jsonl").write_text("")
+    assert prepare_output(out) == out
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 10.8}\n')
+    with pytest.raises(RunDirError, match="already holds a jaxtune run, with no checkpoint"):
+        prepare_output(out)
