@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import re
 import signal
 import sys
@@ -231,7 +232,8 @@ def cmd_train(args) -> int:
         progress["bar"], progress["on_step"] = _progress(trainer.total_steps, show=jax.process_index() == 0)
 
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: abort
-        if stop["requested"]:
+        if stop["requested"]:  # orbax's writer thread logs its interrupted save with a traceback: the user asked
+            logging.getLogger("absl").setLevel(logging.CRITICAL)  # for it, and resume skips that checkpoint
             raise KeyboardInterrupt
         stop["requested"] = True
         print("\nstopping after this step and saving what was learned (Ctrl-C again to abort)", file=sys.stderr)
