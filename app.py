@@ -2259,8 +2259,13 @@ def follow_model(model_name, epochs, batch_size, learning_rate, max_length, warm
 
 def _defaults_note(new: Defaults, values) -> str:
     """The line under the training fields: why these defaults, and the user's own values that differ from them."""
-    kept = [f"{f.replace('_', ' ')} {value:g} (default {getattr(new, f):g})" for f, value in zip(DEFAULT_FIELDS, values)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value != getattr(new, f)]
+    def shown(v):  # 99,999,999 rather than 1e+08; a rate as 5e-05
+        return f"{int(v):,}" if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
+
+    kept = [f"{f.replace('_', ' ')} {shown(value)} (default {shown(getattr(new, f))})"
+            for f, value in zip(DEFAULT_FIELDS, values)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and value != getattr(new, f)]
     return new.why + (f" Your own values were kept: {', '.join(kept)}." if kept else "")
 
 
@@ -2487,11 +2492,14 @@ def build_app() -> gr.Blocks:
             .then(**remember)
         for trigger in (table.input, preview_row.change, max_length.change, loss_on.change):
             trigger(show_progress="hidden", **private_preview)
+        # raw: a number out of a field's range is said by Start, in the app's words, not as Gradio's bare "Value
+        # 99999999 is greater than maximum value 180000." as it is typed
         model_name.change(follow_model, [model_name, epochs, batch_size, learning_rate, max_length, warmup, applied],
-                          [epochs, batch_size, learning_rate, max_length, warmup, defaults_note, applied], **quiet)
+                          [epochs, batch_size, learning_rate, max_length, warmup, defaults_note, applied], **quiet,
+                          **raw)
         for field in (epochs, batch_size, learning_rate, max_length, warmup):
             field.input(typed_defaults_note, [model_name, epochs, batch_size, learning_rate, max_length, warmup,
-                                              applied], defaults_note, trigger_mode="always_last", **quiet)
+                                              applied], defaults_note, trigger_mode="always_last", **quiet, **raw)
         method.input(method_note, [method, model_name], None, **quiet)
         method.change(lambda m: gr.update(visible=m != "Full fine-tuning"), method, lora_rank, **quiet)
         train_inputs = [table, model_name, loss_on, epochs, batch_size, learning_rate, max_length, warmup, seed,

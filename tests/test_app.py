@@ -436,6 +436,11 @@ def test_browser_defaults_follow_the_model(app_url, browser):
     page.get_by_label("Epochs").fill("20")  # the default itself: nothing of the user's to name
     page.wait_for_function("() => !document.querySelector('#defaults-note').innerText.includes('were kept')")
     assert "random weights" in page.locator("#defaults-note").inner_text()
+    page.get_by_label("Warmup steps").fill("99999999")  # out of range: said by Start in the app's words, not as
+    page.get_by_label("Warmup steps").blur()  # Gradio's bare "Value 99999999 is greater than maximum value" on typing
+    page.wait_for_function("() => document.querySelector('#defaults-note').innerText.includes('warmup steps 99,999,999 (default 20)')")
+    page.wait_for_timeout(1000)
+    assert "greater than maximum" not in page.locator("body").inner_text()
     page.close()
 
 
