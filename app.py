@@ -947,7 +947,8 @@ def _read_upload(file, instruction_column, response_column, after: str):
         message = re.sub(r"with --(instruction|response)-column \(\w+_column= in Python\)", lambda m: f"in the "
                          f"{m[1].capitalize()} column field above the upload (or with --{m[1]}-column on the command "
                          "line)", message)
-        raise gr.Error(f"{message}. {after}", title="Could not read the file")
+        list_ends = "\n- " in message  # a list of bad rows: what follows is a paragraph of its own, not its last item
+        raise gr.Error(f"{message}\n\n{after}" if list_ends else f"{message}. {after}", title="Could not read the file")
     if not pairs:
         raise gr.Error(f"{name} holds no pairs. {after}", title="Could not read the file")
     _check_rows(len(pairs), f"{name} has")

@@ -228,9 +228,9 @@ def _jsonl_pair(path: Path, line: str, n: int, cols: dict) -> Pair:
     try:
         record = json.loads(line)
     except RecursionError:
-        raise DataError(f"{path}: line {n} is not a pair (nested too deeply)") from None
+        raise DataError(f"{path.name} line {n}: not a pair (nested too deeply)") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: line {n} is not valid JSON ({_json_msg(e)} at column {e.colno})") from None
+        raise DataError(f"{path.name} line {n}: not valid JSON ({_json_msg(e)} at column {e.colno})") from None
     return record_to_pair(record, f"{path.name} line {n}", **cols, kind="field")
 
 

@@ -154,8 +154,14 @@ def test_bad_input_gets_clear_messages(app_url, app_log, tmp_path):
     bad.write_text('{"instruction": "a", "response": "b"}\n{oops\n')
     from gradio_client import handle_file
 
-    with pytest.raises(AppError, match=r"line 2 is not valid JSON.*left as it was"):
+    with pytest.raises(AppError, match=r"line 2: not valid JSON.*left as it was"):
         client.predict(handle_file(str(bad)), "", "", ONE_ROW, api_name="/upload")
+    bad.write_text('{"instruction": "a", "response": "b"}\n' + "".join(f'{{"instruction": "q{n}", "response": ""}}\n'
+                                                                      for n in range(7)))  # 7 bad rows: a list
+    with pytest.raises(AppError) as listed:
+        client.predict(handle_file(str(bad)), "", "", ONE_ROW, api_name="/upload")
+    lines = str(listed.value).splitlines()  # the closing sentence was the last item's: "- and 2 more. Your table ..."
+    assert lines[-3:-1] == ["- and 2 more", ""] and lines[-1].startswith("Your table was left as it was"), lines
     alpaca = tmp_path / "alpaca.json"
     alpaca.write_text(json.dumps([{"instruction": "Translate", "input": "chat", "output": "cat"}]))
     table, note = client.predict(handle_file(str(alpaca)), "", "", ONE_ROW, api_name="/upload")
@@ -716,7 +722,7 @@ def test_evaluate_holds_out_the_split_a_run_holds_out_and_refuses_bad_values(app
 
     bad = tmp_path / "held.jsonl"
     bad.write_text('{"instruction": "a", "response": "b"}\n{oops\n')
-    with pytest.raises(AppError, match=r"held\.jsonl: line 2 is not valid JSON.*Pick another file"):
+    with pytest.raises(AppError, match=r"held\.jsonl line 2: not valid JSON.*Pick another file"):
         client.predict(**dict(EVAL_ARGS, source="upload", file=handle_file(str(bad))), api_name="/evaluate")
 
 

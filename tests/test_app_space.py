@@ -101,7 +101,7 @@ def test_uploads_are_limited_in_rows_and_size(space, tmp_path):
     bad.write_text('{"instruction": "a", "response": "b"}\n{oops\n')
     with pytest.raises(AppError) as info:
         client.predict(handle_file(str(bad)), "", "", None, api_name="/upload")
-    assert str(info.value).startswith("bad.jsonl: line 2 is not valid JSON") and str(space.tmp) not in str(info.value)
+    assert str(info.value).startswith("bad.jsonl line 2: not valid JSON") and str(space.tmp) not in str(info.value)
     with pytest.raises(AppError, match=r"notes\.txt: upload a \.jsonl, \.json, \.csv, \.tsv, \.parquet file"):
         (tmp_path / "notes.txt").write_text("hello")
         client.predict(handle_file(str(tmp_path / "notes.txt")), "", "", None, api_name="/upload")

@@ -85,7 +85,7 @@ def test_train_then_generate(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    (b'{"instruction": "a", "response": "b"}\nnot json\n', "line 2 is not valid JSON"),
+    (b'{"instruction": "a", "response": "b"}\nnot json\n', "line 2: not valid JSON"),
     (b'{"instruction": "a"}\n', "line 1: no response field"),
     (b'{"instruction": "caf\xe9", "response": "b"}\n', "line 1 is not UTF-8"),
     (b'{"instruction": "", "response": "b"}\n', "field 'instruction' is empty"),

@@ -227,7 +227,7 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, message", [
-    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "a", \n', r"line 2 is not valid JSON"),
+    ("bad.jsonl", '{"instruction": "a", "response": "b"}\n{"instruction": "a", \n', r"line 2: not valid JSON"),
     ("bad.jsonl", '{"instruction": "a\\ud800b", "response": "c"}\n',  # a lone surrogate, as JSON can escape it
      r"line 1: field 'instruction' holds a character that is not valid text at position 2 \(an unpaired surrogate"),
     ("deep.json", "[" * 100_000 + "]" * 100_000, r"deep.json: not valid JSON for pairs \(nested too deeply\)"),
@@ -278,7 +278,7 @@ def test_a_file_with_several_bad_rows_names_them_all_in_one_reading(tmp_path):
     assert str(e.value).splitlines() == [
         "d.jsonl: 3 of 6 rows cannot be used; fix or remove them and read the file again:",
         "- d.jsonl line 2: field 'response' is empty; fill it in or remove the row",
-        f"- {tmp_path / 'd.jsonl'}: line 4 is not valid JSON (Expecting property name enclosed in double quotes at "
+        "- d.jsonl line 4: not valid JSON (Expecting property name enclosed in double quotes at "
         "column 2)",
         "- d.jsonl line 6: field 'instruction' is missing or null; fill it in or remove the row"]
     rows = "instruction,response\n" + "".join(f"q{n},\n" if n % 3 else f"q{n},a{n}\n" for n in range(12))
@@ -297,7 +297,7 @@ def test_a_file_with_several_bad_rows_names_them_all_in_one_reading(tmp_path):
 
 def test_a_json_error_reads_as_one_sentence(tmp_path):
     (tmp_path / "u.jsonl").write_text('{"instruction": "abc\n')  # it read 'starting at at column 17'
-    with pytest.raises(DataError, match=r"line 1 is not valid JSON \(Unterminated string starting at column 17\)$"):
+    with pytest.raises(DataError, match=r"u.jsonl line 1: not valid JSON \(Unterminated string starting at column 17\)$"):
         read_pairs(tmp_path / "u.jsonl")
 
 
