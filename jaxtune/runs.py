@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -466,6 +467,7 @@ class Run:
     initial_val_loss: float | None = None  # the validation loss before the first step (the plot's step 0)
     warming_up: bool = False  # training, and its first step (the train step's compile or cache load) not done yet
     held_out: int = 0  # of `pairs`, those its validation fraction holds out (it trains on the others)
+    places: list = field(default_factory=list)  # places[k]: where data.jsonl's line k + 1 came from ("row 39")
 
     FIELDS = ("id", "name", "model", "pairs", "created", "status", "started", "ended", "step", "total_steps",
               "train_loss", "val_loss", "message", "saved", "best_step", "initial_val_loss", "held_out")
@@ -525,6 +527,15 @@ class Registry:
         tmp.write_text(json.dumps(run.info(), indent=1) + "\n")
         os.replace(tmp, run.dir / "run.json")
 
+    @staticmethod
+    def _as_given(run: Run, line: str) -> str:
+        """A log line names a pair where the caller had it ("row 39" of the page's table), not by the line of
+        data.jsonl, a file of the run's that the caller never saw."""
+        def place(m):
+            k = int(m[1]) - 1
+            return run.places[k] if 0 <= k < len(run.places) and run.places[k] else m[0]
+        return re.sub(r"\bdata\.jsonl line (\d+)", place, line) if run.places else line
+
     def _add_log(self, run: Run, line: str):
         stamp = time.strftime("%H:%M:%S")
         lines = [f"{stamp} {part}" for part in str(line).splitlines() or [""]]
@@ -548,7 +559,7 @@ class Registry:
                                    "output": str(directory.absolute())})
         (directory / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         run = Run(id=run_id, dir=directory, name=name or time.strftime("run %m-%d %H:%M:%S"), model=cfg.model,
-                  pairs=len(pairs), held_out=held_out(len(pairs), cfg.validation_fraction if cfg.validation_data is None
+                  places=[p.where for p in pairs], pairs=len(pairs), held_out=held_out(len(pairs), cfg.validation_fraction if cfg.validation_data is None
                                                       else 0), created=time.time())
         with self.lock:
             self.runs[run_id] = run
@@ -640,7 +651,8 @@ class Registry:
             run.history = []
         try:
             outcome = execute(cfg, resume=run.dir if run.resuming else None, prepared=True,
-                              log=lambda line: self._add_log(run, line), on_start=on_start, on_step=on_step,
+                              log=lambda line: self._add_log(run, self._as_given(run, line)), on_start=on_start,
+                              on_step=on_step,
                               should_stop=should_stop, load_model=self.load_model)
             if run.resuming:
                 run.history = _read_jsonl(run.dir / "metrics.jsonl")

@@ -139,3 +139,16 @@ def test_the_closing_line_of_a_run_stopped_before_it_trained_says_so(tmp_path):
     assert summarize(resumed, tmp_path).startswith("stopped before step 11")
     done = TrainResult(steps=10, first_step=11)  # a resume of a run whose checkpoint holds its last step
     assert summarize(done, tmp_path).startswith("no step left to run (the checkpoint holds step 10, the last)")
+
+
+def test_the_log_names_pairs_where_the_caller_had_them(tmp_path):
+    """The app's runs said 'data.jsonl line 39: longer than 64 tokens', of a file the page never showed; the preview
+    calls that pair 'row 39'."""
+    reg = Registry(tmp_path / "runs")
+    pairs = [Pair(p.instruction, p.response, f"row {n + 2}") for n, p in enumerate(QA)]
+    pairs[4] = Pair("Where is order 4? " + "Please say. " * 20, "Order 4 is on its way.", "row 6")
+    run = reg.start(config(epochs=1), pairs, name="rows")
+    wait([run])
+    log = (run.dir / "train.log").read_text()
+    assert run.status == "finished" and "warning: row 6: nothing of the response fits" in log and "data.jsonl" not in log, \
+        [x for x in log.splitlines() if "warning" in x or "data" in x]
