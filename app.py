@@ -1312,8 +1312,11 @@ def delete_in_page(run_id, session, request: gr.Request = None):
     CONFIRM_SECONDS) deletes it. (The API's /delete deletes at once: its caller names the run.)"""
     session = _session(session, request)
     run = _target(session, run_id, what="delete")
-    if _active(run):  # said now, not after the confirming press
-        raise gr.Error(f"{run.name} is {run.status}; press Stop first, then Delete.", title="Cannot delete")
+    if _active(run):  # said now, not after the confirming press; in the note, which an error would have left holding
+        said = f"{run.name} is {run.status}; press Stop first, then Delete."  # the last note, under an 'Error' badge
+        gr.Warning(said, title="Cannot delete")
+        session.delete_asked = None
+        return f"⚠ **Cannot delete:** {_escape(said)}"
     asked, session.delete_asked = session.delete_asked, None
     if asked and asked[0] == run.id and time.monotonic() - asked[1] < CONFIRM_SECONDS:
         return delete_run(run.id, session, request)
