@@ -975,11 +975,12 @@ def preview(table, row_number, max_length, loss_on, session):
     b = BOUNDS["max_length"]
     max_length = 128 if max_length is None else _number("max_length", min(max(max_length, b.lo), b.hi)
                                                         if isinstance(max_length, (int, float)) else max_length)
-    row_number = 1 if row_number is None else row_number
+    row_number = typed = 1 if row_number is None else row_number
     if isinstance(row_number, (int, float)) and not isinstance(row_number, bool):
         row_number = min(max(row_number, 1), MAX_ROWS)
     row_number = _number("preview_row", row_number)
-    report = inspect_rows(_all_rows(table, session), TOKENIZER, max_length=max_length, loss_on=loss_on)
+    rows = _all_rows(table, session)
+    report = inspect_rows(rows, TOKENIZER, max_length=max_length, loss_on=loss_on)
     counts = f"**{report.summary()}**"
     issues = [f"- ⛔ {p}" for p in report.problems] + [f"- ⚠️ {w}" for w in report.warnings]
     problems = "\n".join(issues[:20]) + (f"\n- … and {len(issues) - 20} more" if len(issues) > 20 else "")
@@ -991,8 +992,12 @@ def preview(table, row_number, max_length, loss_on, session):
     spans = [(TOKENIZER.decode([t]) if t != TOKENIZER.eos_token_id else "<|endoftext|>", "loss" if m else None)
              for t, m in zip(e.input_ids.tolist(), e.loss_mask.tolist())]
     shown = f" · showing {pair.where}"
-    if numbers[index] != row_number:  # the row asked for is left out (a problem below, a blank) or past the end
-        shown += (f" (row {row_number:,} is past the last row)" if row_number > max(numbers) else
+    if typed < 1:
+        shown += " (rows are numbered from 1)"
+    elif typed > len(rows):
+        shown += f" (row {typed:,.0f} is past the last row, {len(rows):,})"
+    elif numbers[index] != row_number:  # the row asked for is blank, or left out (a problem, said below)
+        shown += (f" (row {row_number:,} is blank)" if row_number in report.blank else
                   f" (row {row_number:,} is left out: see below)")
     return spans, counts + shown, problems
 

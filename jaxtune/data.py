@@ -620,6 +620,7 @@ class DataReport:
     encoded: list[Encoded] = field(default_factory=list)  # encoded[k] is pairs[k], ready for the trainer
     dropped: list[str] = field(default_factory=list)  # rows left out: nothing of the response fits in max_length
     numbers: list[int] = field(default_factory=list)  # numbers[k]: pairs[k]'s place among the rows (from first_row)
+    blank: list[int] = field(default_factory=list)  # the places of rows with nothing in them (skipped, not problems)
 
     def summary(self) -> str:
         n, k = len(self.pairs), len(self.problems)
@@ -632,7 +633,7 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
     """Check (instruction, response) rows before training: empty cells are problems (the row is left out),
     duplicates and over-long rows are warnings, and so are rows left out because the instruction fills max_length.
     Row numbers start at `first_row`. The usable rows come back encoded, each once, in batched tokenizer calls."""
-    candidates, numbers, problems, duplicate, seen = [], [], [], {}, {}
+    candidates, numbers, blank, problems, duplicate, seen = [], [], [], [], {}, {}
     for n, row in enumerate(rows, start=first_row):
         if isinstance(row, Pair):  # pairs read from a file name their own place ("data.jsonl line 7")
             instruction, response, where = row.instruction, row.response, row.where or f"row {n}"
@@ -642,7 +643,8 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
         instruction = "" if instruction is None else str(instruction)
         response = "" if response is None else str(response)
         if not instruction.strip() and not response.strip():
-            continue  # a blank row is not a problem, just nothing
+            blank.append(n)  # a blank row is not a problem, just nothing
+            continue
         empty = [f for f, v in (("instruction", instruction), ("response", response)) if not v.strip()]
         if empty:
             problems.append(f"{where}: empty {' and '.join(empty)}; fill it in or delete the row")
@@ -653,7 +655,7 @@ def inspect_rows(rows, tokenizer, *, max_length: int = 256, loss_on: str = "resp
         seen.setdefault(key, where)
         candidates.append(Pair(instruction, response, where))
         numbers.append(n)
-    report = DataReport([], problems, [], 0, 0)
+    report = DataReport([], problems, [], 0, 0, blank=blank)
     for k, (p, e) in enumerate(_encode_all(tokenizer, candidates, loss_on, max_length)):
         if k in duplicate:
             report.warnings.append(duplicate[k])

@@ -1021,6 +1021,11 @@ def test_preview_lists_problems_with_row_numbers(app_url):
     _, counts, _ = client.predict({"headers": ["Instruction", "Response"], "data": rows}, 2, 32, "response",
                                   api_name="/preview")
     assert re.search(r"showing row [34] \(row 2 is left out: see below\)", counts), counts
+    blank = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["", ""], ["Bye", "Goodbye"]]}
+    for asked, said in ((2, "showing row 3 (row 2 is blank)"), (0, "showing row 1 (rows are numbered from 1)"),
+                        (1e9, "showing row 3 (row 1,000,000,000 is past the last row, 3)")):  # it said 1,000,000
+        _, counts, _ = client.predict(blank, asked, 32, "response", api_name="/preview")
+        assert counts.endswith(said), counts
 
 
 # ---------------------------------------------------------------------------------------------- bounds
@@ -1124,7 +1129,7 @@ def test_table_generate_and_preview_values_are_checked(app_url):
         "error", "Preview row must be a whole number from 1 to 1,000,000; got nan. Enter a finite number.")
     # the preview follows the widgets as they are typed in: out-of-range numbers take the nearest allowed value
     _, counts, _ = client.predict(TWO_ROWS, 10**9, 10**9, "response", api_name="/preview")
-    assert "2 pairs" in counts and "showing row 2 (row 1,000,000 is past the last row)" in counts
+    assert "2 pairs" in counts and counts.endswith("showing row 2 (row 1,000,000,000 is past the last row, 2)")
 
 
 def test_push_without_network_is_a_clear_error(app_url):
