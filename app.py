@@ -966,6 +966,23 @@ def _rest_button(session):
     return gr.update(visible=isinstance(session, Session) and bool(session.rest))
 
 
+def _token_spans(ids: list[int], mask: list[int]) -> list[tuple[str, str | None]]:
+    """The tokens as text, each marked when it carries loss. A character that spans tokens (an emoji is 2-4 bytes,
+    each a token of its own) is shown once, over its tokens together, not as a '�' for each."""
+    spans, held = [], []
+    for k, (t, m) in enumerate(zip(ids, mask)):
+        if t == TOKENIZER.eos_token_id:  # the appended EOS, named (decoding it gives nothing to see)
+            spans.append(("<|endoftext|>", "loss" if m else None))
+            continue
+        held.append(t)
+        text = TOKENIZER.decode(held)
+        if text.endswith("\ufffd") and len(held) < 4 and k + 1 < len(ids) and ids[k + 1] != TOKENIZER.eos_token_id:
+            continue  # a character not finished yet: its next byte is in the next token
+        spans.append((text, "loss" if m else None))
+        held = []
+    return spans
+
+
 @_guarded
 def preview(table, row_number, max_length, loss_on, session):
     """The chosen row as the model sees it, tokens carrying loss highlighted; counts and problems. The preview
@@ -989,8 +1006,7 @@ def preview(table, row_number, max_length, loss_on, session):
     numbers = report.numbers
     index = next((k for k, n in enumerate(numbers) if n >= row_number), len(numbers) - 1)
     pair, e = report.pairs[index], report.encoded[index]
-    spans = [(TOKENIZER.decode([t]) if t != TOKENIZER.eos_token_id else "<|endoftext|>", "loss" if m else None)
-             for t, m in zip(e.input_ids.tolist(), e.loss_mask.tolist())]
+    spans = _token_spans(e.input_ids.tolist(), e.loss_mask.tolist())
     shown = f" · showing {pair.where}"
     if typed < 1:
         shown += " (rows are numbered from 1)"

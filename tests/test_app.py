@@ -1602,3 +1602,17 @@ def test_the_runs_table_counts_the_pairs_a_run_trains_on_and_those_it_holds_out(
     runs = [Run(id="a", dir=tmp_path, name="a", model="tiny", pairs=8, created=0, held_out=2),
             Run(id="b", dir=tmp_path, name="b", model="tiny", pairs=1500, created=0)]
     assert app._runs_frame(runs)["Pairs"].tolist() == ["6 + 2 held out", "1,500"]
+
+
+def test_the_preview_shows_a_character_split_over_tokens_once(monkeypatch, tmp_path):
+    """An emoji is 2-4 byte tokens: the preview showed a '�' for each."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+    from jaxtune.data import encode
+
+    e = encode(app.TOKENIZER, "Say hi 😀", "Hello 👋 there", max_length=64)
+    spans = app._token_spans(e.input_ids.tolist(), e.loss_mask.tolist())
+    assert len(e.input_ids) > len(spans) and not any("\ufffd" in text for text, _ in spans)
+    assert (" 😀", None) in spans and (" 👋", "loss") in spans and spans[-1] == ("<|endoftext|>", "loss")
+    assert "".join(text for text, _ in spans[:-1]) == "Instruction: Say hi 😀\nResponse: Hello 👋 there"
