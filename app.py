@@ -448,7 +448,21 @@ def model_defaults(name) -> Defaults:
         return Defaults(**{**PRETRAINED_DEFAULTS.__dict__, "why": (
             f"**{resolved}** is neither a model folder here (a Hugging Face folder with config.json) nor a hub id "
             f"(gpt2, owner/name): check the name. The fields hold fine-tuning settings meanwhile.")})
+    if resolved not in PRESETS and not (Path(resolved).expanduser() / "config.json").is_file() and not _cached(resolved):
+        return Defaults(**{**PRETRAINED_DEFAULTS.__dict__, "why": (  # nothing on this machine says what it is yet
+            f"**{resolved}** is not on this machine: a run downloads it from the hub, if the hub has it. The fields "
+            "hold fine-tuning settings, as for a pretrained GPT-2: 3 epochs at 5e-5.")})
     return Defaults(**{**PRETRAINED_DEFAULTS.__dict__, "why": PRETRAINED_DEFAULTS.why.format(name=label)})
+
+
+def _cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds the hub model's config (a look at the disk, never the network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a name the hub library cannot take is not cached
+        return False
 
 
 def _model_cache_key(name: str, seed: int):

@@ -1395,6 +1395,9 @@ def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatc
     *fields, note, _ = app.follow_model("gpt2", *typed, app._defaults_of(tiny))
     assert fields == [gr.skip(), 8, 5e-5, 128, 10] and "were kept" not in note  # (3 is gpt2's own default too)
     assert "is neither a model folder here" in app.model_defaults(str(tmp_path)).why  # a folder without config.json
+    unknown = app.model_defaults("nobody/no-such-model").why  # it said 'is pretrained' of a name nothing had checked
+    assert "is not on this machine: a run downloads it from the hub, if the hub has it" in unknown
+    assert "is pretrained" in app.model_defaults("gpt2").why  # a GPT-2 the project knows
 
 
 def test_the_memory_check_counts_the_method(monkeypatch, tmp_path):
