@@ -184,7 +184,7 @@ def test_nan_rate_is_refused_and_divergence_writes_the_last_finite_weights(tmp_p
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS)
     for rate in ("nan", "inf", "-1"):
         p = train(hf_dir, data, tmp_path / "nan", "--learning-rate", rate)
-        assert p.returncode == 2 and "learning_rate=" in p.stderr and "must be a finite number above 0" in p.stderr
+        assert p.returncode == 2 and "error: --learning-rate " in p.stderr and "must be a finite number above 0" in p.stderr
         assert not (tmp_path / "nan").exists()
     p = train(hf_dir, data, tmp_path / "big", "--learning-rate", "1e30", "--warmup-steps", "0", "--no-dropout")
     assert p.returncode == 1 and "training diverged at step" in p.stderr, p.stderr
