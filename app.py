@@ -456,12 +456,11 @@ def model_defaults(name) -> Defaults:
 
 
 def _cached(repo_id: str) -> bool:
-    """Whether the local Hugging Face cache holds the hub model's config (a look at the disk, never the network)."""
-    from huggingface_hub import try_to_load_from_cache
-
+    """Whether the local Hugging Face cache holds the hub model, as `load` would find it there (the disk only)."""
     try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # noqa: BLE001 - a name the hub library cannot take is not cached
+        hub_snapshot(repo_id, local_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - not cached, or a name the hub library cannot take
         return False
 
 
