@@ -7,6 +7,7 @@ appended to each example shares that id and is exactly the token that teaches th
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -180,6 +181,33 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: line {line} is not UTF-8 (byte {e.start}); save the file as UTF-8 and retry") from None
 
 
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """datasets and huggingface_hub in offline mode for the block (they read HF_HUB_OFFLINE once, at import)."""
+    import datasets
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether this machine's Hugging Face caches hold anything of the hub data set `name`."""
+    import datasets
+    import huggingface_hub.constants
+
+    if (Path(huggingface_hub.constants.HF_HUB_CACHE) / ("datasets--" + name.replace("/", "--"))).is_dir():
+        return True
+    key = name.replace("/", "").replace("_", "").lower()  # datasets' own cache: org___name, the name in snake case
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    return cache.is_dir() and any(p.name.replace("_", "").lower() == key for p in cache.iterdir())
+
+
 def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool) -> list[Pair]:
     """Parquet files and Hugging Face data sets (hub names or local data-set folders) through `datasets`."""
     import datasets
@@ -191,6 +219,7 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
     if folder.is_dir() and not saved and not any(f.suffix.lower() in data_files for f in folder.rglob("*")):
         raise DataError(f"{source} is a folder with no data files ({', '.join(data_files)}) and no data set saved "
                         "with datasets' save_to_disk; give a file of pairs, or the folder that holds them")
+    unreachable = False
     try:
         if parquet:
             table = datasets.Dataset.from_parquet(source)
@@ -203,14 +232,25 @@ def _records_from_datasets(source: str, split: str, cols: dict, *, parquet: bool
                 table = table[split]
             else:
                 label = folder.name
-        else:
+        elif folder.is_dir():  # data files in the hub's layout
             table = datasets.load_dataset(source, split=split)
+        else:  # a hub name: from the hub, or from this machine's cache when the hub cannot be reached
+            from jaxtune.checkpoint import hub_reachable
+
+            unreachable = not hub_reachable()
+            with _hub_offline(unreachable):  # else datasets asks the hub five times, 27 s, before its cache
+                table = datasets.load_dataset(source, split=split)
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types; its message says what went wrong
         if parquet:  # a local file: neither its name nor a split is in question
             raise DataError(f"{source}: cannot read the Parquet file: {e}. Check that it is a Parquet file (or give "
                             "the data as .jsonl, .json or .csv)") from None
+        if unreachable and not _hub_cached(source):
+            raise DataError(f"{source}: no file or folder of that name here, and no data set of that name in this "
+                            "machine's Hugging Face cache; the hub, where a data set name is looked up, cannot be "
+                            "reached (no network, or HF_HUB_OFFLINE is set). Check the path, or pass a local "
+                            "file") from None
         raise DataError(f"{source}: could not load the data set (split {split!r}): {e}. Check the name and --split, "
                         "or pass a local file") from None
     bad = _BadRows(label)

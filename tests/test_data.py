@@ -1,6 +1,9 @@
 """Formatting, tokenisation, exact loss masks, bucketing and the file readers' errors."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,8 @@ from jaxtune.checkpoint import offline_tokenizer
 from jaxtune.data import (DataError, Pair, bucket_length, collate, collate_packed, encode, encode_pairs, epoch_batches,
                           format_example, inspect_rows, pack_rows, plan_epoch, read_pairs, reference_batch,
                           tokenize_text)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # "Instruction: Answer politely\nResponse: Of course, how may I assist you?" in GPT-2's vocabulary
 PROMPT_IDS = [6310, 2762, 25, 23998, 34313, 198, 31077, 25]  # Instruction : ␣Answer ␣politely \n Response :
@@ -373,11 +378,42 @@ def test_parquet_and_datasets_folders(tmp_path):
         read_pairs(tmp_path / "bad.parquet")
 
 
-def test_unknown_hub_data_set_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(DataError, match=r"nobody/no-such-data: could not load the data set \(split 'train'\): Couldn't reach"):
-        read_pairs("nobody/no-such-data")
+def test_a_hub_data_set_name_without_the_hub_reads_the_cache_or_says_so_at_once(tmp_path):
+    """Without the network, a data set name was asked of the hub five times (27 s of 'Retrying in 8s') before its
+    error, and before a cached copy. It is now read from the cache at once, and a name nothing knows says so."""
+    import datasets
+    import pandas as pd
+
+    home = tmp_path / "hf"
+    pd.DataFrame({"instruction": ["Hi"], "response": ["Hello!"]}).to_parquet(tmp_path / "one.parquet")
+    script = f"""
+import glob, os, shutil, sys
+import datasets
+datasets.load_dataset("parquet", data_files={{"train": {str(tmp_path / "one.parquet")!r}}}, split="train")
+# what a download of someorg/helpdesk leaves in datasets' cache: its prepared table, under the data set's name
+built = next(d for d in glob.glob(str(datasets.config.HF_DATASETS_CACHE) + "/parquet/*/*/*") if os.path.isdir(d))
+kept = os.path.join(str(datasets.config.HF_DATASETS_CACHE), "someorg___helpdesk", "default", "0.0.0", "h")
+shutil.copytree(built, kept)
+os.rename(os.path.join(kept, "parquet-train.arrow"), os.path.join(kept, "helpdesk-train.arrow"))
+from jaxtune.data import DataError, read_pairs
+print([(p.instruction, p.response, p.where) for p in read_pairs("someorg/helpdesk")])
+try:
+    read_pairs("nobody/no-such-data")
+except DataError as e:
+    print(e)
+assert datasets.config.HF_HUB_OFFLINE is False  # the offline mode was the read's only
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_HOME=str(home), HF_ENDPOINT="http://127.0.0.1:9", PYTHONPATH=str(ROOT))  # a hub that never answers
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[('Hi', 'Hello!', 'someorg/helpdesk[train] row 1')]" in p.stdout
+    assert "nobody/no-such-data: no file or folder of that name here, and no data set of that name in this machine's " \
+        "Hugging Face cache; the hub, where a data set name is looked up, cannot be reached" in p.stdout, p.stdout
+    assert "Retry" not in p.stderr, p.stderr[-3000:]
+    assert datasets.config.HF_HUB_OFFLINE  # this process's setting (HF_HUB_OFFLINE=1) is left as it was
+    with pytest.raises(DataError, match=r"mydata: no file or folder of that name here"):  # a mistyped file name
+        read_pairs("mydata")
 
 
 def test_bundled_example_data_is_clean(tokenizer):
