@@ -7,14 +7,15 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxtune import Pair, TrainConfig, Trainer, load
+from jaxtune import Pair, TrainConfig, Trainer
+from jaxtune.checkpoint import offline_tokenizer
 from jaxtune.config import GPT2Config
 from jaxtune.lora import LoRAParam
 from jaxtune.model import build
 from jaxtune.train import plan_step_memory
 
 assert jax.device_count() == 8, jax.devices()
-tok = load("tiny")[1]
+tok = offline_tokenizer()
 pairs = [Pair(f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.") for a in range(4) for b in range(4)]
 config = GPT2Config(n_positions=64, n_embd=64, n_layer=2, n_head=4)
 
