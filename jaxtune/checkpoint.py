@@ -318,9 +318,16 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     """
     from safetensors.numpy import save_file
 
-    directory = Path(directory)
+    if not isinstance(model, GPT2LMHeadModel) or not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"give the model, then its tokenizer, as jaxtune.load returns them: save(model, tokenizer, "
+                        f"directory); got {type(model).__name__} and {type(tokenizer).__name__}")
+    directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{directory} is a file; give a directory to save the model in")
+    base = adapter_base or getattr(model, "origin", None) if has_lora(model) else None
+    if base is not None and os.path.isabs(base) and _within(Path(base), directory):
+        raise RunDirError(f"{directory} is where the adapters' base model is ({base}): saving the adapters there would "
+                          "replace the base they name. Save them into another directory")
     others = foreign(directory)
     if others:
         raise RunDirError(f"{directory} holds files jaxtune did not write ({', '.join(others[:5])}); jaxtune never "
@@ -333,13 +340,13 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     os.chmod(tmp, 0o755)  # mkdtemp's folder is private; the model folder it becomes is an ordinary one
     moved: list[str] = []
-    if is_quantized(model):  # a QLoRA base: written (and merged) in float32, as the step computed with it
-        model = dequantized(model)
     try:
+        if is_quantized(model):  # a QLoRA base: written (and merged) in float32, as the step computed with it
+            model = dequantized(model)
         config = model.config
         try:
-            if has_lora(model):  # the adapters alone, as PEFT writes them; the base is named, not copied...
-                adapter_base = adapter_base or getattr(model, "origin", None)  # where load found it
+            if has_lora(model):  # the adapters alone, as PEFT writes them; the base is named (where load found
+                adapter_base = base  # it), not copied...
                 if adapter_base is None:  # ...unless its weights exist nowhere else: then a copy goes beside them
                     save(without_adapters(model), tokenizer, tmp / "base", run_info=run_info, role="base")
                     adapter_base = "base"
@@ -382,6 +389,12 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
 
 
 def _fsync_tree(directory: Path) -> None:

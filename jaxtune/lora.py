@@ -144,9 +144,16 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
         raise ModelLoadError(f"{directory}/adapter_config.json cannot be read ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"{directory}: a {cfg.get('peft_type')} adapter; jaxtune reads LoRA adapters only")
-    for key, wanted in (("use_dora", False), ("use_rslora", False), ("modules_to_save", None)):
-        if cfg.get(key) not in (wanted, None, [], False):
-            raise ModelLoadError(f"{directory}: {key}={cfg[key]!r} is not supported by jaxtune's LoRA")
+    # PEFT options that change what the adapters compute or where they sit: jaxtune's LoRA has one rank and one alpha
+    # on whole projections of every block, so an adapter that uses them is refused rather than read differently
+    for key in ("use_dora", "use_rslora", "modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                "layers_pattern", "exclude_modules", "layer_replication", "trainable_token_indices", "lora_bias"):
+        if cfg.get(key) not in (None, [], {}, False, ""):
+            raise ModelLoadError(f"{directory}: {key}={cfg[key]!r} is not supported by jaxtune's LoRA (one rank and "
+                                 "alpha, on whole projections of every block); train the adapter without it")
+    if cfg.get("bias", "none") not in ("none", None):
+        raise ModelLoadError(f"{directory}: bias={cfg['bias']!r} is not supported by jaxtune's LoRA (it trains no "
+                             "biases: bias='none'); train the adapter without it")
     given = base
     base = base or cfg.get("base_model_name_or_path")
     if not base:
@@ -154,6 +161,9 @@ def load_adapter(directory, *, base: str | None = None, load_base=None, dtype=jn
     named = base
     if not given and not os.path.isabs(base) and (directory / base).is_dir():
         base = str(directory / base)
+    if Path(base).expanduser().resolve() == directory.expanduser().resolve():
+        raise ModelLoadError(f"{directory}: the adapter names its own folder as its base model ({named!r}); pass the "
+                             "base it was trained on with --base DIR (base= to jaxtune.load)")
     try:
         model, tokenizer = (load_base or load)(base)
     except ModelLoadError as e:

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.data import (EncodedSet, Pair, as_pairs, batch_length, encode_pairs, epoch_batches, plan_epoch,
                           targets_size)
-from jaxtune.lora import LoRAParam, add_lora, has_lora
+from jaxtune.lora import LoRAParam, _modules, add_lora, has_lora
 from jaxtune.quantize import quantize_base
 from jaxtune.rundir import verify_checksums, write_checksums
 from jaxtune.sharding import batch_sharding, make_mesh, place, place_global, to_host, tree_shardings
@@ -127,6 +127,16 @@ def prepare_model(model, cfg: TrainConfig):
                             "run's merged/ folder, written with --merge), or train the adapters on (lora_rank, "
                             "--lora-rank)")
     model.remat = cfg.remat  # static: part of the graph definition the step is traced from
+    if cfg.lora_rank and has_lora(model):  # the adapters it carries train on: they must be the ones cfg asks for
+        alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank)
+        asked = (cfg.lora_rank, alpha, tuple(cfg.lora_targets), float(cfg.lora_dropout))
+        same = lambda a, b: a == b or (isinstance(a, tuple) and set(_modules(a)) == set(_modules(b)))  # noqa: E731
+        if not all(map(same, model.lora_info, asked)):
+            names = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+            diff = "; ".join(f"{n}: {a!r} -> {b!r}" for n, a, b in zip(names, model.lora_info, asked) if not same(a, b))
+            raise TrainingError(f"the model carries LoRA adapters with other settings than these ({diff}): training "
+                                "would go on with the ones it has. Give their settings to train them on, or start "
+                                "from a model without adapters (jaxtune.load again) for new ones")
     if cfg.lora_rank and not has_lora(model):
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
     if cfg.lora_rank and cfg.quantize != "none":
@@ -646,6 +656,10 @@ class Trainer:
     def sync_model(self):
         """Write the trained parameters back into the model object (on several hosts: a full local copy on each)."""
         nnx.update(self.model, jax.tree.map(jnp.asarray, to_host(self.params)) if jax.process_count() > 1 else self.params)
+        if not self.cfg.lora_rank and self.step > 0 and hasattr(self.model, "origin"):
+            # the weights are no longer those where load found them: a LoRA run on this model saves its base beside
+            # the adapters (`save`) instead of naming a folder or hub id that holds other weights
+            del self.model.origin
         self.restore_model()
 
     def restore_model(self):

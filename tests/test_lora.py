@@ -2,6 +2,7 @@
 load in jaxtune with the same logits, merging changes nothing, and only the adapters train."""
 
 import json
+import re
 import shutil
 
 import jax
@@ -13,7 +14,9 @@ import transformers
 from flax import nnx
 
 from jaxtune import Pair, TrainConfig, Trainer, load
-from jaxtune.checkpoint import ModelLoadError
+from jaxtune.checkpoint import ModelLoadError, save
+from jaxtune.rundir import RunDirError
+from jaxtune.train import TrainingError
 from jaxtune.lora import LoRAParam, merge
 
 from conftest import torch_logits
@@ -93,6 +96,59 @@ def test_a_peft_adapter_loads_in_jaxtune_with_its_base_or_another(tmp_path, hf_d
     assert np.abs(np.asarray(model(jnp.asarray(IDS))) - expected).max() < 1e-4
     with pytest.raises(ModelLoadError, match="is for a LoRA adapter folder, and .*moved_base is not one"):
         load(str(tmp_path / "moved_base"), base=hf_dir)  # a full model: --base would be ignored, so it is refused
+
+
+def test_peft_options_jaxtune_cannot_compute_are_refused_and_an_adapter_cannot_be_its_own_base(tmp_path, hf_dir):
+    """An adapter with alpha_pattern loaded and gave other logits than PEFT's (1.41 apart), one with rank_pattern
+    failed on a broadcast, and one whose config named its own folder as the base recursed without end."""
+    from peft import LoraConfig, get_peft_model
+
+    for name, extra, said in (("alpha", dict(alpha_pattern={"c_proj": 64}), "alpha_pattern={'c_proj': 64}"),
+                              ("rank", dict(rank_pattern={"c_proj": 2}), "rank_pattern={'c_proj': 2}"),
+                              ("layers", dict(layers_to_transform=[1]), "layers_to_transform=[1]"),
+                              ("bias", dict(bias="lora_only"), "bias='lora_only'")):
+        get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(hf_dir),
+                       LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                  **extra)).save_pretrained(tmp_path / name)
+        with pytest.raises(ModelLoadError, match=f"{name}: {re.escape(said)} is not supported by jaxtune's LoRA"):
+            load(str(tmp_path / name))
+    cfg = json.loads((tmp_path / "bias" / "adapter_config.json").read_text())
+    cfg.update(bias="none", base_model_name_or_path=str(tmp_path / "bias"))
+    (tmp_path / "bias" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="the adapter names its own folder as its base model"):
+        load(str(tmp_path / "bias"))
+
+
+def test_python_saves_keep_the_base_an_adapter_names_and_a_lora_model_trains_only_its_own_settings(tmp_path, hf_dir,
+                                                                                                 monkeypatch):
+    """In Python: adapters saved into their base's folder replaced the base and left a folder that could not load;
+    adapters trained after a full fine-tune named the base on disk, whose weights were no longer theirs (logits 2.76
+    apart); a second LoRA training with another rank went on with the first one's adapters without a word."""
+    shutil.copytree(hf_dir, tmp_path / "mine")
+    model, tok = load(str(tmp_path / "mine"))
+    cfg = dict(max_steps=2, max_length=48, learning_rate=1e-2, warmup_steps=0, batch_size=4)
+    Trainer(model, tok, QA, TrainConfig(**cfg, lora_rank=4)).run()
+    before = sorted(p.name for p in (tmp_path / "mine").iterdir())
+    with pytest.raises(RunDirError, match=r"mine is where the adapters' base model is .*: saving the adapters there "
+                                          "would replace the base they name"):
+        save(model, tok, tmp_path / "mine")
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == before
+    with pytest.raises(TrainingError, match=r"other settings than these \(lora_rank: 4 -> 8; lora_alpha: 8.0 -> 16.0\)"):
+        Trainer(model, tok, QA, TrainConfig(**cfg, lora_rank=8))
+    Trainer(model, tok, QA, TrainConfig(**cfg, lora_rank=4, lora_targets=("c_proj", "c_attn")))  # the same adapters
+
+    model, tok = load(str(tmp_path / "mine"))
+    Trainer(model, tok, QA, TrainConfig(**cfg)).run()  # full fine-tuning: no longer the weights in mine/
+    Trainer(model, tok, QA, TrainConfig(**cfg, lora_rank=4)).run()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    saved = save(model, tok, "~/adapter")  # ~ is the home folder, as load reads it
+    assert saved == tmp_path / "home" / "adapter"
+    assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
+    again, _ = load("~/adapter")  # the fine-tuned base travels with its adapters
+    assert np.abs(np.asarray(again(jnp.asarray(IDS))) - np.asarray(model(jnp.asarray(IDS)))).max() < 1e-5
+    with pytest.raises(TypeError, match="give the model, then its tokenizer.*got GPT2Tokenizer and GPT2LMHeadModel"):
+        save(tok, model, tmp_path / "swapped")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".swapped")]  # no half-made folder left
 
 
 def test_a_lora_run_resumes_exactly_and_on_the_embedded_model_keeps_its_base(tmp_path):
