@@ -126,8 +126,8 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                   " without a lower validation loss"
                   + (f"; the weights are step {run['best_step']}'s" if run.get("best_step") is not None else "")
                   if cfg.get("early_stopping") else None),
-                 ("epochs", t.get("epochs") if not t.get("max_steps") or run.get("total_steps") != t["max_steps"]
-                  else f"{t.get('epochs')}, cut short: max steps {t['max_steps']} ends the run"),
+                 ("epochs", f"{t.get('epochs')}, cut short: max steps {t['max_steps']} ends the run"
+                  if run.get("cut_by_max_steps") else t.get("epochs")),
                  ("batch size", t.get("batch_size")),
                  ("learning rate", t.get("learning_rate")), ("max length", t.get("max_length")),
                  ("loss on", t.get("loss_on")), ("precision", t.get("dtype")), ("base quantization", quant),

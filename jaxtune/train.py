@@ -373,7 +373,7 @@ class Trainer:
         # epoch's plan (an epoch count of 10**9 costs nothing up front). Unpacked epochs all have the same number
         # of batches; packed ones are counted (and their largest target count taken) epoch by epoch, up to max_steps.
         self._plans: dict[int, list] = {}
-        self.epoch_steps, self.targets, rows = self._count_epochs()
+        self.epoch_steps, self.targets, rows, self.cut_by_max_steps = self._count_epochs()
         self.total_steps = sum(self.epoch_steps)
         self.val_plan = self._plan(self.val_examples, 0, shuffle=False)  # fixed: evaluated the same way every time
         self.val_targets = self._targets(self.val_examples, [self.val_plan]) if cfg.pack and self.val_examples else None
@@ -463,9 +463,9 @@ class Trainer:
             self._plans[epoch] = self._plan(self.examples, epoch)
         return self._plans[epoch]
 
-    def _count_epochs(self) -> tuple[list[int], int | None, int]:
-        """(optimizer steps of each epoch that runs, packed target size, packed rows computed), stopping at
-        max_steps."""
+    def _count_epochs(self) -> tuple[list[int], int | None, int, bool]:
+        """(optimizer steps of each epoch that runs, packed target size, packed rows computed, whether max_steps
+        ends the run before its epochs do), stopping at max_steps."""
         cfg = self.cfg
         steps, total, counts, most, rows = [], 0, None, 0, 0
         per_epoch = math.ceil(math.ceil(len(self.examples) / cfg.batch_size) / cfg.grad_accum)
@@ -484,7 +484,8 @@ class Trainer:
                 break
             steps.append(min(per_epoch, cfg.max_steps - total) if cfg.max_steps is not None else per_epoch)
             total += steps[-1]
-        return steps, (targets_size([most]) if cfg.pack else None), rows
+        cut = cfg.max_steps is not None and bool(steps) and (len(steps) < cfg.epochs or steps[-1] < per_epoch)
+        return steps, (targets_size([most]) if cfg.pack else None), rows, cut
 
     def _plan(self, examples, epoch: int, shuffle: bool = True):
         cfg = self.cfg

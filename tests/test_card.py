@@ -178,8 +178,11 @@ def test_a_stopped_or_resumed_run_says_so_and_config_yaml_only_approximates_it()
     assert "| resumed |" not in card
     assert "| steps | 40 |" in model_card(TINY, run={**run, "steps": 40, "stopped": None})
     assert "| epochs | 2 |" in card  # the plan; a --max-steps that ends the run sooner is said (it read 'epochs | 20')
-    cut = {**run, "config": {"train": {"epochs": 20, "max_steps": 20}}, "steps": 20, "total_steps": 20, "stopped": None}
+    cut = {**run, "config": {"train": {"epochs": 20, "max_steps": 20}}, "steps": 20, "total_steps": 20, "stopped": None,
+           "cut_by_max_steps": True}
     assert "| epochs | 20, cut short: max steps 20 ends the run |" in model_card(TINY, run=cut)
+    # a max steps the epochs reach anyway cut nothing: the card said they were cut short
+    assert "| epochs | 20 |" in model_card(TINY, run={**cut, "cut_by_max_steps": False})
     resumed = model_card(TINY, run={**run, "steps": 40, "stopped": None, "resumes": [
         {"step": 12, "changes": ["epochs: 1 -> 2"]}, {"step": 30, "changes": ["learning_rate: 0.001 -> 0.0005"]}]})
     assert "| steps | 40 |" in resumed and "repeats it" not in resumed

@@ -246,7 +246,11 @@ def test_epochs_are_planned_lazily():
     trainer = Trainer(model, tok, QA, TrainConfig(epochs=100_000, batch_size=4, max_length=64))
     assert trainer.total_steps == 100_000 * math.ceil(len(QA) / 4) and len(trainer._plans) <= 2
     packed = Trainer(model, tok, QA, TrainConfig(epochs=100_000, batch_size=2, max_length=64, pack=True, max_steps=7))
-    assert packed.total_steps == 7 and len(packed._plans) <= 2
+    assert packed.total_steps == 7 and len(packed._plans) <= 2 and packed.cut_by_max_steps
+    assert not trainer.cut_by_max_steps
+    for epochs, max_steps, cut in ((3, 21, False), (3, 22, False), (3, 20, True), (3, 14, True), (1, 7, False)):
+        t = Trainer(model, tok, QA, TrainConfig(epochs=epochs, batch_size=4, max_length=64, max_steps=max_steps))
+        assert t.cut_by_max_steps is cut, (epochs, max_steps)  # 7 steps an epoch: what the card says of max steps
     with pytest.raises(ValueError, match="epochs=1,000,000,000 is out of range"):
         TrainConfig(epochs=10**9)
 
