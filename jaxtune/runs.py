@@ -239,9 +239,15 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "the same weights")
             changed.insert(0, f"model: {gone!r} -> {cfg.model!r} (moved)")
         resumes = list(trainer.checkpoint_extra.get("resumes") or [])
+        trains = trainer.step < trainer.total_steps and not trainer.finished_early(cfg.early_stopping)
+        options = [c for c in changed if not c.endswith("(moved)")]
+        if options and not trains:  # they would be recorded as the run's, though no step used them
+            raise DataError(f"--resume {resume}: the run has no step left to run (the checkpoint holds step "
+                            f"{trainer.step}), so {'; '.join(options)} would apply to no step, yet be recorded as "
+                            f"the run's; leave {'it' if len(options) == 1 else 'them'} out, or plan more steps "
+                            "(--max-steps, --epochs) to train on")
         if changed:  # allowed (they change neither shapes nor data), and said: the steps from here use the new values
             log(f"from step {trainer.step + 1} on: {'; '.join(changed)} (config.yaml now holds the new values)")
-        trains = trainer.step < trainer.total_steps and not trainer.finished_early(cfg.early_stopping)
         if changed or trains:  # each resume that trains or changes something
             resumes.append({"step": trainer.step, "changes": changed})
         if resumes:  # carried by later checkpoints, for the model card: config.yaml alone no longer repeats the run

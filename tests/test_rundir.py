@@ -100,6 +100,11 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
     assert len(losses(tmp_path / "run")) == 6
     p = run(*resume)  # a run that has run all its steps
     assert p.returncode == 0 and "no step left to run (the checkpoint holds step 6, the last)" in p.stdout, p.stdout
+    kept = {name: (tmp_path / "run" / name).read_text() for name in ("config.yaml", "README.md")}
+    p = run(*resume, "--learning-rate", "1e-4")  # a new rate for no step: it was recorded as the run's
+    assert p.returncode == 2 and "the run has no step left to run (the checkpoint holds step 6), so learning_rate: " \
+        "0.001 -> 0.0001 would apply to no step" in p.stderr, p.stderr
+    assert {name: (tmp_path / "run" / name).read_text() for name in kept} == kept
     p = run(*resume, "--max-steps", "3")  # fewer steps than the checkpoint holds
     assert p.returncode == 2 and "the checkpoint is at step 6, past the 3 steps these options plan; give options " \
         "that plan at least 6 steps" in p.stderr, p.stderr
