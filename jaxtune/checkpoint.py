@@ -23,7 +23,7 @@ from flax import nnx
 from jaxtune.card import model_card, tidy_tokenizer_config
 from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter, without_adapters
-from jaxtune.model import GPT2LMHeadModel, abstract, build
+from jaxtune.model import GPT2LMHeadModel, abstract, build, check_model_and_tokenizer
 from jaxtune.quantize import dequantized, is_quantized
 from jaxtune.rundir import MANIFEST, RUN_RECORDS, RunDirError, foreign, manifest_text, owned, readable_by_all
 
@@ -217,9 +217,11 @@ def check_available(name: str) -> Path | None:
         return hub_snapshot(name, local_only=True)
     except Exception:  # noqa: BLE001 - not cached: the hub, if it answers
         if not hub_reachable():
+            folder = f"no folder {name} here, and " if "/" in name else ""  # a mistyped path reads as a hub id
             raise ModelLoadError(
-                f"model {name!r} is not in the local Hugging Face cache and the hub cannot be reached. Check the name, "
-                f"connect to the network, pass a local model directory, or use {EMBEDDED!r} (the embedded model)") from None
+                f"model {name!r}: {folder}not in the local Hugging Face cache, and the hub cannot be reached. Check the "
+                f"name, connect to the network, pass a local model directory, or use {EMBEDDED!r} (the embedded "
+                "model)") from None
     return None
 
 
@@ -318,9 +320,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     """
     from safetensors.numpy import save_file
 
-    if not isinstance(model, GPT2LMHeadModel) or not callable(getattr(tokenizer, "save_pretrained", None)):
-        raise TypeError(f"give the model, then its tokenizer, as jaxtune.load returns them: save(model, tokenizer, "
-                        f"directory); got {type(model).__name__} and {type(tokenizer).__name__}")
+    check_model_and_tokenizer(model, tokenizer, "save(model, tokenizer, directory)")
     directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{directory} is a file; give a directory to save the model in")

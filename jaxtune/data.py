@@ -76,12 +76,14 @@ def invalid_character(text: str) -> int | None:
 
 
 def as_pairs(pairs, what: str = "pairs") -> list[Pair]:
-    """Pairs given in Python, checked as a file's rows are: Pair objects, {"instruction": ..., "response": ...} dicts
-    or (instruction, response) tuples, each with non-empty text on both sides. A path, or one text, is refused with
-    what to call instead."""
+    """Pairs given in Python, checked as a file's rows are: Pair objects, dicts read as a file's rows are (the same
+    column names, Alpaca's `input` joined to the instruction), (instruction, response) tuples, or a pandas DataFrame
+    (its rows), each with non-empty text on both sides. A path, or one text, is refused with what to call instead."""
     if isinstance(pairs, (str, bytes, os.PathLike)):
         raise DataError(f"{what}: got {type(pairs).__name__} {str(pairs)[:60]!r}, not a list of pairs; read a file "
                         "with jaxtune.read_pairs(path), or make pairs with jaxtune.Pair(instruction, response)")
+    if callable(getattr(pairs, "to_dict", None)) and hasattr(pairs, "columns"):  # a DataFrame: its rows
+        pairs = pairs.to_dict("records")
     try:
         items = list(pairs)
     except TypeError:
@@ -93,7 +95,7 @@ def as_pairs(pairs, what: str = "pairs") -> list[Pair]:
         if isinstance(item, Pair):
             out.append(check_pair(item.instruction, item.response, item.where or where))
         elif isinstance(item, dict):
-            out.append(check_pair(item.get("instruction"), item.get("response"), where))
+            out.append(record_to_pair(item, where, kind="key"))
         elif isinstance(item, (tuple, list)) and len(item) == 2:
             out.append(check_pair(item[0], item[1], where))
         else:
@@ -107,6 +109,10 @@ def pairs_from_lists(instructions, responses, source: str = "row") -> list[Pair]
     for name, value in (("instructions", instructions), ("responses", responses)):
         if isinstance(value, str):
             raise DataError(f"{name}: one text ({value[:40]!r}); give a list of texts, one for each pair")
+    try:  # a pandas Series or a NumPy array as well as a list
+        instructions, responses = list(instructions), list(responses)
+    except TypeError as e:
+        raise DataError(f"instructions and responses: give two lists of texts ({e})") from None
     if len(instructions) != len(responses):
         raise DataError(f"{len(instructions)} instructions but {len(responses)} responses: they must pair up")
     if not instructions:
@@ -144,18 +150,22 @@ class _BadRows:
 
 
 def _pick(columns, wanted: str | None, candidates: tuple[str, ...], field: str, where: str, kind: str) -> str:
-    """kind: what the record's keys are called in messages ("column", or "field" for a JSON object, whose keys are
-    its own)."""
+    """kind: what the record's keys are called in messages ("column", "field" for a JSON object, whose keys are
+    its own, or "key" for a dict given in Python, which no column option renames)."""
     if wanted is not None:
         if wanted not in columns:
             raise DataError(f"{where}: no {kind} {wanted!r} ({kind}s: {', '.join(map(str, columns))})")
         return wanted
+    lowered = {str(c).strip().lower(): c for c in reversed(list(columns))}  # "Instruction", as the app's table heads
     for name in candidates:
         if name in columns:
             return name
+        if name in lowered:
+            return lowered[name]
+    rename = (f"rename yours to {field!r}" if kind == "key" else
+              f"name yours with --{field}-column ({field}_column= in Python)")
     raise DataError(f"{where}: no {field} {kind}; expected one of {', '.join(candidates)} "
-                    f"({kind}s: {', '.join(map(str, columns))}); name yours with --{field}-column "
-                    f"({field}_column= in Python)")
+                    f"({kind}s: {', '.join(map(str, columns))}); {rename}")
 
 
 def record_to_pair(record: dict, where: str, instruction_column=None, response_column=None, *,
@@ -166,7 +176,8 @@ def record_to_pair(record: dict, where: str, instruction_column=None, response_c
     i_col = _pick(record, instruction_column, INSTRUCTION_COLUMNS, "instruction", where, kind)
     r_col = _pick(record, response_column, RESPONSE_COLUMNS, "response", where, kind)
     instruction = record.get(i_col)
-    extra = record.get("input") if instruction_column is None else None
+    extra = (record.get(next((c for c in record if str(c).strip().lower() == "input"), "input"))
+             if instruction_column is None else None)
     if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
         instruction = f"{instruction}\n\n{extra}"
     return check_pair(instruction, record.get(r_col), where)
@@ -324,6 +335,9 @@ def read_pairs(path, *, instruction_column: str | None = None, response_column: 
     if instruction_column is not None and instruction_column == response_column:
         raise DataError(f"--instruction-column and --response-column are both {instruction_column!r}: the model would "
                         "learn to repeat the instruction; give the response's own column")
+    if not isinstance(path, (str, os.PathLike)):
+        raise DataError(f"read_pairs: got {type(path).__name__}, not a path; give a file, a data-set folder or a hub "
+                        "name. Pairs already in Python (a list, a DataFrame) go to jaxtune.train as they are")
     path = Path(path)
     cols = dict(instruction_column=instruction_column, response_column=response_column)
     if path.is_dir() and any((path / f).is_file() for f in ("config.json", "adapter_config.json")):

@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxtune.config import checked_float, checked_int
 from jaxtune.data import bucket_length, format_prompt, tokenize_text
-from jaxtune.model import GPT2LMHeadModel, init_cache
+from jaxtune.model import check_model_and_tokenizer, init_cache
 
 _PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)
 DEFAULT_BATCH_SIZE = 64  # rows answered together; batches of fewer prompts are padded to a power of two
@@ -197,9 +197,7 @@ def _sampling(temperature, top_k, top_p, seed):
 
 
 def _tokenize(model, tokenizer, prompts: list[str]) -> list[list[int]]:
-    if not isinstance(model, GPT2LMHeadModel) or not callable(getattr(tokenizer, "encode", None)):
-        raise TypeError(f"give the model, then its tokenizer, as jaxtune.load returns them: generate(model, tokenizer, "
-                        f"...); got {type(model).__name__} and {type(tokenizer).__name__}")
+    check_model_and_tokenizer(model, tokenizer, "generate(model, tokenizer, ...)")
     limit = model.config.n_positions
     out = []
     for k, tokens in enumerate(tokenize_text(tokenizer, prompts)):  # `<|endoftext|>` typed in a prompt is text

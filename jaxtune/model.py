@@ -320,6 +320,16 @@ class GPT2LMHeadModel(nnx.Module):
         return logits_BTV, cache
 
 
+def check_model_and_tokenizer(model, tokenizer, call: str) -> None:
+    """TypeError, naming the call, unless `model` is a GPT2LMHeadModel and `tokenizer` a tokenizer: the pair that
+    jaxtune.load returns, in that order (given as one tuple, or swapped, they failed deep inside)."""
+    if isinstance(model, GPT2LMHeadModel) and callable(getattr(tokenizer, "encode", None)):
+        return
+    hint = ("; jaxtune.load returns both: model, tokenizer = jaxtune.load(...)" if isinstance(model, tuple) else "")
+    raise TypeError(f"give the model, then its tokenizer, as jaxtune.load returns them: {call}; got "
+                    f"{type(model).__name__} and {type(tokenizer).__name__}{hint}")
+
+
 def init_cache(config: GPT2Config, batch: int, length: int, dtype=jnp.float32) -> dict:
     """An empty key/value cache for `length` positions: arrays [L, B, S, N, H]."""
     shape = (config.n_layer, batch, length, config.n_head, config.head_dim)

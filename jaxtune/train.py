@@ -29,6 +29,7 @@ from jaxtune.data import (EncodedSet, Pair, as_pairs, batch_length, encode_pairs
 from jaxtune.lora import LoRAParam, _modules, add_lora, has_lora
 from jaxtune.quantize import quantize_base
 from jaxtune.rundir import verify_checksums, write_checksums
+from jaxtune.model import check_model_and_tokenizer
 from jaxtune.sharding import batch_sharding, make_mesh, place, place_global, to_host, tree_shardings
 
 
@@ -358,16 +359,21 @@ class Trainer:
         if not isinstance(cfg, TrainConfig):
             raise TypeError(f"cfg: a {type(cfg).__name__}; give a jaxtune.TrainConfig (TrainConfig(**settings) from a "
                             "dict)")
+        check_model_and_tokenizer(model, tokenizer, "Trainer(model, tokenizer, pairs, cfg)")
+        if not isinstance(pairs, EncodedSet):  # a list, a generator or a DataFrame: checked once, here
+            pairs = as_pairs(pairs)
         if not pairs:
             raise TrainingError("no training pairs")
+        if validation_pairs is not None and not isinstance(validation_pairs, EncodedSet):
+            validation_pairs = as_pairs(validation_pairs, "validation_pairs")
         if cfg.max_length > model.config.n_positions:
             raise TrainingError(f"max_length={cfg.max_length} exceeds the model's n_positions={model.config.n_positions}")
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         encoded = self.encoded(pairs, cfg)
         # rows whose response max_length cuts off entirely carry no target: left out, and named in `dropped`
         self.examples, self.truncated, self.dropped = encoded.examples, encoded.truncated, encoded.dropped
-        self.val_examples = (self.encoded(validation_pairs, cfg, "validation_pairs").examples if validation_pairs
-                             else [])
+        self.val_examples = (self.encoded(validation_pairs, cfg, "validation_pairs").examples
+                             if isinstance(validation_pairs, EncodedSet) or validation_pairs else [])
         # every epoch's batches are a function of (seed, epoch), planned when the epoch starts, so a resumed run
         # continues with exactly the batches the stopped run would have seen and no run holds more than one
         # epoch's plan (an epoch count of 10**9 costs nothing up front). Unpacked epochs all have the same number

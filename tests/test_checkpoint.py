@@ -133,8 +133,11 @@ def test_hub_id_is_read_from_the_huggingface_cache(hf_dir, tmp_path, monkeypatch
 
 def test_unknown_model_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
-    with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache and the hub cannot be reached"):
-        load("no-such-org/no-such-model")
+    with pytest.raises(ModelLoadError, match="'no-such-org/no-such-model': no folder no-such-org/no-such-model here, "
+                                             "and not in the local Hugging Face cache, and the hub cannot be reached"):
+        load("no-such-org/no-such-model")  # a mistyped relative folder reads as a hub id: both are said
+    with pytest.raises(ModelLoadError, match="model 'nosuchmodel': not in the local Hugging Face cache"):
+        load("nosuchmodel")
     with pytest.raises(ModelLoadError, match="does not exist"):
         load(str(tmp_path / "missing_dir"))
     (tmp_path / "empty").mkdir()

@@ -214,6 +214,8 @@ def test_reads_jsonl_json_csv_and_alpaca(tmp_path):
     alpaca = write(tmp_path / "alpaca.json", json.dumps([{"instruction": "Translate", "input": "chat", "output": "cat"},
                                                           {"instruction": "Say hi", "input": "", "output": "hi"}]))
     assert [(p.instruction, p.response) for p in read_pairs(alpaca)] == [("Translate\n\nchat", "cat"), ("Say hi", "hi")]
+    headed = write(tmp_path / "headed.csv", "Instruction,Input,Response\nTranslate,chat,cat\nSay hi,,hi\n")
+    assert [(p.instruction, p.response) for p in read_pairs(headed)] == [("Translate\n\nchat", "cat"), ("Say hi", "hi")]
     custom = write(tmp_path / "c.csv", "q,a\nWhy?,Because.\n")
     assert read_pairs(custom, instruction_column="q", response_column="a")[0].response == "Because."
     with pytest.raises(DataError, match="both 'q': the model would learn to repeat the instruction"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxtune import CustomerServiceTuner, Pair, TrainConfig, Trainer, generate, load
+from jaxtune import CustomerServiceTuner, Pair, TrainConfig, Trainer, generate, load, read_pairs
 from jaxtune.checkpoint import hf_name
 from jaxtune.config import GPT2Config
 from jaxtune.data import (REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES, collate, collate_packed, encode, format_prompt,
@@ -719,20 +719,36 @@ def test_pairs_given_in_python_are_checked_like_a_files_rows(tmp_path):
     cfg = TrainConfig(max_steps=1, batch_size=2, max_length=32)
     model = build(GPT2Config(n_positions=64, n_embd=32, n_layer=1, n_head=2), seed=0)
     as_objects = Trainer(model, tok, [Pair("Hi?", "Hello."), Pair("Bye?", "Goodbye.")], cfg).examples
+    import pandas as pd
+
+    frame = pd.DataFrame({"question": ["Hi?", "Bye?"], "answer": ["Hello.", "Goodbye."]})
     for given in ([{"instruction": "Hi?", "response": "Hello."}, ("Bye?", "Goodbye.")],
-                  (p for p in [("Hi?", "Hello."), ["Bye?", "Goodbye."]])):
+                  (p for p in [("Hi?", "Hello."), ["Bye?", "Goodbye."]]),
+                  [{"prompt": "Hi?", "output": "Hello."}, {"instruction": "Bye?", "input": "", "response": "Goodbye."}],
+                  frame, pairs_from_lists(frame["question"], frame["answer"])):  # a file's column names; a DataFrame
         examples = Trainer(model, tok, given, cfg).examples
         assert [e.input_ids.tolist() for e in examples] == [e.input_ids.tolist() for e in as_objects]
     refused = [([Pair("   ", "x")], r"pairs\[0\]: field 'instruction' is empty"),
                ([Pair("a", "")], r"pairs\[0\]: field 'response' is empty"),
                ([("a", "b"), Pair("a", 5)], r"pairs\[1\]: field 'response' must be text, got int"),
-               ([{"instruction": "a"}], r"pairs\[0\]: field 'response' is missing or null"),
+               ([{"instruction": "a"}], r"pairs\[0\]: no response key; expected one of response, .*rename yours "
+                                        "to 'response'"),
                (["just a text"], r"pairs\[0\]: 'just a text' \(str\) is not a pair; give jaxtune.Pair"),
                (Path("data.jsonl"), r"not a list of pairs; read a file with jaxtune.read_pairs\(path\)"),
                ("data.jsonl", r"read a file with jaxtune.read_pairs")]
     for pairs, said in refused:
         with pytest.raises(DataError, match=said):
             Trainer(model, tok, pairs, cfg)
+    with pytest.raises(jaxtune_train.TrainingError, match="no training pairs"):  # it was a ZeroDivisionError
+        Trainer(model, tok, (p for p in []), cfg)
+    joined = Trainer(model, tok, [{"instruction": "Hi?", "input": "ctx", "response": "Hello."}], cfg).examples[0]
+    assert tok.decode(joined.input_ids).startswith("Instruction: Hi?\n\nctx\nResponse:")  # Alpaca's input, as in a file
+    with pytest.raises(DataError, match="read_pairs: got DataFrame, not a path"):
+        read_pairs(frame)
+    for args, said in (((load("tiny"), frame), "got tuple and DataFrame; jaxtune.load returns both"),
+                       ((tok, model, frame), "got GPT2Tokenizer and GPT2LMHeadModel")):  # unpacked; swapped
+        with pytest.raises(TypeError, match="give the model, then its tokenizer.*" + said):
+            jaxtune_train.train(*args, cfg)
     with pytest.raises(DataError, match=r"validation_pairs\[0\]: field 'response' is empty"):
         Trainer(model, tok, [("a", "b")], cfg, validation_pairs=[("c", " ")])
     with pytest.raises(TypeError, match=r"cfg: a dict; give a jaxtune.TrainConfig"):
