@@ -94,8 +94,8 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                      "dequantized float32 weights, as the run computed." if quant and role == "merged" else ""), "",
                   "## Prompt format", "",
                   "The model was trained on `Instruction: {instruction}\\nResponse: {response}` followed by the "
-                  "end-of-text token, so give it the instruction and let it complete the response; it stops by "
-                  "itself.", "",
+                  "end-of-text token, so give it the instruction and let it complete the response: it was taught to end the "
+                  "response with that token, where generation stops.", "",
                   "```", "Instruction: Where is my order?", "Response:", "```", ""]
     lines += ["## Use it", "", "```python",
               "from transformers import AutoTokenizer, GPT2LMHeadModel", "",
@@ -149,15 +149,16 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
         if cfg:
             command = "`python -m jaxtune train --config config.yaml --output NEW_FOLDER`"
             changed = [r for r in run.get("resumes") or [] if r.get("changes")]
+            where = "add `--data FILE` where its training pairs are not at `data`" + (
+                ", and `--validation-data FILE` where its held-out pairs are not at `validation_data`"
+                if cfg.get("validation_data") else "")
             if changed:
                 lines += ["", "The run was resumed " + "; ".join(f"at step {r['step']} with {', '.join(r['changes'])}"
                                                              for r in changed)
                           + f", so its configuration below holds the final values: {command} repeats the run only "
-                          "approximately (its steps before the resume used the earlier values; add `--data FILE` "
-                          "where its training pairs are not at `data`):"]
+                          f"approximately (its steps before the resume used the earlier values; {where}):"]
             else:
-                lines += ["", f"The run's configuration: {command} repeats it (add `--data FILE` where its training "
-                          "pairs are not at `data`):"]
+                lines += ["", f"The run's configuration: {command} repeats it ({where}):"]
             lines += ["", "```yaml", yaml.safe_dump(portable_config(cfg), sort_keys=False).strip(), "```"]
         lines.append("")
     if evaluation:

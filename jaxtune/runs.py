@@ -31,7 +31,7 @@ from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, pack_rows, r
 from jaxtune.lora import merge
 from jaxtune.quantize import quantized_bytes
 from jaxtune.tracking import Tracker, check_reporters
-from jaxtune.rundir import (RunDirError, claim, data_fingerprint, prepare_output, remove_owned, resume_changes,
+from jaxtune.rundir import (RunDirError, claim, data_fingerprint, owned, prepare_output, remove_owned, resume_changes,
                             resume_conflicts, verify_checksums)
 
 KEEP = ("checkpoints", "train.log", "run.json", "data.jsonl", "tensorboard", "wandb")  # entries a final save carries over into the model folder
@@ -340,6 +340,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "total_steps": trainer.total_steps, "cut_by_max_steps": trainer.cut_by_max_steps, "stopped": result.stopped, "best_step": result.best_step,
                 "resumes": fingerprint.get("resumes", [])}
     lora = bool(tcfg.lora_rank)
+    from jaxtune.evaluate import FILES as EVAL_FILES
+
+    stale = [name for name in EVAL_FILES if name in owned(out)]  # `eval` of the folder's model before these steps
     try:  # a LoRA folder names its base where load found it (model.origin), or holds a copy (base/): see `save`
         save(model, tokenizer, out, keep=KEEP + ("base", "merged"), run_info=run_info, overwrite=True, extra_files={
             "metrics.jsonl": "".join(json.dumps(s.to_dict()) + "\n" for s in result.history),
@@ -355,6 +358,8 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         outcome.code, outcome.summary = 3, _save_failed(e, out, trainer, checkpoint, result, log)
         return outcome
     outcome.saved = True
+    if stale:
+        log(f"{', '.join(stale)} went with the model they evaluated: run python -m jaxtune eval on {out} again")
     if result.stopped:
         log(result.stopped if result.stop_requested else f"stopped early: {result.stopped}")
     outcome.summary = summarize(result, out)

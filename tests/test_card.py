@@ -176,6 +176,10 @@ def test_a_stopped_or_resumed_run_says_so_and_config_yaml_only_approximates_it()
     assert "| steps | 24 of 40 (stopped early: stopped by request after step 24) |" in card
     assert "`python -m jaxtune train --config config.yaml --output NEW_FOLDER` repeats it" in card
     assert "| resumed |" not in card
+    assert "(add `--data FILE` where its training pairs are not at `data`):" in card  # no held-out file to name
+    held = model_card(TINY, run={**run, "config": {**run["config"], "validation_data": "v.jsonl"}})
+    assert "(add `--data FILE` where its training pairs are not at `data`, and `--validation-data FILE` where its " \
+        "held-out pairs are not at `validation_data`):" in held  # config.yaml names both files
     assert "| steps | 40 |" in model_card(TINY, run={**run, "steps": 40, "stopped": None})
     assert "| epochs | 2 |" in card  # the plan; a --max-steps that ends the run sooner is said (it read 'epochs | 20')
     cut = {**run, "config": {"train": {"epochs": 20, "max_steps": 20}}, "steps": 20, "total_steps": 20, "stopped": None,

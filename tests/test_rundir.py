@@ -148,9 +148,13 @@ def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
     p = run("train", "--resume", str(tmp_path / "run"), "--max-steps", "5")  # the base it names is gone
     assert p.returncode == 2 and f"the run's model folder {tmp_path / 'mybase'} is gone; if it moved, give its new " \
         "place with --model DIR" in p.stderr, p.stderr
+    assert {"eval.json", "eval.jsonl", "eval.md"} <= {x.name for x in (tmp_path / "run").iterdir()}  # in the run
     p = run("train", "--resume", str(tmp_path / "run"), "--max-steps", "5", "--model", str(tmp_path / "moved"))
     assert p.returncode == 0 and "at step 4/5" in p.stderr and "in its place, which must hold the same weights" in \
         p.stderr, p.stderr[-2000:]
+    assert f"eval.json, eval.jsonl, eval.md went with the model they evaluated: run python -m jaxtune eval on " \
+        f"{tmp_path / 'run'} again" in p.stderr, p.stderr[-2000:]  # the reports were removed without a word
+    assert not (tmp_path / "run" / "eval.md").exists()
     assert json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
         str(tmp_path / "moved")  # the adapter names where its base is now
 
