@@ -2514,6 +2514,8 @@ def build_app() -> gr.Blocks:
         for trigger in (table.change, model_name.change):
             trigger(**remember)
         poll_inputs = [session, saved, try_a, try_b, eval_runs]
+        # every poll takes the values raw: a run picked for Try that has begun training since is no longer a choice,
+        # and Gradio's own check of it popped an 'Error' listing run ids
         timer.tick(poll, poll_inputs, [session, *view], trigger_mode="once", **quiet, **raw)
         # after a load, what the page keeps is written again even when the table looks the same (the example's first
         # rows over themselves: no change event), or a reload would not say that the pairs beyond it stayed behind
@@ -2548,7 +2550,7 @@ def build_app() -> gr.Blocks:
         api_train.click(train_run, train_inputs, [progress, plot, log_box, session], api_name="train",
                         concurrency_limit=None, **raw)
         stop_btn.click(stop_run, session, stop_note, api_name="stop", concurrency_limit=None) \
-            .then(poll, poll_inputs, [session, *view], **quiet)
+            .then(poll, poll_inputs, [session, *view], **quiet, **raw)
         command_btn.click(show_command, session, [command_line, command], api_name="command")
         run_pick.input(pick_run, [run_pick, session], [session, *view], **quiet, **raw) \
             .then(lambda: "", None, run_action, **quiet)  # what Resume or Delete said was about the run before
@@ -2556,9 +2558,9 @@ def build_app() -> gr.Blocks:
         resume_btn.click(resume_run, [run_pick, session], run_action, api_name="resume", **raw) \
             .success(remember_watched, [session, saved], saved, **quiet, **raw) \
             .then(lambda: "", None, stop_note, **quiet) \
-            .then(poll, poll_inputs, [session, *view], **quiet)
+            .then(poll, poll_inputs, [session, *view], **quiet, **raw)
         delete_btn.click(delete_in_page, [run_pick, session], run_action, **quiet, **raw) \
-            .then(poll, poll_inputs, [session, *view], **quiet)
+            .then(poll, poll_inputs, [session, *view], **quiet, **raw)
         delete_api.click(delete_run, [run_pick, session], run_action, api_name="delete", **raw)
         api_runs.click(runs_json, session, api_json, api_name="runs")
         api_stop.click(stop_by_id, [api_text, session], api_text, api_name="stop_run", concurrency_limit=None, **raw)

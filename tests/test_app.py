@@ -1619,3 +1619,16 @@ def test_the_preview_shows_a_character_split_over_tokens_once(monkeypatch, tmp_p
     assert len(e.input_ids) > len(spans) and not any("\ufffd" in text for text, _ in spans)
     assert (" 😀", None) in spans and (" 👋", "loss") in spans and spans[-1] == ("<|endoftext|>", "loss")
     assert "".join(text for text, _ in spans[:-1]) == "Instruction: Say hi 😀\nResponse: Hello 👋 there"
+
+
+def test_every_poll_takes_the_page_values_raw(monkeypatch, tmp_path):
+    """Resume (then Stop, Delete) polled with Gradio's preprocessing: a run picked for Try that had begun training
+    was no longer a choice, and the page popped "Value: <run id> is not in the list of choices: [<run ids>]"
+    (found by a hands-on trial). Every event that runs poll takes the values as sent, as the timer's does."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+
+    polls = [d for d in app.demo.fns.values() if getattr(d.fn, "__name__", "") == "poll"]
+    assert len(polls) >= 4  # the timer's, and after Stop, Resume and Delete
+    assert all(d.preprocess is False for d in polls), [d.preprocess for d in polls]
