@@ -1444,7 +1444,7 @@ def _progress_html(run) -> str:
                         "for it")
         elif run.status == "training":
             if run.eta is not None:
-                bits.append(f"ETA {int(run.eta // 60)}m {int(run.eta % 60):02d}s")
+                bits.append(f"ETA {_minutes(run.eta)}" + _past_the_limit(run))
             if run.tokens_per_sec:
                 bits.append(f"{run.tokens_per_sec:,.0f} tokens/s")
         if run.train_loss is not None:
@@ -1453,6 +1453,23 @@ def _progress_html(run) -> str:
                                                     else ""))
     return (f'<div class="jt-progress"><div class="jt-bar" style="width:{pct:.1f}%"></div></div>'
             f'<div class="jt-progress-text">{" · ".join(_escape(b) for b in bits)}</div>')
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+
+
+def _past_the_limit(run) -> str:
+    """What the time limit does to a training run whose ETA lies beyond it (said once the pace is known)."""
+    limit = REGISTRY.max_seconds
+    if not limit or not run.started or not run.eta or not run.total_steps:
+        return ""
+    left = max(0.0, run.started + limit - time.time())
+    if run.eta <= left:
+        return ""
+    near = run.step + (run.total_steps - run.step) * left / run.eta
+    return (f", past the time limit of {_minutes(limit)} (JAXTUNE_MAX_TRAIN_SECONDS): it stops in {_minutes(left)}, "
+            f"near step {near:,.0f}, and keeps what it learned")
 
 
 def _escape(text: str) -> str:

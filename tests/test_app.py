@@ -1632,3 +1632,22 @@ def test_every_poll_takes_the_page_values_raw(monkeypatch, tmp_path):
     polls = [d for d in app.demo.fns.values() if getattr(d.fn, "__name__", "") == "poll"]
     assert len(polls) >= 4  # the timer's, and after Stop, Resume and Delete
     assert all(d.preprocess is False for d in polls), [d.preprocess for d in polls]
+
+
+def test_a_run_whose_eta_passes_the_time_limit_says_where_the_limit_ends_it(monkeypatch, tmp_path):
+    """100,000 epochs started without a word and read 'ETA 649m 12s' under a 60-minute limit (a hands-on trial)."""
+    import time as clock
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+    from jaxtune.runs import Run
+
+    monkeypatch.setattr(app.REGISTRY, "max_seconds", 3600)
+    run = Run(id="x", dir=tmp_path, name="tiny", model="tiny", pairs=2, created=clock.time(), status="training",
+              started=clock.time() - 600, step=1000, total_steps=100_000, eta=38_952.0, tokens_per_sec=900.0)
+    line = app._progress_html(run)
+    assert "ETA 649m 12s, past the time limit of 60m 00s (JAXTUNE_MAX_TRAIN_SECONDS): it stops in 49m 5" in line
+    assert "near step 8,6" in line and "keeps what it learned" in line  # 1,000 + 99,000 x 3,000 / 38,952 = 8,625
+    run.eta = 2000.0  # within the limit: the ETA alone
+    assert "ETA 33m 20s ·" in app._progress_html(run) and "time limit" not in app._progress_html(run)
