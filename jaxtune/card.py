@@ -94,8 +94,8 @@ def model_card(config, *, run: dict | None = None, evaluation: list[dict] | None
                      "dequantized float32 weights, as the run computed." if quant and role == "merged" else ""), "",
                   "## Prompt format", "",
                   "The model was trained on `Instruction: {instruction}\\nResponse: {response}` followed by the "
-                  "end-of-text token, so give it the instruction and let it complete the response: it was taught to end the "
-                  "response with that token, where generation stops.", "",
+                  "end-of-text token, so give it the instruction and let it complete the response: it was taught "
+                  "to end the response with that token, where generation stops.", "",
                   "```", "Instruction: Where is my order?", "Response:", "```", ""]
     lines += ["## Use it", "", "```python",
               "from transformers import AutoTokenizer, GPT2LMHeadModel", "",

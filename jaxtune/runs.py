@@ -337,7 +337,8 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                 "pairs": len(report.pairs), "validation_pairs": len(val_pairs or []), "steps": trainer.step,
                 "seconds": trainer.elapsed_before + result.seconds, "device": f"{jax.devices()[0].device_kind} x{jax.device_count()}",
                 "final_loss": result.final_loss, "val_loss": val, "initial_val_loss": result.initial_val_loss,
-                "total_steps": trainer.total_steps, "cut_by_max_steps": trainer.cut_by_max_steps, "stopped": result.stopped, "best_step": result.best_step,
+                "total_steps": trainer.total_steps, "cut_by_max_steps": trainer.cut_by_max_steps,
+                "stopped": result.stopped, "best_step": result.best_step,
                 "resumes": fingerprint.get("resumes", [])}
     lora = bool(tcfg.lora_rank)
     from jaxtune.evaluate import FILES as EVAL_FILES

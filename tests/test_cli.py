@@ -100,7 +100,8 @@ def test_bad_data_is_reported_and_nothing_is_written(tmp_path, content, message)
 def test_unknown_model_and_existing_output(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS[:2])
     p = run("train", "--model", "nobody/nothing", "--data", str(data), "--output", str(tmp_path / "out"))
-    assert p.returncode == 2 and "'nobody/nothing': no folder nobody/nothing here, and not in the local Hugging Face cache" in p.stderr
+    assert p.returncode == 2 and "'nobody/nothing': no folder nobody/nothing here, and not in the local Hugging Face " \
+        "cache" in p.stderr
     assert not (tmp_path / "out").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
