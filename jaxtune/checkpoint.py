@@ -25,7 +25,8 @@ from jaxtune.config import PRESETS, ConfigError, GPT2Config
 from jaxtune.lora import has_lora, is_adapter_dir, load_adapter, save_adapter, without_adapters
 from jaxtune.model import GPT2LMHeadModel, abstract, build, check_model_and_tokenizer
 from jaxtune.quantize import dequantized, is_quantized
-from jaxtune.rundir import MANIFEST, RUN_RECORDS, RunDirError, foreign, manifest_text, owned, readable_by_all
+from jaxtune.rundir import (MANIFEST, RUN_RECORDS, RunDirError, foreign, manifest_text, owned, readable_by_all,
+                            within)
 
 log = logging.getLogger("jaxtune")
 
@@ -325,7 +326,7 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
     if directory.exists() and not directory.is_dir():
         raise RunDirError(f"{directory} is a file; give a directory to save the model in")
     base = adapter_base or getattr(model, "origin", None) if has_lora(model) else None
-    if base is not None and os.path.isabs(base) and _within(Path(base), directory):
+    if base is not None and os.path.isabs(base) and within(Path(base), directory):
         raise RunDirError(f"{directory} is where the adapters' base model is ({base}): saving the adapters there would "
                           "replace the base they name. Save them into another directory")
     others = foreign(directory)
@@ -389,12 +390,6 @@ def save(model: GPT2LMHeadModel, tokenizer, directory: str | os.PathLike, *, ext
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
-
-
-def _within(path: Path, folder: Path) -> bool:
-    """Whether `path` is `folder` or lies inside it."""
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
 
 
 def _fsync_tree(directory: Path) -> None:

@@ -91,6 +91,12 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def within(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it (links resolved): what replacing `folder` would delete."""
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
 def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = None, subfolder: bool = False,
                    reads: dict[str, str | None] | None = None) -> Path:
     """The directory a run writes to, checked before anything is read or trained: new or empty; the run being
@@ -123,9 +129,7 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
         return out  # a run that failed before its first step (out of memory, say) left nothing to keep
     if overwrite:
         for flag, path in (reads or {}).items():
-            inside = path and Path(path).expanduser().exists() and out.resolve() in (
-                Path(path).expanduser().resolve(), *Path(path).expanduser().resolve().parents)
-            if inside:
+            if path and Path(path).expanduser().exists() and within(Path(path).expanduser(), out):
                 raise RunDirError(f"{flag} {path} is inside --output {out}, which --overwrite replaces: the run would "
                                   f"delete what it reads, and name it afterwards. Copy it out of {out} first, or "
                                   "write the run to another directory")
