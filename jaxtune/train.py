@@ -372,7 +372,7 @@ class Trainer:
         encoded = self.encoded(pairs, cfg)
         # rows whose response max_length cuts off entirely carry no target: left out, and named in `dropped`
         self.examples, self.truncated, self.dropped = encoded.examples, encoded.truncated, encoded.dropped
-        self.val_examples = (self.encoded(validation_pairs, cfg, "validation_pairs").examples
+        self.val_examples = (self.encoded(validation_pairs, cfg).examples
                              if isinstance(validation_pairs, EncodedSet) or validation_pairs else [])
         # every epoch's batches are a function of (seed, epoch), planned when the epoch starts, so a resumed run
         # continues with exactly the batches the stopped run would have seen and no run holds more than one
@@ -452,14 +452,14 @@ class Trainer:
         batch = next(iter(self._batches()))[1] if batch is None else batch
         return self._step.lower(*self._step_args(batch, jax.random.key(0), jnp.asarray(True)))
 
-    def encoded(self, pairs, cfg: TrainConfig, what: str = "pairs") -> EncodedSet:
-        """Pairs tokenized once (`data.encode_pairs`), checked as a file's rows are (`data.as_pairs`); an EncodedSet
+    def encoded(self, pairs, cfg: TrainConfig) -> EncodedSet:
+        """Pairs (checked by `__init__` with `data.as_pairs`) tokenized once (`data.encode_pairs`); an EncodedSet
         (e.g. from `inspect_rows`) is taken as it is."""
         if isinstance(pairs, EncodedSet):
             if pairs.max_length != cfg.max_length:
                 raise TrainingError(f"the pairs were encoded for max_length={pairs.max_length}, not {cfg.max_length}")
             return pairs
-        return encode_pairs(self.tokenizer, as_pairs(pairs, what), loss_on=cfg.loss_on, max_length=cfg.max_length)
+        return encode_pairs(self.tokenizer, pairs, loss_on=cfg.loss_on, max_length=cfg.max_length)
 
     def plan(self, epoch: int) -> list:
         """Epoch `epoch`'s batches (rows of example indices); the last two planned are kept."""
