@@ -1944,9 +1944,19 @@ SUMMARY_COLUMNS = ["Model", "Val loss", "Perplexity", "ROUGE-L", "Exact match", 
 
 
 def _eval_pairs(source, file, instruction_column, response_column, table, validation_fraction, seed, max_length,
-                loss_on, session) -> tuple[list, str]:
-    """(held-out pairs, what they are) for Evaluate: the split a run of these settings holds out (the same pairs,
-    fraction and seed `jaxtune.runs.split_validation` uses), the bundled file, or an upload (read like the data's)."""
+                loss_on, session, runs=()) -> tuple[list, str]:
+    """(held-out pairs, what they are) for Evaluate: the split the first picked run held out (its own data.jsonl,
+    fraction and seed, whatever the page holds now), with no run the split a run of the page's settings would hold
+    out (`jaxtune.runs.split_validation`), the bundled file, or an upload (read like the data's)."""
+    if source == "split" and runs:
+        split = jaxtune.evaluate.run_pairs(runs[0].dir)
+        if split is None or split[1] is None:
+            raise gr.Error(f"The data of run {runs[0].name} is not on this server any more, so its validation split "
+                           "is not known. Pick the bundled held-out pairs or an upload.", title="No validation split")
+        if not split[1]:
+            raise gr.Error(f"Run {runs[0].name} held no pairs out (its validation fraction was 0): it trained on all "
+                           "of its data. Pick the bundled held-out pairs or an upload.", title="No validation split")
+        return split[1], split[2].replace("the run", runs[0].name, 1)
     if source == "split":
         fraction = _number("validation_fraction", validation_fraction)
         seed = _number("seed", seed)
@@ -2039,7 +2049,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
     max_new_tokens = _number("eval_max_new_tokens", max_new_tokens)
     models, base_name, base_seed = _eval_models(include_base, run_ids, model_name, seed, session)
     pairs, what = _eval_pairs(source, file, instruction_column, response_column, table, validation_fraction, seed,
-                              max_length, loss_on, session)
+                              max_length, loss_on, session, [run for _, run in models if run is not None])
     notes = [f"{len(pairs):,} held-out pairs: {what}"]
     if len(pairs) > MAX_EVAL_PAIRS:
         notes = [f"the first {MAX_EVAL_PAIRS:,} of {len(pairs):,} held-out pairs ({what}): this server evaluates at "
@@ -2461,7 +2471,7 @@ def build_app() -> gr.Blocks:
             with gr.Row(equal_height=True):
                 eval_source = gr.Radio([(label, key) for key, label in EVAL_SOURCES.items()], value="split",
                                        label="Held-out pairs", elem_id="eval-source", scale=3,
-                                       info=f"the split: step ②'s validation fraction and seed · bundled: "
+                                       info=f"the split: the pairs the first picked run held out (no run: step ②'s fraction and seed) · bundled: "
                                        f"{HELD_OUT_DATA.name} · an upload is read like step ①'s")
                 eval_upload = gr.File(label=f"Held-out pairs ({', '.join(UPLOAD_TYPES)})", elem_id="eval-upload",
                                       file_types=list(UPLOAD_TYPES), height=120, visible=False, scale=2)

@@ -180,7 +180,8 @@ def _eval_parser(sub):
     p.add_argument("--model", required=True, help="the run (model directory), hub id, 'tiny' or 'auto' to evaluate")
     p.add_argument("--compare", nargs="+", default=[], metavar="MODEL_OR_RUN",
                    help="more models or runs, evaluated on the same pairs (e.g. the base model)")
-    p.add_argument("--data", required=True, help="held-out pairs (.jsonl, .json, .csv, .tsv, .parquet or a data set)")
+    p.add_argument("--data", help="held-out pairs (.jsonl, .json, .csv, .tsv, .parquet or a data set); default: "
+                   "the pairs the --model run held out (its --validation-data, or its --validation-fraction split)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens (default 64)")
     p.add_argument("--output", help="folder for eval.json, eval.jsonl and eval.md (default: the --model folder)")
     p.add_argument("--batch-size", type=int, default=64, help="instructions answered together (default 64, fewer "

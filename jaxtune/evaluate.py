@@ -59,27 +59,42 @@ def _same(pair: Pair) -> tuple[str, str]:
     return " ".join(pair.instruction.split()), " ".join(pair.response.split())
 
 
-def training_overlap(model_dir, pairs: list[Pair]) -> int | None:
-    """How many of `pairs` a jaxtune run's model trained on: the data in its config.yaml, less the validation split
-    it held out (whitespace aside). Scores on such pairs are not held-out. None where it cannot be told: not a run
-    folder, or its data is not a local file (any more)."""
+def run_pairs(model_dir) -> tuple[list[Pair], list[Pair] | None, str] | None:
+    """(the pairs a jaxtune run trained on, the pairs it held out, what those are) from its config.yaml: its
+    --validation-data, or the seeded --validation-fraction split of its --data (held out: [] when it had neither,
+    None when its --validation-data is not a local file here).
+    None where it cannot be told: not a run folder, or its data is not a local file (any more)."""
     import yaml
 
     from jaxtune.runs import split_validation
 
     try:
         cfg = yaml.safe_load((Path(model_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
-        data = cfg.get("data")
+        data, validation = cfg.get("data"), cfg.get("validation_data")
         if not isinstance(data, str) or not Path(data).is_file():
             return None
-        trained = read_pairs(data, instruction_column=cfg.get("instruction_column"),  # a file: no split
-                             response_column=cfg.get("response_column"))
-        if not cfg.get("validation_data") and cfg.get("validation_fraction"):
-            trained = split_validation(trained, float(cfg["validation_fraction"]),
-                                       int((cfg.get("train") or {}).get("seed", 0)))[0]
+        cols = dict(instruction_column=cfg.get("instruction_column"), response_column=cfg.get("response_column"))
+        trained = read_pairs(data, **cols)  # a file: no split
+        if validation:  # None: a data set name, or a file that is not here any more
+            held = read_pairs(validation, **cols) if Path(validation).is_file() else None
+            return trained, held, f"{validation}, the run's --validation-data"
+        fraction, seed = float(cfg.get("validation_fraction") or 0), int((cfg.get("train") or {}).get("seed", 0))
+        if not fraction:
+            return trained, [], "no pairs: the run held none out"
+        trained, held = split_validation(trained, fraction, seed)
+        return trained, held, (f"the validation split the run held out: {len(held):,} of {len(trained) + len(held):,} "
+                               f"pairs of {Path(data).name} (fraction {fraction:g}, seed {seed})")
     except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, DataError):
         return None
-    seen = {_same(p) for p in trained}
+
+
+def training_overlap(model_dir, pairs: list[Pair]) -> int | None:
+    """How many of `pairs` a jaxtune run's model trained on (`run_pairs`), whitespace aside. Scores on such pairs
+    are not held-out. None where it cannot be told."""
+    split = run_pairs(model_dir)
+    if split is None:
+        return None
+    seen = {_same(p) for p in split[0]}
     return sum(_same(p) in seen for p in pairs)
 
 
@@ -364,11 +379,26 @@ def _writable_for_reports(path: Path, what: str) -> Path:
     return path
 
 
-def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str | None = None,
+def held_out_pairs(model_dir) -> tuple[list[Pair], str]:
+    """(pairs, what they are): the pairs a jaxtune run held out (`run_pairs`), for `eval` without --data."""
+    split = run_pairs(Path(model_dir).expanduser())
+    if split is None:
+        raise DataError(f"give --data: {model_dir} is not a jaxtune run folder whose config.yaml names a data file on "
+                        "this machine, so the pairs it held out are not known here")
+    if split[1] is None:
+        raise DataError(f"give --data: {split[2]}, is not a file on this machine")
+    if not split[1]:
+        raise DataError(f"give --data: {model_dir} held no pairs out (it ran with neither --validation-data nor "
+                        "--validation-fraction), so every pair of its data was trained on")
+    return split[1], split[2]
+
+
+def run(models: list[str], data: str | None, *, max_new_tokens: int = 64, output: str | None = None,
         batch_size: int = DEFAULT_BATCH_SIZE, allow_pickle: bool = False, instruction_column: str | None = None,
         response_column: str | None = None, base: str | None = None,
         log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
-    """What `python -m jaxtune eval` does: read the pairs, load and evaluate each model in turn, write the reports.
+    """What `python -m jaxtune eval` does: read the pairs (data None: those the first model's run held out), load
+    and evaluate each model in turn, write the reports.
     `base` loads every LoRA adapter among the models on that base instead of the one it names (a base that moved).
     Returns (results, written paths). Raises DataError or ModelLoadError with a message for the user."""
     from jaxtune.checkpoint import ModelLoadError, check_available, load
@@ -384,7 +414,10 @@ def run(models: list[str], data: str, *, max_new_tokens: int = 64, output: str |
     if base is not None and not adapters:
         raise ModelLoadError(f"--base {base} is for LoRA adapter folders, and none of {', '.join(map(str, models))} is "
                              "one: it would be ignored. Leave --base out")
-    pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)
+    if data is None:
+        pairs, data = held_out_pairs(models[0])
+    else:
+        pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)
     if not pairs:
         raise DataError(f"{data}: no held-out pairs")
     directory = report_directory(models, output)

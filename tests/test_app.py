@@ -1351,28 +1351,50 @@ def test_push_sends_the_adapter_or_the_merged_model(monkeypatch, tmp_path):
         hub.close()
 
 
-def test_evaluate_says_when_a_run_trained_on_the_pairs_it_is_scored_on(monkeypatch, tmp_path):
-    """The data's validation split follows the page's fraction and seed, not each run's: a run that trained on some
-    of those pairs (here one that held none out) is named, with how many, on the page and in eval.md."""
+def test_evaluate_scores_a_run_on_the_split_it_held_out_and_says_when_it_trained_on_the_pairs(monkeypatch, tmp_path):
+    """With a run picked, the validation split is the one that run held out, from its own data, fraction and seed,
+    whatever the page's table and settings are now (after a reload the table holds other rows, or only 200 of them);
+    a run that held none out says so. A run scored on pairs it trained on (an upload here) is named, with how many,
+    on the page and in eval.md."""
+    import gradio as gr
+
+    from jaxtune.config import RunConfig, TrainConfig
     from jaxtune.data import Pair
     from jaxtune.runs import split_validation
 
-    app, run = _finished_lora_run(monkeypatch, tmp_path, epochs=1)  # trained on Hi/Hello and Bye/Goodbye
+    app, run = _finished_lora_run(monkeypatch, tmp_path, epochs=1)  # trained on Hi/Hello and Bye/Goodbye, all of it
     session = app.Session()
     session.ids.append(run.id)
-    rows = [["Hi", "Hello"], ["Bye", "Goodbye"]] + [[f"Question {i}?", f"Answer {i}."] for i in range(6)]
-    held = split_validation([Pair(*r) for r in rows], 0.5, 1)[1]
-    seen = sum(p.instruction in ("Hi", "Bye") for p in held)
-    assert seen  # (seed 1 holds out at least one of them)
-    args = dict(EVAL_ARGS, table={"headers": ["Instruction", "Response"], "data": rows}, validation_fraction=0.5,
-                seed=1, include_base=False, run_ids=[run.id])
-    *_, (progress, _, _, session) = app.evaluate(**args, session=session)
-    said = f"{run.name} (LoRA r2) trained on {seen} of these {len(held)} pairs: its scores on them are not held-out"
+    args = dict(EVAL_ARGS, include_base=False, run_ids=[run.id])
+    with pytest.raises(gr.Error, match=f"Run {run.name} held no pairs out .its validation fraction was 0.: it "
+                                       "trained on all of its data. Pick the bundled held-out pairs or an upload"):
+        list(app.evaluate(**args, session=session))
+
+    pairs = [Pair(f"Question {i}?", f"Answer {i}.") for i in range(10)]
+    cfg = RunConfig(model="tiny", samples=0, validation_fraction=0.3,
+                    train=TrainConfig(batch_size=2, max_length=32, lora_rank=2, epochs=1, seed=5))
+    split = app.REGISTRY.start(cfg, pairs)
+    deadline = time.time() + 120
+    while split.status in ("queued", "training"):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    session.ids.append(split.id)
+    held = split_validation(pairs, 0.3, 5)[1]
+    *_, (progress, _, examples, session) = app.evaluate(**dict(args, run_ids=[split.id]), session=session)
+    assert [row[:2] for row in examples["value"].values.tolist()] == [[p.instruction, p.response] for p in held]
+    assert (f"3 held-out pairs: the validation split {split.name} held out: 3 of 10 pairs of data.jsonl (fraction "
+            "0.3, seed 5)") in progress and "⚠" not in progress  # the page's EIGHT rows, 0.25 and seed 3 unused
+
+    upload = tmp_path / "mixed.jsonl"
+    rows = [Pair("Hi", "Hello"), Pair("Question 1?", "Answer 1."), Pair("Where?", "Here.")]
+    upload.write_text("".join(json.dumps({"instruction": p.instruction, "response": p.response}) + "\n" for p in rows))
+    *_, (progress, _, _, session) = app.evaluate(**dict(args, source="upload", file=str(upload)), session=session)
+    said = f"{run.name} (LoRA r2) trained on 1 of these 3 pairs: its scores on them are not held-out"
     assert f"⚠ {said}" in progress
     report = Path(next(f for f in session.eval_reports if f.endswith("eval.md"))).read_text()
     assert f"**Warning:** {said}." in report
     assert json.loads(Path(next(f for f in session.eval_reports if f.endswith("eval.json"))).read_text())[
-        "models"][0]["trained_on"] == seen
+        "models"][0]["trained_on"] == 1
 
 
 def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatch, tmp_path):

@@ -112,6 +112,8 @@ def test_rouge_l_and_the_library_loss():
     (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/held_out.jsonl/x"], "the reports cannot be written"),
     (["--model", "{base}", "--data", "{tmp}/long.jsonl", "--output", "{tmp}/out"],  # it said 'prompt 2 of 2'
      "long.jsonl line 2: its prompt is"),
+    (["--model", "{base}", "--output", "{tmp}/out"],  # no --data, and not a run folder: its held-out pairs unknown
+     "give --data: {base} is not a jaxtune run folder"),
 ])
 def test_errors_are_clear(models, tmp_path, capsys, args, message):
     _, base, _ = models
@@ -119,7 +121,7 @@ def test_errors_are_clear(models, tmp_path, capsys, args, message):
     write_jsonl(tmp_path / "long.jsonl", [PAIRS[0], Pair("word " * 200, "ok")])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "eval.md").write_text("my own notes")  # never replaced, and said before any model answers
-    message = message.format(tmp=tmp_path)
+    message = message.format(tmp=tmp_path, base=base)
     args = [a.format(tmp=tmp_path, data=data, base=base) for a in args]
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err
@@ -163,6 +165,45 @@ def test_training_overlap_counts_the_pairs_a_run_trained_on(tmp_path):
     assert training_overlap(tmp_path / "run", spaced) == 3
     data.unlink()
     assert training_overlap(tmp_path / "run", PAIRS) is None and training_overlap(tmp_path, PAIRS) is None
+
+
+def test_eval_without_data_scores_the_pairs_the_run_held_out(models, tmp_path, capsys):
+    """`eval --model RUN` with no --data answers the validation split RUN held out (its config.yaml's data, fraction
+    and seed), or its --validation-data; a run that held nothing out, or whose file is gone, asks for --data."""
+    import shutil
+
+    import yaml
+
+    from jaxtune.runs import split_validation
+
+    _, base, _ = models
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    cfg = {"data": str(data), "validation_fraction": 0.5, "validation_data": None, "train": {"seed": 1}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    held = split_validation(PAIRS, 0.5, 1)[1]
+    assert main(["eval", "--model", str(run), "--max-new-tokens", "2"]) == 0
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in rows] == [p.instruction for p in held] and len(held) == 3
+    (summary,) = json.loads((run / "eval.json").read_text())["models"]
+    assert summary["examples"] == 3 and summary["trained_on"] == 0
+    assert "the validation split the run held out: 3 of 6 pairs of pairs.jsonl (fraction 0.5, seed 1)" in (
+        run / "eval.md").read_text()
+
+    other = write_jsonl(tmp_path / "other.jsonl", PAIRS[:2])
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "validation_data": str(other)}))
+    assert main(["eval", "--model", str(run), "--max-new-tokens", "2"]) == 0
+    assert [json.loads(line)["instruction"] for line in (run / "eval.jsonl").read_text().splitlines()] == [
+        p.instruction for p in PAIRS[:2]]
+    capsys.readouterr()
+    for change, message in [({"validation_fraction": 0.0}, f"give --data: {run} held no pairs out"),
+                            ({"validation_data": str(tmp_path / "gone.jsonl")},
+                             f"give --data: {tmp_path / 'gone.jsonl'}, the run's --validation-data, is not a file")]:
+        (run / "config.yaml").write_text(yaml.safe_dump({**cfg, **change}))
+        assert main(["eval", "--model", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and "loss on" not in err
 
 
 def test_the_cards_evaluation_is_eval_mds_table_with_its_warning_and_no_paths(tmp_path):
