@@ -226,6 +226,11 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     if cfg.model == "tiny" and tcfg.learning_rate < 1e-3 and not resume:
         log(f"note: tiny starts from random weights, and a learning rate of {tcfg.learning_rate:g} barely moves it in "
             "a short run; configs/cpu-quick.yaml trains it with 20 epochs at 5e-3")
+    if tcfg.warmup_steps >= trainer.total_steps > 1 and not resume:  # make_schedule cuts it to the run
+        log(f"note: the warmup of {plural(tcfg.warmup_steps, 'step')} is not shorter than the run's "
+            f"{plural(trainer.total_steps, 'step')}: the learning rate rises over {trainer.total_steps - 1} of them and "
+            f"reaches {tcfg.learning_rate:g} only at the last; lower the warmup steps (--warmup-steps), a tenth of the "
+            "run is common")
 
     checkpoints = out / "checkpoints"
     history = []

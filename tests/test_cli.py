@@ -149,11 +149,13 @@ def test_yaml_config_round_trip_repeats_the_run(tmp_path):
 def test_config_and_strict_errors(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", PAIRS[:3] + PAIRS[:1] + [{"instruction": "x", "response": "word " * 80}])
     p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "o"), "--max-length", "32",
-            "--epochs", "1")
+            "--epochs", "4")
     assert p.returncode == 0, p.stderr
     assert "warning: d.jsonl line 4: duplicate of d.jsonl line 1" in p.stderr
     assert "warning: d.jsonl line 5: longer than 32 tokens" in p.stderr
     assert "note: tiny starts from random weights, and a learning rate of 5e-05 barely moves it" in p.stderr
+    assert ("note: the warmup of 10 steps is not shorter than the run's 4 steps: the learning rate rises over 3 of "
+            "them and reaches 5e-05 only at the last") in p.stderr  # (the schedule cuts it to the run)
     p = run("train", "--model", "tiny", "--data", str(data), "--output", str(tmp_path / "s"), "--strict")
     assert p.returncode == 2 and "--strict" in p.stderr and not (tmp_path / "s").exists()
     bad = tmp_path / "bad.yaml"
