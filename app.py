@@ -1307,7 +1307,11 @@ def resume_run(run_id, session, request: gr.Request = None):
     try:
         REGISTRY.resume(run.id)
     except RunDirError as e:
-        raise gr.Error(str(e), title="Cannot resume")
+        further = "" if run.status != "finished" else (  # what to do instead: a public server reads no folder
+            " all of its steps. To train longer, start a new run with more epochs." if PUBLIC else
+            f" all of its steps. To train it further, start a new run from its model: put its folder ({run.dir}) in "
+            "the Model field.")
+        raise gr.Error(str(e) + further, title="Cannot resume")
     if run.id not in session.ids:
         session.ids.append(run.id)
     session.watch = session.pick = run.id

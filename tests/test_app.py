@@ -981,6 +981,9 @@ def test_resume_continues_a_stopped_run_and_delete_removes_it(app_url, stop_all)
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").open()]
     assert steps == list(range(1, 301))  # the first part from the checkpoint, the rest resumed: one history
     assert "resuming from the last checkpoint" in (folder / "train.log").read_text()
+    with pytest.raises(AppError, match=re.escape(f"cannot be resumed: it finished all of its steps. To train it "
+                                                 f"further, start a new run from its model: put its folder ({folder})")):
+        client.predict(run["id"], api_name="/resume")
     assert "Deleted" in client.predict(run["id"], api_name="/delete")
     assert not folder.exists() and run["id"] not in _runs(client)
 
