@@ -160,6 +160,11 @@ MAX_EVAL_RUNS = 4
 # Answers in batches of 16, not the library's 64, so progress moves every 16 answers: on 2 CPU cores the untrained
 # tiny model answered the 58 bundled pairs in 4.49 s so, against 4.31 s in one batch (compiled, 64 new tokens).
 EVAL_BATCH_SIZE = 16
+# One evaluation answers at a time (they would share the same cores); up to EVAL_WAITING more wait in the app's own
+# order, each page saying how many are ahead of it. Gradio's queue holds any beyond, as it holds other events.
+EVAL_WAITING = 4
+_EVAL_TURNS: list = []  # tickets of the evaluations that answer or wait, in order; the first one answers
+_EVAL_TURN = threading.Condition()
 # Gradio's cache (uploads, exported zips): every 30 minutes, files older than an hour are deleted; all at shutdown.
 DELETE_CACHE = (1800, 3600)
 
@@ -815,21 +820,22 @@ def remember_page(table, model_name, session):
 
 SETTINGS = ("loss_on", "precision", "method", "lora_rank", "epochs", "batch_size", "learning_rate", "max_length",
             "warmup_steps", "seed", "validation_fraction", "pack", "keep_best",  # the training settings and Try's
-            "temperature", "top_p", "max_new_tokens")                               # that a reload brings back
+            "temperature", "top_p", "max_new_tokens",                               # that a reload brings back,
+            "eval_source", "eval_base", "eval_max_new_tokens")                      # and Evaluate's
 
 
 def remember_settings(*values) -> dict:
-    """The training and Try settings as they are now, kept in the browser (gr.BrowserState) for a reload."""
+    """The training, Try and Evaluate settings as they are now, kept in the browser (gr.BrowserState) for a reload."""
     return dict(zip(SETTINGS, values))
 
 
 def _restored_setting(name: str, value):
     """A kept setting if it is still a value the server accepts, else gr.skip() (the field keeps its default)."""
-    choices = {"loss_on": LOSS_MODES, "precision": PRECISIONS, "method": METHODS}
+    choices = {"loss_on": LOSS_MODES, "precision": PRECISIONS, "method": METHODS, "eval_source": EVAL_SOURCES}
     try:
         if name in choices:
             return _choice(name, value, choices[name])
-        if name in ("pack", "keep_best"):
+        if name in ("pack", "keep_best", "eval_base"):
             return _flag(name, value)
         return _number(name, value)
     except gr.Error:
@@ -838,8 +844,8 @@ def _restored_setting(name: str, value):
 
 @_guarded
 def restore_page(page, settings=None):
-    """Page load: the table, the model field, the training and Try settings as they were before the reload. (The session
-    is attach's to make.)"""
+    """Page load: the table, the model field, the training, Try and Evaluate settings as they were before the reload.
+    (The session is attach's to make.)"""
     kept = [_restored_setting(n, settings[n]) if isinstance(settings, dict) and n in settings else gr.skip()
             for n in SETTINGS]
     if not isinstance(page, dict) or not page:
@@ -2064,6 +2070,13 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
                                                         for _, run in models[1:]):
         notes.append(f"the base is {base_name}, the first run's; other runs started from other models")
     state = {"model": 0, "answered": 0, "phase": "loading", "results": [], "error": None, "done": False}
+    heading = "; ".join(notes)
+    ticket = object()
+
+    def release():  # the next evaluation's turn: when this one's answering ends (or it never began)
+        with _EVAL_TURN:
+            _EVAL_TURNS.remove(ticket)
+            _EVAL_TURN.notify_all()
 
     def work():
         try:
@@ -2085,10 +2098,22 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
             state["error"] = e
         finally:
             state["done"] = True
+            release()
 
+    with _EVAL_TURN:
+        _EVAL_TURNS.append(ticket)
     worker = threading.Thread(target=work, daemon=True, name="jaxtune-evaluate")
-    worker.start()
-    heading = "; ".join(notes)
+    try:  # a page that leaves while it waits gives its place up (the generator is closed at its yield)
+        while ahead := _EVAL_TURNS.index(ticket):
+            yield (_eval_progress_html(0, f"waiting: {plural(ahead, 'evaluation')} on this server "
+                                          f"{'is' if ahead == 1 else 'are'} ahead of yours, and one answers at a time"
+                                          f" · {heading}"), gr.skip(), gr.skip(), session)
+            with _EVAL_TURN:  # until one ahead ends (or a while: the page's connection is checked at each yield)
+                _EVAL_TURN.wait_for(lambda: _EVAL_TURNS.index(ticket) < ahead, timeout=5)
+        worker.start()
+    finally:
+        if not worker.is_alive() and not state["done"]:
+            release()
     shown = None
     while not state["done"]:
         i, answered, phase = state["model"], state["answered"], state["phase"]
@@ -2535,7 +2560,8 @@ def build_app() -> gr.Blocks:
         demo.load(preview, preview_inputs, preview_outputs, api_name="preview", **raw)  # first: it owns the name
         demo.load(attach, [saved, session], [session, *view], **quiet, **raw)
         settings = [loss_on, precision, method, lora_rank, epochs, batch_size, learning_rate, max_length, warmup,
-                    seed, val_fraction, pack, keep_best, temperature, top_p, max_new]  # in SETTINGS' order
+                    seed, val_fraction, pack, keep_best, temperature, top_p, max_new,  # in SETTINGS' order
+                    eval_source, eval_base, eval_max_new]
         demo.load(restore_page, [page_state, settings_state], [table, model_name, data_note, applied, *settings], **quiet,
                   **raw).then(**private_preview)
         for widget in settings:
@@ -2609,7 +2635,8 @@ def build_app() -> gr.Blocks:
         eval_btn.click(evaluate, [eval_source, eval_upload, instruction_col, response_col, table, val_fraction, seed,
                                   max_length, loss_on, eval_base, eval_runs, eval_max_new, model_name, session],
                        [eval_progress, eval_summary, eval_examples, session], api_name="evaluate",
-                       concurrency_limit=1, concurrency_id="evaluate", show_progress="hidden", **raw) \
+                       concurrency_limit=1 + EVAL_WAITING, concurrency_id="evaluate", show_progress="hidden",
+                       **raw) \
             .success(eval_reports, session, eval_files, api_name="eval_reports", show_progress="hidden")
         push_btn.click(push_to_hub, [repo, token, private, run_pick, export_kind, session], [push_status, session],
                        api_name="push", **raw)

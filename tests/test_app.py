@@ -786,6 +786,10 @@ def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tm
     page.get_by_label("bfloat16").check()
     page.locator("#temperature input[type=number]").fill("0.7")
     page.locator("#temperature input[type=number]").press("Tab")
+    page.locator("#eval-source").get_by_label("Upload", exact=True).check()
+    page.locator("#eval-base input").uncheck()
+    page.locator("#eval-step").get_by_label("Max new tokens").fill("24")
+    page.locator("#eval-step").get_by_label("Max new tokens").press("Tab")
     page.wait_for_timeout(1500)  # the browser stores the page's state after each change
     page.reload()
     page.wait_for_function("() => document.querySelector('#counts') && "
@@ -795,6 +799,10 @@ def test_browser_reload_brings_back_the_table_and_the_model(app_url, browser, tm
     page.wait_for_function("() => document.querySelector('#val-fraction input[type=number]').value === '0.15'")
     assert page.get_by_label("Epochs").input_value() == "3" and page.get_by_label("bfloat16").is_checked()
     assert page.locator("#temperature input[type=number]").input_value() == "0.7"  # Try's settings too
+    page.locator("#eval-upload").wait_for(state="visible")  # Evaluate's settings: the upload box shows again
+    assert page.locator("#eval-source").get_by_label("Upload", exact=True).is_checked()
+    assert not page.locator("#eval-base input").is_checked()
+    assert page.locator("#eval-step").get_by_label("Max new tokens").input_value() == "24"
     assert page.get_by_label("Learning rate").input_value() == "0.005"  # tiny's default, as it was
     assert "Parcel 2 left." in page.locator("#pairs-table").inner_text()
     assert "reloaded" not in page.locator("#data-note").inner_text()
@@ -1398,6 +1406,27 @@ def test_evaluate_scores_a_run_on_the_split_it_held_out_and_says_when_it_trained
     assert f"**Warning:** {said}." in report
     assert json.loads(Path(next(f for f in session.eval_reports if f.endswith("eval.json"))).read_text())[
         "models"][0]["trained_on"] == 1
+
+
+def test_evaluations_answer_one_at_a_time_and_a_waiting_page_says_how_many_are_ahead(monkeypatch, tmp_path):
+    """A second and third browser's Evaluate wait their turn and say so on their page (it showed nothing); a page that
+    leaves while it waits gives its place up; each then answers in order, and no turn is left held."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+
+    args = dict(EVAL_ARGS, source="held-out", max_new_tokens=64)  # 58 pairs: seconds of answering
+    first, second, third = (app.evaluate(**args, session=app.Session()) for _ in range(3))
+    assert "waiting" not in next(first)[0]  # its turn at once: it answers
+    assert "waiting: 1 evaluation on this server is ahead of yours, and one answers at a time" in next(second)[0]
+    assert "waiting: 2 evaluations on this server are ahead of yours" in next(third)[0]
+    second.close()  # its page was closed
+    assert "waiting: 1 evaluation on this server is ahead of yours" in next(third)[0]
+    *_, (done, summary, _, _) = first
+    assert "1 model answered 58 pairs" in done and len(summary) == 1
+    said = [out[0] for out in third]
+    assert "1 model answered 58 pairs" in said[-1] and not any("waiting" in text for text in said)
+    assert app._EVAL_TURNS == []
 
 
 def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatch, tmp_path):
