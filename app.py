@@ -641,6 +641,7 @@ class Session:
         self.eval_reports: list[str] = []  # the last evaluation's report files
         self.delete_asked: tuple[str, float] | None = None  # (run id, when): the page's Delete, pressed once
         self.example_asked: float | None = None  # when the page's Load example data was pressed over rows of its own
+        self.undo: tuple | None = None  # (table rows, rest, source) an upload in the page replaced: Undo upload
         self._workdir: Path | None = None
         _SESSIONS.add(self)
 
@@ -888,16 +889,22 @@ def load_example_in_page(table, session, request: gr.Request = None):
     session = _session(session, request)
     rows = [r for r in _table_rows(table) if any(c.strip() for c in r)]
     example = [[p.instruction, p.response] for p in read_pairs(EXAMPLE_DATA)]
-    ours = rows in ([], example[:TABLE_ROWS], [list(r) for r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)])
     asked, session.example_asked = session.example_asked, None
-    if not ours and not (asked and time.monotonic() - asked < CONFIRM_SECONDS):
+    if _users_rows(rows) and not (asked and time.monotonic() - asked < CONFIRM_SECONDS):
         session.example_asked = time.monotonic()
         more = len(session.rest)
         held = f"{len(rows):,} rows" + (f" (and the {more:,} loaded pairs beyond them)" if more else "")
         return (gr.skip(), session, f"**Replace the table's {held} with the example data?** Press **Load example "
                 f"data** again within {CONFIRM_SECONDS} s to replace them.", gr.skip())
     frame, note = _loaded(session, example, EXAMPLE_DATA.name)
+    session.undo = None
     return frame, session, note, _rest_button(session)
+
+
+def _users_rows(rows: list[list[str]]) -> bool:
+    """Whether the table holds rows of the user's (typed, edited or uploaded), not only what the app put there."""
+    example = [[p.instruction, p.response] for p in read_pairs(EXAMPLE_DATA)]
+    return rows not in ([], example[:TABLE_ROWS], [list(r) for r in zip(REFERENCE_INSTRUCTIONS, REFERENCE_RESPONSES)])
 
 
 def _upload_path(file) -> tuple[str, str]:
@@ -938,7 +945,21 @@ def upload_in_page(file, instruction_column, response_column, table, session, re
     box or on the table) is taken. A refused file is a warning rather than an error: an error would also mark the
     table, an output, as failed, and cover its rows with a badge."""
     try:
-        return (*upload_file(file, instruction_column, response_column, table, session, request), None)
+        try:
+            before = [r for r in _table_rows(table) if any(c.strip() for c in r)]
+        except gr.Error:
+            before = []
+        session = _session(session, request)
+        held = (before, session.rest, session.source)
+        table, note, session = upload_file(file, instruction_column, response_column, table, session, request)
+        if file is None:  # the box was emptied: nothing was loaded
+            return table, note, session, None
+        session.undo = held if _users_rows(before) else None
+        if session.undo:
+            more = f" and the {len(held[1]):,} loaded pairs beyond them" if held[1] else ""
+            note = (f"**The upload replaced your {plural(len(before), 'row')}{more}.** **Undo upload** brings them "
+                    "back." + (f"\n\n{note}" if note else ""))
+        return table, note, session, None
     except gr.Error as e:
         title = e.title or "Could not read the file"
         gr.Warning(e.message, title=title)
@@ -983,6 +1004,21 @@ def use_table_only(session):
 
 def _rest_button(session):
     return gr.update(visible=isinstance(session, Session) and bool(session.rest))
+
+
+@_guarded
+def undo_upload(session, request: gr.Request = None):
+    """The page's Undo upload: the table, and any loaded pairs beyond it, as they were before the last upload."""
+    session = _session(session, request)
+    if not session.undo:
+        return gr.skip(), "Nothing to undo: the table is as the last load or edit left it.", session
+    rows, session.rest, session.source = session.undo
+    session.undo = None
+    return _frame(rows), _data_note(session), session
+
+
+def _undo_button(session):
+    return gr.update(visible=isinstance(session, Session) and bool(session.undo))
 
 
 def _token_spans(ids: list[int], mask: list[int]) -> list[tuple[str, str | None]]:
@@ -2391,6 +2427,7 @@ def build_app() -> gr.Blocks:
             with gr.Row():
                 data_note = gr.Markdown(elem_id="data-note")
                 table_only = gr.Button("Use the table only", elem_id="table-only", visible=False, size="sm", scale=0)
+                undo = gr.Button("Undo upload", elem_id="undo-upload", visible=False, size="sm", scale=0)
             with gr.Row(equal_height=True):
                 with gr.Column(scale=1):
                     example_btn = gr.Button("Load example data", elem_id="load-example")
@@ -2577,12 +2614,16 @@ def build_app() -> gr.Blocks:
         # after a load, what the page keeps is written again even when the table looks the same (the example's first
         # rows over themselves: no change event), or a reload would not say that the pairs beyond it stayed behind
         example_btn.click(load_example_in_page, [table, session], [table, session, data_note, table_only],
-                          api_visibility="private", **raw).then(**private_preview).then(**remember)
+                          api_visibility="private", **raw).then(_undo_button, session, undo, api_visibility="private") \
+            .then(**private_preview).then(**remember)
         example_api.click(load_example, session, [table, session], api_name="load_example", **raw)
         upload_inputs = [upload, instruction_col, response_col, table, session]
+        rest_and_undo = dict(fn=lambda s: (_rest_button(s), _undo_button(s)), inputs=session, outputs=[table_only, undo],
+                             api_visibility="private")
         upload.upload(upload_in_page, upload_inputs, [table, data_note, session, upload], **quiet, **raw) \
-            .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview) \
-            .then(**remember)
+            .then(**rest_and_undo).then(**private_preview).then(**remember)
+        undo.click(undo_upload, session, [table, data_note, session], **quiet, **raw).then(**rest_and_undo) \
+            .then(**private_preview).then(**remember)
         upload_api.click(upload_file, upload_inputs, [table, data_note, session], api_name="upload", **raw)
         table_only.click(use_table_only, session, [data_note, session], api_name="use_table_only") \
             .then(_rest_button, session, table_only, api_visibility="private").then(**private_preview) \

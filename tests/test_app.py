@@ -852,8 +852,16 @@ def test_browser_a_file_dropped_on_the_table_is_read_as_an_upload(app_url, brows
     page.wait_for_function("() => !document.querySelector('#upload').innerText.includes('bad')")  # emptied again
     assert "You are welcome" in page.locator("#pairs-table").inner_text()
     assert "3 pairs" in page.locator("#counts").inner_text()
+    assert not page.locator("#undo-upload").is_visible()  # the first upload replaced the app's starting rows
     page.evaluate(DROP_JS, ["dropped.tsv", "question\tanswer\nTabs?\tYes, tabs.\n"])  # the table's own hint offers TSV
     page.wait_for_function("() => document.body.innerText.includes('Loaded 1 pair from dropped.tsv')")
+    # over rows of the user's: replaced at once, and Undo upload brings them back
+    assert "The upload replaced your 3 rows. Undo upload brings them back." in page.locator("#data-note").inner_text()
+    page.locator("#undo-upload").click()
+    page.wait_for_function("() => document.querySelector('#counts').innerText.includes('3 pairs')")
+    assert "You are welcome" in page.locator("#pairs-table").inner_text()
+    assert "Tabs?" not in page.locator("#pairs-table").inner_text()
+    page.locator("#undo-upload").wait_for(state="hidden")
     page.close()
 
 
@@ -1427,6 +1435,29 @@ def test_evaluations_answer_one_at_a_time_and_a_waiting_page_says_how_many_are_a
     said = [out[0] for out in third]
     assert "1 model answered 58 pairs" in said[-1] and not any("waiting" in text for text in said)
     assert app._EVAL_TURNS == []
+
+
+def test_undo_upload_brings_back_the_rows_and_the_pairs_beyond_them(monkeypatch, tmp_path):
+    """An upload over the user's rows replaces them at once and keeps them for Undo upload: the table's rows and the
+    loaded pairs beyond them, with the file they came from. Over the app's own rows there is nothing to undo."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import app
+
+    big, small = tmp_path / "big.jsonl", tmp_path / "small.csv"
+    big.write_text("".join(json.dumps({"instruction": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(250)))
+    small.write_text("question,answer\nHi,Hello\n")
+    start = {"headers": app.HEADERS, "data": [list(r) for r in zip(app.REFERENCE_INSTRUCTIONS, app.REFERENCE_RESPONSES)]}
+    table, note, session, _ = app.upload_in_page(str(big), "", "", start, None)
+    assert session.undo is None and "replaced" not in note and len(session.rest) == 50
+    table, note, session, _ = app.upload_in_page(str(small), "", "", table, session)
+    assert "The upload replaced your 200 rows and the 50 loaded pairs beyond them." in note
+    assert table.values.tolist() == [["Hi", "Hello"]] and session.rest == []
+    table, note, session = app.undo_upload(session)
+    assert table.values.tolist() == [[f"Q{i}?", f"A{i}."] for i in range(200)]
+    assert session.rest == [[f"Q{i}?", f"A{i}."] for i in range(200, 250)] and session.source == "big.jsonl"
+    assert "Showing 200 of 250 pairs" in note and session.undo is None
+    assert "Nothing to undo" in app.undo_upload(session)[1]
 
 
 def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatch, tmp_path):
