@@ -156,10 +156,12 @@ def _pick(columns, wanted: str | None, candidates: tuple[str, ...], field: str, 
         if wanted not in columns:
             raise DataError(f"{where}: no {kind} {wanted!r} ({kind}s: {', '.join(map(str, columns))})")
         return wanted
-    lowered = {str(c).strip().lower(): c for c in reversed(list(columns))}  # "Instruction", as the app's table heads
+    lowered = None  # "Instruction", as the app's table heads: built for the first name not found as it is
     for name in candidates:
         if name in columns:
             return name
+        if lowered is None:
+            lowered = {str(c).strip().lower(): c for c in reversed(list(columns))}
         if name in lowered:
             return lowered[name]
     rename = (f"rename yours to {field!r}" if kind == "key" else

@@ -76,6 +76,15 @@ def has_lora(model) -> bool:
     return bool(getattr(model, "lora_info", None))
 
 
+def adapter_differences(model, rank: int, alpha: float | None, targets, dropout: float) -> list[str]:
+    """How the adapters a model carries differ from these settings ("lora_rank: 2 -> 4"); the same targets in
+    another order, or c_proj against attn.c_proj and mlp.c_proj, are the same."""
+    asked = (rank, float(alpha if alpha is not None else 2 * rank), tuple(targets), float(dropout))
+    names = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
+    same = lambda a, b: a == b or (isinstance(a, tuple) and set(_modules(a)) == set(_modules(b)))  # noqa: E731
+    return [f"{n}: {a!r} -> {b!r}" for n, a, b in zip(names, model.lora_info, asked) if not same(a, b)]
+
+
 def _adapted(model):
     """(PEFT module name, LoRA module) for every adapted projection."""
     for i, block in enumerate(model.h):

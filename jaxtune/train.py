@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxtune.data import (EncodedSet, Pair, as_pairs, batch_length, encode_pairs, epoch_batches, plan_epoch,
                           targets_size)
-from jaxtune.lora import LoRAParam, _modules, add_lora, has_lora
+from jaxtune.lora import LoRAParam, adapter_differences, add_lora, has_lora
 from jaxtune.quantize import quantize_base
 from jaxtune.rundir import verify_checksums, write_checksums
 from jaxtune.model import check_model_and_tokenizer
@@ -129,15 +129,11 @@ def prepare_model(model, cfg: TrainConfig):
                             "--lora-rank)")
     model.remat = cfg.remat  # static: part of the graph definition the step is traced from
     if cfg.lora_rank and has_lora(model):  # the adapters it carries train on: they must be the ones cfg asks for
-        alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank)
-        asked = (cfg.lora_rank, alpha, tuple(cfg.lora_targets), float(cfg.lora_dropout))
-        same = lambda a, b: a == b or (isinstance(a, tuple) and set(_modules(a)) == set(_modules(b)))  # noqa: E731
-        if not all(map(same, model.lora_info, asked)):
-            names = ("lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
-            diff = "; ".join(f"{n}: {a!r} -> {b!r}" for n, a, b in zip(names, model.lora_info, asked) if not same(a, b))
-            raise TrainingError(f"the model carries LoRA adapters with other settings than these ({diff}): training "
-                                "would go on with the ones it has. Give their settings to train them on, or start "
-                                "from a model without adapters (jaxtune.load again) for new ones")
+        diff = adapter_differences(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
+        if diff:
+            raise TrainingError(f"the model carries LoRA adapters with other settings than these ({'; '.join(diff)}): "
+                                "training would go on with the ones it has. Give their settings to train them on, or "
+                                "start from a model without adapters (jaxtune.load again) for new ones")
     if cfg.lora_rank and not has_lora(model):
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, dropout=cfg.lora_dropout, seed=cfg.seed)
     if cfg.lora_rank and cfg.quantize != "none":
