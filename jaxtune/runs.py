@@ -156,7 +156,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
     from jaxtune.generate import generate
     from jaxtune.model import num_params
     from jaxtune.sharding import initialize_distributed
-    from jaxtune.train import Trainer, offloads_by_default
+    from jaxtune.train import Trainer, make_schedule, offloads_by_default
 
     resume = Path(resume) if resume else None
     saved = resume_config(resume) if resume else None
@@ -211,6 +211,7 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         log(f"warning: batch_size {tcfg.batch_size} is more than the {held}; using {fits}")
         tcfg.batch_size = fits
     trainer = Trainer(model, tokenizer, encoded, tcfg, validation_pairs=val_pairs)
+    fingerprint["total_steps"] = trainer.total_steps  # kept with each checkpoint: a resume says when the plan changed
     if tcfg.lora_rank:
         adapters = sum(x.size for x in jax.tree.leaves(trainer.params))
         log(f"LoRA: rank {tcfg.lora_rank} on {', '.join(tcfg.lora_targets)}, {adapters:,} trainable parameters "
@@ -238,6 +239,12 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
         history = trainer.restore_checkpoint(resume / "checkpoints", warn=lambda m: log(f"warning: {m}"))
         _check_resume(resume, saved, cfg, fingerprint, trainer)
         log(f"resuming {resume} at step {trainer.step}/{trainer.total_steps}")
+        planned = trainer.checkpoint_extra.get("total_steps")  # (checkpoints written before it was kept: unknown)
+        if planned and planned != trainer.total_steps and trainer.step < trainer.total_steps:
+            before = float(make_schedule(tcfg, planned)(trainer.step))
+            log(f"note: the run now plans {plural(trainer.total_steps, 'step')}, not {planned:,}: its learning-rate "
+                f"schedule is recomputed over them, so step {trainer.step + 1} takes "
+                f"{float(trainer.learning_rate(trainer.step)):.3g} where the old plan gave {before:.3g}")
         changed = resume_changes(saved, cfg.to_dict())
         if (gone := moved_model(saved, cfg)) is not None:
             log(f"the run's model folder {gone} is gone: this resume reads {cfg.model} in its place, which must hold "
