@@ -1,5 +1,8 @@
 import sys
 
-from jaxtune.cli import main
+from jaxtune.launch import quiet_ctrl_c
+
+with quiet_ctrl_c():  # the rest of the command line's imports
+    from jaxtune.cli import main
 
 sys.exit(main())

@@ -14,12 +14,18 @@ evaluation start themselves once more with the tunable set (`os.execve`, the sam
 imported). A Python program of your own that imports jaxtune can get the same with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python my_script.py`. JAXTUNE_HUGE_PAGES=0 turns it off.
 `python -m jaxtune.launch` says whether this machine gets them.
+
+The same programs end with a line, not a traceback of the import, when Ctrl-C comes during their first seconds,
+while JAX is imported (`quiet_ctrl_c`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
@@ -77,6 +83,27 @@ def restart_with_huge_pages(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, "GLIBC_TUNABLES": tunables})
     except OSError:
         return  # cannot start again: run as it is
+
+
+@contextlib.contextmanager
+def quiet_ctrl_c(argv: list[str] | None = None):
+    """Within it, in one of jaxtune's own programs, Ctrl-C ends the program at once (exit status 130) with "aborted
+    by Ctrl-C": the imports it guards hold nothing to save. Elsewhere (a program of your own, a thread) it does
+    nothing; on leaving, SIGINT's handler is the one before."""
+    argv = list(sys.orig_argv if argv is None else argv)
+    if not _own_program(argv) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print("\naborted by Ctrl-C", file=sys.stderr, flush=True)
+        raise SystemExit(130)
+
+    before = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def anon_huge_pages_bytes(start: int, size: int) -> int:

@@ -255,6 +255,23 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_p
     assert f"| resumed | at step {len(cut)} |" in card and "repeats it (add" in card
 
 
+def test_ctrl_c_while_jax_is_imported_ends_with_a_line_not_a_traceback():
+    """The first seconds of every command import JAX; a Ctrl-C then printed Python's traceback of the import."""
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "jaxtune", "train", "--help"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not re.search(r"\|\s+jaxlib", line := proc.stderr.readline()):  # -X importtime: a line a module
+        assert line and time.time() < deadline, "jaxtune's imports ended before jaxlib was imported"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "\naborted by Ctrl-C\n" in err and "Traceback" not in err, err
+    assert "usage:" not in out  # it stopped in the imports, before the command ran
+
+
 def test_arguments_that_are_not_utf8_are_refused_before_anything_runs(tmp_path):
     """Bytes that are not UTF-8 (a terminal in another encoding) used to crash the tokenizer, or to train a whole run
     and then fail to write it into a folder of that name."""
