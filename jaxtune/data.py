@@ -142,7 +142,8 @@ class _BadRows:
         if n == 1:
             raise DataError(self.errors[0])
         if n and n == self.rows:
-            raise DataError(f"{self.errors[0]} (and each of the other {n - 1:,} rows has a problem too)")
+            raise DataError(f"{self.errors[0]} (and " + ("the other row has a problem too)" if n == 2 else
+                                                         f"each of the other {n - 1:,} rows has a problem too)"))
         if n:
             shown = "".join(f"\n- {e}" for e in self.errors[: self.SHOWN])
             raise DataError(f"{self.name}: {n:,} of {self.rows:,} rows cannot be used; fix or remove them and read the "

@@ -300,6 +300,10 @@ def test_a_file_with_several_bad_rows_names_them_all_in_one_reading(tmp_path):
     with pytest.raises(DataError, match=r"^all\.json item 1: no instruction field; .* \(and each of the other 2 rows "
                                         r"has a problem too\)$"):
         read_pairs(tmp_path / "all.json")
+    (tmp_path / "two.json").write_text(json.dumps([{"q": "a", "a": "b"}] * 2))  # one other row: said as one
+    with pytest.raises(DataError, match=r"^two\.json item 1: no instruction field; .* \(and the other row has a "
+                                        r"problem too\)$"):
+        read_pairs(tmp_path / "two.json")
 
 
 def test_a_json_error_reads_as_one_sentence(tmp_path):
