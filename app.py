@@ -1360,6 +1360,17 @@ def resume_run(run_id, session, request: gr.Request = None):
     return f"Resuming {run.name} from its last checkpoint."
 
 
+def resume_in_page(run_id, session, request: gr.Request = None):
+    """The page's Resume: as `resume_run`, and a refusal stays in the note beside the buttons (its advice, such as a
+    folder to copy into the Model field, would fade with the toast)."""
+    try:
+        return resume_run(run_id, session, request)
+    except gr.Error as e:
+        title = e.title or "Cannot resume"
+        gr.Warning(e.message, title=title)
+        return f"⚠ **{_escape(title)}:** {_escape(e.message)}"
+
+
 def remember_watched(session, saved):
     """This browser's run ids with the run the page now shows (a resumed one started elsewhere, say), so that a
     reload or a reopened tab finds it again."""
@@ -2507,6 +2518,7 @@ def build_app() -> gr.Blocks:
                 resume_btn = gr.Button("Resume", elem_id="resume", scale=1)
                 delete_btn = gr.Button("Delete", variant="stop", elem_id="delete", scale=1)
                 delete_api = gr.Button(visible=False)  # the API's /delete: at once
+                resume_api = gr.Button(visible=False)  # the API's /resume: a refusal is an error
             run_note = gr.Markdown(elem_id="run-note")
             run_action = gr.Markdown(elem_id="run-action")  # what Resume or Delete just did, beside them
 
@@ -2653,10 +2665,11 @@ def build_app() -> gr.Blocks:
         run_pick.input(pick_run, [run_pick, session], [session, *view], **quiet, **raw) \
             .then(lambda: "", None, run_action, **quiet)  # what Resume or Delete said was about the run before
         runs_table.select(pick_row, session, [session, *view], **quiet).then(lambda: "", None, run_action, **quiet)
-        resume_btn.click(resume_run, [run_pick, session], run_action, api_name="resume", **raw) \
-            .success(remember_watched, [session, saved], saved, **quiet, **raw) \
+        resume_btn.click(resume_in_page, [run_pick, session], run_action, **quiet, **raw) \
+            .then(remember_watched, [session, saved], saved, **quiet, **raw) \
             .then(lambda: "", None, stop_note, **quiet) \
             .then(poll, poll_inputs, [session, *view], **quiet, **raw)
+        resume_api.click(resume_run, [run_pick, session], run_action, api_name="resume", **raw)
         delete_btn.click(delete_in_page, [run_pick, session], run_action, **quiet, **raw) \
             .then(poll, poll_inputs, [session, *view], **quiet, **raw)
         delete_api.click(delete_run, [run_pick, session], run_action, api_name="delete", **raw)

@@ -1020,6 +1020,10 @@ def test_browser_resume_picks_the_run_and_a_reopened_tab_shows_it(app_url, brows
     page.locator("#resume").click()
     _wait_progress(page, r"step \d+\/5000")
     page.wait_for_function("n => document.querySelector('#run-pick input').value.startsWith(n)", arg=run["name"])
+    page.locator("#resume").click()  # again, while it trains: refused, in the note beside the buttons, which stays
+    page.wait_for_function("() => document.querySelector('#run-action').innerText.includes('Cannot resume:')")
+    page.wait_for_timeout(11_000)  # past the toast's life
+    assert f"{run['name']} cannot be resumed: it is still training" in page.locator("#run-action").inner_text()
     page.wait_for_timeout(1500)  # the browser stores its runs
     page.close()
     again = _open(browser, app_url, context)
