@@ -1235,7 +1235,9 @@ def _start_new(table, model_name, loss_on, epochs, batch_size, learning_rate, ma
                      "steps")
     lines.append(f"time limit: {MAX_TRAIN_SECONDS:,} s for the whole run (JAXTUNE_MAX_TRAIN_SECONDS), from when it "
                  "leaves the queue: loading, compiling and training")
-    return REGISTRY.start(cfg, pairs, name=_unique_name(time.strftime("%m-%d %H:%M:%S ") + name),
+    label = _model_label(name)
+    return REGISTRY.start(cfg, pairs, name=_unique_name(time.strftime("%m-%d %H:%M:%S ") +
+                                                        ("from " if label.startswith("run ") else "") + label),
                           note="\n".join(lines))
 
 
@@ -1601,6 +1603,18 @@ def _method_label(run) -> str:
                                                                          f" ({quantize} base)")
 
 
+def _model_label(name) -> str:
+    """A model as the page names it: a run of this server's by its name ("run 12-06 18:24:46 tiny"), another local
+    folder by its own name, a hub id or preset as it is. (A folder's server path tells a user nothing, and it pushed
+    the runs table's columns off the screen.)"""
+    path = Path(str(name)).expanduser()
+    if not path.is_absolute() and not str(name).startswith("."):
+        return str(name)  # a hub id or a preset (a relative folder is named as typed)
+    where = path.resolve()
+    run = next((r for r in REGISTRY.list() if r.dir.resolve() == where), None)
+    return f"run {run.name}" if run is not None else path.name or str(name)
+
+
 def _runs_frame(runs) -> pd.DataFrame:
     def loss(x):
         return "" if x is None else f"{x:.4f}"
@@ -1608,7 +1622,7 @@ def _runs_frame(runs) -> pd.DataFrame:
     def pairs(r):  # the pairs it trains on, and those it holds out for validation
         return f"{r.pairs - r.held_out:,}" + (f" + {r.held_out:,} held out" if r.held_out else "")
 
-    rows = [[r.name, r.model, _method_label(r), pairs(r),
+    rows = [[r.name, _model_label(r.model), _method_label(r), pairs(r),
              f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step or ""),
              loss(r.train_loss), loss(r.val_loss) + (f" (step {r.best_step}, kept)" if r.best_step not in (None, r.step)
                                                      else ""),
@@ -1976,7 +1990,7 @@ def _answers(instruction, temperature, top_p, max_new_tokens, model_name, run_a,
         else:
             model, tok = _tuned(run)
             streams.append((i, jaxtune.stream(model, tok, instruction, **kw)))
-    labels = [f"Base model: {base_name}"] + [f"Run {ab}" + (f": {run.name}" if run is not None else "")
+    labels = [f"Base model: {_model_label(base_name)}"] + [f"Run {ab}" + (f": {run.name}" if run is not None else "")
                                              for ab, run in zip("AB", chosen)]  # which answered what, by name
     yield tuple(texts), labels  # the notes on runs that cannot answer
     while streams:  # take turns, so the answers grow side by side
@@ -2068,7 +2082,7 @@ def _eval_models(include_base, run_ids, model_name, seed, session) -> tuple[list
     if not runs and not include_base:
         raise gr.Error("Pick the base model, a finished run, or both.", title="Nothing to evaluate")
     base_name, base_seed = _run_base(runs[0]) if runs else (_model_name(model_name), _number("seed", seed))
-    labels = jaxtune.evaluate._labels(([f"base: {base_name}"] if include_base else []) +
+    labels = jaxtune.evaluate._labels(([f"base: {_model_label(base_name)}"] if include_base else []) +
                                       [f"{r.name}" + ("" if _method_label(r) == "full" else f" ({_method_label(r)})")
                                        for r in runs])
     models = list(zip(labels, ([None] if include_base else []) + runs))
@@ -2115,7 +2129,7 @@ def evaluate(source, file, instruction_column, response_column, table, validatio
     notes.append(f"greedy answers of at most {max_new_tokens} new tokens")
     if len(models) > 1 and models[0][1] is None and any(_run_base(run) != (base_name, base_seed)
                                                         for _, run in models[1:]):
-        notes.append(f"the base is {base_name}, the first run's; other runs started from other models")
+        notes.append(f"the base is {_model_label(base_name)}, the first run's; other runs started from other models")
     state = {"model": 0, "answered": 0, "phase": "loading", "results": [], "error": None, "done": False}
     heading = "; ".join(notes)
     ticket = object()

@@ -1464,6 +1464,29 @@ def test_undo_upload_brings_back_the_rows_and_the_pairs_beyond_them(monkeypatch,
     assert "Nothing to undo" in app.undo_upload(session)[1]
 
 
+def test_a_run_started_from_a_runs_folder_is_named_after_that_run_not_its_server_path(monkeypatch, tmp_path):
+    """Resume's advice for a finished run is to start a new one from its folder: the new run, the runs table, Try and
+    Evaluate then name its model "run <name>" (a server path pushed the runs table's columns off the screen)."""
+    app, run = _finished_lora_run(monkeypatch, tmp_path, epochs=1)
+    assert app._model_label(str(run.dir)) == f"run {run.name}" and app._model_label("gpt2") == "gpt2"
+    (tmp_path / "mine").mkdir()
+    assert app._model_label(str(tmp_path / "mine")) == "mine"  # another local folder: its own name
+    session = app.Session()
+    table = {"headers": ["Instruction", "Response"], "data": [["Hi", "Hello"], ["Bye", "Goodbye"]]}
+    new = app._start_new(table, str(run.dir), "response", 1, 2, 3e-3, 32, 0, 0, "float32", 0, False, "LoRA", 2, False,
+                         session=session)
+    session.ids.append(new.id)
+    assert new.name.endswith(f" from run {run.name}") and str(run.dir) not in new.name
+    deadline = time.time() + 120
+    while new.status in ("queued", "training"):
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert new.status == "finished", new.message
+    assert app._runs_frame([new]).loc[0, "Model"] == f"run {run.name}"
+    models, base, _ = app._eval_models(True, [new.id], "tiny", 0, session)
+    assert base == str(run.dir) and models[0][0] == f"base: run {run.name}"
+
+
 def test_a_new_model_replaces_the_defaults_and_keeps_each_typed_value(monkeypatch, tmp_path):
     """Field by field: a value the user typed stays, the others take the new model's defaults (one typed value used
     to keep every field, the old model's defaults included); a name that is no model is said to be none."""
