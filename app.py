@@ -2112,7 +2112,22 @@ def _examples_frame(results, pairs):
 def evaluate(source, file, instruction_column, response_column, table, validation_fraction, seed, max_length, loss_on,
              include_base, run_ids, max_new_tokens, model_name, session=None, request: gr.Request = None):
     """The base model and finished runs answer held-out pairs (greedy, batched) and are scored side by side:
-    progress while they answer, then the summary, every answer, and the reports (eval.md, eval.json, eval.jsonl)."""
+    progress while they answer, then the summary, every answer, and the reports (eval.md, eval.json, eval.jsonl).
+    An evaluation refused or failed says so in the progress line, where the last one's figures would stay looking
+    current once the message fades."""
+    try:
+        yield from _evaluate(source, file, instruction_column, response_column, table, validation_fraction, seed,
+                             max_length, loss_on, include_base, run_ids, max_new_tokens, model_name, session, request)
+    except Exception as e:
+        said = e.message if isinstance(e, gr.Error) else "it failed on the server: see the message"
+        before = " The tables below are the evaluation before." if isinstance(session, Session) and \
+            session.eval_reports else ""
+        yield _eval_progress_html(0, f"⚠ Not evaluated: {said}{before}"), gr.skip(), gr.skip(), gr.skip()
+        raise
+
+
+def _evaluate(source, file, instruction_column, response_column, table, validation_fraction, seed, max_length, loss_on,
+              include_base, run_ids, max_new_tokens, model_name, session, request):
     from jaxtune.evaluate import evaluate_model, report_warnings, training_overlap, write_reports
 
     session = _session(session, request)

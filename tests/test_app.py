@@ -1389,9 +1389,12 @@ def test_evaluate_scores_a_run_on_the_split_it_held_out_and_says_when_it_trained
     session = app.Session()
     session.ids.append(run.id)
     args = dict(EVAL_ARGS, include_base=False, run_ids=[run.id])
+    said = []
     with pytest.raises(gr.Error, match=f"Run {run.name} held no pairs out .its validation fraction was 0.: it "
                                        "trained on all of its data. Pick the bundled held-out pairs or an upload"):
-        list(app.evaluate(**args, session=session))
+        for out in app.evaluate(**args, session=session):
+            said.append(out[0])
+    assert len(said) == 1 and "⚠ Not evaluated: Run" in said[0] and "evaluation before" not in said[0]
 
     pairs = [Pair(f"Question {i}?", f"Answer {i}.") for i in range(10)]
     cfg = RunConfig(model="tiny", samples=0, validation_fraction=0.3,
@@ -1418,6 +1421,10 @@ def test_evaluate_scores_a_run_on_the_split_it_held_out_and_says_when_it_trained
     assert f"**Warning:** {said}." in report
     assert json.loads(Path(next(f for f in session.eval_reports if f.endswith("eval.json"))).read_text())[
         "models"][0]["trained_on"] == 1
+    with pytest.raises(gr.Error):  # refused after an evaluation: the page says its tables are the one before
+        for out in app.evaluate(**dict(args, run_ids=[run.id]), session=session):
+            said = out[0]
+    assert "⚠ Not evaluated: Run" in said and "The tables below are the evaluation before." in said
 
 
 def test_evaluations_answer_one_at_a_time_and_a_waiting_page_says_how_many_are_ahead(monkeypatch, tmp_path):
