@@ -641,7 +641,8 @@ class Session:
         self.eval_reports: list[str] = []  # the last evaluation's report files
         self.delete_asked: tuple[str, float] | None = None  # (run id, when): the page's Delete, pressed once
         self.example_asked: float | None = None  # when the page's Load example data was pressed over rows of its own
-        self.undo: tuple | None = None  # (table rows, rest, source) an upload in the page replaced: Undo upload
+        self.undo: tuple | None = None  # (table rows, rest, source, rows the upload showed): for Undo upload
+        self.undo_asked: float | None = None  # when Undo upload was pressed over edits made since the upload
         self._workdir: Path | None = None
         _SESSIONS.add(self)
 
@@ -954,7 +955,7 @@ def upload_in_page(file, instruction_column, response_column, table, session, re
         table, note, session = upload_file(file, instruction_column, response_column, table, session, request)
         if file is None:  # the box was emptied: nothing was loaded
             return table, note, session, None
-        session.undo = held if _users_rows(before) else None
+        session.undo = (*held, _table_rows(table)) if _users_rows(before) else None
         if session.undo:
             more = f" and the {len(held[1]):,} loaded pairs beyond them" if held[1] else ""
             note = (f"**The upload replaced your {plural(len(before), 'row')}{more}.** **Undo upload** brings them "
@@ -1007,13 +1008,22 @@ def _rest_button(session):
 
 
 @_guarded
-def undo_upload(session, request: gr.Request = None):
-    """The page's Undo upload: the table, and any loaded pairs beyond it, as they were before the last upload."""
+def undo_upload(table, session, request: gr.Request = None):
+    """The page's Undo upload: the table, and any loaded pairs beyond it, as they were before the last upload. Over
+    edits made to the uploaded rows since, the first press says they would go and a second within CONFIRM_SECONDS
+    undoes."""
     session = _session(session, request)
     if not session.undo:
         return gr.skip(), "Nothing to undo: the table is as the last load or edit left it.", session
-    rows, session.rest, session.source = session.undo
-    session.undo = None
+    rows, rest, source, shown = session.undo
+    asked, session.undo_asked = session.undo_asked, None
+    if _table_rows(table) != shown and not (asked and time.monotonic() - asked < CONFIRM_SECONDS):
+        session.undo_asked = time.monotonic()
+        more = f" and the {len(rest):,} loaded pairs beyond them" if rest else ""
+        return (gr.skip(), f"**The uploaded rows were edited since.** Undo upload brings back your "
+                f"{plural(len(rows), 'row')}{more} and drops those edits: press **Undo upload** again within "
+                f"{CONFIRM_SECONDS} s to do so.", session)
+    session.rest, session.source, session.undo = rest, source, None
     return _frame(rows), _data_note(session), session
 
 
@@ -2464,8 +2474,8 @@ def build_app() -> gr.Blocks:
                                  headers=HEADERS, column_count=(2, "fixed"), row_count=(2, "dynamic"),
                                  datatype=["str", "str"], interactive=True, wrap=True, label="Pairs",
                                  elem_id="pairs-table", max_height=360, column_widths=["35%", "65%"])
+            data_note = gr.Markdown(elem_id="data-note")  # the whole width: on a phone, buttons beside it squeezed it
             with gr.Row():
-                data_note = gr.Markdown(elem_id="data-note")
                 table_only = gr.Button("Use the table only", elem_id="table-only", visible=False, size="sm", scale=0)
                 undo = gr.Button("Undo upload", elem_id="undo-upload", visible=False, size="sm", scale=0)
             with gr.Row(equal_height=True):
@@ -2663,7 +2673,7 @@ def build_app() -> gr.Blocks:
                              api_visibility="private")
         upload.upload(upload_in_page, upload_inputs, [table, data_note, session, upload], **quiet, **raw) \
             .then(**rest_and_undo).then(**private_preview).then(**remember)
-        undo.click(undo_upload, session, [table, data_note, session], **quiet, **raw).then(**rest_and_undo) \
+        undo.click(undo_upload, [table, session], [table, data_note, session], **quiet, **raw).then(**rest_and_undo) \
             .then(**private_preview).then(**remember)
         upload_api.click(upload_file, upload_inputs, [table, data_note, session], api_name="upload", **raw)
         table_only.click(use_table_only, session, [data_note, session], api_name="use_table_only") \

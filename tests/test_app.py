@@ -1453,6 +1453,8 @@ def test_undo_upload_brings_back_the_rows_and_the_pairs_beyond_them(monkeypatch,
     loaded pairs beyond them, with the file they came from. Over the app's own rows there is nothing to undo."""
     monkeypatch.syspath_prepend(str(ROOT))
     monkeypatch.setenv("JAXTUNE_RUNS_DIR", str(tmp_path / "runs"))
+    import gradio as gr
+
     import app
 
     big, small = tmp_path / "big.jsonl", tmp_path / "small.csv"
@@ -1464,11 +1466,19 @@ def test_undo_upload_brings_back_the_rows_and_the_pairs_beyond_them(monkeypatch,
     table, note, session, _ = app.upload_in_page(str(small), "", "", table, session)
     assert "The upload replaced your 200 rows and the 50 loaded pairs beyond them." in note
     assert table.values.tolist() == [["Hi", "Hello"]] and session.rest == []
-    table, note, session = app.undo_upload(session)
+    edited = {"headers": app.HEADERS, "data": [["Hi", "Hello there"]]}  # edited since the upload: the first press asks
+    skipped, note, session = app.undo_upload(edited, session)
+    assert ("**The uploaded rows were edited since.** Undo upload brings back your 200 rows and the 50 loaded pairs "
+            "beyond them and drops those edits") in note
+    assert skipped == gr.skip() and session.rest == []
+    table, note, session = app.undo_upload(edited, session)  # the second undoes
     assert table.values.tolist() == [[f"Q{i}?", f"A{i}."] for i in range(200)]
     assert session.rest == [[f"Q{i}?", f"A{i}."] for i in range(200, 250)] and session.source == "big.jsonl"
     assert "Showing 200 of 250 pairs" in note and session.undo is None
-    assert "Nothing to undo" in app.undo_upload(session)[1]
+    assert "Nothing to undo" in app.undo_upload(table, session)[1]
+    table, note, session, _ = app.upload_in_page(str(small), "", "", table, session)  # not edited: undone at once
+    table, note, session = app.undo_upload(table, session)
+    assert len(table) == 200 and len(session.rest) == 50
 
 
 def test_a_run_started_from_a_runs_folder_is_named_after_that_run_not_its_server_path(monkeypatch, tmp_path):
