@@ -88,16 +88,16 @@ def restart_with_huge_pages(argv: list[str] | None = None) -> None:
 @contextlib.contextmanager
 def quiet_ctrl_c(argv: list[str] | None = None):
     """Within it, in one of jaxtune's own programs, Ctrl-C ends the program at once (exit status 130) with "aborted
-    by Ctrl-C": the imports it guards hold nothing to save. Elsewhere (a program of your own, a thread) it does
+    by Ctrl-C": the imports it guards hold nothing to save or clean up. Elsewhere (a program of your own, a thread) it does
     nothing; on leaving, SIGINT's handler is the one before."""
     argv = list(sys.orig_argv if argv is None else argv)
     if not _own_program(argv) or threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def stop(signum, frame):
-        print("\naborted by Ctrl-C", file=sys.stderr, flush=True)
-        raise SystemExit(130)
+    def stop(signum, frame):  # at once: an exception raised here can land in a garbage-collection callback of
+        print("\naborted by Ctrl-C", file=sys.stderr, flush=True)  # JAX's, which Python prints and ignores
+        os._exit(130)
 
     before = signal.signal(signal.SIGINT, stop)
     try:
