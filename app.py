@@ -2032,8 +2032,8 @@ def _eval_pairs(source, file, instruction_column, response_column, table, valida
     if source == "split" and runs:
         split = jaxtune.evaluate.run_pairs(runs[0].dir)
         if split is None or split[1] is None:
-            raise gr.Error(f"The data of run {runs[0].name} is not on this server any more, so its validation split "
-                           "is not known. Pick the bundled held-out pairs or an upload.", title="No validation split")
+            raise gr.Error(f"The data of run {runs[0].name} is not on this server any more, so the pairs it held out "
+                           "are not known. Pick the bundled held-out pairs or an upload.", title="No validation split")
         if not split[1]:
             raise gr.Error(f"Run {runs[0].name} held no pairs out (its validation fraction was 0): it trained on all "
                            "of its data. Pick the bundled held-out pairs or an upload.", title="No validation split")

@@ -199,12 +199,12 @@ def _resumes(run: dict) -> str | None:
 
 def _evaluation_lines(rows: list[dict], data: str | None = None, max_new_tokens: int | None = None) -> list[str]:
     """The card's evaluation section: eval.md's summary table (its columns, headers and figures) and its warnings."""
-    from jaxtune.evaluate import held_out_words, summary_markdown, warning_lines
+    from jaxtune.evaluate import data_words, held_out_words, summary_markdown, warning_lines
 
     lines = ["## Evaluation", ""]
     if data:
         most = f" of at most {max_new_tokens} new tokens" if max_new_tokens else ""
-        lines += [f"Greedy answers{most} to the {held_out_words(rows)} in `{data}`, scored against their references "
+        lines += [f"Greedy answers{most} to the {held_out_words(rows)} in {data_words(data)}, scored against their references "
                   "(`python -m jaxtune eval`):", ""]
     return lines + summary_markdown(rows) + warning_lines(rows) + [""]
 
@@ -252,7 +252,7 @@ def add_evaluation(readme: Path, rows: list[dict], *, data: str, max_new_tokens:
     if "## Evaluation" in text:
         start = text.index("## Evaluation")
         end = text.find("\n## ", start + 1)
-        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
     elif "## Limitations" in text:
         at = text.index("## Limitations")
         text = text[:at] + section + "\n" + text[at:]

@@ -59,11 +59,11 @@ def _same(pair: Pair) -> tuple[str, str]:
     return " ".join(pair.instruction.split()), " ".join(pair.response.split())
 
 
-def run_pairs(model_dir) -> tuple[list[Pair], list[Pair] | None, str] | None:
+def run_pairs(model_dir) -> tuple[list[Pair] | None, list[Pair] | None, str] | None:
     """(the pairs a jaxtune run trained on, the pairs it held out, what those are) from its config.yaml: its
-    --validation-data, or the seeded --validation-fraction split of its --data (held out: [] when it had neither,
-    None when its --validation-data is not a local file here).
-    None where it cannot be told: not a run folder, or its data is not a local file (any more)."""
+    --validation-data, or the seeded --validation-fraction split of its --data (held out: [] when it had neither).
+    Either list is None where it cannot be told here (a data set name, a file moved or unreadable), and `what` then
+    says why; None for a folder that is not a jaxtune run's."""
     import yaml
 
     from jaxtune.runs import split_validation
@@ -71,28 +71,38 @@ def run_pairs(model_dir) -> tuple[list[Pair], list[Pair] | None, str] | None:
     try:
         cfg = yaml.safe_load((Path(model_dir) / "config.yaml").read_text(encoding="utf-8")) or {}
         data, validation = cfg.get("data"), cfg.get("validation_data")
-        if not isinstance(data, str) or not Path(data).is_file():
-            return None
-        cols = dict(instruction_column=cfg.get("instruction_column"), response_column=cfg.get("response_column"))
-        trained = read_pairs(data, **cols)  # a file: no split
-        if validation:  # None: a data set name, or a file that is not here any more
-            held = read_pairs(validation, **cols) if Path(validation).is_file() else None
-            return trained, held, f"{validation}, the run's --validation-data"
         fraction, seed = float(cfg.get("validation_fraction") or 0), int((cfg.get("train") or {}).get("seed", 0))
-        if not fraction:
-            return trained, [], "no pairs: the run held none out"
-        trained, held = split_validation(trained, fraction, seed)
-        return trained, held, (f"the validation split the run held out: {len(held):,} of {len(trained) + len(held):,} "
-                               f"pairs of {Path(data).name} (fraction {fraction:g}, seed {seed})")
-    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError, DataError):
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
         return None
+    cols = dict(instruction_column=cfg.get("instruction_column"), response_column=cfg.get("response_column"))
+    try:
+        trained = read_pairs(data, **cols) if isinstance(data, str) and Path(data).is_file() else None  # no split
+        if validation:
+            if not Path(validation).is_file():
+                return trained, None, f"its --validation-data {validation} is not a file on this machine"
+            return trained, read_pairs(validation, **cols), f"{Path(validation).name}, the run's --validation-data"
+    except DataError as e:
+        return None, None, f"its data cannot be read ({e})"
+    if not fraction:
+        return trained, [], "no pairs: the run held none out"
+    if trained is None:
+        return None, None, f"its --data {data} is not a file on this machine (any more)"
+    trained, held = split_validation(trained, fraction, seed)
+    return trained, held, (f"the validation split the run held out: {len(held):,} of {len(trained) + len(held):,} "
+                           f"pairs of {Path(data).name} (fraction {fraction:g}, seed {seed})")
+
+
+def data_words(data: str) -> str:
+    """The held-out pairs as reports name them: a file or data set name as code, a description (`run_pairs`) as
+    it reads."""
+    return data if any(c.isspace() for c in data) else f"`{data}`"
 
 
 def training_overlap(model_dir, pairs: list[Pair]) -> int | None:
     """How many of `pairs` a jaxtune run's model trained on (`run_pairs`), whitespace aside. Scores on such pairs
     are not held-out. None where it cannot be told."""
     split = run_pairs(model_dir)
-    if split is None:
+    if split is None or split[0] is None:
         return None
     seen = {_same(p) for p in split[0]}
     return sum(_same(p) in seen for p in pairs)
@@ -244,7 +254,7 @@ def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_
              examples: int = 100) -> str:
     """The report: the summary table, then the first `examples` answers beside their references."""
     lines = ["# Evaluation", "",
-             f"{len(pairs)} {held_out_words(results)} from `{data}`; greedy answers of at most {max_new_tokens} new "
+             f"{len(pairs)} {held_out_words(results)} from {data_words(data)}; greedy answers of at most {max_new_tokens} new "
              "tokens. Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: whitespace-normalised. Stop rate: "
              "answers that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
              *summary_markdown(results)]
@@ -348,9 +358,15 @@ def _labels(names: list[str]) -> list[str]:
 def report_directory(models: list[str], output: str | None) -> Path:
     """--output, else the first model's directory when it is a local folder; a DataError says what to pass."""
     if output:
+        from jaxtune.rundir import MANIFEST
+
         path = Path(output)
         if path.exists() and not path.is_dir():
             raise DataError(f"--output {path}: a file is in the way; give a folder")
+        given = {Path(m).expanduser().resolve() for m in models if Path(m).expanduser().is_dir()}
+        if (path / MANIFEST).exists() and path.resolve() not in given:  # its card and reports are its own model's
+            raise DataError(f"--output {path} is the folder of another run, whose model card and eval reports are "
+                            "about its own model; give --output with a new folder (or evaluate that run with --model)")
     elif Path(models[0]).is_dir():
         path = Path(models[0])
     else:
@@ -383,10 +399,10 @@ def held_out_pairs(model_dir) -> tuple[list[Pair], str]:
     """(pairs, what they are): the pairs a jaxtune run held out (`run_pairs`), for `eval` without --data."""
     split = run_pairs(Path(model_dir).expanduser())
     if split is None:
-        raise DataError(f"give --data: {model_dir} is not a jaxtune run folder whose config.yaml names a data file on "
-                        "this machine, so the pairs it held out are not known here")
+        raise DataError(f"give --data: {model_dir} is not a jaxtune run folder (it has no readable config.yaml), so "
+                        "the pairs it held out are not known")
     if split[1] is None:
-        raise DataError(f"give --data: {split[2]}, is not a file on this machine")
+        raise DataError(f"give --data: the pairs {model_dir} held out are not known here: {split[2]}")
     if not split[1]:
         raise DataError(f"give --data: {model_dir} held no pairs out (it ran with neither --validation-data nor "
                         "--validation-fraction), so every pair of its data was trained on")
@@ -416,6 +432,7 @@ def run(models: list[str], data: str | None, *, max_new_tokens: int = 64, output
                              "one: it would be ignored. Leave --base out")
     if data is None:
         pairs, data = held_out_pairs(models[0])
+        log(f"held-out pairs: {data}")
     else:
         pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)
     if not pairs:

@@ -113,7 +113,9 @@ def test_rouge_l_and_the_library_loss():
     (["--model", "{base}", "--data", "{tmp}/long.jsonl", "--output", "{tmp}/out"],  # it said 'prompt 2 of 2'
      "long.jsonl line 2: its prompt is"),
     (["--model", "{base}", "--output", "{tmp}/out"],  # no --data, and not a run folder: its held-out pairs unknown
-     "give --data: {base} is not a jaxtune run folder"),
+     "give --data: {base} is not a jaxtune run folder (it has no readable config.yaml)"),
+    (["--model", "{base}", "--data", "{data}", "--output", "{tmp}/other"],  # it rewrote the other run's card
+     "--output {tmp}/other is the folder of another run, whose model card and eval reports are about its own model"),
 ])
 def test_errors_are_clear(models, tmp_path, capsys, args, message):
     _, base, _ = models
@@ -121,6 +123,8 @@ def test_errors_are_clear(models, tmp_path, capsys, args, message):
     write_jsonl(tmp_path / "long.jsonl", [PAIRS[0], Pair("word " * 200, "ok")])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "eval.md").write_text("my own notes")  # never replaced, and said before any model answers
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".jaxtune-run.json").write_text("{}")  # another run's folder
     message = message.format(tmp=tmp_path, base=base)
     args = [a.format(tmp=tmp_path, data=data, base=base) for a in args]
     assert main(["eval", *args]) == 2
@@ -188,18 +192,26 @@ def test_eval_without_data_scores_the_pairs_the_run_held_out(models, tmp_path, c
     assert [r["instruction"] for r in rows] == [p.instruction for p in held] and len(held) == 3
     (summary,) = json.loads((run / "eval.json").read_text())["models"]
     assert summary["examples"] == 3 and summary["trained_on"] == 0
-    assert "the validation split the run held out: 3 of 6 pairs of pairs.jsonl (fraction 0.5, seed 1)" in (
-        run / "eval.md").read_text()
+    said = "the validation split the run held out: 3 of 6 pairs of pairs.jsonl (fraction 0.5, seed 1)"
+    assert f"3 held-out pairs from {said};" in (run / "eval.md").read_text()  # a description, not a file name
+    assert f"held-out pairs: {said}" in capsys.readouterr().err  # said before the work begins
+    assert f"held-out pairs in {said}, scored" in (run / "README.md").read_text()
 
-    other = write_jsonl(tmp_path / "other.jsonl", PAIRS[:2])
-    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "validation_data": str(other)}))
+    other = write_jsonl(tmp_path / "other.jsonl", PAIRS[:2])  # its --validation-data, known with its data gone too
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "validation_data": str(other),
+                                                     "data": str(tmp_path / "moved.jsonl")}))
     assert main(["eval", "--model", str(run), "--max-new-tokens", "2"]) == 0
     assert [json.loads(line)["instruction"] for line in (run / "eval.jsonl").read_text().splitlines()] == [
         p.instruction for p in PAIRS[:2]]
+    assert "held-out pairs in `other.jsonl, the run's --validation-data`" not in (run / "README.md").read_text()
+    assert "held-out pairs in other.jsonl, the run's --validation-data, scored" in (run / "README.md").read_text()
+    assert str(tmp_path) not in (run / "README.md").read_text()  # no local path in a card that may be pushed
     capsys.readouterr()
     for change, message in [({"validation_fraction": 0.0}, f"give --data: {run} held no pairs out"),
-                            ({"validation_data": str(tmp_path / "gone.jsonl")},
-                             f"give --data: {tmp_path / 'gone.jsonl'}, the run's --validation-data, is not a file")]:
+                            ({"validation_data": str(tmp_path / "gone.jsonl")}, f"give --data: the pairs {run} held "
+                             f"out are not known here: its --validation-data {tmp_path / 'gone.jsonl'} is not a file"),
+                            ({"data": str(tmp_path / "moved.jsonl")}, f"give --data: the pairs {run} held out are not "
+                             f"known here: its --data {tmp_path / 'moved.jsonl'} is not a file on this machine")]:
         (run / "config.yaml").write_text(yaml.safe_dump({**cfg, **change}))
         assert main(["eval", "--model", str(run)]) == 2
         err = capsys.readouterr().err
