@@ -91,6 +91,12 @@ def _listing(names: list[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def has_checkpoint(run_dir) -> bool:
+    """Whether a run folder holds a checkpoint to resume from (a step's folder under checkpoints/)."""
+    folder = Path(run_dir) / "checkpoints"
+    return folder.is_dir() and any(p.name.isdigit() and p.is_dir() for p in folder.iterdir())
+
+
 def within(path: Path, folder: Path) -> bool:
     """Whether `path` is `folder` or lies inside it (links resolved): what replacing `folder` would delete."""
     path, folder = path.resolve(), folder.resolve()
@@ -134,7 +140,7 @@ def prepare_output(out: Path, *, overwrite: bool = False, resume: Path | None = 
                                   f"delete what it reads, and name it afterwards. Copy it out of {out} first, or "
                                   "write the run to another directory")
     else:
-        if (out / "checkpoints" / "config.yaml").exists():
+        if (out / "checkpoints" / "config.yaml").exists() and has_checkpoint(out):
             raise RunDirError(f"--output {out} already holds a jaxtune run; continue it with --resume {out}, or pass "
                               "--overwrite to replace it")
         raise RunDirError(f"--output {out} already holds a jaxtune run, with no checkpoint to resume from (runs keep "

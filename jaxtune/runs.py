@@ -31,8 +31,8 @@ from jaxtune.data import DataError, EncodedSet, Pair, inspect_rows, pack_rows, r
 from jaxtune.lora import merge
 from jaxtune.quantize import quantized_bytes
 from jaxtune.tracking import Tracker, check_reporters
-from jaxtune.rundir import (RunDirError, claim, data_fingerprint, owned, prepare_output, remove_owned, resume_changes,
-                            resume_conflicts, verify_checksums)
+from jaxtune.rundir import (RunDirError, claim, data_fingerprint, has_checkpoint, owned, prepare_output, remove_owned,
+                            resume_changes, resume_conflicts, verify_checksums)
 
 KEEP = ("checkpoints", "train.log", "run.json", "data.jsonl", "tensorboard", "wandb")  # entries a final save carries over into the model folder
 
@@ -89,6 +89,9 @@ def resume_config(resume: Path) -> dict:
     if not path.exists():
         raise DataError(f"--resume {resume}: no checkpoints/config.yaml there; give the --output folder of a run "
                         "that saved a checkpoint (--save-every, or Ctrl-C)")
+    if not has_checkpoint(resume):  # said before the model and the data are read
+        raise DataError(f"--resume {resume}: the run saved no checkpoint to resume from (it stopped before its first "
+                        f"one, a second Ctrl-C, say); start it again with --output {resume} --overwrite")
     return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
 
 

@@ -70,6 +70,16 @@ def test_runs_never_delete_or_write_among_files_jaxtune_did_not_write(tmp_path, 
     assert p.returncode == 2 and "with no checkpoint to resume from" in p.stderr and "--resume" not in p.stderr
     p = run("train", "--resume", str(tmp_path / "run"))
     assert p.returncode == 2 and "no checkpoint there to resume from" in p.stderr and "--config" not in p.stderr
+    (tmp_path / "run" / "checkpoints").mkdir()  # as a second Ctrl-C leaves it: the run's options, no step saved
+    shutil.copy(tmp_path / "run" / "config.yaml", tmp_path / "run" / "checkpoints" / "config.yaml")
+    from jaxtune.rundir import claim
+
+    claim(tmp_path / "run", ["checkpoints"])  # jaxtune's, as the run records it
+    p = train(hf_dir, data, tmp_path / "run")  # it offered --resume, which then failed after loading everything
+    assert p.returncode == 2 and "with no checkpoint to resume from" in p.stderr and "--resume" not in p.stderr
+    p = run("train", "--resume", str(tmp_path / "run"))
+    assert p.returncode == 2 and "the run saved no checkpoint to resume from" in p.stderr and \
+        f"--output {tmp_path / 'run'} --overwrite" in p.stderr and "model:" not in p.stderr, p.stderr
     p = run("train", "--resume", str(other))  # a folder of the user's: no run at all
     assert p.returncode == 2 and f"--resume {other}: no jaxtune run there; give the --output folder" in p.stderr
     p = train(hf_dir, data, tmp_path / "d.jsonl" / "run")  # a file in the path: said in a line, no traceback
