@@ -261,6 +261,10 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
                             f"{trainer.step}), so {'; '.join(options)} would apply to no step, yet be recorded as "
                             f"the run's; leave {'it' if len(options) == 1 else 'them'} out, or plan more steps "
                             "(--max-steps, --epochs) to train on")
+        if any(c.startswith("max_steps:") for c in changed) and (tcfg.max_steps or 0) > trainer.total_steps:
+            log(f"note: --max-steps {tcfg.max_steps} is more than the {plural(trainer.total_steps, 'step')} "
+                f"{plural(tcfg.epochs, 'epoch')} plan, so the run ends at step {trainer.total_steps}; raise --epochs "
+                "to train longer")
         if changed:  # allowed (they change neither shapes nor data), and said: the steps from here use the new values
             log(f"from step {trainer.step + 1} on: {'; '.join(changed)} (config.yaml now holds the new values)")
         if changed or trains:  # each resume that trains or changes something

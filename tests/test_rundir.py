@@ -123,6 +123,9 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
     p = run(*resume, "--max-steps", "3")  # fewer steps than the checkpoint holds
     assert p.returncode == 2 and "the checkpoint is at step 6, past the 3 steps these options plan; give options " \
         "that plan at least 6 steps" in p.stderr, p.stderr
+    p = run(*resume, "--max-steps", "50", "--epochs", "3")  # more than 3 epochs plan: capped, and now said
+    assert p.returncode == 0 and "note: --max-steps 50 is more than the 9 steps 3 epochs plan, so the run ends at " \
+        "step 9; raise --epochs to train longer" in p.stderr, p.stderr
 
 
 def test_a_run_on_relative_paths_resumes_from_any_folder(tmp_path, hf_dir):
