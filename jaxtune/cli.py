@@ -18,6 +18,7 @@ from jaxtune.checkpoint import ModelLoadError, load
 from jaxtune.config import LOSS_MODES, ConfigError, RunConfig, checked_int
 from jaxtune.data import DataError, invalid_character
 from jaxtune.generate import generate_ids, response_text
+from jaxtune.launch import raise_interrupt
 from jaxtune.rundir import MANIFEST, RunDirError
 from jaxtune.sharding import enable_compilation_cache
 from jaxtune.runs import execute
@@ -235,7 +236,8 @@ def cmd_train(args) -> int:
     def on_sigint(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: abort
         if stop["requested"]:  # orbax's writer thread logs its interrupted save with a traceback: the user asked
             logging.getLogger("absl").setLevel(logging.CRITICAL)  # for it, and resume skips that checkpoint
-            raise KeyboardInterrupt
+            raise_interrupt(frame)
+            return
         stop["requested"] = True
         print("\nstopping after this step and saving what was learned (Ctrl-C again to abort)", file=sys.stderr)
 
@@ -388,6 +390,7 @@ def main(argv=None) -> int:
                   "terminal's encoding to UTF-8)", file=sys.stderr)
             return 2
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: raise_interrupt(frame))  # see raise_interrupt
     enable_compilation_cache()  # a second launch on the same shapes skips compiling (JAXTUNE_COMPILATION_CACHE=0: off)
     try:
         return {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "push": cmd_push}[args.command](args)
@@ -415,3 +418,5 @@ def main(argv=None) -> int:
               "--max-length (use --grad-accum for the same effective batch), use --fsdp over several devices, or "
               "pick a smaller model", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -22,6 +22,7 @@ while JAX is imported (`quiet_ctrl_c`).
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -83,6 +84,19 @@ def restart_with_huge_pages(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, *argv[1:]], {**os.environ, "GLIBC_TUNABLES": tunables})
     except OSError:
         return  # cannot start again: run as it is
+
+
+def raise_interrupt(frame) -> None:
+    """What a SIGINT handler does to stop the program: raise KeyboardInterrupt, unless the signal came while a
+    garbage-collection callback ran (JAX keeps one, run at every collection: an exception raised there is printed
+    and ignored, and the program ran on); then the signal is sent again a moment later, outside the callback."""
+    callbacks = {getattr(cb, "__code__", None) for cb in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks:
+            threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            return
+        frame = frame.f_back
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager

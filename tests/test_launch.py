@@ -62,3 +62,33 @@ def test_the_benchmark_runs_pytorch_sides_without_jaxtunes_huge_pages():
         env = side_environment(side, environ)
         assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2" and env["JAXTUNE_HUGE_PAGES"] == "0"
         assert env["PATH"] == "/bin" and env["TOKENIZERS_PARALLELISM"] == "false"
+
+
+def test_an_interrupt_that_lands_in_a_garbage_collection_callback_is_raised_after_it():
+    """JAX runs a callback at every garbage collection, and an exception raised inside one is printed and ignored:
+    a Ctrl-C that came then was lost and `eval` ran to its end. raise_interrupt sends the signal again, outside."""
+    import gc
+    import signal
+    import sys
+    import time
+
+    from jaxtune.launch import raise_interrupt
+
+    came = []
+
+    def callback(phase, info):  # the frame a SIGINT handler would see, had the signal come now
+        if not came:
+            came.append(phase)
+            raise_interrupt(sys._getframe())
+
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: raise_interrupt(frame))
+    gc.callbacks.append(callback)
+    try:
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            gc.collect()
+            time.sleep(5)  # the signal sent again arrives within 0.05 s
+        assert came and time.monotonic() - started < 2
+    finally:
+        gc.callbacks.remove(callback)
+        signal.signal(signal.SIGINT, previous)
