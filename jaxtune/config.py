@@ -249,7 +249,8 @@ class RunConfig:
         if not self.validation_fraction < 1.0:
             raise ValueError(f"validation_fraction={self.validation_fraction} must be in [0, 1)")
         if self.validation_data and self.validation_fraction:  # options that would be ignored are refused
-            raise ValueError("validation_data and validation_fraction both pick the held-out pairs: give one of them")
+            raise ValueError("validation_data (--validation-data) and validation_fraction (--validation-fraction) both "
+                             "pick the held-out pairs: give one of them")
         if not self.train.lora_rank and (self.merge or self.train.lora_alpha is not None):
             raise ValueError(f"{'merge' if self.merge else 'lora_alpha'} applies to LoRA runs: set lora_rank "
                              "(--lora-rank), or leave it out")

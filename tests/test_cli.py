@@ -204,7 +204,8 @@ def test_config_mistakes_say_what_was_meant():
                             ({"merge": True}, "merge applies to LoRA runs: set lora_rank"),
                             ({"train": {"lora_alpha": 8}}, "lora_alpha applies to LoRA runs: set lora_rank"),
                             ({"validation_data": "v.jsonl", "validation_fraction": 0.2},
-                             "validation_data and validation_fraction both pick the held-out pairs: give one"),
+                             "validation_data (--validation-data) and validation_fraction (--validation-fraction) "
+                             "both pick the held-out pairs: give one"),
                             ({"early_stopping": 3}, "early_stopping watches the validation loss: give held-out pairs"),
                             ({"early_stopping": 0, "validation_fraction": 0.2}, "early_stopping=0")]:
         with pytest.raises(ValueError, match=re.escape(message)):
