@@ -1,6 +1,7 @@
 """Loading and saving Hugging Face directories; the hub path, the embedded model and their errors."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,10 @@ def test_save_replaces_a_model_folder_but_not_a_training_run_unless_told(hf_dir,
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     save(model, tok, run, overwrite=True)
     assert not (run / "metrics.jsonl").exists() and (run / "model.safetensors").exists()
+    (run / "checkpoints").mkdir()  # a folder inside a run, given for the run: the message names the run
+    with pytest.raises(ModelLoadError, match=f"checkpoints: no config.json; .* it lies inside the model directory "
+                                             f"{re.escape(str(run))}: give that"):
+        load(str(run / "checkpoints"))
 
 
 def test_a_lora_model_saved_from_python_names_a_base_that_loads(hf_dir, tmp_path):
