@@ -431,7 +431,14 @@ def run(models: list[str], data: str | None, *, max_new_tokens: int = 64, output
         raise ModelLoadError(f"--base {base} is for LoRA adapter folders, and none of {', '.join(map(str, models))} is "
                              "one: it would be ignored. Leave --base out")
     if data is None:
-        pairs, data = held_out_pairs(models[0])
+        try:
+            pairs, data = held_out_pairs(models[0])
+        except DataError as e:
+            runs = [m for m in models[1:] if Path(m).expanduser().is_dir() and run_pairs(Path(m).expanduser())]
+            if not runs:
+                raise
+            raise DataError(f"{e}; or name the run first (--model {runs[0]}): without --data, eval scores the pairs "
+                            "the --model run held out") from None
         log(f"held-out pairs: {data}")
     else:
         pairs = read_pairs(data, instruction_column=instruction_column, response_column=response_column)

@@ -216,6 +216,10 @@ def test_eval_without_data_scores_the_pairs_the_run_held_out(models, tmp_path, c
         assert main(["eval", "--model", str(run)]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and "loss on" not in err
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", "--model", str(base), "--compare", str(run)]) == 2  # the run second: said how to put it first
+    assert f"give --data: {base} is not a jaxtune run folder (it has no readable config.yaml), so the pairs it held " \
+        f"out are not known; or name the run first (--model {run})" in capsys.readouterr().err
 
 
 def test_the_cards_evaluation_is_eval_mds_table_with_its_warning_and_no_paths(tmp_path):
