@@ -2588,7 +2588,8 @@ def build_app() -> gr.Blocks:
             with gr.Row(equal_height=True):
                 eval_source = gr.Radio([(label, key) for key, label in EVAL_SOURCES.items()], value="split",
                                        label="Held-out pairs", elem_id="eval-source", scale=3,
-                                       info=f"the split: the pairs the first picked run held out (no run: step ②'s fraction and seed) · bundled: "
+                                       info="the split: the pairs the first picked run held out (no run: step ②'s "
+                                       f"fraction and seed) · bundled: "
                                        f"{HELD_OUT_DATA.name} · an upload is read like step ①'s")
                 eval_upload = gr.File(label=f"Held-out pairs ({', '.join(UPLOAD_TYPES)})", elem_id="eval-upload",
                                       file_types=list(UPLOAD_TYPES), height=120, visible=False, scale=2)
@@ -2669,8 +2670,8 @@ def build_app() -> gr.Blocks:
             .then(**private_preview).then(**remember)
         example_api.click(load_example, session, [table, session], api_name="load_example", **raw)
         upload_inputs = [upload, instruction_col, response_col, table, session]
-        rest_and_undo = dict(fn=lambda s: (_rest_button(s), _undo_button(s)), inputs=session, outputs=[table_only, undo],
-                             api_visibility="private")
+        rest_and_undo = dict(fn=lambda s: (_rest_button(s), _undo_button(s)), inputs=session,
+                             outputs=[table_only, undo], api_visibility="private")
         upload.upload(upload_in_page, upload_inputs, [table, data_note, session, upload], **quiet, **raw) \
             .then(**rest_and_undo).then(**private_preview).then(**remember)
         undo.click(undo_upload, [table, session], [table, data_note, session], **quiet, **raw).then(**rest_and_undo) \

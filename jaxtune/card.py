@@ -204,8 +204,8 @@ def _evaluation_lines(rows: list[dict], data: str | None = None, max_new_tokens:
     lines = ["## Evaluation", ""]
     if data:
         most = f" of at most {max_new_tokens} new tokens" if max_new_tokens else ""
-        lines += [f"Greedy answers{most} to the {held_out_words(rows)} in {data_words(data)}, scored against their references "
-                  "(`python -m jaxtune eval`):", ""]
+        lines += [f"Greedy answers{most} to the {held_out_words(rows)} in {data_words(data)}, scored against their "
+                  "references (`python -m jaxtune eval`):", ""]
     return lines + summary_markdown(rows) + warning_lines(rows) + [""]
 
 

@@ -254,9 +254,10 @@ def markdown(results: list[ModelEval], pairs: list[Pair], *, data: str, max_new_
              examples: int = 100) -> str:
     """The report: the summary table, then the first `examples` answers beside their references."""
     lines = ["# Evaluation", "",
-             f"{len(pairs)} {held_out_words(results)} from {data_words(data)}; greedy answers of at most {max_new_tokens} new "
-             "tokens. Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: whitespace-normalised. Stop rate: "
-             "answers that ended with EOS within the limit. Mean tokens: EOS not counted.", "",
+             f"{len(pairs)} {held_out_words(results)} from {data_words(data)}; greedy answers of at most "
+             f"{max_new_tokens} new tokens. Validation loss: response tokens and EOS. ROUGE-L: F1. Exact: "
+             "whitespace-normalised. Stop rate: answers that ended with EOS within the limit. Mean tokens: EOS not "
+             "counted.", "",
              *summary_markdown(results)]
     lines += warning_lines(results)
     shown = min(len(pairs), examples)

@@ -102,8 +102,8 @@ def raise_interrupt(frame) -> None:
 @contextlib.contextmanager
 def quiet_ctrl_c(argv: list[str] | None = None):
     """Within it, in one of jaxtune's own programs, Ctrl-C ends the program at once (exit status 130) with "aborted
-    by Ctrl-C": the imports it guards hold nothing to save or clean up. Elsewhere (a program of your own, a thread) it does
-    nothing; on leaving, SIGINT's handler is the one before."""
+    by Ctrl-C": the imports it guards hold nothing to save or clean up. Elsewhere (a program of your own, a thread)
+    it does nothing; on leaving, SIGINT's handler is the one before."""
     argv = list(sys.orig_argv if argv is None else argv)
     if not _own_program(argv) or threading.current_thread() is not threading.main_thread():
         yield

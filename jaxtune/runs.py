@@ -232,9 +232,9 @@ def execute(cfg: RunConfig, *, resume: Path | None = None, overwrite: bool = Fal
             "a short run; configs/cpu-quick.yaml trains it with 20 epochs at 5e-3")
     if tcfg.warmup_steps >= trainer.total_steps > 1 and not resume:  # make_schedule cuts it to the run
         log(f"note: the warmup of {plural(tcfg.warmup_steps, 'step')} is not shorter than the run's "
-            f"{plural(trainer.total_steps, 'step')}: the learning rate rises over {trainer.total_steps - 1} of them and "
-            f"reaches {tcfg.learning_rate:g} only at the last; lower the warmup steps (--warmup-steps), a tenth of the "
-            "run is common")
+            f"{plural(trainer.total_steps, 'step')}: the learning rate rises over {trainer.total_steps - 1} of them "
+            f"and reaches {tcfg.learning_rate:g} only at the last; lower the warmup steps (--warmup-steps), a tenth of "
+            "the run is common")
 
     checkpoints = out / "checkpoints"
     history = []

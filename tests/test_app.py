@@ -997,8 +997,9 @@ def test_resume_continues_a_stopped_run_and_delete_removes_it(app_url, stop_all)
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").open()]
     assert steps == list(range(1, 301))  # the first part from the checkpoint, the rest resumed: one history
     assert "resuming from the last checkpoint" in (folder / "train.log").read_text()
-    with pytest.raises(AppError, match=re.escape(f"cannot be resumed: it finished all of its steps. To train it "
-                                                 f"further, start a new run from its model: put its folder ({folder})")):
+    said = f"cannot be resumed: it finished all of its steps. To train it further, start a new run from its model: " \
+        f"put its folder ({folder})"
+    with pytest.raises(AppError, match=re.escape(said)):
         client.predict(run["id"], api_name="/resume")
     assert "Deleted" in client.predict(run["id"], api_name="/delete")
     assert not folder.exists() and run["id"] not in _runs(client)
@@ -1460,7 +1461,8 @@ def test_undo_upload_brings_back_the_rows_and_the_pairs_beyond_them(monkeypatch,
     big, small = tmp_path / "big.jsonl", tmp_path / "small.csv"
     big.write_text("".join(json.dumps({"instruction": f"Q{i}?", "response": f"A{i}."}) + "\n" for i in range(250)))
     small.write_text("question,answer\nHi,Hello\n")
-    start = {"headers": app.HEADERS, "data": [list(r) for r in zip(app.REFERENCE_INSTRUCTIONS, app.REFERENCE_RESPONSES)]}
+    start = {"headers": app.HEADERS,
+             "data": [list(r) for r in zip(app.REFERENCE_INSTRUCTIONS, app.REFERENCE_RESPONSES)]}
     table, note, session, _ = app.upload_in_page(str(big), "", "", start, None)
     assert session.undo is None and "replaced" not in note and len(session.rest) == 50
     table, note, session, _ = app.upload_in_page(str(small), "", "", table, session)

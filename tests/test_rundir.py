@@ -106,7 +106,7 @@ def test_resume_refuses_other_options_or_data_and_accepts_more_steps(tmp_path, h
     assert p.returncode == 0, p.stderr
     assert "from step 5 on: " in p.stderr and "learning_rate: 0.003 -> 0.001; max_steps: 4 -> 6" in p.stderr
     assert "eval_every: none -> 3" in p.stderr  # what changed is said, when validation loss is measured too
-    # the schedule spans the new plan (still warming up at step 5), said beside the old plan (ended: a tenth of the peak)
+    # the schedule spans the new plan (still warming up at step 5), said beside the old (ended: a tenth of the peak)
     assert "note: the run now plans 6 steps, not 4: its learning-rate schedule is recomputed over them, so step 5 " \
         "takes 0.0008 where the old plan gave 0.0001" in p.stderr, p.stderr
     assert abs(json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[4])["learning_rate"] -
