@@ -88,8 +88,24 @@ def run_pairs(model_dir) -> tuple[list[Pair] | None, list[Pair] | None, str] | N
     if trained is None:
         return None, None, f"its --data {data} is not a file on this machine (any more)"
     trained, held = split_validation(trained, fraction, seed)
+    if not _holds_the_samples(model_dir, held):
+        return None, None, (f"its --data {data} changed since the run: the held-out pairs its samples.jsonl answered "
+                            "are not in that file's split now")
     return trained, held, (f"the validation split the run held out: {len(held):,} of {len(trained) + len(held):,} "
                            f"pairs of {Path(data).name} (fraction {fraction:g}, seed {seed})")
+
+
+def _holds_the_samples(model_dir, held: list[Pair]) -> bool:
+    """Whether the held-out pairs recomputed now include, in order, those the run answered at its end (its
+    samples.jsonl: the first few it held out that fit the model): an edited data file splits otherwise."""
+    try:
+        lines = (Path(model_dir) / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines if line.strip()]
+        answered = [_same(Pair(r["instruction"], r["reference"])) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError):
+        return True  # nothing to compare with
+    rest = iter(_same(p) for p in held)
+    return all(pair in rest for pair in answered)  # a subsequence: rows too long for the model were not answered
 
 
 def data_words(data: str) -> str:

@@ -197,6 +197,16 @@ def test_eval_without_data_scores_the_pairs_the_run_held_out(models, tmp_path, c
     assert f"held-out pairs: {said}" in capsys.readouterr().err  # said before the work begins
     assert f"held-out pairs in {said}, scored" in (run / "README.md").read_text()
 
+    (run / "samples.jsonl").write_text("".join(json.dumps({"instruction": p.instruction, "reference": p.response,
+                                                           "generated": "?"}) + "\n" for p in held[:2]))
+    assert main(["eval", "--model", str(run), "--max-new-tokens", "2"]) == 0  # the run's own samples: in its split
+    edited = [Pair(p.instruction, "Edited since.") if p == held[0] else p for p in PAIRS]
+    write_jsonl(data, edited)  # the file the run read, edited after it: its split is no longer the run's
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run)]) == 2
+    assert f"give --data: the pairs {run} held out are not known here: its --data {data} changed since the run" in \
+        capsys.readouterr().err
+    write_jsonl(data, PAIRS)
     other = write_jsonl(tmp_path / "other.jsonl", PAIRS[:2])  # its --validation-data, known with its data gone too
     (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "validation_data": str(other),
                                                      "data": str(tmp_path / "moved.jsonl")}))
