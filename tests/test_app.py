@@ -471,6 +471,8 @@ def _edit_table(page, rows):
 def test_browser_train_reload_stop_try_export(app_url, app_tmp, browser, tmp_path, stop_all):
     """Start a run, reload the page mid-run (the step count goes on, the plot and the whole log come back, both loss
     series in their colours), stop it, try it beside the base, download it in one click."""
+    for left_open in browser.contexts:  # an earlier test's open page would pick this run and make its own zip folder
+        left_open.close()
     others = set(app_tmp.glob("jaxtune-app-*"))  # earlier tests' sessions: not this page's to remove
     context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
     page = _open(browser, app_url, context)
