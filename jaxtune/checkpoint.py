@@ -155,7 +155,7 @@ def load_directory(directory: str | os.PathLike, *, allow_pickle: bool = False, 
     if not cfg_path.exists():
         run = next((d for d in directory.absolute().parents if (d / "config.json").exists()), None)
         inside = f"; it lies inside the model directory {run}: give that" if run is not None and (
-            run / ".jaxtune-run.json").exists() else ""  # a run's checkpoints/ or base/ given for the run
+            run / MANIFEST).exists() else ""  # a run's checkpoints/ or base/ given for the run
         raise ModelLoadError(f"{directory}: no config.json; a model directory needs config.json and "
                              f"model.safetensors{inside}")
     try:

@@ -508,8 +508,7 @@ class Run:
 
     @property
     def resumable(self) -> bool:
-        ck = self.dir / "checkpoints"
-        return self.status in ("stopped", "failed") and ck.is_dir() and any(p.name.isdigit() for p in ck.iterdir())
+        return self.status in ("stopped", "failed") and has_checkpoint(self.dir)
 
 
 class Registry:
